@@ -1,0 +1,5 @@
+import sys
+
+from mlsa4rec.cli import main
+
+sys.exit(main())

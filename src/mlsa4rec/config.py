@@ -1,0 +1,233 @@
+"""One configuration system: packaged YAML defaults, then ``--config`` files, then ``--set``.
+
+Precedence (later wins): ``configs/overall.yaml`` < ``configs/models/<model>.yaml`` < user YAML
+files < ``key=value`` overrides. Keys are RecBole's where RecBole has one. The *type* of each
+default decides which values are accepted, so a typo or a string where a number belongs fails
+here, before any data is read, with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlsa4rec.errors import ConfigError
+
+METRIC_NAMES = ("hit", "ndcg", "mrr", "recall", "precision")
+TRAIN_SCHEMES = ("auto", "prefix", "all_positions")
+_INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*$")
+
+
+def _load_packaged(relpath: str) -> dict[str, Any]:
+    text = resources.files("mlsa4rec.configs").joinpath(relpath).read_text(encoding="utf-8")
+    return yaml.safe_load(text) or {}
+
+
+def overall_defaults() -> dict[str, Any]:
+    return _load_packaged("overall.yaml")
+
+
+def model_defaults(model: str) -> dict[str, Any]:
+    """The packaged YAML of one model (hyperparameters plus overrides of overall keys)."""
+    try:
+        return _load_packaged(f"models/{model}.yaml")
+    except FileNotFoundError:
+        raise ConfigError(f"model {model!r} has no packaged defaults (configs/models/{model}.yaml)") from None
+
+
+def model_hyperparameters(model: str) -> dict[str, Any]:
+    """The keys of a model's YAML that are its own (not overrides of overall settings)."""
+    overall = overall_defaults()
+    return {k: v for k, v in model_defaults(model).items() if k not in overall}
+
+
+def load_yaml_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; check the --config path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of key: value lines")
+    return data
+
+
+def parse_set(items: Iterable[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings; values are read as YAML (``1e-3``, ``[5,10]``, ``true``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def parse_interval(text: str, key: str = "interval") -> tuple[float, float]:
+    """RecBole's ``"[5,inf)"`` notation, as inclusive integer bounds ``(5, inf)``."""
+    m = _INTERVAL.match(str(text))
+    if not m:
+        raise ConfigError(f"{key}: {text!r} is not an interval like \"[5,inf)\"")
+    lo_b, lo_s, hi_s, hi_b = m.groups()
+    try:
+        lo, hi = float(lo_s), float(hi_s)
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not an interval like \"[5,inf)\"") from None
+    lo = lo if lo_b == "[" else math.floor(lo) + 1
+    hi = hi if hi_b == "]" or math.isinf(hi) else math.ceil(hi) - 1
+    if lo > hi:
+        raise ConfigError(f"{key}: {text!r} is empty")
+    return lo, hi
+
+
+def _check_type(key: str, value: Any, default: Any) -> Any:
+    """Coerce ``value`` to the type of ``default`` where that is lossless, else raise."""
+    if default is None or value is None:
+        return value
+    want = type(default)
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+    elif want is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif want is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif want is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif want is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        return [value]
+    else:
+        return value
+    raise ConfigError(f"{key}: expected {want.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _unknown_key(key: str, known: Iterable[str], model: str | None) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    where = f" for model {model!r}" if model else ""
+    listing = f"`mlsa4rec models --config {model or 'sasrec'}` lists them"
+    return ConfigError(f"unknown config key {key!r}{where}{hint} ({listing})")
+
+
+class Config(Mapping[str, Any]):
+    """A validated, read-only mapping of every setting of one run."""
+
+    def __init__(self, values: Mapping[str, Any], model_keys: Iterable[str] = ()) -> None:
+        self._values = dict(values)
+        self.model_keys = tuple(model_keys)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {k: self._values[k] for k in self.model_keys}
+
+    @property
+    def metric_names(self) -> list[str]:
+        return list(self._values["metrics"])
+
+
+def build_config(
+    model: str,
+    files: Iterable[str | Path] = (),
+    overrides: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Config:
+    """Merge defaults, files and overrides for ``model`` and validate every key and value.
+
+    ``extra`` holds run facts that are not tunable settings (``model``, ``dataset``) and are
+    stored with the config so that a run directory is self-describing.
+    """
+    base = overall_defaults()
+    own = model_defaults(model)
+    defaults = {**base, **own}
+    values = dict(defaults)
+    layers = [load_yaml_file(f) for f in files]
+    if overrides:
+        layers.append(dict(overrides))
+    for layer in layers:
+        for key, value in layer.items():
+            if key in ("model", "dataset"):  # run facts may appear in a saved config.yaml
+                continue
+            if key not in defaults:
+                raise _unknown_key(key, defaults, model)
+            values[key] = _check_type(key, value, defaults[key])
+    _validate(values)
+    values = {"model": model, **(dict(extra) if extra else {}), **values}
+    model_keys = [k for k in own if k not in base]
+    return Config(values, model_keys)
+
+
+def _validate(v: dict[str, Any]) -> None:
+    def positive(key: str) -> None:
+        if not v[key] > 0:
+            raise ConfigError(f"{key} must be > 0, got {v[key]!r}")
+
+    for key in ("epochs", "train_batch_size", "eval_batch_size", "MAX_ITEM_LIST_LENGTH", "eval_step",
+                "learning_rate"):
+        positive(key)
+    for key in ("weight_decay", "clip_grad_norm", "stopping_step"):
+        if v[key] < 0:
+            raise ConfigError(f"{key} must be >= 0, got {v[key]!r}")
+    for key in ("user_inter_num_interval", "item_inter_num_interval"):
+        parse_interval(v[key], key)
+    if v["train_scheme"] not in TRAIN_SCHEMES:
+        raise ConfigError(f"train_scheme must be one of {', '.join(TRAIN_SCHEMES)}; got {v['train_scheme']!r}")
+    if str(v["loss_type"]).upper() != "CE":
+        raise ConfigError(f"loss_type {v['loss_type']!r} is not offered; only CE (full softmax) is")
+    metrics = [str(m).lower() for m in v["metrics"]]
+    for m in metrics:
+        if m not in METRIC_NAMES:
+            raise ConfigError(f"metrics: unknown metric {m!r}; choose from {', '.join(METRIC_NAMES)}")
+    v["metrics"] = metrics
+    topk = v["topk"]
+    if not topk or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in topk):
+        raise ConfigError(f"topk must be a list of positive integers, got {topk!r}")
+    v["topk"] = sorted(set(topk))
+    name, _, k = str(v["valid_metric"]).lower().partition("@")
+    if name not in metrics or not k.isdigit() or int(k) not in v["topk"]:
+        raise ConfigError(
+            f"valid_metric {v['valid_metric']!r} is not computed: it must be METRIC@K with METRIC in "
+            f"metrics {metrics} and K in topk {v['topk']}"
+        )
+    v["valid_metric"] = f"{name}@{int(k)}"
+    for key, value in v.items():
+        if key.endswith("dropout_prob") and not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {value!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(v["device"])):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {v['device']!r}")
+
+
+def known_keys(model: str) -> dict[str, Any]:
+    """Every accepted key for ``model`` with its default (for ``--help-config``)."""
+    return {**overall_defaults(), **model_defaults(model)}

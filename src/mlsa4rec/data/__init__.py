@@ -1,0 +1,55 @@
+"""Data: readers, the dataset registry, processing into sequences, and batch samplers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from mlsa4rec.data.dataset import SequenceData, cache_dir, load_sequences
+from mlsa4rec.data.readers import READERS, Interactions, detect_format, read_interactions
+from mlsa4rec.data.registry import REGISTRY, DatasetSpec, data_dir_from, get_spec, locate
+from mlsa4rec.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL = "[5,inf)"
+
+__all__ = [
+    "READERS", "REGISTRY", "DatasetSpec", "Interactions", "SequenceData", "detect_format",
+    "load_dataset", "read_interactions", "resolve",
+]
+
+
+def resolve(dataset: str, data_dir: str | Path | None = None) -> tuple[str, Path, str, DatasetSpec | None]:
+    """Name, file, reader and registry entry (None for a plain path) of ``dataset``."""
+    if dataset in REGISTRY:
+        spec = get_spec(dataset)
+        path, fmt = locate(spec, data_dir_from(data_dir), cache_dir())
+        return spec.name, path, fmt, spec
+    path = Path(dataset)
+    if path.is_file():
+        name = path.name.split(".")[0] or "dataset"
+        return name, path, detect_format(path), None
+    if "/" in dataset or os.sep in dataset or path.suffix:
+        raise DataError(f"data file {dataset!r} does not exist (and it is not a registered dataset name)")
+    get_spec(dataset)  # raises the "unknown dataset" error with a suggestion
+    raise AssertionError("unreachable")
+
+
+def load_dataset(
+    dataset: str,
+    data_dir: str | Path | None = None,
+    user_inter_num_interval: str = DEFAULT_INTERVAL,
+    item_inter_num_interval: str = DEFAULT_INTERVAL,
+    use_cache: bool = True,
+) -> SequenceData:
+    """A registered dataset name or a data file path, filtered, remapped and sorted."""
+    name, path, fmt, spec = resolve(dataset, data_dir)
+    data = load_sequences(path, fmt, name, user_inter_num_interval, item_inter_num_interval, use_cache)
+    if spec is not None and (user_inter_num_interval, item_inter_num_interval) == (DEFAULT_INTERVAL,) * 2:
+        got = (data.n_users, data.n_items, data.n_interactions)
+        if got != spec.expected:
+            log.warning("%s from %s has %s users/items/interactions; the reference counts are %s",
+                        name, path, got, spec.expected)
+    return data

@@ -1,0 +1,242 @@
+"""Readers: one per file format, each returning the same ``Interactions`` (user, item, time).
+
+Every reader is vectorised (pandas' C parser or one numpy conversion over all tokens); none loops
+over events in Python. Ids stay raw tokens here; remapping happens in ``dataset.py``. When a
+format has no timestamps, ``time`` is the event's position in the file, which is the order the
+file promises.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mlsa4rec.errors import DataError
+
+
+@dataclass
+class Interactions:
+    """Raw events in file order. ``user``/``item`` hold tokens (int64 or str), ``time`` float64."""
+
+    user: np.ndarray
+    item: np.ndarray
+    time: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.user.shape[0])
+
+
+def _open_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        return raw.decode("utf-8")
+    except FileNotFoundError:
+        raise DataError(f"data file {str(path)!r} does not exist") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"cannot read {str(path)!r}: {exc} (is the gzip file complete?)") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{str(path)!r} is not UTF-8 text; is it the right file?") from None
+
+
+def read_user_lines(path: str | Path) -> Interactions:
+    """One line per user, ``user item_1 item_2 ...`` in chronological order (S3-Rec style)."""
+    path = Path(path)
+    rows = [line.split() for line in _open_text(path).splitlines()]
+    line_numbers = np.array([i + 1 for i, r in enumerate(rows) if r], dtype=np.int64)
+    rows = [r for r in rows if r]
+    if not rows:
+        raise DataError(f"{str(path)!r} holds no interactions")
+    counts = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    tokens = np.array(list(itertools.chain.from_iterable(rows)))
+    try:
+        ids = tokens.astype(np.int64)
+    except ValueError:
+        for lineno, row in zip(line_numbers, rows):
+            for tok in row:
+                if not tok.lstrip("-").isdigit():
+                    raise DataError(
+                        f"{str(path)!r} line {lineno}: {tok!r} is not an integer id; expected lines "
+                        "of space-separated integers 'user item item ...'"
+                    ) from None
+        raise DataError(f"{str(path)!r}: ids must be integers") from None
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    is_user = np.zeros(ids.shape[0], dtype=bool)
+    is_user[starts] = True
+    users = np.repeat(ids[starts], counts - 1)
+    items = ids[~is_user]
+    return Interactions(users, items, np.arange(items.shape[0], dtype=np.float64))
+
+
+def _column(df: pd.DataFrame, name: str, path: Path, first_line: int, numeric: bool) -> np.ndarray:
+    col = df[name]
+    empty = (col.str.len() == 0).to_numpy()
+    if empty.any():
+        line = first_line + int(np.argmax(empty))
+        raise DataError(f"{str(path)!r} line {line}: missing {name!r} value")
+    if not numeric:
+        return col.to_numpy()
+    values = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.isnan(values)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"{str(path)!r} line {first_line + i}: {name} {col.iloc[i]!r} is not a number")
+    return values
+
+
+def _read_table(path: Path, text: str, sep: str, header: int | None, names: list[str] | None) -> pd.DataFrame:
+    try:
+        return pd.read_csv(
+            io.StringIO(text), sep=sep, header=header, names=names, dtype=str,
+            keep_default_na=False, engine="c", skip_blank_lines=True,
+        )
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{str(path)!r} is malformed: {str(exc).strip()}") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{str(path)!r} is empty") from None
+
+
+def _ids(values: np.ndarray) -> np.ndarray:
+    """Integer tokens become int64 (cheap to hash); anything else stays a string token."""
+    try:
+        return values.astype(np.int64)
+    except (ValueError, OverflowError):
+        return values.astype(str)
+
+
+def read_inter(path: str | Path) -> Interactions:
+    """RecBole atomic ``.inter``: tab-separated, typed header ``user_id:token item_id:token ...``."""
+    path = Path(path)
+    text = _open_text(path)
+    header_line, _, _ = text.partition("\n")
+    fields = [f.split(":", 1)[0].strip() for f in header_line.rstrip("\r").split("\t")]
+    if "user_id" not in fields or "item_id" not in fields:
+        raise DataError(
+            f"{str(path)!r}: the header must name user_id:token and item_id:token columns "
+            f"(RecBole atomic format); found {header_line.strip()!r}"
+        )
+    df = _read_table(path, text, "\t", 0, None)
+    df.columns = fields
+    if len(df) == 0:
+        raise DataError(f"{str(path)!r} holds no interactions")
+    user = _column(df, "user_id", path, 2, numeric=False)
+    item = _column(df, "item_id", path, 2, numeric=False)
+    if "timestamp" in fields:
+        time = _column(df, "timestamp", path, 2, numeric=True)
+    else:
+        time = np.arange(len(df), dtype=np.float64)
+    return Interactions(_ids(user), _ids(item), time)
+
+
+def read_ratings_dat(path: str | Path) -> Interactions:
+    """MovieLens ``ratings.dat``: ``UserID::MovieID::Rating::Timestamp``."""
+    path = Path(path)
+    text = _open_text(path).replace("::", "\t")
+    df = _read_table(path, text, "\t", None, ["user", "item", "rating", "timestamp"])
+    if len(df) == 0:
+        raise DataError(f"{str(path)!r} holds no interactions")
+    out = []
+    for name in ("user", "item", "timestamp"):
+        values = _column(df, name, path, 1, numeric=True)
+        if name != "timestamp" and not np.all(values == np.floor(values)):
+            i = int(np.argmax(values != np.floor(values)))
+            raise DataError(f"{str(path)!r} line {i + 1}: {name} id {df[name].iloc[i]!r} is not an integer")
+        out.append(values)
+    return Interactions(out[0].astype(np.int64), out[1].astype(np.int64), out[2])
+
+
+_CSV_ALIASES = {"user": "user", "user_id": "user", "userid": "user", "item": "item", "item_id": "item",
+                "itemid": "item", "rating": "rating", "timestamp": "timestamp", "time": "timestamp"}
+
+
+def read_csv(path: str | Path) -> Interactions:
+    """Plain CSV ``user,item[,rating],timestamp``, with or without a header line."""
+    path = Path(path)
+    text = _open_text(path)
+    first = text.partition("\n")[0].rstrip("\r").split(",")
+    has_header = all(f.strip().lower() in _CSV_ALIASES for f in first)
+    if has_header:
+        names = [_CSV_ALIASES[f.strip().lower()] for f in first]
+        if "user" not in names or "item" not in names:
+            raise DataError(f"{str(path)!r}: the CSV header must name user and item columns")
+    elif len(first) in (3, 4):
+        names = ["user", "item", "timestamp"] if len(first) == 3 else ["user", "item", "rating", "timestamp"]
+    else:
+        raise DataError(
+            f"{str(path)!r}: expected CSV rows user,item[,rating],timestamp; line 1 has {len(first)} fields"
+        )
+    df = _read_table(path, text, ",", 0 if has_header else None, None if has_header else names)
+    if has_header:
+        df.columns = names
+    if len(df) == 0:
+        raise DataError(f"{str(path)!r} holds no interactions")
+    first_line = 2 if has_header else 1
+    user = _column(df, "user", path, first_line, numeric=False)
+    item = _column(df, "item", path, first_line, numeric=False)
+    if "timestamp" in names:
+        time = _column(df, "timestamp", path, first_line, numeric=True)
+    else:
+        time = np.arange(len(df), dtype=np.float64)
+    return Interactions(_ids(user), _ids(item), time)
+
+
+def read_amazon_json(path: str | Path) -> Interactions:
+    """McAuley's 2014 review dumps: one JSON object per line with reviewerID, asin, unixReviewTime."""
+    path = Path(path)
+    try:
+        df = pd.read_json(path, lines=True, compression="infer", dtype=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{str(path)!r} is not a JSON-lines review file: {exc}") from None
+    missing = {"reviewerID", "asin", "unixReviewTime"} - set(df.columns)
+    if missing:
+        raise DataError(f"{str(path)!r}: review records lack {sorted(missing)}")
+    return Interactions(
+        df["reviewerID"].astype(str).to_numpy(),
+        df["asin"].astype(str).to_numpy(),
+        pd.to_numeric(df["unixReviewTime"]).to_numpy(dtype=np.float64),
+    )
+
+
+READERS: dict[str, Callable[[str | Path], Interactions]] = {
+    "user-lines": read_user_lines,
+    "inter": read_inter,
+    "ratings-dat": read_ratings_dat,
+    "csv": read_csv,
+    "amazon-json": read_amazon_json,
+}
+
+
+def detect_format(path: str | Path) -> str:
+    """Pick a reader from a file name; the suffixes are the ones ``--dataset`` documents."""
+    name = Path(path).name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    if name.endswith(".inter"):
+        return "inter"
+    if name.endswith(".dat"):
+        return "ratings-dat"
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith(".txt"):
+        return "user-lines"
+    if name.endswith(".json") or name.endswith(".jsonl"):
+        return "amazon-json"
+    raise DataError(
+        f"cannot tell the format of {str(path)!r}: use a .inter (RecBole atomic), ratings.dat "
+        "(MovieLens), .csv (user,item[,rating],timestamp) or .txt[.gz] (one line per user) file"
+    )
+
+
+def read_interactions(path: str | Path, fmt: str | None = None) -> Interactions:
+    fmt = fmt or detect_format(path)
+    if not Path(path).is_file():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    return READERS[fmt](path)

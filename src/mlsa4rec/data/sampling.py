@@ -1,0 +1,147 @@
+"""Batches of (history, length, target) built by vectorised gathers from the flat item array.
+
+Two training schemes (``MLSA4REC.md`` section 5):
+
+* **prefix** - the protocol's samples: every training target with the (at most L) items before
+  it as input, one sample each. Works for any model.
+* **all_positions** - each user's training targets cut, from the most recent backwards, into
+  windows of at most L; the window's input is the L items before each target, and the loss is
+  taken at every position. Only for causal models, whose output at position t sees only items
+  <= t: the output at t of a window is then exactly the model's output on the prefix ending at t
+  (minus whatever history falls before the window), so the supervision is the same kind as the
+  prefix scheme's and every training target is used once per epoch, but one forward pass serves
+  up to L targets. It is far cheaper on long sequences (ML-1M: ~10k windows vs ~980k prefixes).
+
+Histories are right-padded with 0; a model that declares itself padding-invariant gets batches
+trimmed to their longest history, and batches are formed from length-sorted chunks of a shuffled
+order (bucketing) so that little of each batch is padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mlsa4rec.data.dataset import SequenceData
+
+
+@dataclass
+class Batch:
+    item_seq: torch.Tensor   # B x L' long, right-padded with 0
+    lengths: torch.Tensor    # B long, >= 1
+    targets: torch.Tensor    # B (prefix / eval) or B x L' (all_positions, 0 = no target)
+    rows: np.ndarray         # index of each row in the sampler's sample list (users for eval)
+
+
+def gather(items: np.ndarray, start: np.ndarray, end: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows items[start_i:end_i] (each <= width long), right-padded with 0 to ``width``."""
+    lengths = end - start
+    idx = start[:, None] + np.arange(width)[None, :]
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    out = np.where(mask, items[np.minimum(idx, items.shape[0] - 1)], 0)
+    return out, lengths
+
+
+def history_bounds(data: SequenceData, targets: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Input range [start, end) of each target: the (at most ``max_len``) items right before it."""
+    start = np.maximum(data.history_start(targets), targets - max_len)
+    return start, targets
+
+
+def all_position_windows(data: SequenceData, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Target ranges [a, b) of the all-positions windows: each user's training targets cut into
+    pieces of at most ``max_len``, the last piece ending at the user's last training target."""
+    first, end = data.train_target_range()
+    n = end - first
+    per_user = -(-n // max_len)                     # ceil division; 0 for users with no targets
+    user = np.repeat(np.arange(data.n_users), per_user)
+    k = np.arange(int(per_user.sum())) - np.repeat(np.cumsum(per_user) - per_user, per_user)
+    b = end[user] - k * max_len
+    a = np.maximum(first[user], b - max_len)
+    return a, b
+
+
+class TrainSampler:
+    """Shuffled training batches for one scheme; iterate once per epoch."""
+
+    def __init__(
+        self,
+        data: SequenceData,
+        scheme: str,
+        max_len: int,
+        batch_size: int,
+        seed: int,
+        trim: bool = False,
+        bucket_chunks: int = 50,
+    ) -> None:
+        if scheme not in ("prefix", "all_positions"):
+            raise ValueError(f"unknown training scheme {scheme!r}")
+        self.data, self.scheme, self.max_len, self.batch_size = data, scheme, max_len, batch_size
+        self.trim, self.bucket_chunks = trim, bucket_chunks
+        self.rng = np.random.default_rng(seed)
+        if scheme == "prefix":
+            self.targets = data.train_targets()
+            self.start, self.end = history_bounds(data, self.targets, max_len)
+        else:  # window of targets [a, b) reads inputs [a - 1, b - 1)
+            a, b = all_position_windows(data, max_len)
+            self.start, self.end = a - 1, b - 1
+        self.sample_lengths = self.end - self.start
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.start.shape[0])
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.sample_lengths.sum()) if self.scheme == "all_positions" else self.n_samples
+
+    def __len__(self) -> int:
+        return -(-self.n_samples // self.batch_size)
+
+    def _order(self) -> np.ndarray:
+        order = self.rng.permutation(self.n_samples)
+        if not self.trim:
+            return order
+        # bucketing: sort by length inside chunks of many batches, then shuffle the batches
+        chunk = self.batch_size * self.bucket_chunks
+        chunks = np.split(order, range(chunk, len(order), chunk))
+        pieces = [o[np.argsort(self.sample_lengths[o], kind="stable")] for o in chunks]
+        batches = [b for p in pieces for b in np.split(p, range(self.batch_size, len(p), self.batch_size))]
+        return np.concatenate([batches[i] for i in self.rng.permutation(len(batches))])
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = self._order()
+        items = self.data.items
+        for lo in range(0, len(order), self.batch_size):
+            rows = order[lo:lo + self.batch_size]
+            start, end = self.start[rows], self.end[rows]
+            width = int((end - start).max()) if self.trim else self.max_len
+            seq, lengths = gather(items, start, end, width)
+            if self.scheme == "prefix":
+                targets = torch.from_numpy(items[end])
+            else:
+                targets = torch.from_numpy(gather(items, start + 1, end + 1, width)[0])
+            yield Batch(torch.from_numpy(seq), torch.from_numpy(lengths), targets, rows)
+
+
+def eval_batches(
+    data: SequenceData, split: str, max_len: int, batch_size: int, trim: bool = False
+) -> Iterator[Batch]:
+    """Validation or test batches in user order: input = the user's events before the target."""
+    targets = data.eval_targets(split)
+    start, end = history_bounds(data, targets, max_len)
+    for lo in range(0, len(targets), batch_size):
+        s, e = start[lo:lo + batch_size], end[lo:lo + batch_size]
+        width = int((e - s).max()) if trim else max_len
+        seq, lengths = gather(data.items, s, e, width)
+        yield Batch(torch.from_numpy(seq), torch.from_numpy(lengths), torch.from_numpy(data.items[e]),
+                    np.arange(lo, lo + len(s)))

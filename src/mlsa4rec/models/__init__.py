@@ -1,0 +1,62 @@
+"""The model registry: ``create(name, n_items, **overrides)`` builds any registered model.
+
+Default hyperparameters live in ``configs/models/<name>.yaml``; adding a model is one new file
+in this package, its YAML, and one import line at the bottom of this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from mlsa4rec.errors import ConfigError
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    def wrap(cls: type) -> type:
+        if name in _REGISTRY:
+            raise RuntimeError(f"model {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_class(name: str) -> type:
+    if name not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), available(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown model {name!r}{hint} (registered: {', '.join(available())})")
+    return _REGISTRY[name]
+
+
+def create(name: str, n_items: int, **overrides: Any):
+    """Build model ``name`` for ``n_items`` real items (id 0 is padding).
+
+    ``overrides`` may be any of the model's hyperparameters, or ``MAX_ITEM_LIST_LENGTH``; an
+    unknown key raises ``ConfigError`` naming it.
+    """
+    from mlsa4rec.config import build_config
+
+    cls = get_class(name)
+    config = build_config(name, overrides=overrides)
+    return build_model(cls, n_items, config.model_kwargs(), config["MAX_ITEM_LIST_LENGTH"])
+
+
+def build_model(cls: type, n_items: int, kwargs: dict[str, Any], max_seq_length: int):
+    try:
+        return cls(n_items=n_items, max_seq_length=max_seq_length, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot build model {cls.name!r}: {exc}") from None
+
+
+# --- registered models: one import line each -------------------------------------------------
+from mlsa4rec.models import sasrec  # noqa: E402,F401

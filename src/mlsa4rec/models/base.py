@@ -1,0 +1,53 @@
+"""The interface every model implements; the trainer, evaluator and serving use only this."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def gather_last(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Row b of ``hidden`` (B x L x D) at position lengths[b] - 1, the last real item."""
+    index = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+    return hidden.gather(1, index).squeeze(1)
+
+
+class SequentialRecommender(nn.Module):
+    """Next-item model over right-padded item-id sequences with tied item embeddings.
+
+    Subclasses set ``item_embedding`` (``n_items + 1`` rows, row 0 = padding) and implement
+    ``encode`` (B x L x D, one vector per position). Class flags describe what the trainer may do:
+
+    * ``causal``: the output at position t depends only on items <= t, so the model can be trained
+      with the ``all_positions`` scheme.
+    * ``padding_invariant``: outputs at real positions do not depend on how much padding follows,
+      so batches may be trimmed to their longest sequence.
+    """
+
+    causal: bool = False
+    padding_invariant: bool = False
+    preferred_scheme: str = "prefix"
+
+    n_items: int
+    item_embedding: nn.Embedding
+
+    def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """B x D user representation at the last real position of each sequence."""
+        return gather_last(self.encode(item_seq, lengths), lengths)
+
+    def item_table(self) -> torch.Tensor:
+        """(n_items + 1) x D output table (tied to the input embedding)."""
+        return self.item_embedding.weight
+
+    def full_sort_scores(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """B x (n_items + 1) scores over every item; the padding column is -inf."""
+        scores = self.forward(item_seq, lengths) @ self.item_table().t()
+        scores[:, 0] = float("-inf")
+        return scores
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        skip = {id(self.item_embedding.weight)} if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)

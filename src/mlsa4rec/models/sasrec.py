@@ -1,0 +1,72 @@
+"""SASRec (Kang & McAuley, ICDM 2018) as configured in RecBole 1.2, with full-softmax CE.
+
+    E   = Drop(LN(Emb(s) + PosEmb(0..L-1)))                 learned absolute positions
+    H_l = FFN(MHA_causal(H_{l-1}))                          post-LN layers, GELU FFN
+    h   = H_n[len - 1];  scores = h . Emb^T                 tied item table
+
+Right padding plus a causal mask means real positions never attend to padding, so masking the
+padded keys (as RecBole also does) would change nothing at the positions we read: the model is
+causal and padding-invariant, and trains with the all-positions scheme.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mlsa4rec.layers import TransformerLayer
+from mlsa4rec.models import register
+from mlsa4rec.models.base import SequentialRecommender
+
+
+@register("sasrec")
+class SASRec(SequentialRecommender):
+    causal = True
+    padding_invariant = True
+    preferred_scheme = "all_positions"
+
+    def __init__(
+        self,
+        n_items: int,
+        max_seq_length: int,
+        hidden_size: int,
+        n_layers: int,
+        n_heads: int,
+        inner_size: int,
+        hidden_dropout_prob: float,
+        attn_dropout_prob: float,
+        hidden_act: str,
+        layer_norm_eps: float,
+        initializer_range: float,
+    ) -> None:
+        super().__init__()
+        if hidden_size % n_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by n_heads ({n_heads})")
+        self.n_items, self.max_seq_length = n_items, max_seq_length
+        self.item_embedding = nn.Embedding(n_items + 1, hidden_size, padding_idx=0)
+        self.position_embedding = nn.Embedding(max_seq_length, hidden_size)
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(hidden_dropout_prob)
+        self.layers = nn.ModuleList(
+            TransformerLayer(hidden_size, n_heads, inner_size, hidden_dropout_prob, attn_dropout_prob,
+                             hidden_act, layer_norm_eps)
+            for _ in range(n_layers)
+        )
+        self.initializer_range = initializer_range
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """RecBole's init: N(0, 0.02) for Linear/Embedding weights, zero biases, LN = (1, 0)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(0.0, self.initializer_range)
+        if isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+        if getattr(module, "bias", None) is not None:
+            module.bias.data.zero_()
+
+    def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(item_seq.shape[1], device=item_seq.device)
+        h = self.dropout(self.layer_norm(self.item_embedding(item_seq) + self.position_embedding(positions)))
+        for layer in self.layers:
+            h = layer(h, causal=True)
+        return h

@@ -1,0 +1,86 @@
+"""Samplers against brute-force constructions of the protocol's samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlsa4rec.data.dataset import build_sequences
+from mlsa4rec.data.readers import Interactions
+from mlsa4rec.data.sampling import TrainSampler, all_position_windows, eval_batches
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 30, size=40)
+    users = np.repeat(np.arange(40), lengths)
+    items = rng.integers(1, 25, size=users.shape[0])
+    return build_sequences(Interactions(users, items, np.arange(users.shape[0], dtype=float)), "t",
+                           "[0,inf)", "[0,inf)")
+
+
+def brute_prefix_samples(data, max_len):
+    out = []
+    for u in range(data.n_users):
+        seq = data.items[data.offsets[u]:data.offsets[u + 1]].tolist()
+        n_samples = len(seq) - 1
+        n_train = n_samples - min(2, max(n_samples - 1, 0))
+        for p in range(1, 1 + n_train):
+            out.append((tuple(seq[max(0, p - max_len):p]), seq[p]))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("max_len", [1, 4, 50])
+@pytest.mark.parametrize("trim", [False, True])
+def test_prefix_samples(data, max_len, trim) -> None:
+    sampler = TrainSampler(data, "prefix", max_len, batch_size=7, seed=0, trim=trim)
+    got = []
+    for batch in sampler:
+        assert batch.item_seq.shape[1] <= max_len
+        for seq, n, t in zip(batch.item_seq.numpy(), batch.lengths.numpy(), batch.targets.numpy()):
+            assert (seq[n:] == 0).all()
+            got.append((tuple(seq[:n].tolist()), int(t)))
+    assert sorted(got) == brute_prefix_samples(data, max_len)
+
+
+@pytest.mark.parametrize("max_len", [1, 3, 50])
+def test_all_positions_cover_each_training_target_once(data, max_len) -> None:
+    sampler = TrainSampler(data, "all_positions", max_len, batch_size=5, seed=1, trim=True)
+    got = []
+    for batch in sampler:
+        for seq, n, tgt in zip(batch.item_seq.numpy(), batch.lengths.numpy(), batch.targets.numpy()):
+            assert (tgt[:n] > 0).all() and (tgt[n:] == 0).all()
+            # the target at position j is the item that follows the input at j
+            assert (seq[1:n] == tgt[: n - 1]).all()
+            for j in range(n):
+                got.append((tuple(seq[: j + 1].tolist()), int(tgt[j])))
+    # each target once; its in-window history is a suffix of the prefix sample's history
+    want = brute_prefix_samples(data, 10_000)
+    assert len(got) == len(want) == sampler.n_targets
+    assert sorted(t for _, t in got) == sorted(t for _, t in want)
+    a, b = all_position_windows(data, max_len)
+    assert ((b - a) <= max_len).all() and ((b - a) >= 1).all()
+
+
+def test_windows_end_at_the_last_training_target(data) -> None:
+    a, b = all_position_windows(data, 4)
+    first, end = data.train_target_range()
+    last_window_end = {int(x) for x in b}
+    for f, e in zip(first, end):
+        if e > f:
+            assert int(e) in last_window_end
+
+
+def test_shuffle_is_seeded(data) -> None:
+    def first_batch(seed):
+        return next(iter(TrainSampler(data, "prefix", 5, 8, seed))).item_seq
+
+    assert (first_batch(3) == first_batch(3)).all()
+    assert not (first_batch(3) == first_batch(4)).all()
+
+
+def test_eval_batches_cover_users_in_order(data) -> None:
+    batches = list(eval_batches(data, "test", 6, batch_size=9))
+    rows = np.concatenate([b.rows for b in batches])
+    assert rows.tolist() == list(range(len(data.eval_targets("test"))))

@@ -1,0 +1,47 @@
+"""The evaluator ranks each user's target over all items, with history kept or excluded."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mlsa4rec.data.dataset import build_sequences
+from mlsa4rec.data.readers import Interactions
+from mlsa4rec.evaluation import split_ranks
+from mlsa4rec.models.base import SequentialRecommender
+
+
+class Fixed(SequentialRecommender):
+    """Scores item i as i (so the highest id ranks first), whatever the history."""
+
+    padding_invariant = True
+
+    def __init__(self, n_items: int) -> None:
+        super().__init__()
+        self.n_items = n_items
+        self.item_embedding = torch.nn.Embedding(n_items + 1, 1)
+        self.item_embedding.weight.data = torch.arange(n_items + 1, dtype=torch.float32)[:, None]
+
+    def encode(self, item_seq, lengths):
+        return torch.ones(item_seq.shape[0], item_seq.shape[1], 1)
+
+
+def test_ranks_with_and_without_history() -> None:
+    # one user, items in order: 5 4 1 2 3 -> ids by first appearance: 5->1, 4->2, 1->3, 2->4, 3->5
+    data = build_sequences(Interactions(np.zeros(5, int), np.array([5, 4, 1, 2, 3]), np.arange(5.0)),
+                           "t", "[0,inf)", "[0,inf)")
+    model = Fixed(data.n_items)
+    # test target = id 5 (highest score): rank 1; valid target = id 4: rank 2 (id 5 above it)
+    assert split_ranks(model, data, "test", 10).tolist() == [1]
+    assert split_ranks(model, data, "valid", 10).tolist() == [2]
+    # excluding history removes nothing above id 4 for valid (id 5 is not yet seen) ...
+    assert split_ranks(model, data, "valid", 10, exclude_history=True).tolist() == [2]
+
+
+def test_exclude_history_keeps_a_repeated_target() -> None:
+    # items 1 2 3 4 3 -> target 3 was seen before; excluding history must not hide it
+    data = build_sequences(Interactions(np.zeros(5, int), np.array([1, 2, 3, 4, 3]), np.arange(5.0)),
+                           "t", "[0,inf)", "[0,inf)")
+    model = Fixed(data.n_items)
+    assert split_ranks(model, data, "test", 10).tolist() == [2]            # id 4 scores higher
+    assert split_ranks(model, data, "test", 10, exclude_history=True).tolist() == [1]  # id 4 seen: removed

@@ -1,0 +1,67 @@
+"""SASRec: the model API contract, causality, padding invariance and parameter count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlsa4rec.errors import ConfigError
+from mlsa4rec.models import available, create
+
+
+def model(**kw):
+    torch.manual_seed(0)
+    m = create("sasrec", 50, MAX_ITEM_LIST_LENGTH=12, **kw)
+    return m.eval()
+
+
+def test_registry() -> None:
+    assert "sasrec" in available()
+    with pytest.raises(ConfigError, match="unknown model 'sasrek'.*did you mean 'sasrec'"):
+        create("sasrek", 10)
+    with pytest.raises(ConfigError, match="unknown config key 'hidden'"):
+        create("sasrec", 10, hidden=3)
+    with pytest.raises(ConfigError, match="divisible"):
+        create("sasrec", 10, hidden_size=63)
+
+
+def test_api_shapes_and_padding_column() -> None:
+    m = model()
+    seq = torch.tensor([[3, 4, 5, 0, 0], [7, 0, 0, 0, 0]])
+    lengths = torch.tensor([3, 1])
+    assert m(seq, lengths).shape == (2, 64)
+    scores = m.full_sort_scores(seq, lengths)
+    assert scores.shape == (2, 51)
+    assert torch.isinf(scores[:, 0]).all() and (scores[:, 0] < 0).all()
+    assert torch.isfinite(scores[:, 1:]).all()
+
+
+def test_causal_and_padding_invariant() -> None:
+    m = model()
+    seq = torch.randint(1, 51, (3, 10))
+    lengths = torch.tensor([10, 6, 2])
+    for b, n in enumerate(lengths.tolist()):
+        seq[b, n:] = 0
+    h = m.encode(seq, lengths)
+    changed = seq.clone()
+    changed[:, 5:] = torch.randint(1, 51, (3, 5))
+    h2 = m.encode(changed, lengths)
+    torch.testing.assert_close(h[:, :5], h2[:, :5])  # positions < 5 never see positions >= 5
+    # trailing padding does not change the user representation
+    longer = torch.cat([seq, torch.zeros(3, 2, dtype=torch.long)], dim=1)
+    torch.testing.assert_close(m(seq, lengths), m(longer, lengths))
+    torch.testing.assert_close(m(seq[:, :6], lengths.clamp(max=6)), m(seq, lengths.clamp(max=6)))
+
+
+def test_parameter_count() -> None:
+    m = create("sasrec", 100, MAX_ITEM_LIST_LENGTH=50)
+    d, inner, layers = 64, 256, 2
+    per_layer = 4 * (d * d + d) + 2 * d + (d * inner + inner) + (inner * d + d) + 2 * d
+    assert m.num_parameters() == 101 * d + 50 * d + 2 * d + layers * per_layer
+
+
+def test_init_is_recbole() -> None:
+    m = create("sasrec", 1000, MAX_ITEM_LIST_LENGTH=50)
+    w = m.item_embedding.weight.detach()
+    assert abs(float(w.std()) - 0.02) < 0.002
+    assert float(m.layers[0].attention.query.bias.detach().abs().max()) == 0.0

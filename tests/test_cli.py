@@ -1,0 +1,99 @@
+"""The command line: useful output, and one clear line plus exit 2 for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlsa4rec.cli import main
+from mlsa4rec.data.dataset import cache_dir
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_lists_sasrec(capsys) -> None:
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and out.startswith("sasrec") and "causal" in out
+    code, out, _ = run(capsys, "models", "--config", "sasrec")
+    assert code == 0 and "MAX_ITEM_LIST_LENGTH: 50" in out and "hidden_size: 64" in out
+
+
+def test_data_stats_json(capsys, successor_file: Path) -> None:
+    code, out, _ = run(capsys, "data", "stats", str(successor_file), "--json")
+    stats = json.loads(out)
+    assert code == 0 and stats["users"] == 300 and stats["items"] == 30
+    assert stats["max_length"] <= 14 and stats["min_length"] >= 6
+
+
+def test_train_then_evaluate(capsys, successor_file: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "run"
+    code, out, _ = run(capsys, "train", "--model", "sasrec", "--dataset", str(successor_file), "--output-dir",
+                       str(out_dir), "--set", "epochs=2", "--set", "hidden_size=16", "--set", "n_heads=1")
+    assert code == 0 and "ndcg@10" in out and "test" in out
+    code, out2, _ = run(capsys, "evaluate", "--run-dir", str(out_dir), "--json")
+    assert code == 0 and set(json.loads(out2)) == {"model", "dataset", "valid", "test"}
+
+
+def _bad_inputs(tmp_path: Path, successor_file: Path) -> list[tuple[list[str], str]]:
+    malformed = tmp_path / "bad.inter"
+    malformed.write_text("user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n1\t2\t3\t4\t5\n")
+    non_int = tmp_path / "bad.txt"
+    non_int.write_text("1 2 3\n2 3 four\n")
+    tiny = tmp_path / "tiny.csv"
+    tiny.write_text("1,1,1\n1,2,2\n2,1,3\n")
+    train = ["train", "--model", "sasrec", "--output-dir", str(tmp_path / "out"), "--dataset"]
+    return [
+        (train + [str(tmp_path / "missing.txt")], "missing.txt' does not exist"),
+        (train + ["ml-100m"], "unknown dataset 'ml-100m'"),
+        (["train", "--model", "gpt", "--dataset", str(successor_file), "--output-dir", str(tmp_path / "out")],
+         "unknown model 'gpt'"),
+        (train + [str(malformed)], "malformed"),
+        (train + [str(non_int)], "'four' is not an integer"),
+        (train + [str(tiny)], "leaves no interactions"),
+        (train + [str(successor_file), "--set", "epoch=3"], "unknown config key 'epoch'"),
+        (train + [str(successor_file), "--set", "learning_rate=fast"], "learning_rate: expected float"),
+        (train + [str(successor_file), "--config", str(tmp_path / "nope.yaml")], "does not exist"),
+        (["evaluate", "--run-dir", str(tmp_path)], "not a run directory"),
+        (["data", "stats", "ml-1m", "--data-dir", str(tmp_path / "nowhere")], "does not exist"),
+    ]
+
+
+def test_bad_inputs_fail_cleanly(capsys, tmp_path: Path, successor_file: Path) -> None:
+    before = sorted(cache_dir().rglob("*")) if cache_dir().exists() else []
+    for argv, message in _bad_inputs(tmp_path, successor_file):
+        code, out, err = run(capsys, *argv)
+        assert code == 2, argv
+        assert err.startswith("error: ") and message in err, (argv, err)
+        assert "Traceback" not in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists()
+        assert not list(tmp_path.glob(".out.partial-*"))
+    after = sorted(cache_dir().rglob("*"))
+    new = [p for p in after if p not in before and not p.name.startswith("succ-")]
+    assert new == [], new
+
+
+def test_help_is_useful() -> None:
+    env = {**os.environ, "COLUMNS": "120"}
+    out = subprocess.run([sys.executable, "-m", "mlsa4rec", "train", "--help"], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    for flag in ("--model", "--dataset", "--output-dir", "--config", "--set", "--data-dir", ".inter", "ratings.dat"):
+        assert flag in out
+
+
+@pytest.mark.realdata
+def test_data_stats_real(capsys, shared_data: Path) -> None:
+    expected = {"ml-1m": (6040, 3416, 999611), "amazon-beauty": (22363, 12101, 198502),
+                "amazon-video-games": (24303, 10672, 231780)}
+    for name, (users, items, inter) in expected.items():
+        code, out, _ = run(capsys, "data", "stats", name, "--data-dir", str(shared_data), "--json")
+        stats = json.loads(out)
+        assert code == 0 and (stats["users"], stats["items"], stats["interactions"]) == (users, items, inter)

@@ -1,0 +1,96 @@
+"""End-to-end training on synthetic data: learning, early stopping, the run directory, re-evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import yaml
+
+from mlsa4rec.config import build_config
+from mlsa4rec.data import load_dataset
+from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.models import create
+from mlsa4rec.training import Trainer
+from mlsa4rec.training.run import evaluate_run, train
+
+SMALL = {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "hidden_dropout_prob": 0.0,
+         "attn_dropout_prob": 0.0, "MAX_ITEM_LIST_LENGTH": 8, "learning_rate": 0.01, "epochs": 30,
+         "train_batch_size": 64, "stopping_step": 3, "topk": [1, 5, 10], "seed": 7}
+
+
+@pytest.mark.parametrize("scheme", ["prefix", "all_positions"])
+def test_sasrec_learns_the_successor_pattern(successor_file: Path, tmp_path: Path, scheme: str) -> None:
+    results = train("sasrec", str(successor_file), tmp_path / "run", overrides={**SMALL, "train_scheme": scheme})
+    assert results["train_scheme"] == scheme
+    assert results["test"]["hit@1"] > 0.9, results["test"]
+    assert results["test"]["ndcg@10"] > 0.9
+    assert 1 <= results["best_epoch"] <= results["epochs_run"] <= 30
+
+
+def test_run_directory_contents_and_reevaluation(successor_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    results = train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 4, "stopping_step": 0})
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "results.json", "train.log"]
+    assert not list(tmp_path.glob(".run.partial-*"))
+    saved = json.loads((out / "results.json").read_text())
+    for key in ("valid", "test", "best_epoch", "epochs_run", "seconds_per_epoch", "parameters", "versions",
+                "git_commit", "dataset", "history"):
+        assert key in saved
+    assert saved["epochs_run"] == 4 and len(saved["history"]) == 4
+    assert saved["versions"]["torch"] == torch.__version__
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model"] == "sasrec" and config["hidden_size"] == 16
+    state = safetensors.torch.load_file(str(out / "model.safetensors"))
+    assert "item_embedding.weight" in state
+    again = evaluate_run(out)
+    for split in ("valid", "test"):
+        for k, v in results[split].items():
+            assert again[split][k] == pytest.approx(v, abs=1e-9), (split, k)
+
+
+def test_existing_output_dir_is_refused(successor_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(MLSA4RecError, match="already exists"):
+        train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 1})
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_failure_leaves_no_partial_directory(successor_file: Path, tmp_path: Path, monkeypatch) -> None:
+    def boom(self):
+        raise RuntimeError("crash in the middle")
+
+    monkeypatch.setattr(Trainer, "fit", boom)
+    with pytest.raises(RuntimeError):
+        train("sasrec", str(successor_file), tmp_path / "run", overrides={**SMALL, "epochs": 1})
+    assert list(tmp_path.iterdir()) == [successor_file]
+
+
+def test_seed_makes_runs_identical(successor_file: Path, tmp_path: Path) -> None:
+    a = train("sasrec", str(successor_file), tmp_path / "a", overrides={**SMALL, "epochs": 2, "stopping_step": 0})
+    b = train("sasrec", str(successor_file), tmp_path / "b", overrides={**SMALL, "epochs": 2, "stopping_step": 0})
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert a["test"] == b["test"]
+
+
+def test_non_causal_model_refuses_all_positions(successor_file: Path) -> None:
+    data = load_dataset(str(successor_file))
+    m = create("sasrec", data.n_items, MAX_ITEM_LIST_LENGTH=8)
+    m.causal = False  # pretend: a model whose outputs see the future
+    config = build_config("sasrec", overrides={"train_scheme": "all_positions"})
+    with pytest.raises(MLSA4RecError, match="not causal"):
+        Trainer(m, data, config, torch.device("cpu"))
+
+
+def test_corrupt_weights_give_a_clear_error(successor_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 1})
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(MLSA4RecError, match="corrupt"):
+        evaluate_run(out)
