@@ -82,17 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
-    from mlsa4rec.config import build_config, parse_set
-    from mlsa4rec.data import load_dataset
+    from mlsa4rec.config import parse_interval, parse_set
+    from mlsa4rec.data import DEFAULT_INTERVAL, load_dataset
 
-    overrides = parse_set(args.overrides)
-    allowed = {"user_inter_num_interval", "item_inter_num_interval"}
-    for key in overrides:
-        if key not in allowed:
-            raise MLSA4RecError(f"data stats accepts only {sorted(allowed)} in --set, not {key!r}")
-    config = build_config("sasrec", overrides=overrides)
-    data = load_dataset(args.dataset, args.data_dir, config["user_inter_num_interval"],
-                        config["item_inter_num_interval"])
+    filters = {"user_inter_num_interval": DEFAULT_INTERVAL, "item_inter_num_interval": DEFAULT_INTERVAL}
+    for key, value in parse_set(args.overrides).items():
+        if key not in filters:
+            raise MLSA4RecError(f"data stats accepts only {sorted(filters)} in --set, not {key!r}")
+        parse_interval(value, key)
+        filters[key] = str(value)
+    data = load_dataset(args.dataset, args.data_dir, **filters)
     stats = data.stats()
     if args.json:
         print(json.dumps(stats, indent=2))
@@ -148,8 +147,14 @@ COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "models": _cmd_model
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.quiet:  # the console shows warnings only; train.log still gets every line
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)
+    if args.command in ("train", "evaluate"):
+        from mlsa4rec.runtime import tune_allocator
+
+        tune_allocator()
     try:
         handler = _cmd_data_stats if args.command == "data" else COMMANDS[args.command]
         return handler(args)

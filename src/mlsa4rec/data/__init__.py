@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = "[5,inf)"
 
 __all__ = [
-    "READERS", "REGISTRY", "DatasetSpec", "Interactions", "SequenceData", "detect_format",
-    "load_dataset", "read_interactions", "resolve",
+    "DEFAULT_INTERVAL", "READERS", "REGISTRY", "DatasetSpec", "Interactions", "SequenceData", "data_dir_from",
+    "detect_format", "load_dataset", "read_interactions", "resolve",
 ]
 
 

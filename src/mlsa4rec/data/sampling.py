@@ -112,12 +112,6 @@ class TrainSampler:
         batches = [b for p in pieces for b in np.split(p, range(self.batch_size, len(p), self.batch_size))]
         return np.concatenate([batches[i] for i in self.rng.permutation(len(batches))])
 
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["rng"]
-
     def __iter__(self) -> Iterator[Batch]:
         order = self._order()
         items = self.data.items

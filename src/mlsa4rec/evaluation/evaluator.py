@@ -8,7 +8,8 @@ target itself is removed, so a repeated consumption can still be a hit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,3 +73,10 @@ def evaluate(
     """Mean metrics over the users of ``split`` ('valid' or 'test')."""
     ranks = split_ranks(model, data, split, max_len, batch_size, exclude_history, device)
     return metrics_from_ranks(ranks, ks, metrics)
+
+
+def evaluate_split(model: torch.nn.Module, data: SequenceData, split: str, config: Mapping[str, Any],
+                   device: torch.device | str = "cpu") -> dict[str, float]:
+    """``evaluate`` with every setting taken from a run's config."""
+    return evaluate(model, data, split, config["MAX_ITEM_LIST_LENGTH"], config["topk"], config["metrics"],
+                    config["eval_batch_size"], config["exclude_history"], device)

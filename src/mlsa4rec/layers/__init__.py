@@ -1,5 +1,6 @@
 """Reusable building blocks of the models."""
 
+from mlsa4rec.layers.dropout import Dropout
 from mlsa4rec.layers.transformer import FeedForward, MultiHeadAttention, TransformerLayer
 
-__all__ = ["FeedForward", "MultiHeadAttention", "TransformerLayer"]
+__all__ = ["Dropout", "FeedForward", "MultiHeadAttention", "TransformerLayer"]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mlsa4rec.layers.dropout import Dropout, dropout
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh,
                "sigmoid": torch.sigmoid}
@@ -27,7 +31,7 @@ class MultiHeadAttention(nn.Module):
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)
         self.dense = nn.Linear(hidden_size, hidden_size)
-        self.dropout = nn.Dropout(hidden_dropout)
+        self.dropout = Dropout(hidden_dropout)
         self.layer_norm = nn.LayerNorm(hidden_size, eps=eps)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -36,10 +40,19 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
-        ctx = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-        )
+        if self.training and self.attn_dropout > 0:
+            # written out so the attention dropout uses the fast mask (SDPA's math path would
+            # draw it with bernoulli_); same result in distribution
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            elif causal:
+                n = x.shape[1]
+                future = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+                scores = scores.masked_fill(future, float("-inf"))
+            ctx = dropout(scores.softmax(-1), self.attn_dropout, True) @ v
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
         ctx = ctx.transpose(1, 2).reshape(x.shape)
         return self.layer_norm(self.dropout(self.dense(ctx)) + x)
 
@@ -50,7 +63,7 @@ class FeedForward(nn.Module):
         self.dense_1 = nn.Linear(hidden_size, inner_size)
         self.dense_2 = nn.Linear(inner_size, hidden_size)
         self.act = activation(act)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.layer_norm = nn.LayerNorm(hidden_size, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

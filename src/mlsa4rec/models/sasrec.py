@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlsa4rec.layers import TransformerLayer
+from mlsa4rec.layers import Dropout, TransformerLayer
 from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender
 
@@ -46,7 +46,7 @@ class SASRec(SequentialRecommender):
         self.item_embedding = nn.Embedding(n_items + 1, hidden_size, padding_idx=0)
         self.position_embedding = nn.Embedding(max_seq_length, hidden_size)
         self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(hidden_dropout_prob)
+        self.dropout = Dropout(hidden_dropout_prob)
         self.layers = nn.ModuleList(
             TransformerLayer(hidden_size, n_heads, inner_size, hidden_dropout_prob, attn_dropout_prob,
                              hidden_act, layer_norm_eps)
@@ -65,6 +65,9 @@ class SASRec(SequentialRecommender):
             module.bias.data.zero_()
 
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if item_seq.shape[1] > self.max_seq_length:
+            raise ValueError(f"sequences of length {item_seq.shape[1]} exceed the model's "
+                             f"MAX_ITEM_LIST_LENGTH={self.max_seq_length}; truncate to the most recent items")
         positions = torch.arange(item_seq.shape[1], device=item_seq.device)
         h = self.dropout(self.layer_norm(self.item_embedding(item_seq) + self.position_embedding(positions)))
         for layer in self.layers:

@@ -27,12 +27,12 @@ import numpy as np
 import safetensors
 import safetensors.torch
 import torch
-import yaml
 
 import mlsa4rec
 from mlsa4rec.config import Config, build_config, load_yaml_file
-from mlsa4rec.data import SequenceData, load_dataset
+from mlsa4rec.data import REGISTRY, SequenceData, data_dir_from, load_dataset
 from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.evaluation import evaluate_split
 from mlsa4rec.fileio import write_atomic, write_json_atomic, write_yaml_atomic
 from mlsa4rec.models import build_model, get_class
 from mlsa4rec.training.trainer import Trainer, set_seed
@@ -96,6 +96,8 @@ def train(
     """Train ``model`` on ``dataset``, evaluate the best epoch on valid and test, save the run."""
     get_class(model)  # unknown model: fail before anything else
     out = Path(output_dir)
+    if dataset not in REGISTRY and Path(dataset).is_file():
+        dataset = str(Path(dataset).resolve())  # so that `evaluate` works from any directory
     config = build_config(model, config_files, overrides, extra={"dataset": str(dataset)})
     _check_output_dir(out, overwrite)
     device = resolve_device(config["device"])
@@ -112,6 +114,9 @@ def train(
     handler = logging.FileHandler(stage / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
+    old_level = log.level
+    if log.getEffectiveLevel() > logging.INFO:  # library use without logging set up: still fill train.log
+        log.setLevel(logging.INFO)
     try:
         write_yaml_atomic(stage / "config.yaml", config.to_dict())
 
@@ -128,6 +133,7 @@ def train(
             "model": model,
             "dataset": stats,
             "data_fingerprint": data.fingerprint,
+            "data_dir": str(Path(d).resolve()) if (d := data_dir_from(data_dir)) else None,
             "train_scheme": trainer.scheme,
             "valid": valid,
             "test": test,
@@ -150,16 +156,16 @@ def train(
         if not (stage / WEIGHTS).exists():
             raise MLSA4RecError("training ended without a single validation; set eval_step <= epochs")
         write_json_atomic(stage / "results.json", results)
-        log.removeHandler(handler)
-        handler.close()
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(stage, out)
     except BaseException:
-        log.removeHandler(handler)
-        handler.close()
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        log.setLevel(old_level)
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(stage, out)
     log.info("saved run to %s", out)
     return results
 
@@ -189,14 +195,14 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dic
     if "model" not in saved or "dataset" not in saved:
         raise MLSA4RecError(f"{str(run / 'config.yaml')!r} lacks the model or dataset entry")
     config = build_config(saved["model"], [run / "config.yaml"], extra={"dataset": saved["dataset"]})
+    try:
+        recorded = json.loads((run / "results.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        recorded = {}
+    if data_dir_from(data_dir) is None and recorded.get("data_dir"):
+        data_dir = recorded["data_dir"]  # where the run found its data
     data = load_run_data(config, data_dir)
-    recorded = None
-    if (run / "results.json").is_file():
-        try:
-            recorded = json.loads((run / "results.json").read_text()).get("data_fingerprint")
-        except json.JSONDecodeError:
-            recorded = None
-    if recorded and recorded != data.fingerprint:
+    if recorded.get("data_fingerprint") not in (None, data.fingerprint):
         raise MLSA4RecError(
             f"the data found for {config['dataset']!r} differs from the data this run was trained on "
             "(checksum or filtering differ); point --data-dir at the original file"
@@ -205,13 +211,9 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dic
     load_weights(net, run / WEIGHTS)
     device = resolve_device(config["device"])
     net.to(device)
-    trainer_args = (config["MAX_ITEM_LIST_LENGTH"], config["topk"], config["metrics"], config["eval_batch_size"],
-                    config["exclude_history"], device)
-    from mlsa4rec.evaluation import evaluate
-
     return {"model": config["model"], "dataset": config["dataset"],
-            "valid": evaluate(net, data, "valid", *trainer_args),
-            "test": evaluate(net, data, "test", *trainer_args)}
+            "valid": evaluate_split(net, data, "valid", config, device),
+            "test": evaluate_split(net, data, "test", config, device)}
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -222,7 +224,3 @@ def format_table(results: dict[str, Any]) -> str:
     for split in ("valid", "test"):
         lines.append(split.ljust(8) + "".join(f"{results[split][k]:.4f}".rjust(width) for k in keys))
     return "\n".join(lines)
-
-
-def dump_yaml(obj: Any) -> str:
-    return yaml.safe_dump(obj, sort_keys=False)

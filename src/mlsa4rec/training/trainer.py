@@ -24,7 +24,7 @@ from mlsa4rec.config import Config
 from mlsa4rec.data.dataset import SequenceData
 from mlsa4rec.data.sampling import Batch, TrainSampler
 from mlsa4rec.errors import MLSA4RecError
-from mlsa4rec.evaluation import evaluate
+from mlsa4rec.evaluation import evaluate_split
 from mlsa4rec.models.base import SequentialRecommender
 
 log = logging.getLogger("mlsa4rec")
@@ -90,9 +90,7 @@ class Trainer:
         self.on_improve = on_improve
 
     def evaluate(self, split: str) -> dict[str, float]:
-        c = self.config
-        return evaluate(self.model, self.data, split, c["MAX_ITEM_LIST_LENGTH"], c["topk"], c["metrics"],
-                        c["eval_batch_size"], c["exclude_history"], self.device)
+        return evaluate_split(self.model, self.data, split, self.config, self.device)
 
     def train_epoch(self, epoch: int) -> float:
         self.model.train()

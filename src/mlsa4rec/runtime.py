@@ -1,0 +1,35 @@
+"""Process-level tuning for CPU training, applied by the CLI (a library import changes nothing).
+
+glibc returns every freed block above the mmap threshold (128 KiB by default) to the kernel, so
+each training step re-faults its large activations (the N x items logits alone are ~90 MB) page
+by page. Raising the mmap and trim thresholds lets freed memory be reused across steps. Measured
+on the 2-core machine (SASRec, ML-1M, L=200, 32 windows per step): about 50 -> 33 microseconds
+per training target. Set ``MLSA4REC_DEFAULT_MALLOC=1`` to keep glibc's defaults.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31) - 1) -> bool:
+    """Keep freed memory for reuse (glibc only); returns whether the settings were applied."""
+    if os.environ.get("MLSA4REC_DEFAULT_MALLOC") == "1" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    log.debug("glibc malloc thresholds raised: %s", ok)
+    return ok

@@ -1,0 +1,51 @@
+"""For a causal model the two training schemes give the same supervision.
+
+When every user's training part fits in one window, the all-positions loss of an epoch equals the
+mean of the prefix losses over the same targets (model in eval mode, so no dropout noise).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlsa4rec.config import build_config
+from mlsa4rec.data import load_dataset
+from mlsa4rec.data.sampling import TrainSampler
+from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.models import create
+from mlsa4rec.training.trainer import Trainer, cross_entropy
+
+
+def epoch_loss(model, data, scheme: str) -> tuple[float, int]:
+    total, count = 0.0, 0
+    for batch in TrainSampler(data, scheme, 20, 16, seed=0, trim=True):
+        n = int((batch.targets > 0).sum()) if scheme == "all_positions" else len(batch.targets)
+        total += cross_entropy(model, batch, scheme, torch.device("cpu")).item() * n
+        count += n
+    return total / count, count
+
+
+def test_all_positions_equals_prefix_for_a_causal_model(successor_file: Path) -> None:
+    data = load_dataset(str(successor_file))  # sequences of 6..14 items < L = 20
+    torch.manual_seed(0)
+    model = create("sasrec", data.n_items, MAX_ITEM_LIST_LENGTH=20, hidden_size=16, n_heads=2).eval()
+    with torch.no_grad():
+        prefix, n_prefix = epoch_loss(model, data, "prefix")
+        windows, n_windows = epoch_loss(model, data, "all_positions")
+    assert n_prefix == n_windows
+    assert math.isclose(prefix, windows, rel_tol=1e-5), (prefix, windows)
+
+
+def test_non_finite_loss_stops_with_a_message(successor_file: Path) -> None:
+    data = load_dataset(str(successor_file))
+    model = create("sasrec", data.n_items, MAX_ITEM_LIST_LENGTH=8, hidden_size=16, n_heads=1)
+    with torch.no_grad():
+        model.item_embedding.weight.fill_(float("nan"))
+    config = build_config("sasrec", overrides={"epochs": 1, "train_batch_size": 64,
+                                                     "MAX_ITEM_LIST_LENGTH": 8})
+    with pytest.raises(MLSA4RecError, match="loss became nan"):
+        Trainer(model, data, config, torch.device("cpu")).fit()
