@@ -22,6 +22,7 @@ from mlsa4rec.errors import ConfigError
 
 METRIC_NAMES = ("hit", "ndcg", "mrr", "recall", "precision")
 TRAIN_SCHEMES = ("auto", "prefix", "all_positions")
+LR_SCHEDULERS = ("constant", "cosine", "linear")
 _INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*$")
 
 
@@ -196,13 +197,15 @@ def _validate(v: dict[str, Any]) -> None:
     for key in ("epochs", "train_batch_size", "eval_batch_size", "MAX_ITEM_LIST_LENGTH", "eval_step",
                 "learning_rate"):
         positive(key)
-    for key in ("weight_decay", "clip_grad_norm", "stopping_step"):
+    for key in ("weight_decay", "clip_grad_norm", "stopping_step", "all_positions_stride"):
         if v[key] < 0:
             raise ConfigError(f"{key} must be >= 0, got {v[key]!r}")
     for key in ("user_inter_num_interval", "item_inter_num_interval"):
         parse_interval(v[key], key)
     if v["train_scheme"] not in TRAIN_SCHEMES:
         raise ConfigError(f"train_scheme must be one of {', '.join(TRAIN_SCHEMES)}; got {v['train_scheme']!r}")
+    if v["lr_scheduler"] not in LR_SCHEDULERS:
+        raise ConfigError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}; got {v['lr_scheduler']!r}")
     if str(v["loss_type"]).upper() != "CE":
         raise ConfigError(f"loss_type {v['loss_type']!r} is not offered; only CE (full softmax) is")
     metrics = [str(m).lower() for m in v["metrics"]]

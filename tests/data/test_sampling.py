@@ -84,3 +84,24 @@ def test_eval_batches_cover_users_in_order(data) -> None:
     batches = list(eval_batches(data, "test", 6, batch_size=9))
     rows = np.concatenate([b.rows for b in batches])
     assert rows.tolist() == list(range(len(data.eval_targets("test"))))
+
+
+@pytest.mark.parametrize("stride", [1, 2, 5])
+def test_overlapping_windows_keep_context(data, stride) -> None:
+    """With stride < L every target is still used once, and sees min(its prefix, L - stride + 1)
+    items of history at least."""
+    max_len = 6
+    sampler = TrainSampler(data, "all_positions", max_len, batch_size=4, seed=2, trim=True, stride=stride)
+    got = []
+    for batch in sampler:
+        for seq, n, tgt in zip(batch.item_seq.numpy(), batch.lengths.numpy(), batch.targets.numpy()):
+            assert (seq[1:n][tgt[: n - 1] > 0] == tgt[: n - 1][tgt[: n - 1] > 0]).all()
+            for j in np.flatnonzero(tgt[:n]):
+                got.append((tuple(seq[: j + 1].tolist()), int(tgt[j])))
+    want = brute_prefix_samples(data, max_len)
+    assert len(got) == len(want) == sampler.n_targets
+    assert sorted(t for _, t in got) == sorted(t for _, t in want)
+    prefix_context = sorted(len(h) for h, _ in want)
+    window_context = sorted(len(h) for h, _ in got)
+    floor = max_len - stride + 1
+    assert all(w >= min(p, floor) for w, p in zip(window_context, prefix_context))

@@ -49,3 +49,13 @@ def test_non_finite_loss_stops_with_a_message(successor_file: Path) -> None:
                                                      "MAX_ITEM_LIST_LENGTH": 8})
     with pytest.raises(MLSA4RecError, match="loss became nan"):
         Trainer(model, data, config, torch.device("cpu")).fit()
+
+
+def test_lr_schedules() -> None:
+    from mlsa4rec.training.trainer import lr_factor
+
+    assert lr_factor("constant", 10)(7) == 1.0
+    cosine = lr_factor("cosine", 10)
+    assert cosine(0) == 1.0 and abs(cosine(5) - 0.5) < 1e-12 and abs(cosine(10)) < 1e-12 and cosine(12) == cosine(10)
+    linear = lr_factor("linear", 4)
+    assert [linear(s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]

@@ -51,16 +51,16 @@ def history_bounds(data: SequenceData, targets: np.ndarray, max_len: int) -> tup
     return start, targets
 
 
-def all_position_windows(data: SequenceData, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+def all_position_windows(data: SequenceData, stride: int) -> tuple[np.ndarray, np.ndarray]:
     """Target ranges [a, b) of the all-positions windows: each user's training targets cut into
-    pieces of at most ``max_len``, the last piece ending at the user's last training target."""
+    pieces of at most ``stride``, the last piece ending at the user's last training target."""
     first, end = data.train_target_range()
     n = end - first
-    per_user = -(-n // max_len)                     # ceil division; 0 for users with no targets
+    per_user = -(-n // stride)                      # ceil division; 0 for users with no targets
     user = np.repeat(np.arange(data.n_users), per_user)
     k = np.arange(int(per_user.sum())) - np.repeat(np.cumsum(per_user) - per_user, per_user)
-    b = end[user] - k * max_len
-    a = np.maximum(first[user], b - max_len)
+    b = end[user] - k * stride
+    a = np.maximum(first[user], b - stride)
     return a, b
 
 
@@ -75,6 +75,7 @@ class TrainSampler:
         batch_size: int,
         seed: int,
         trim: bool = False,
+        stride: int = 0,
         bucket_chunks: int = 50,
     ) -> None:
         if scheme not in ("prefix", "all_positions"):
@@ -85,18 +86,19 @@ class TrainSampler:
         if scheme == "prefix":
             self.targets = data.train_targets()
             self.start, self.end = history_bounds(data, self.targets, max_len)
-        else:  # window of targets [a, b) reads inputs [a - 1, b - 1)
-            a, b = all_position_windows(data, max_len)
-            self.start, self.end = a - 1, b - 1
+            self.n_targets = self.n_samples
+        else:
+            # targets [a, b) in pieces of `stride`; the input is the (up to L) items before b, so
+            # with stride < L each window re-reads L - stride items of context it takes no loss on
+            a, b = all_position_windows(data, min(stride or max_len, max_len))
+            self.start, self.end = history_bounds(data, b - 1, max_len)
+            self.loss_start = a - 1
+            self.n_targets = int((b - a).sum())
         self.sample_lengths = self.end - self.start
 
     @property
     def n_samples(self) -> int:
         return int(self.start.shape[0])
-
-    @property
-    def n_targets(self) -> int:
-        return int(self.sample_lengths.sum()) if self.scheme == "all_positions" else self.n_samples
 
     def __len__(self) -> int:
         return -(-self.n_samples // self.batch_size)
@@ -122,8 +124,10 @@ class TrainSampler:
             seq, lengths = gather(items, start, end, width)
             if self.scheme == "prefix":
                 targets = torch.from_numpy(items[end])
-            else:
-                targets = torch.from_numpy(gather(items, start + 1, end + 1, width)[0])
+            else:  # the item after each input position; 0 where no loss is taken
+                targets = gather(items, start + 1, end + 1, width)[0]
+                context_only = start[:, None] + np.arange(width)[None, :] < self.loss_start[rows, None]
+                targets = torch.from_numpy(np.where(context_only, 0, targets))
             yield Batch(torch.from_numpy(seq), torch.from_numpy(lengths), targets, rows)
 
 

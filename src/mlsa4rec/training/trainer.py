@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from mlsa4rec.config import Config
@@ -26,6 +25,7 @@ from mlsa4rec.data.sampling import Batch, TrainSampler
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation import evaluate_split
 from mlsa4rec.models.base import SequentialRecommender
+from mlsa4rec.training.losses import full_softmax_cross_entropy
 
 log = logging.getLogger("mlsa4rec")
 
@@ -55,8 +55,17 @@ def cross_entropy(model: SequentialRecommender, batch: Batch, scheme: str, devic
         mask = targets > 0
         hidden = model.encode(seq, lengths)[mask]
         targets = targets[mask]
-    logits = hidden @ model.item_table()[1:].t()
-    return F.cross_entropy(logits, targets - 1)
+    return full_softmax_cross_entropy(hidden, model.item_table()[1:], targets - 1)
+
+
+def lr_factor(name: str, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the learning rate after ``step`` optimiser steps (reaches 0 at the end)."""
+    total = max(total_steps, 1)
+    if name == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    if name == "linear":
+        return lambda step: 1.0 - min(step, total) / total
+    return lambda step: 1.0
 
 
 @dataclass
@@ -83,10 +92,12 @@ class Trainer:
         self.scheme = resolve_scheme(model, config["train_scheme"])
         self.sampler = TrainSampler(
             data, self.scheme, config["MAX_ITEM_LIST_LENGTH"], config["train_batch_size"], config["seed"],
-            trim=model.padding_invariant,
+            trim=model.padding_invariant, stride=config["all_positions_stride"],
         )
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"],
                                           weight_decay=config["weight_decay"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(config["lr_scheduler"], config["epochs"] * len(self.sampler)))
         self.on_improve = on_improve
 
     def evaluate(self, split: str) -> dict[str, float]:
@@ -108,6 +119,7 @@ class Trainer:
             if self.config["clip_grad_norm"] > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config["clip_grad_norm"])
             self.optimizer.step()
+            self.scheduler.step()
             total += loss.item()
             steps += 1
             bar.set_postfix(loss=f"{total / steps:.4f}", refresh=False)
