@@ -103,22 +103,22 @@ class TrainSampler:
     def __len__(self) -> int:
         return -(-self.n_samples // self.batch_size)
 
-    def _order(self) -> np.ndarray:
+    def _batches(self) -> list[np.ndarray]:
+        """Sample indices of each batch of one epoch."""
         order = self.rng.permutation(self.n_samples)
+        size = self.batch_size
         if not self.trim:
-            return order
+            return np.split(order, range(size, len(order), size))
         # bucketing: sort by length inside chunks of many batches, then shuffle the batches
-        chunk = self.batch_size * self.bucket_chunks
-        chunks = np.split(order, range(chunk, len(order), chunk))
-        pieces = [o[np.argsort(self.sample_lengths[o], kind="stable")] for o in chunks]
-        batches = [b for p in pieces for b in np.split(p, range(self.batch_size, len(p), self.batch_size))]
-        return np.concatenate([batches[i] for i in self.rng.permutation(len(batches))])
+        chunk = size * self.bucket_chunks
+        pieces = [o[np.argsort(self.sample_lengths[o], kind="stable")]
+                  for o in np.split(order, range(chunk, len(order), chunk))]
+        batches = [b for p in pieces for b in np.split(p, range(size, len(p), size))]
+        return [batches[i] for i in self.rng.permutation(len(batches))]
 
     def __iter__(self) -> Iterator[Batch]:
-        order = self._order()
         items = self.data.items
-        for lo in range(0, len(order), self.batch_size):
-            rows = order[lo:lo + self.batch_size]
+        for rows in self._batches():
             start, end = self.start[rows], self.end[rows]
             width = int((end - start).max()) if self.trim else self.max_len
             seq, lengths = gather(items, start, end, width)
