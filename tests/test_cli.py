@@ -63,6 +63,8 @@ def _bad_inputs(tmp_path: Path, successor_file: Path) -> list[tuple[list[str], s
         (train + [str(successor_file), "--set", "learning_rate=fast"], "learning_rate: expected float"),
         (train + [str(successor_file), "--config", str(tmp_path / "nope.yaml")], "does not exist"),
         (["evaluate", "--run-dir", str(tmp_path)], "not a run directory"),
+        (["train", "--model", "sasrec", "--dataset", str(successor_file), "--output-dir", str(tiny / "run"),
+          "--set", "epochs=1"], "cannot create the output directory"),
         (["data", "stats", "ml-1m", "--data-dir", str(tmp_path / "nowhere")], "does not exist"),
     ]
 

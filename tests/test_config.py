@@ -44,6 +44,8 @@ def test_unknown_key_is_named_with_suggestion() -> None:
         ({"loss_type": "BPR"}, "only CE"),
         ({"device": "gpu"}, "device must be"),
         ({"use_gpu": True}, "unknown config key 'use_gpu'"),
+        ({"epochs": None}, "epochs: a value is required"),
+        ({"metrics": None}, "metrics: a value is required"),
     ],
 )
 def test_bad_values(override: dict, message: str) -> None:
@@ -76,5 +78,6 @@ def test_intervals() -> None:
     assert parse_interval("[5,inf)") == (5, float("inf"))
     assert parse_interval("(2,10)") == (3, 9)
     assert parse_interval("[0,3]") == (0, 3)
+    assert parse_interval("(-inf,5]") == (float("-inf"), 5)
     with pytest.raises(ConfigError, match="empty"):
         parse_interval("[5,2]")

@@ -71,6 +71,10 @@ def test_bad_inputs() -> None:
         ranking_metrics(np.zeros((1, 3)), [3])
     with pytest.raises(MLSA4RecError, match="NaN"):
         ranking_metrics(np.array([[0.0, np.nan]]), [1])
+    with pytest.raises(MLSA4RecError, match="NaN"):  # a NaN elsewhere in the row hides a rank too
+        ranking_metrics(np.array([[np.nan, 0.5]]), [1])
+    with pytest.raises(MLSA4RecError, match="positive"):
+        ranking_metrics(np.zeros((1, 3)), [1], ks=[0])
     with pytest.raises(MLSA4RecError, match="unknown metric"):
         metrics_from_ranks([1], metrics=["auc"])
     with pytest.raises(MLSA4RecError, match="zero rows"):

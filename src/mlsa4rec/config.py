@@ -88,7 +88,9 @@ def parse_interval(text: str, key: str = "interval") -> tuple[float, float]:
         lo, hi = float(lo_s), float(hi_s)
     except ValueError:
         raise ConfigError(f"{key}: {text!r} is not an interval like \"[5,inf)\"") from None
-    lo = lo if lo_b == "[" else math.floor(lo) + 1
+    if math.isnan(lo) or math.isnan(hi):
+        raise ConfigError(f"{key}: {text!r} is not an interval like \"[5,inf)\"")
+    lo = lo if lo_b == "[" or math.isinf(lo) else math.floor(lo) + 1
     hi = hi if hi_b == "]" or math.isinf(hi) else math.ceil(hi) - 1
     if lo > hi:
         raise ConfigError(f"{key}: {text!r} is empty")
@@ -97,8 +99,10 @@ def parse_interval(text: str, key: str = "interval") -> tuple[float, float]:
 
 def _check_type(key: str, value: Any, default: Any) -> Any:
     """Coerce ``value`` to the type of ``default`` where that is lossless, else raise."""
-    if default is None or value is None:
+    if default is None:
         return value
+    if value is None:
+        raise ConfigError(f"{key}: a value is required (got null)")
     want = type(default)
     if want is bool:
         if isinstance(value, bool):
@@ -152,10 +156,6 @@ class Config(Mapping[str, Any]):
 
     def model_kwargs(self) -> dict[str, Any]:
         return {k: self._values[k] for k in self.model_keys}
-
-    @property
-    def metric_names(self) -> list[str]:
-        return list(self._values["metrics"])
 
 
 def build_config(
@@ -232,5 +232,5 @@ def _validate(v: dict[str, Any]) -> None:
 
 
 def known_keys(model: str) -> dict[str, Any]:
-    """Every accepted key for ``model`` with its default (for ``--help-config``)."""
+    """Every accepted key for ``model`` with its default (for ``mlsa4rec models --config``)."""
     return {**overall_defaults(), **model_defaults(model)}

@@ -43,9 +43,9 @@ def target_ranks(scores: torch.Tensor | np.ndarray, targets: torch.Tensor | np.n
         )
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= s.shape[1]):
         raise MLSA4RecError(f"target ids must lie in [0, {s.shape[1] - 1}]")
+    if torch.isnan(s).any():
+        raise MLSA4RecError("scores contain NaN; the model produced non-finite outputs")
     target_scores = s.gather(1, t[:, None])
-    if torch.isnan(target_scores).any():
-        raise MLSA4RecError("a target has a NaN score; the model produced non-finite outputs")
     return (s > target_scores).sum(dim=1) + 1
 
 
@@ -60,10 +60,13 @@ def metrics_from_ranks(
         raise MLSA4RecError("cannot compute metrics over zero rows")
     out: dict[str, float] = {}
     names = [m.lower() for m in metrics]
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1:
+        raise MLSA4RecError(f"cutoffs K must be positive integers, got {ks}")
     for m in names:
         if m not in METRICS:
             raise MLSA4RecError(f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
-    for k in sorted(set(int(k) for k in ks)):
+    for k in sorted(set(ks)):
         hit = (r <= k).double()
         values = {
             "hit": hit,

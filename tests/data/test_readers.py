@@ -44,6 +44,15 @@ def test_inter_with_extra_columns_and_string_tokens(tmp_path: Path) -> None:
     assert inter.time.tolist() == [30.0, 10.0, 20.0]
 
 
+def test_leading_zero_tokens_stay_distinct(tmp_path: Path) -> None:
+    path = tmp_path / "d.inter"
+    path.write_text("user_id:token\titem_id:token\ttimestamp:float\n1\t007\t1\n1\t7\t2\n")
+    inter = read_interactions(path)
+    assert inter.item.tolist() == ["007", "7"]
+    path.write_text("user_id:token\titem_id:token\ttimestamp:float\n1\t5\t1\n1\t7\t2\n")
+    assert read_interactions(path).item.tolist() == [5, 7]
+
+
 def test_inter_errors(tmp_path: Path) -> None:
     path = tmp_path / "d.inter"
     path.write_text("user:token\titem:token\n1\t2\n")

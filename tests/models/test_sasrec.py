@@ -23,6 +23,8 @@ def test_registry() -> None:
         create("sasrec", 10, hidden=3)
     with pytest.raises(ConfigError, match="divisible"):
         create("sasrec", 10, hidden_size=63)
+    with pytest.raises(ConfigError, match="n_heads must be >= 1"):
+        create("sasrec", 10, n_heads=0)
 
 
 def test_api_shapes_and_padding_column() -> None:

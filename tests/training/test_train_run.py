@@ -33,7 +33,7 @@ def test_sasrec_learns_the_successor_pattern(successor_file: Path, tmp_path: Pat
 
 def test_run_directory_contents_and_reevaluation(successor_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    results = train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 4, "stopping_step": 0})
+    results = train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 4, "stopping_step": 100})
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "results.json", "train.log"]
     assert not list(tmp_path.glob(".run.partial-*"))
     saved = json.loads((out / "results.json").read_text())
@@ -72,8 +72,8 @@ def test_failure_leaves_no_partial_directory(successor_file: Path, tmp_path: Pat
 
 
 def test_seed_makes_runs_identical(successor_file: Path, tmp_path: Path) -> None:
-    a = train("sasrec", str(successor_file), tmp_path / "a", overrides={**SMALL, "epochs": 2, "stopping_step": 0})
-    b = train("sasrec", str(successor_file), tmp_path / "b", overrides={**SMALL, "epochs": 2, "stopping_step": 0})
+    a = train("sasrec", str(successor_file), tmp_path / "a", overrides={**SMALL, "epochs": 2, "stopping_step": 100})
+    b = train("sasrec", str(successor_file), tmp_path / "b", overrides={**SMALL, "epochs": 2, "stopping_step": 100})
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
     assert a["test"] == b["test"]
 
@@ -94,3 +94,39 @@ def test_corrupt_weights_give_a_clear_error(successor_file: Path, tmp_path: Path
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(MLSA4RecError, match="corrupt"):
         evaluate_run(out)
+
+
+def test_overwrite_replaces_only_run_directories(successor_file: Path, tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(MLSA4RecError, match="only replaces a run directory"):
+        train("sasrec", str(successor_file), precious, overrides={**SMALL, "epochs": 1}, overwrite=True)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    run = tmp_path / "run"
+    first = train("sasrec", str(successor_file), run, overrides={**SMALL, "epochs": 1})
+    second = train("sasrec", str(successor_file), run, overrides={**SMALL, "epochs": 2, "stopping_step": 100},
+                   overwrite=True)
+    assert first["epochs_run"] == 1 and json.loads((run / "results.json").read_text())["epochs_run"] == 2
+    assert second["data_source"].endswith("(user-lines)")
+
+
+def test_early_stopping_follows_recbole(successor_file: Path, monkeypatch) -> None:
+    """A tie counts as an improvement; training stops once misses exceed stopping_step."""
+    data = load_dataset(str(successor_file))
+    scores = iter([0.1, 0.2, 0.2, 0.1, 0.1, 0.3])
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self, epoch: 1.0)
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, split: {"ndcg@10": next(scores)})
+    config = build_config("sasrec", overrides={"epochs": 6, "stopping_step": 1, "MAX_ITEM_LIST_LENGTH": 8})
+    model = create("sasrec", data.n_items, MAX_ITEM_LIST_LENGTH=8)
+    fit = Trainer(model, data, config, torch.device("cpu")).fit()
+    assert (fit.best_epoch, fit.epochs_run, fit.stopped_early) == (3, 5, True)
+
+
+def test_no_training_samples_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "short.txt"
+    path.write_text("".join(f"{u} {u}\n" for u in range(1, 20)))  # one event per user: no samples
+    with pytest.raises(MLSA4RecError, match="no training samples"):
+        train("sasrec", str(path), tmp_path / "run",
+              overrides={"user_inter_num_interval": "[0,inf)", "item_inter_num_interval": "[0,inf)"})
+    assert not (tmp_path / "run").exists()

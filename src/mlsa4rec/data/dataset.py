@@ -48,6 +48,7 @@ class SequenceData:
     item_tokens: np.ndarray  # raw token of each item id; index 0 is the padding placeholder
     user_tokens: np.ndarray  # raw token of each user index
     fingerprint: str         # checksum of the source file + processing settings
+    source: str = ""         # the file it was read from and its reader (set on load, not cached)
 
     @property
     def n_users(self) -> int:
@@ -65,11 +66,6 @@ class SequenceData:
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
-
-    @property
-    def user_of(self) -> np.ndarray:
-        """User index of every flat position."""
-        return np.repeat(np.arange(self.n_users), self.lengths)
 
     def stats(self) -> dict[str, float | int | str]:
         lengths = self.lengths
@@ -233,8 +229,10 @@ def load_sequences(
     cache_file = cache_dir() / "processed" / f"{name}-{fingerprint}.npz"
     if use_cache and (cached := load_cached(cache_file)) is not None:
         log.info("loaded %s from cache %s in %.2f s", name, cache_file, time.perf_counter() - t0)
+        cached.source = f"{path.resolve()} ({fmt})"
         return cached
     data = build_sequences(read_interactions(path, fmt), name, user_interval, item_interval, fingerprint)
+    data.source = f"{path.resolve()} ({fmt})"
     if use_cache:
         try:
             save_cached(data, cache_file)

@@ -7,6 +7,7 @@ connection or a changed upstream file never leaves a file that a later run would
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import shutil
 import urllib.error
@@ -18,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mlsa4rec.errors import DataError
-from mlsa4rec.fileio import atomic_path, sha256_file
+from mlsa4rec.fileio import atomic_path, sha256_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,7 @@ def _stream(url: str, dest: Path, expected: str | None, timeout: float) -> str:
                     "is corrupt or the file changed upstream; nothing was kept. Retry, or place a good "
                     "copy in your data directory and pass --data-dir"
                 )
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        if isinstance(exc, DataError):
-            raise
+    except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         raise DataError(
             f"could not download {url} ({reason}). Check the network, or download it yourself and "
@@ -81,7 +80,7 @@ def fetch(source: Download, cache: Path, timeout: float = 60.0) -> Path:
         log.info("downloading %s", source.url)
         got = _stream(source.url, dest, expected, timeout)
         if source.sha256 is None and not record.is_file():
-            record.write_text(got + "\n")
+            write_text_atomic(record, got + "\n")
             log.warning(
                 "%s has no published checksum; recorded sha256 %s on first download and will "
                 "verify against it from now on", source.url, got,

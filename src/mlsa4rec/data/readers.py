@@ -59,6 +59,8 @@ def read_user_lines(path: str | Path) -> Interactions:
     tokens = np.array(list(itertools.chain.from_iterable(rows)))
     try:
         ids = tokens.astype(np.int64)
+    except OverflowError:
+        raise DataError(f"{str(path)!r}: an id does not fit in 64 bits") from None
     except ValueError:
         for lineno, row in zip(line_numbers, rows):
             for tok in row:
@@ -105,11 +107,13 @@ def _read_table(path: Path, text: str, sep: str, header: int | None, names: list
 
 
 def _ids(values: np.ndarray) -> np.ndarray:
-    """Integer tokens become int64 (cheap to hash); anything else stays a string token."""
+    """Integer tokens become int64 (cheap to hash) when that loses nothing; anything else, including
+    "007" (which must stay distinct from "7", as RecBole's string tokens are), stays a string."""
     try:
-        return values.astype(np.int64)
+        ints = values.astype(np.int64)
     except (ValueError, OverflowError):
         return values.astype(str)
+    return ints if np.array_equal(ints.astype(str), values.astype(str)) else values.astype(str)
 
 
 def read_inter(path: str | Path) -> Interactions:

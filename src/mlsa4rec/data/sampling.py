@@ -5,8 +5,8 @@ Two training schemes (``MLSA4REC.md`` section 5):
 * **prefix** - the protocol's samples: every training target with the (at most L) items before
   it as input, one sample each. Works for any model.
 * **all_positions** - each user's training targets cut, from the most recent backwards, into
-  windows of at most L; the window's input is the L items before each target, and the loss is
-  taken at every position. Only for causal models, whose output at position t sees only items
+  windows of at most L; the window's input is the (at most L) items before its last target, and
+  the loss is taken at every position. Only for causal models, whose output at position t sees only items
   <= t: the output at t of a window is then exactly the model's output on the prefix ending at t
   (minus whatever history falls before the window), so the supervision is the same kind as the
   prefix scheme's and every training target is used once per epoch, but one forward pass serves
@@ -33,7 +33,7 @@ class Batch:
     item_seq: torch.Tensor   # B x L' long, right-padded with 0
     lengths: torch.Tensor    # B long, >= 1
     targets: torch.Tensor    # B (prefix / eval) or B x L' (all_positions, 0 = no target)
-    rows: np.ndarray         # index of each row in the sampler's sample list (users for eval)
+    rows: np.ndarray         # index of each row in the sampler's samples (eval: in the split's target list)
 
 
 def gather(items: np.ndarray, start: np.ndarray, end: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -40,6 +40,10 @@ class SASRec(SequentialRecommender):
         initializer_range: float,
     ) -> None:
         super().__init__()
+        for key, value in (("hidden_size", hidden_size), ("n_layers", n_layers), ("n_heads", n_heads),
+                           ("inner_size", inner_size), ("max_seq_length", max_seq_length)):
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
         if hidden_size % n_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by n_heads ({n_heads})")
         self.n_items, self.max_seq_length = n_items, max_seq_length

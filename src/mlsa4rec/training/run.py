@@ -33,7 +33,7 @@ from mlsa4rec.config import Config, build_config, load_yaml_file
 from mlsa4rec.data import REGISTRY, SequenceData, data_dir_from, load_dataset
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation import evaluate_split
-from mlsa4rec.fileio import write_atomic, write_json_atomic, write_yaml_atomic
+from mlsa4rec.fileio import current_umask, write_atomic, write_json_atomic, write_yaml_atomic
 from mlsa4rec.models import build_model, get_class
 from mlsa4rec.training.trainer import Trainer, set_seed
 
@@ -79,9 +79,19 @@ def load_run_data(config: Config, data_dir: str | Path | None) -> SequenceData:
 
 
 def _check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    """Refuse to touch anything but a missing or empty directory, or (with --overwrite) a run."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise MLSA4RecError(f"output path {str(out)!r} exists and is not a directory; choose another --output-dir")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
         raise MLSA4RecError(f"output directory {str(out)!r} already exists and is not empty; choose another "
                             "--output-dir or pass --overwrite")
+    if not (out / "config.yaml").is_file():
+        raise MLSA4RecError(f"--overwrite only replaces a run directory (one holding config.yaml); "
+                            f"{str(out)!r} is not one, so it was left alone")
 
 
 def train(
@@ -109,8 +119,12 @@ def train(
              stats["items"], stats["interactions"], data_seconds)
     net = build_run_model(config, data)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        os.chmod(stage, 0o777 & ~current_umask())
+    except OSError as exc:
+        raise MLSA4RecError(f"cannot create the output directory {str(out)!r}: {exc.strerror}") from None
     handler = logging.FileHandler(stage / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
@@ -134,6 +148,7 @@ def train(
             "dataset": stats,
             "data_fingerprint": data.fingerprint,
             "data_dir": str(Path(d).resolve()) if (d := data_dir_from(data_dir)) else None,
+            "data_source": data.source,
             "train_scheme": trainer.scheme,
             "valid": valid,
             "test": test,
@@ -153,8 +168,6 @@ def train(
             "git_commit": git_commit(),
             "history": fit.history,
         }
-        if not (stage / WEIGHTS).exists():
-            raise MLSA4RecError("training ended without a single validation; set eval_step <= epochs")
         write_json_atomic(stage / "results.json", results)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -163,8 +176,12 @@ def train(
         log.removeHandler(handler)
         handler.close()
         log.setLevel(old_level)
+    try:
+        _check_output_dir(out, overwrite)  # again: something may have appeared there meanwhile
+    except MLSA4RecError as exc:
+        raise MLSA4RecError(f"{exc}; the finished run is kept in {str(stage)!r}") from None
     if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+        shutil.rmtree(out)
     os.replace(stage, out)
     log.info("saved run to %s", out)
     return results

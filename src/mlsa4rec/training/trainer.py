@@ -94,6 +94,12 @@ class Trainer:
             data, self.scheme, config["MAX_ITEM_LIST_LENGTH"], config["train_batch_size"], config["seed"],
             trim=model.padding_invariant, stride=config["all_positions_stride"],
         )
+        if self.sampler.n_samples == 0:
+            raise MLSA4RecError(f"{data.name} has no training samples after filtering; every user needs at "
+                                "least 2 events (4 for a validation target); loosen user_inter_num_interval")
+        if len(data.eval_targets("valid")) == 0:
+            raise MLSA4RecError(f"{data.name} has no user with a validation target (users need 4+ events); "
+                                "early stopping needs one: loosen the filters or use a bigger dataset")
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"],
                                           weight_decay=config["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -145,7 +151,7 @@ class Trainer:
                 valid = self.evaluate("valid")
                 eval_seconds += time.perf_counter() - t1
                 row.update(valid=valid, eval_seconds=round(time.perf_counter() - t1, 3))
-                improved = valid[key] > best_score
+                improved = valid[key] >= best_score  # RecBole's rule: a tie is an improvement
                 if improved:
                     best_score, best_epoch, best_valid = valid[key], epoch, valid
                     best_state = copy.deepcopy(self.model.state_dict())
@@ -160,7 +166,7 @@ class Trainer:
             else:
                 log.info("epoch %3d | loss %.4f | %.1f s", epoch, loss, t1 - t0)
             history.append(row)
-            if bad_epochs >= c["stopping_step"] > 0:
+            if bad_epochs > c["stopping_step"]:
                 stopped_early = True
                 log.info("no better %s for %d validations: stopping; best epoch %d (%s %.4f)",
                          key, bad_epochs, best_epoch, key, best_score)
