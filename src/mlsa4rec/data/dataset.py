@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from mlsa4rec.config import parse_interval
-from mlsa4rec.data.readers import Interactions
+from mlsa4rec.data.readers import Interactions, read_interactions
 from mlsa4rec.errors import DataError
 from mlsa4rec.fileio import atomic_path, sha256_file
 
@@ -217,8 +217,6 @@ def load_sequences(
     use_cache: bool = True,
 ) -> SequenceData:
     """Read ``path`` with reader ``fmt`` and process it, through the checksum-keyed cache."""
-    from mlsa4rec.data.readers import read_interactions
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
