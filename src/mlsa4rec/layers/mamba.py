@@ -1,0 +1,133 @@
+"""The Mamba block (mamba-ssm v1 ``Mamba``) in pure PyTorch, with a streaming step.
+
+Same parameter names, shapes and default initialisation as ``mamba_ssm.modules.mamba_simple.Mamba``,
+so a state dict moves between this module and the CUDA package unchanged. For u: B x L x D::
+
+    x, z = split(in_proj(u))                      d_inner = expand * D each, no bias
+    x    = SiLU(causal depthwise conv_K(x))       left-padded by K - 1
+    dt_low, B, C = split(x_proj(x))               dt_rank, N, N
+    Delta = softplus(dt_proj(dt_low))             (bias added inside the scan)
+    A    = -exp(A_log)                            S4D-real: A_log = log(1..N) on every channel
+    y    = selective_scan(x, Delta, A, B, C, D) * SiLU(z)
+    out  = out_proj(y)                            no bias
+
+``step`` advances one position in O(1): the state is the last K inputs of the convolution and
+the B x d_inner x N SSM state. ``forward(u, return_state=True)`` also returns the state after
+the last position, so a sequence can be read in full and then continued event by event.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlsa4rec.ops import selective_scan
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """mamba-ssm keeps A, D and the Delta bias in fp32 under half precision; float64 stays float64."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class MambaState(NamedTuple):
+    conv: torch.Tensor  # B x d_inner x K: the last K inputs of the convolution (oldest first)
+    ssm: torch.Tensor  # B x d_inner x N
+
+
+class Mamba(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        scan_impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        for key, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.scan_impl = scan_impl
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
+                                bias=conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.A_log._no_weight_decay = True  # as mamba-ssm marks them
+        self.D._no_weight_decay = True
+
+        # mamba-ssm's dt init: weights U(+-dt_rank^-1/2 * scale); bias = softplus^-1(dt) with dt
+        # log-uniform in [dt_min, dt_max], so that Delta starts in that range
+        std = self.dt_rank ** -0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, std)
+        elif dt_init == "random":
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+        else:
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias._no_reinit = True
+
+    def _ssm_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Delta before softplus/bias, B and C from the convolved x (last dim = d_inner)."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt, self.dt_proj.weight), B, C
+
+    def forward(self, u: torch.Tensor, return_state: bool = False):
+        """B x L x D -> B x L x D (and the state after position L - 1 if ``return_state``)."""
+        length = u.shape[1]
+        x, z = self.in_proj(u).transpose(1, 2).chunk(2, dim=1)  # B x d_inner x L each
+        x_conv = F.silu(self.conv1d(x)[..., :length])
+        dt, B, C = self._ssm_inputs(x_conv.transpose(1, 2))
+        A = -torch.exp(_at_least_fp32(self.A_log))
+        out = selective_scan(x_conv, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                             _at_least_fp32(self.D), z, _at_least_fp32(self.dt_proj.bias), delta_softplus=True,
+                             return_last_state=return_state, impl=self.scan_impl)
+        if not return_state:
+            return self.out_proj(out.transpose(1, 2))
+        y, ssm = out
+        conv = F.pad(x, (max(self.d_conv - length, 0), 0))[..., -self.d_conv:]
+        return self.out_proj(y.transpose(1, 2)), MambaState(conv, ssm)
+
+    def initial_state(self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+                      ) -> MambaState:
+        """The state before any input (zeros), for ``step``."""
+        w = self.in_proj.weight
+        device, dtype = device or w.device, dtype or w.dtype
+        return MambaState(torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=dtype),
+                          torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=dtype))
+
+    def step(self, u_t: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
+        """One position: u_t (B x D) and the state -> (y_t (B x D), the new state); O(1) in the length."""
+        x, z = self.in_proj(u_t).chunk(2, dim=-1)
+        conv = torch.cat([state.conv[..., 1:], x[..., None]], dim=-1)
+        x = F.silu((conv * self.conv1d.weight.squeeze(1)).sum(-1)
+                   + (self.conv1d.bias if self.conv1d.bias is not None else 0))
+        dt, B, C = self._ssm_inputs(x)
+        dt = F.softplus(dt + self.dt_proj.bias)
+        A = -torch.exp(_at_least_fp32(self.A_log))
+        ssm = torch.exp(dt[..., None] * A) * state.ssm + (dt * x)[..., None] * B[:, None, :]
+        y = (ssm * C[:, None, :]).sum(-1) + self.D * x
+        return self.out_proj(y * F.silu(z)), MambaState(conv, ssm)

@@ -1,0 +1,91 @@
+"""Mamba4Rec (Liu et al., arXiv 2403.03900) as in its authors' code, on our Mamba block.
+
+    H0 = LN(Drop(Emb(s)))                                       no positional embedding
+    each layer:  M = Mamba(X)
+                 M = LN(Drop(M))          if num_layers == 1    (the released code: no residual)
+                 M = LN(Drop(M) + X)      otherwise
+                 X = LN(Drop(W2(Drop(GELU(W1 M)))) + M)         FFN, inner size 4D
+    h  = X[len - 1];  scores = h . Emb^T                        tied item table
+
+Parameter names follow the released code (``mamba_layers.{i}.mamba.*``, ``.LayerNorm``,
+``.ffn.w_1/w_2/LayerNorm``), so its state dicts load as they are. Mamba is causal, so with right
+padding the real positions never see the padding: the model is causal and padding-invariant and
+trains with all-positions samples (one pass per user window instead of one per prefix).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlsa4rec.layers import Dropout, Mamba
+from mlsa4rec.models import register
+from mlsa4rec.models.base import SequentialRecommender
+
+
+class FeedForward(nn.Module):
+    """Mamba4Rec's FFN: GELU, dropout inside and after, residual, LayerNorm."""
+
+    def __init__(self, d_model: int, inner_size: int, dropout: float) -> None:
+        super().__init__()
+        self.w_1 = nn.Linear(d_model, inner_size)
+        self.w_2 = nn.Linear(inner_size, d_model)
+        self.dropout = Dropout(dropout)
+        self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.w_2(self.dropout(F.gelu(self.w_1(x))))) + x)
+
+
+class MambaLayer(nn.Module):
+    def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int, dropout: float, residual: bool) -> None:
+        super().__init__()
+        self.residual = residual
+        self.mamba = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
+        self.dropout = Dropout(dropout)
+        self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
+        self.ffn = FeedForward(d_model, 4 * d_model, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(self.mamba(x))
+        return self.ffn(self.LayerNorm(h + x if self.residual else h))
+
+
+@register("mamba4rec")
+class Mamba4Rec(SequentialRecommender):
+    causal = True
+    padding_invariant = True
+    preferred_scheme = "all_positions"
+
+    def __init__(self, n_items: int, max_seq_length: int, hidden_size: int, num_layers: int, dropout_prob: float,
+                 d_state: int, d_conv: int, expand: int, initializer_range: float = 0.02) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.n_items, self.max_seq_length, self.initializer_range = n_items, max_seq_length, initializer_range
+        self.item_embedding = nn.Embedding(n_items + 1, hidden_size, padding_idx=0)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=1e-12)
+        self.dropout = Dropout(dropout_prob)
+        self.mamba_layers = nn.ModuleList(
+            MambaLayer(hidden_size, d_state, d_conv, expand, dropout_prob, residual=num_layers > 1)
+            for _ in range(num_layers)
+        )
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The released init: N(0, 0.02) Linear/Embedding weights, every Linear bias 0 (dt_proj's
+        too, so Delta starts at softplus(0) = ln 2), LayerNorm (1, 0); conv1d, A_log, D untouched."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(0.0, self.initializer_range)
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+
+    def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))
+        for layer in self.mamba_layers:
+            h = layer(h)
+        return h

@@ -1,0 +1,5 @@
+"""Numerical kernels behind one function each; nothing here knows about models or data."""
+
+from mlsa4rec.ops.scan import IMPLEMENTATIONS, resolve_impl, selective_scan, selective_scan_reference
+
+__all__ = ["IMPLEMENTATIONS", "resolve_impl", "selective_scan", "selective_scan_reference"]

@@ -1,0 +1,234 @@
+"""The selective scan of Mamba (S6) behind one function, with mamba-ssm's layout and semantics.
+
+For channel c, state n and step t (shapes: u, delta, z: B x d_inner x L; A: d_inner x N;
+B, C: B x N x L; D, delta_bias: d_inner)::
+
+    dt_t = softplus(delta_t + delta_bias)       (softplus only if delta_softplus)
+    h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t          h_0 = 0
+    y_t  = <C_t, h_t> + D * u_t ;   out_t = y_t * SiLU(z_t)   (if z is given)
+
+Implementations (``impl`` argument, or ``MLSA4REC_SCAN`` when impl="auto"):
+
+* ``reference`` - the definition as a plain loop through autograd; any dtype incl. float64.
+* ``cpu`` - compiled numba loops with a hand-written backward (``_numba_scan``): the default for
+  CPU tensors. Falls back to ``torch`` (with a warning) if numba cannot be imported.
+* ``cuda`` - mamba-ssm's fused kernel when ``mamba_ssm`` imports and the tensors are on a GPU
+  (``pip install mlsa4rec[cuda]``); otherwise ``torch``. The default for GPU tensors.
+* ``torch`` - pure PyTorch on any device: a sequential loop over time whose backward is written
+  by hand and recomputes states from checkpoints every ``_CHUNK`` steps, so memory stays
+  O(B d N L / chunk) instead of autograd's O(B d N L) per-step graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("mlsa4rec")
+
+IMPLEMENTATIONS = ("auto", "reference", "cpu", "cuda", "torch")
+_CHUNK = 16
+_announced: set[str] = set()
+
+
+def _announce(key: str, message: str, level: int = logging.INFO) -> None:
+    if key not in _announced:
+        _announced.add(key)
+        log.log(level, message)
+
+
+def _numba_kernels():
+    """The compiled kernels, or None when numba is unavailable (its import error is logged once)."""
+    try:
+        from mlsa4rec.ops import _numba_scan
+    except Exception as exc:  # ImportError, or numba failing to initialise on an odd platform
+        _announce("numba-missing", f"selective scan: numba unavailable ({exc}); using the pure-PyTorch "
+                  "loop, which is several times slower on CPU (pip install numba)", logging.WARNING)
+        return None
+    return _numba_scan
+
+
+def _mamba_ssm_fn():
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception:  # not installed, or built against another torch/CUDA
+        return None
+    return selective_scan_fn
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation that runs for ``impl`` on ``device`` (after the env override and fallbacks)."""
+    if impl == "auto":
+        impl = os.environ.get("MLSA4REC_SCAN", "auto").strip().lower() or "auto"
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown selective-scan implementation {impl!r} (from impl= or MLSA4REC_SCAN); "
+                         f"choose one of {', '.join(IMPLEMENTATIONS)}")
+    if impl == "auto":
+        impl = "cuda" if device.type == "cuda" else "cpu"
+    if impl == "cpu" and (device.type != "cpu" or _numba_kernels() is None):
+        impl = "torch"
+    if impl == "cuda" and (device.type != "cuda" or _mamba_ssm_fn() is None):
+        impl = "torch"
+    return impl
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    impl: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """out (B x d_inner x L), and the final state (B x d_inner x N) if ``return_last_state``."""
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    name = resolve_impl(impl, u.device)
+    threads = f", {torch.get_num_threads()} threads" if u.device.type == "cpu" else ""
+    _announce(f"run-{name}-{u.device.type}", f"selective scan: {name} implementation on {u.device.type}{threads}")
+    if name == "reference":
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "cuda":
+        return _mamba_ssm_fn()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    core = _NumbaScan if name == "cpu" else _TorchLoopScan
+    dtype = u.dtype if u.dtype in (torch.float32, torch.float64) else torch.float32
+    u_, A_, B_, C_ = (x.to(dtype) for x in (u, A, B, C))
+    dt = _dt(delta.to(dtype), None if delta_bias is None else delta_bias.to(dtype), delta_softplus)
+    y, last = core.apply(u_, dt, A_, B_, C_)
+    y = _skip_and_gate(y, u_, D, z)
+    y = y.to(u.dtype)
+    return (y, last.to(u.dtype)) if return_last_state else y
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
+    if u.dim() != 3:
+        raise ValueError(f"u must be batch x d_inner x L, got shape {tuple(u.shape)}")
+    batch, d_inner, length = u.shape
+    n_state = A.shape[-1]
+    expected = {"delta": (delta, (batch, d_inner, length)), "A": (A, (d_inner, n_state)),
+                "B": (B, (batch, n_state, length)), "C": (C, (batch, n_state, length)),
+                "D": (D, (d_inner,)), "z": (z, (batch, d_inner, length)), "delta_bias": (delta_bias, (d_inner,))}
+    for key, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"selective_scan: {key} must have shape {shape}, got {tuple(tensor.shape)}")
+
+
+def _dt(delta: torch.Tensor, delta_bias: torch.Tensor | None, softplus: bool) -> torch.Tensor:
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    return F.softplus(delta) if softplus else delta
+
+
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             return_last_state=False):
+    """The definition, one step at a time, differentiated by autograd (for tests: slow, exact)."""
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    u, delta, A, B, C = (x.to(dtype) for x in (u, delta, A, B, C))
+    dt = _dt(delta, None if delta_bias is None else delta_bias.to(dtype), delta_softplus)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for t in range(u.shape[2]):
+        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(u.shape)
+    y = _skip_and_gate(y, u, D, z)
+    return (y, h) if return_last_state else y
+
+
+def _skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor:
+    if D is not None:
+        y = y + u * D.to(y.dtype)[:, None]
+    return y * F.silu(z.to(y.dtype)) if z is not None else y
+
+
+class _NumbaScan(torch.autograd.Function):
+    """The recurrence y_t = <C_t, h_t> on CPU through the compiled kernels."""
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C):
+        kernels = _numba_kernels()
+        ctx.set_materialize_grads(False)
+        args = [x.detach().contiguous() for x in (u, dt, A, B.transpose(1, 2), C.transpose(1, 2))]
+        y = torch.empty_like(args[0])
+        last = u.new_empty(u.shape[0], u.shape[1], A.shape[1])
+        _numba_threads()
+        kernels.scan_fwd(*(x.numpy() for x in args), y.numpy(), last.numpy())
+        ctx.save_for_backward(*args)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        kernels = _numba_kernels()
+        u, dt, A, Bt, Ct = ctx.saved_tensors
+        dy = torch.zeros_like(u) if dy is None else dy.detach().contiguous()
+        dlast = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if dlast is None else dlast.detach().contiguous()
+        du, ddt = torch.empty_like(u), torch.empty_like(u)
+        dBt, dCt = torch.zeros_like(Bt), torch.zeros_like(Ct)
+        dA_rows = u.new_empty(u.shape[0], u.shape[1], A.shape[1])
+        _numba_threads()
+        kernels.scan_bwd(*(x.numpy() for x in (u, dt, A, Bt, Ct, dy, dlast, du, ddt, dBt, dCt, dA_rows)))
+        return du, ddt, dA_rows.sum(0), dBt.transpose(1, 2), dCt.transpose(1, 2)
+
+
+def _numba_threads() -> None:
+    """Use as many threads as torch does (numba keeps its own pool)."""
+    import numba
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+class _TorchLoopScan(torch.autograd.Function):
+    """The recurrence in plain tensor ops; states kept only every ``_CHUNK`` steps for backward."""
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C):
+        ctx.set_materialize_grads(False)
+        dtx = dt * u
+        Bt, Ct = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # batch x L x N
+        h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+        marks, ys = [], []
+        for t in range(u.shape[2]):
+            if t % _CHUNK == 0:
+                marks.append(h)
+            h = torch.addcmul(dtx[:, :, t, None] * Bt[:, None, t], torch.exp(dt[:, :, t, None] * A), h)
+            ys.append(torch.bmm(h, Ct[:, t, :, None]).squeeze(-1))
+        y = torch.stack(ys, dim=-1) if ys else torch.zeros_like(u)
+        ctx.save_for_backward(u, dt, A, B, C, *marks)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, dt, A, B, C, *marks = ctx.saved_tensors
+        length = u.shape[2]
+        dtx = dt * u
+        Bt, Ct = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
+        dy = torch.zeros_like(u) if dy is None else dy
+        du, ddt, dA = torch.zeros_like(u), torch.zeros_like(u), torch.zeros_like(A)
+        dBt, dCt = torch.zeros_like(Bt), torch.zeros_like(Ct)
+        dh = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if dlast is None else dlast.clone()
+        for k in range(len(marks) - 1, -1, -1):
+            t0, t1 = k * _CHUNK, min((k + 1) * _CHUNK, length)
+            states, decays = [marks[k]], []  # recompute this chunk's states from its checkpoint
+            for t in range(t0, t1):
+                decays.append(torch.exp(dt[:, :, t, None] * A))
+                states.append(torch.addcmul(dtx[:, :, t, None] * Bt[:, None, t], decays[-1], states[-1]))
+            for t in range(t1 - 1, t0 - 1, -1):
+                i = t - t0
+                g = dy[:, :, t]
+                dh = torch.addcmul(dh, g[:, :, None], Ct[:, None, t])
+                dCt[:, t] = torch.bmm(g[:, None], states[i + 1]).squeeze(1)
+                dBt[:, t] = torch.bmm(dtx[:, None, :, t], dh).squeeze(1)
+                dh_b = torch.bmm(dh, Bt[:, t, :, None]).squeeze(-1)  # sum_n dh_n B_n
+                da = dh * states[i] * decays[i]
+                du[:, :, t] = dh_b * dt[:, :, t]
+                ddt[:, :, t] = dh_b * u[:, :, t] + (da * A).sum(-1)
+                dA += torch.einsum("bdn,bd->dn", da, dt[:, :, t])
+                dh = dh * decays[i]
+        return du, ddt, dA, dBt.transpose(1, 2), dCt.transpose(1, 2)
