@@ -95,6 +95,9 @@ class TrainSampler:
             self.loss_start = a - 1
             self.n_targets = int((b - a).sum())
         self.sample_lengths = self.end - self.start
+        # targets each sample contributes to the loss (a distributed step needs a batch's total)
+        self.sample_targets = (np.ones(self.n_samples, dtype=np.int64) if scheme == "prefix"
+                               else self.end - self.loss_start)
 
     @property
     def n_samples(self) -> int:
@@ -103,8 +106,22 @@ class TrainSampler:
     def __len__(self) -> int:
         return -(-self.n_samples // self.batch_size)
 
-    def _batches(self) -> list[np.ndarray]:
-        """Sample indices of each batch of one epoch."""
+    @property
+    def rng_state(self) -> dict:
+        """The shuffling generator's state (plain JSON values): saved at the start of an epoch,
+        it lets a resumed run draw the same batches again."""
+        return self.rng.bit_generator.state
+
+    @rng_state.setter
+    def rng_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+    def targets_in(self, rows: np.ndarray) -> int:
+        """Number of loss targets in the samples ``rows``."""
+        return int(self.sample_targets[rows].sum())
+
+    def epoch_batches(self) -> list[np.ndarray]:
+        """Sample indices of each batch of one epoch (draws from the generator)."""
         order = self.rng.permutation(self.n_samples)
         size = self.batch_size
         if not self.trim:
@@ -116,28 +133,37 @@ class TrainSampler:
         batches = [b for p in pieces for b in np.split(p, range(size, len(p), size))]
         return [batches[i] for i in self.rng.permutation(len(batches))]
 
-    def __iter__(self) -> Iterator[Batch]:
+    def batch(self, rows: np.ndarray) -> Batch:
+        """The tensors of the samples ``rows`` (trimmed to their longest history if ``trim``)."""
         items = self.data.items
-        for rows in self._batches():
-            start, end = self.start[rows], self.end[rows]
-            width = int((end - start).max()) if self.trim else self.max_len
-            seq, lengths = gather(items, start, end, width)
-            if self.scheme == "prefix":
-                targets = torch.from_numpy(items[end])
-            else:  # the item after each input position; 0 where no loss is taken
-                targets = gather(items, start + 1, end + 1, width)[0]
-                context_only = start[:, None] + np.arange(width)[None, :] < self.loss_start[rows, None]
-                targets = torch.from_numpy(np.where(context_only, 0, targets))
-            yield Batch(torch.from_numpy(seq), torch.from_numpy(lengths), targets, rows)
+        start, end = self.start[rows], self.end[rows]
+        width = int((end - start).max()) if self.trim else self.max_len
+        seq, lengths = gather(items, start, end, width)
+        if self.scheme == "prefix":
+            targets = torch.from_numpy(items[end])
+        else:  # the item after each input position; 0 where no loss is taken
+            targets = gather(items, start + 1, end + 1, width)[0]
+            context_only = start[:, None] + np.arange(width)[None, :] < self.loss_start[rows, None]
+            targets = torch.from_numpy(np.where(context_only, 0, targets))
+        return Batch(torch.from_numpy(seq), torch.from_numpy(lengths), targets, rows)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for rows in self.epoch_batches():
+            yield self.batch(rows)
 
 
 def eval_batches(
-    data: SequenceData, split: str, max_len: int, batch_size: int, trim: bool = False
+    data: SequenceData, split: str, max_len: int, batch_size: int, trim: bool = False, part: tuple[int, int] = (0, 1)
 ) -> Iterator[Batch]:
-    """Validation or test batches in user order: input = the user's events before the target."""
+    """Validation or test batches in user order: input = the user's events before the target.
+
+    ``part=(rank, world_size)`` yields only batches ``rank, rank + world_size, ...`` of that
+    sequence: each is built exactly as in one process, so distributed scores are bit-identical.
+    """
+    rank, world_size = part
     targets = data.eval_targets(split)
     start, end = history_bounds(data, targets, max_len)
-    for lo in range(0, len(targets), batch_size):
+    for lo in range(rank * batch_size, len(targets), batch_size * world_size):
         s, e = start[lo:lo + batch_size], end[lo:lo + batch_size]
         width = int((e - s).max()) if trim else max_len
         seq, lengths = gather(data.items, s, e, width)

@@ -9,7 +9,7 @@ target itself is removed, so a repeated consumption can still be a hit.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -17,6 +17,30 @@ import torch
 from mlsa4rec.data.dataset import SequenceData
 from mlsa4rec.data.sampling import eval_batches
 from mlsa4rec.metrics import METRICS, metrics_from_ranks, target_ranks
+
+
+class Group(Protocol):
+    """What the evaluator needs from a process group (``training.distributed.DistContext``)."""
+
+    rank: int
+    world_size: int
+
+    def all_gather_array(self, array: np.ndarray) -> list[np.ndarray]: ...
+
+
+def merge_round_robin(parts: list[np.ndarray], n: int, batch_size: int) -> np.ndarray:
+    """Undo the round-robin split of ``n`` rows into batches of ``batch_size``: batch i was
+    computed by rank i % len(parts), which returned its batches' rows back to back."""
+    world = len(parts)
+    out = np.empty(n, dtype=parts[0].dtype if parts else np.int64)
+    used = [0] * world
+    for i, lo in enumerate(range(0, n, batch_size)):
+        r, size = i % world, min(batch_size, n - lo)
+        out[lo:lo + size] = parts[r][used[r]:used[r] + size]
+        used[r] += size
+    if used != [len(p) for p in parts]:
+        raise RuntimeError(f"ranks returned {[len(p) for p in parts]} rows, expected {used}")
+    return out
 
 
 def _mask_history(scores: torch.Tensor, data: SequenceData, targets: np.ndarray) -> None:
@@ -41,22 +65,32 @@ def split_ranks(
     batch_size: int = 4096,
     exclude_history: bool = False,
     device: torch.device | str = "cpu",
+    group: Group | None = None,
 ) -> np.ndarray:
-    """Target rank (1-based, ties optimistic) of every user with a ``split`` target, in user order."""
+    """Target rank (1-based, ties optimistic) of every user with a ``split`` target, in user order.
+
+    With a ``group`` of several ranks, each rank scores every world_size-th batch (the same
+    batches one process would build, so the same floats) and the ranks are gathered and put back
+    in user order on every rank: each user is scored exactly once, nothing is padded.
+    """
+    rank, world = (group.rank, group.world_size) if group is not None else (0, 1)
     was_training = model.training
     model.eval()
     trim = bool(getattr(model, "padding_invariant", False))
     targets_all = data.eval_targets(split)
     out = []
     try:
-        for batch in eval_batches(data, split, max_len, batch_size, trim=trim):
+        for batch in eval_batches(data, split, max_len, batch_size, trim=trim, part=(rank, world)):
             scores = model.full_sort_scores(batch.item_seq.to(device), batch.lengths.to(device)).float()
             if exclude_history:
                 _mask_history(scores, data, targets_all[batch.rows])
             out.append(target_ranks(scores, batch.targets.to(device)).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+    local = torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+    if world == 1:
+        return local
+    return merge_round_robin(group.all_gather_array(local), len(targets_all), batch_size)
 
 
 def evaluate(
@@ -69,14 +103,15 @@ def evaluate(
     batch_size: int = 4096,
     exclude_history: bool = False,
     device: torch.device | str = "cpu",
+    group: Group | None = None,
 ) -> dict[str, float]:
     """Mean metrics over the users of ``split`` ('valid' or 'test')."""
-    ranks = split_ranks(model, data, split, max_len, batch_size, exclude_history, device)
+    ranks = split_ranks(model, data, split, max_len, batch_size, exclude_history, device, group)
     return metrics_from_ranks(ranks, ks, metrics)
 
 
 def evaluate_split(model: torch.nn.Module, data: SequenceData, split: str, config: Mapping[str, Any],
-                   device: torch.device | str = "cpu") -> dict[str, float]:
+                   device: torch.device | str = "cpu", group: Group | None = None) -> dict[str, float]:
     """``evaluate`` with every setting taken from a run's config."""
     return evaluate(model, data, split, config["MAX_ITEM_LIST_LENGTH"], config["topk"], config["metrics"],
-                    config["eval_batch_size"], config["exclude_history"], device)
+                    config["eval_batch_size"], config["exclude_history"], device, group)
