@@ -1,0 +1,178 @@
+"""Checkpoint files: one self-verifying file per run, written atomically, loaded without pickled code.
+
+Layout of ``checkpoint.pt``::
+
+    MLSA4REC-CHECKPOINT 1 sha256=<64 hex digits>\\n      header line
+    <torch.save payload>                                  tensors, dicts, lists, numbers, strings
+
+The checksum covers the payload and sits inside the same file, so the pair can never be out of
+step (a separate ``.sha256`` file written after the checkpoint could be, after a crash between
+the two writes). A truncated or bit-flipped file fails the check before anything is unpickled,
+and the payload is then read with ``torch.load(weights_only=True)``, which only rebuilds tensors
+and plain containers: a checkpoint can never run code.
+
+Random-number states are stored as JSON inside the payload (Python's, NumPy's global one, the
+torch CPU and CUDA generators, base64 for the byte states), one entry per rank.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.fileio import write_atomic
+
+CHECKPOINT = "checkpoint.pt"
+FORMAT = 1
+_HEADER = re.compile(rb"^MLSA4REC-CHECKPOINT (\d+) sha256=([0-9a-f]{64})\n")
+
+
+def encode(state: dict[str, Any]) -> bytes:
+    """The bytes of a checkpoint file holding ``state``."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    return b"MLSA4REC-CHECKPOINT %d sha256=%s\n" % (FORMAT, hashlib.sha256(payload).hexdigest().encode()) + payload
+
+
+def save(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (temp file, fsync, rename)."""
+    data = encode(state)
+
+    def writer(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    write_atomic(path, writer)
+
+
+def verified_payload(path: str | os.PathLike[str]) -> bytes:
+    """The payload of a checkpoint file after checking its header and checksum."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MLSA4RecError(f"checkpoint {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise MLSA4RecError(f"cannot read checkpoint {str(path)!r}: {exc.strerror}") from None
+    match = _HEADER.match(data[:200])
+    if not match:
+        raise MLSA4RecError(f"checkpoint {str(path)!r} is damaged (its header is not an mlsa4rec checkpoint "
+                            "header); it cannot be resumed: start the run over with --overwrite")
+    if int(match.group(1)) != FORMAT:
+        raise MLSA4RecError(f"checkpoint {str(path)!r} has format {int(match.group(1))}, this mlsa4rec reads "
+                            f"format {FORMAT}; resume it with the mlsa4rec version that wrote it")
+    payload = data[match.end():]
+    if hashlib.sha256(payload).hexdigest() != match.group(2).decode():
+        raise MLSA4RecError(f"checkpoint {str(path)!r} is corrupt or truncated (checksum mismatch, "
+                            f"{len(data):,} bytes); it cannot be resumed: start the run over with --overwrite")
+    return payload
+
+
+def decode(payload: bytes, origin: str = "checkpoint") -> dict[str, Any]:
+    """A verified payload back to the state dict (tensors and plain containers only)."""
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:  # the checksum matched, so this is a foreign or incompatible file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MLSA4RecError(f"{origin} passed its checksum but cannot be read ({first}); start the run over "
+                            "with --overwrite") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise MLSA4RecError(f"{origin} does not hold an mlsa4rec training state; start over with --overwrite")
+    return state
+
+
+def load(path: str | os.PathLike[str]) -> dict[str, Any]:
+    return decode(verified_payload(path), f"checkpoint {str(path)!r}")
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    """This process's random-number states as plain JSON values."""
+    version, mt, gauss = random.getstate()
+    legacy = np.random.get_state(legacy=False)
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": {**legacy, "state": {"key": legacy["state"]["key"].tolist(), "pos": legacy["state"]["pos"]}},
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if device.type == "cuda":
+        state["cuda"] = _b64(torch.cuda.get_rng_state(device).cpu())
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Undo :func:`capture_rng` (a CUDA state is skipped when resuming on a CPU)."""
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    legacy = dict(state["numpy"])
+    legacy["state"] = {"key": np.asarray(legacy["state"]["key"], dtype=np.uint32), "pos": legacy["state"]["pos"]}
+    np.random.set_state(legacy)
+    torch.set_rng_state(_unb64(state["torch"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(_unb64(state["cuda"]), device)
+
+
+# Settings that may change when a run is resumed: they steer when the run stops, how often it
+# saves, how evaluation is batched (same metrics) or a stateless safeguard, not what the training
+# steps compute. Everything else must match, or the resumed run would be a different experiment.
+RESUMABLE_KEYS = ("epochs", "stopping_step", "checkpoint_steps", "eval_batch_size", "clip_grad_norm", "dist_timeout")
+
+
+def world_size_message(saved: int, now: int) -> str:
+    return (f"the interrupted run trained with {saved} process(es) and cannot resume with {now}: the batches "
+            f"are split per rank and every rank's random state is in the checkpoint; resume with {saved} "
+            f"(--nproc {saved}, or torchrun giving WORLD_SIZE={saved})")
+
+
+_MISSING = object()
+
+
+def _show(value: Any) -> str:
+    return "(unset)" if value is _MISSING else repr(value)
+
+
+def check_resumable(state: dict[str, Any], config: dict[str, Any], fingerprint: str, world_size: int,
+                    where: str) -> list[str]:
+    """Raise if ``state`` cannot continue as a run with ``config`` on this data and world size;
+    returns the changed resumable settings, as 'key old -> new' strings, for the log."""
+    meta = json.loads(state["meta"])
+    if meta["world_size"] != world_size:
+        raise MLSA4RecError(world_size_message(meta["world_size"], world_size))
+    if meta["data_fingerprint"] != fingerprint:
+        raise MLSA4RecError("the data found differs from the data the interrupted run was trained on (checksum or "
+                            "filtering differ); point --dataset/--data-dir at the original file")
+    saved = meta["config"]
+    keys = list(saved) + [k for k in config if k not in saved]
+    differ = [k for k in keys if saved.get(k, _MISSING) != config.get(k, _MISSING)]
+    fixed = [k for k in differ if k not in RESUMABLE_KEYS]
+    if fixed:
+        shown = ", ".join(f"{k} (run: {_show(saved.get(k, _MISSING))}, now: {_show(config.get(k, _MISSING))})"
+                          for k in fixed)
+        raise MLSA4RecError(f"--resume continues a run with its own settings, but these differ: {shown}; repeat the "
+                            f"original --config/--set (listed in {where}) or start over with --overwrite; only "
+                            f"{', '.join(RESUMABLE_KEYS)} may change")
+    if "epochs" in differ and config.get("lr_scheduler") != "constant":
+        raise MLSA4RecError(f"epochs cannot change on --resume with lr_scheduler={config.get('lr_scheduler')}: the "
+                            f"learning rate decays over all the epochs planned; keep epochs={saved['epochs']}")
+    return [f"{k} {saved.get(k)!r} -> {config.get(k)!r}" for k in differ]

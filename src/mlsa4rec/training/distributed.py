@@ -1,0 +1,263 @@
+"""Glue between the trainer and ``torch.distributed``, with a no-op path for one process.
+
+``torchrun`` starts one process per rank and tells each its place through the environment
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``). Everything the trainer and
+the evaluator need from the group goes through a :class:`DistContext`; without torchrun (or with
+a world of one) every method returns at once, so single-process code never touches
+``torch.distributed`` and its results stay bit-for-bit what they were before DDP existed.
+
+Gradients are summed by one ``all_reduce`` of a flat buffer after ``backward`` rather than by
+``DistributedDataParallel``: a rank whose shard of a global batch is empty (a last batch smaller
+than the world) then simply contributes zeros instead of having to run a forward pass on nothing,
+parameters that get no gradient need no ``find_unused_parameters`` machinery, and the step loss
+and per-parameter "has a gradient" flags ride along in the same buffer. The price is that
+communication does not overlap ``backward`` (DDP's bucketing); for the models here the gradient
+is a few MB and the step is compute-bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from mlsa4rec.errors import MLSA4RecError
+
+log = logging.getLogger("mlsa4rec")
+
+
+def launched_by_torchrun() -> bool:
+    """True inside a process started by torchrun (or another launcher that sets RANK/WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def env_rank() -> int:
+    """This process's global rank from the environment (0 when not launched by torchrun)."""
+    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed for ``rank``'s dropout stream: distinct per rank, fixed for a (seed, rank) pair."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def shard_rows(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """The rows of a global batch that ``rank`` computes: every world_size-th one.
+
+    Strided rather than contiguous (``np.array_split``): the sampler sorts a batch's rows by
+    length (bucketing), so contiguous pieces would hand the longest sequences to the last rank
+    and make every other rank wait for it. Strided pieces have the same length mix. A batch with
+    fewer rows than ranks leaves the last ranks an empty shard.
+    """
+    return rows[rank::world_size]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the group; the defaults describe a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives run
+    owns_group: bool = False  # this context initialised the process group (and destroys it)
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.active:
+            tdist.barrier()
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks in place (on the collective device) and return it."""
+        if self.active:
+            on_device = tensor.to(self.device)
+            tdist.all_reduce(on_device, op=tdist.ReduceOp.SUM)
+            if on_device is not tensor:
+                tensor.copy_(on_device)
+        return tensor
+
+    def all_gather_array(self, array: np.ndarray) -> list[np.ndarray]:
+        """Every rank's 1-D ``array`` (lengths may differ), in rank order, on every rank."""
+        array = np.ascontiguousarray(array).reshape(-1)
+        if not self.active:
+            return [array]
+        local = torch.from_numpy(array.copy()).to(self.device)
+        size = torch.tensor([local.numel()], dtype=torch.int64, device=self.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        tdist.all_gather(sizes, size)
+        counts = [int(s.item()) for s in sizes]
+        padded = torch.zeros(max(max(counts), 1), dtype=local.dtype, device=self.device)
+        padded[:local.numel()] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        tdist.all_gather(parts, padded)
+        return [p[:n].cpu().numpy() for p, n in zip(parts, counts)]
+
+    def all_gather_bytes(self, blob: bytes) -> list[bytes]:
+        return [p.tobytes() for p in self.all_gather_array(np.frombuffer(blob, dtype=np.uint8))]
+
+    def broadcast_bytes(self, blob: bytes) -> bytes:
+        """Rank 0's ``blob`` on every rank (the other ranks' argument is ignored)."""
+        if not self.active:
+            return blob
+        size = torch.tensor([len(blob) if self.is_main else 0], dtype=torch.int64, device=self.device)
+        tdist.broadcast(size, src=0)
+        n = int(size.item())
+        if self.is_main:
+            data = torch.from_numpy(np.frombuffer(blob, dtype=np.uint8).copy()).to(self.device)
+        else:
+            data = torch.empty(n, dtype=torch.uint8, device=self.device)
+        if n:
+            tdist.broadcast(data, src=0)
+        return data.cpu().numpy().tobytes()
+
+    def run_on_main(self, fn: Callable[[], bytes]) -> bytes:
+        """Run ``fn`` on rank 0 only and hand its bytes to every rank; if it fails, every rank
+        raises (rank 0 the original error, the others an ``MLSA4RecError`` with its message)
+        instead of the others hanging in their next collective."""
+        if not self.active:
+            return fn()
+        blob, failure = b"", None
+        if self.is_main:
+            try:
+                blob = fn()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below after telling the others
+                failure = exc
+        message = b"" if failure is None else (str(failure) or type(failure).__name__).encode()
+        flag = self.broadcast_bytes((b"E" + message) if failure is not None else (b"K" + blob))
+        if failure is not None:
+            raise failure
+        if flag[:1] == b"E":
+            raise MLSA4RecError(flag[1:].decode(errors="replace"))
+        return flag[1:]
+
+    def broadcast_module(self, module: torch.nn.Module) -> None:
+        """Copy rank 0's parameters and buffers to every rank (same start whatever the seeding)."""
+        if not self.active:
+            return
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                on_device = tensor.data.to(self.device)
+                tdist.broadcast(on_device, src=0)
+                if on_device is not tensor.data:
+                    tensor.data.copy_(on_device)
+
+    def sum_gradients(self, params: Iterable[torch.nn.Parameter], loss: torch.Tensor) -> float:
+        """Sum every parameter's gradient and the step ``loss`` over ranks; returns the summed loss.
+
+        A missing gradient counts as zero; a parameter that has none on *every* rank keeps
+        ``grad = None`` so that the optimiser skips it exactly as it would in one process.
+        """
+        if not self.active:
+            return float(loss.detach())
+        params = list(params)
+        buffer = pack_gradients(params, loss).to(self.device)
+        tdist.all_reduce(buffer, op=tdist.ReduceOp.SUM)
+        return unpack_gradients(params, buffer)
+
+    def identical_across_ranks(self, module: torch.nn.Module) -> bool:
+        """Whether every rank holds bit-identical weights (a cheap float64 fingerprint)."""
+        if not self.active:
+            return True
+        with torch.no_grad():
+            mine = np.array([[float(p.double().sum()), float(p.double().abs().sum())] for p in module.parameters()])
+        views = self.all_gather_array(mine)
+        return all(np.array_equal(views[0], v) for v in views[1:])
+
+
+def pack_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
+    """One flat float buffer: every gradient (zeros where missing), one has-grad flag per
+    parameter, then the loss; summing these buffers over ranks sums all three."""
+    parts = [p.grad.detach().reshape(-1).float() if p.grad is not None
+             else torch.zeros(p.numel(), device=p.device) for p in params]
+    flags = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+    device = params[0].device if params else torch.device("cpu")
+    tail = torch.cat([flags.to(device), loss.detach().reshape(1).float().to(device)])
+    return torch.cat([*parts, tail])
+
+
+def unpack_gradients(params: list[torch.nn.Parameter], buffer: torch.Tensor) -> float:
+    """Write a summed :func:`pack_gradients` buffer back into ``.grad``; returns the loss."""
+    n = sum(p.numel() for p in params)
+    flags, loss = buffer[n:n + len(params)], float(buffer[-1])
+    offset = 0
+    for p, flag in zip(params, flags.tolist()):
+        piece = buffer[offset:offset + p.numel()]
+        offset += p.numel()
+        if flag == 0:
+            p.grad = None
+        else:
+            p.grad = piece.view_as(p).to(device=p.device, dtype=p.dtype).clone()
+    return loss
+
+
+def device_for(name: str, local_rank: int) -> torch.device:
+    """The device of one rank: with CUDA, rank r on a node uses GPU ``LOCAL_RANK``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MLSA4RecError(f"device {name!r} was asked for but CUDA is not available; use device=cpu")
+        if ":" in name:
+            raise MLSA4RecError(f"device {name!r} would put every rank on one GPU; under torchrun use "
+                                "device=cuda (rank r then uses GPU LOCAL_RANK) or CUDA_VISIBLE_DEVICES")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def init(device_name: str, timeout_s: float) -> tuple[DistContext, torch.device]:
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA) and return this
+    rank's context and device; outside torchrun, a single-process context and no group.
+
+    ``timeout_s`` bounds every collective, so a rank that dies or hangs makes the others fail
+    with an error after that long instead of waiting forever.
+    """
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return DistContext(), single_device(device_name)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = device_for(device_name, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type not in ("cpu", "cuda"):
+        raise MLSA4RecError(f"distributed training runs on cpu or cuda, not {device.type}; set device=cpu")
+    owns = not tdist.is_initialized()
+    if owns:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        try:
+            tdist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+                                     device_id=device if device.type == "cuda" else None)
+        except (RuntimeError, ValueError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise MLSA4RecError(f"rank {rank} could not join the process group ({backend}): {first}; check "
+                                "MASTER_ADDR/MASTER_PORT or the torchrun --rdzv-endpoint") from None
+    log.debug("rank %d of %d joined the %s group on %s", rank, world, backend, device)
+    comm = device if backend == "nccl" else torch.device("cpu")
+    return DistContext(rank, world, local_rank, comm, owns), device
+
+
+def destroy(ctx: DistContext) -> None:
+    """Leave the process group if ``ctx`` created it (quietly: the run's outcome is decided)."""
+    if ctx.owns_group and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def single_device(name: str) -> torch.device:
+    """The device of a single-process run (``auto``: CUDA if there is one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MLSA4RecError(f"device {name!r} was asked for but CUDA is not available; use device=cpu")
+    return torch.device(name)
