@@ -77,7 +77,7 @@ def test_bad_inputs_fail_cleanly(capsys, tmp_path: Path, successor_file: Path) -
         assert err.startswith("error: ") and message in err, (argv, err)
         assert "Traceback" not in err and err.count("\n") == 1, err
         assert not (tmp_path / "out").exists()
-        assert not list(tmp_path.glob(".out.partial-*"))
+        assert not list(tmp_path.glob(".out.partial*"))
     after = sorted(cache_dir().rglob("*"))
     new = [p for p in after if p not in before and not p.name.startswith("succ-")]
     assert new == [], new

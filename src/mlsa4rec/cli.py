@@ -2,6 +2,7 @@
 
     mlsa4rec data stats DATASET [--json]
     mlsa4rec train --model NAME --dataset NAME|FILE --output-dir DIR [--config F] [--set k=v]
+                   [--resume] [--nproc N]          (or: torchrun --nproc-per-node N -m mlsa4rec train ...)
     mlsa4rec evaluate --run-dir DIR
     mlsa4rec models
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -64,7 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", required=True, help="registered model name (see `mlsa4rec models`)")
     train.add_argument("--dataset", required=True, help=DATASET_HELP)
     train.add_argument("--output-dir", required=True, help="run directory to create")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace an existing run directory (and discard an interrupted run of it)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the interrupted run of --output-dir from its last checkpoint (same settings)")
+    train.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="train with N processes on this machine (relaunches itself through torchrun; for "
+                            "several machines run torchrun yourself, see the README)")
     train.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_config_args(train)
     _add_data_args(train)
@@ -101,12 +109,82 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank() -> int:
+    """This process's torchrun rank (0 outside torchrun); read here to keep the CLI's imports light."""
+    return int(os.environ.get("RANK", "0")) if "WORLD_SIZE" in os.environ else 0
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` minus ``--nproc N`` / ``--nproc=N`` (and argparse's abbreviations of it)."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        name, eq, _ = token.partition("=")
+        if len(name) > 3 and "--nproc".startswith(name):
+            skip = not eq
+            continue
+        out.append(token)
+    return out
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Check the input here, then run the same command under torchrun with ``--nproc`` ranks.
+
+    torchrun's agent runs in this process (``torch.distributed.run.run``, exactly what the
+    ``torchrun`` script calls) and starts the ranks as subprocesses. Calling it here rather than
+    spawning ``torchrun`` lets a failure end as the rank's one ``error:`` line and exit code 2
+    instead of torchrun's ChildFailedError traceback.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from mlsa4rec.config import parse_set
+    from mlsa4rec.training.run import preflight
+
+    preflight(args.model, args.dataset, args.output_dir, args.config, parse_set(args.overrides), args.data_dir,
+              args.overwrite, args.resume, world_size=args.nproc)
+    launch = ["--standalone", "--nproc-per-node", str(args.nproc), "-m", "mlsa4rec", *_without_nproc(args.argv)]
+    logging.getLogger("mlsa4rec").info("launching %d processes: torchrun %s", args.nproc, " ".join(launch))
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads is None:  # share the cores (torchrun alone would give every rank 1 thread)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc))
+    elastic = logging.getLogger("torch.distributed.elastic")
+    old_level = elastic.level
+    elastic.setLevel(logging.ERROR)  # keep "rank r failed (exitcode ...)", drop its chatter
+    try:
+        run(get_args_parser().parse_args(launch))
+    except ChildFailedError as exc:
+        codes = {failure.exitcode for failure in exc.failures.values()}
+        return 2 if codes == {2} else 1  # 2: the ranks printed their `error:` line
+    except SignalException:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        elastic.setLevel(old_level)
+        if threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from mlsa4rec.config import parse_set
+    from mlsa4rec.training.distributed import launched_by_torchrun
     from mlsa4rec.training.run import format_table, train
 
+    if args.nproc < 1:
+        raise MLSA4RecError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1:
+        if launched_by_torchrun():
+            raise MLSA4RecError("--nproc launches torchrun itself; under torchrun leave it out and use "
+                                "--nproc-per-node / --nnodes")
+        return _launch(args)
     results = train(args.model, args.dataset, args.output_dir, args.config, parse_set(args.overrides),
-                    args.data_dir, args.overwrite)
+                    args.data_dir, args.overwrite, args.resume)
+    if _rank() != 0:
+        return 0  # rank 0 prints the results
     if args.json:
         print(json.dumps({k: results[k] for k in ("model", "valid", "test", "best_epoch", "epochs_run",
                                                   "seconds_per_epoch")}, indent=2))
@@ -146,9 +224,11 @@ COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "models": _cmd_model
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if args.quiet:  # the console shows warnings only; train.log still gets every line
+    if args.quiet or _rank() != 0:  # the console shows warnings only; train.log still gets every line
         for handler in logging.getLogger().handlers:
             handler.setLevel(logging.WARNING)
     if args.command in ("train", "evaluate"):
@@ -159,8 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = _cmd_data_stats if args.command == "data" else COMMANDS[args.command]
         return handler(args)
     except MLSA4RecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        rank = _rank()
+        print(f"error: {f'[rank {rank}] ' if rank else ''}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; nothing was saved", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130

@@ -195,9 +195,9 @@ def _validate(v: dict[str, Any]) -> None:
             raise ConfigError(f"{key} must be > 0, got {v[key]!r}")
 
     for key in ("epochs", "train_batch_size", "eval_batch_size", "MAX_ITEM_LIST_LENGTH", "eval_step",
-                "learning_rate"):
+                "learning_rate", "dist_timeout"):
         positive(key)
-    for key in ("weight_decay", "clip_grad_norm", "stopping_step", "all_positions_stride"):
+    for key in ("weight_decay", "clip_grad_norm", "stopping_step", "all_positions_stride", "checkpoint_steps"):
         if v[key] < 0:
             raise ConfigError(f"{key} must be >= 0, got {v[key]!r}")
     for key in ("user_inter_num_interval", "item_inter_num_interval"):

@@ -5,8 +5,11 @@
     model.safetensors  the best weights (plain tensors: no pickled code is ever loaded)
     train.log          the per-epoch log lines
 
-The directory is built under a hidden sibling name and renamed into place only when the run has
-finished, so a crash, a Ctrl-C or bad input never leaves a half-written run behind.
+The directory is built under the hidden sibling ``.NAME.partial/`` and renamed into place only
+when the run has finished, so a crash, a Ctrl-C or bad input never leaves a half-written run
+behind. While it trains, that directory also holds ``checkpoint.pt`` (every epoch, and every
+``checkpoint_steps`` steps); a run that dies after its first checkpoint leaves it there, and
+``train ... --resume`` continues from it. A run that fails before then leaves nothing.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,14 @@ from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation import evaluate_split
 from mlsa4rec.fileio import current_umask, write_atomic, write_json_atomic, write_yaml_atomic
 from mlsa4rec.models import build_model, get_class
+from mlsa4rec.training import checkpoint, distributed
+from mlsa4rec.training.distributed import DistContext
 from mlsa4rec.training.trainer import Trainer, set_seed
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent runs of one --output-dir are not detected
+    fcntl = None
 
 log = logging.getLogger("mlsa4rec")
 
@@ -43,11 +53,7 @@ WEIGHTS = "model.safetensors"
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MLSA4RecError(f"device {name!r} was asked for but CUDA is not available; use device=cpu")
-    return torch.device(name)
+    return distributed.single_device(name)
 
 
 def git_commit() -> str | None:
@@ -94,6 +100,110 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
                             f"{str(out)!r} is not one, so it was left alone")
 
 
+def staging_dir(out: Path) -> Path:
+    """Where the run to ``out`` is built and its checkpoint kept until it finishes: a fixed hidden
+    sibling, so that an interrupted run can be found again by ``--resume``."""
+    return out.parent / f".{out.name}.partial"
+
+
+class _StageLock:
+    """An exclusive ``flock`` on the staging directory, held while a process writes it, so that a
+    second run (or a second --resume) of the same --output-dir cannot write or delete it at the
+    same time. The kernel drops it when the process dies, even by SIGKILL."""
+
+    def __init__(self, stage: Path) -> None:
+        self.path = stage / ".lock"
+        self.handle = open(self.path, "a")  # noqa: SIM115 - held for the whole run
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.close()
+            raise MLSA4RecError(f"another mlsa4rec process is writing {str(stage)!r} (a run of the same --output-dir "
+                                "is in progress); wait for it to finish or stop it") from None
+
+    def release(self, remove: bool = False) -> None:
+        if remove:
+            self.path.unlink(missing_ok=True)
+        self.handle.close()
+
+
+def _open_stage(out: Path, overwrite: bool, resume: bool, dry: bool = False) -> tuple[Path, _StageLock | None, bytes]:
+    """Check the output and staging directories, then create (fresh run) or lock (resume) the
+    staging directory; with ``resume`` also return the verified checkpoint payload. ``dry``
+    only checks (and then holds no lock). Runs on rank 0 only."""
+    _check_output_dir(out, overwrite)
+    stage = staging_dir(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MLSA4RecError(f"cannot create the output directory {str(out)!r}: {exc.strerror}") from None
+    if not (stage.exists() or stage.is_symlink()):
+        if resume:
+            raise MLSA4RecError(f"nothing to resume: no interrupted run of {str(out)!r} (it would be in "
+                                f"{str(stage)!r}); run the command without --resume")
+        if dry:
+            return stage, None, b""
+        try:
+            stage.mkdir()
+            os.chmod(stage, 0o777 & ~current_umask())
+        except OSError as exc:
+            raise MLSA4RecError(f"cannot create the output directory {str(out)!r}: {exc.strerror}") from None
+        return stage, _StageLock(stage), b""
+    if not stage.is_dir() or stage.is_symlink():
+        raise MLSA4RecError(f"{str(stage)!r} (the staging place of {str(out)!r}) exists and is not a directory; "
+                            "move it away")
+    lock = _StageLock(stage)
+    try:
+        has_checkpoint = (stage / checkpoint.CHECKPOINT).is_file()
+        if resume:
+            if not has_checkpoint:
+                raise MLSA4RecError(f"nothing to resume: the interrupted run in {str(stage)!r} stopped before its "
+                                    "first checkpoint; run the command without --resume to start over")
+            payload = checkpoint.verified_payload(stage / checkpoint.CHECKPOINT)
+        elif has_checkpoint and not overwrite:
+            raise MLSA4RecError(f"an interrupted run of {str(out)!r} is kept in {str(stage)!r}; pass --resume to "
+                                "continue it from its last checkpoint, or --overwrite to start over")
+        else:  # debris of a run that died before its first checkpoint, or --overwrite: start afresh
+            payload = b""
+            if not dry:
+                for entry in stage.iterdir():
+                    if entry != lock.path:
+                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    except BaseException:
+        lock.release()
+        raise
+    if dry:
+        lock.release()
+        return stage, None, payload
+    return stage, lock, payload
+
+
+def preflight(model: str, dataset: str, output_dir: str | Path, config_files: list[str | Path] = (),
+              overrides: dict[str, Any] | None = None, data_dir: str | Path | None = None, overwrite: bool = False,
+              resume: bool = False, world_size: int = 1) -> None:
+    """Every check ``train`` makes before it starts, without writing anything but the dataset
+    cache: lets ``--nproc`` report bad input as one clear error before it launches processes."""
+    get_class(model)
+    dataset = _resolve_dataset(dataset)
+    config = build_config(model, config_files, overrides, extra={"dataset": str(dataset)})
+    if world_size > 1:
+        distributed.device_for(config["device"], 0)
+    out = Path(output_dir)
+    _, _, payload = _open_stage(out, overwrite, resume, dry=True)
+    data = load_run_data(config, data_dir)
+    if payload:
+        checkpoint.check_resumable(checkpoint.decode(payload), config.to_dict(), data.fingerprint, world_size,
+                                   str(staging_dir(out) / "config.yaml"))
+
+
+def _resolve_dataset(dataset: str) -> str:
+    if dataset not in REGISTRY and Path(dataset).is_file():
+        return str(Path(dataset).resolve())  # so that `evaluate` works from any directory
+    return dataset
+
+
 def train(
     model: str,
     dataset: str,
@@ -102,44 +212,79 @@ def train(
     overrides: dict[str, Any] | None = None,
     data_dir: str | Path | None = None,
     overwrite: bool = False,
+    resume: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` on ``dataset``, evaluate the best epoch on valid and test, save the run."""
-    get_class(model)  # unknown model: fail before anything else
-    out = Path(output_dir)
-    if dataset not in REGISTRY and Path(dataset).is_file():
-        dataset = str(Path(dataset).resolve())  # so that `evaluate` works from any directory
-    config = build_config(model, config_files, overrides, extra={"dataset": str(dataset)})
-    _check_output_dir(out, overwrite)
-    device = resolve_device(config["device"])
-    t0 = time.perf_counter()
-    data = load_run_data(config, data_dir)
-    data_seconds = time.perf_counter() - t0
-    stats = data.stats()
-    log.info("dataset %s: %d users, %d items, %d interactions (%.2f s)", stats["dataset"], stats["users"],
-             stats["items"], stats["interactions"], data_seconds)
-    net = build_run_model(config, data)
+    """Train ``model`` on ``dataset``, evaluate the best epoch on valid and test, save the run.
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        os.chmod(stage, 0o777 & ~current_umask())
-    except OSError as exc:
-        raise MLSA4RecError(f"cannot create the output directory {str(out)!r}: {exc.strerror}") from None
-    handler = logging.FileHandler(stage / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
+    Under torchrun every rank calls this; rank 0 alone writes files. ``resume`` continues the
+    interrupted run of ``output_dir`` from its checkpoint. ``on_step(epoch, step)`` is called
+    after every optimiser step (progress reporting, tests).
+    """
+    get_class(model)  # unknown model: fail before anything else
+    dataset = _resolve_dataset(dataset)
+    config = build_config(model, config_files, overrides, extra={"dataset": str(dataset)})
+    group, device = distributed.init(config["device"], config["dist_timeout"])
     old_level = log.level
-    if log.getEffectiveLevel() > logging.INFO:  # library use without logging set up: still fill train.log
+    if not group.is_main:
+        log.setLevel(logging.WARNING)  # the other ranks only warn; rank 0 tells the story
+    elif log.getEffectiveLevel() > logging.INFO:  # library use without logging set up: still fill train.log
         log.setLevel(logging.INFO)
     try:
-        write_yaml_atomic(stage / "config.yaml", config.to_dict())
+        return _train(model, Path(output_dir), config, data_dir, overwrite, resume, on_step, group, device)
+    finally:
+        log.setLevel(old_level)
+        distributed.destroy(group)
+
+
+def _train(model: str, out: Path, config: Config, data_dir: str | Path | None, overwrite: bool, resume: bool,
+           on_step: Callable[[int, int], None] | None, group: DistContext, device: torch.device) -> dict[str, Any]:
+    opened: dict[str, Any] = {}
+
+    def open_stage() -> bytes:
+        opened["stage"], opened["lock"], payload = _open_stage(out, overwrite, resume)
+        return payload
+
+    payload = group.run_on_main(open_stage)
+    stage: Path | None = opened.get("stage")
+    lock: _StageLock | None = opened.get("lock")
+    handler = None
+    training = False  # past the resume checks: a failure from here on keeps the checkpoint with a hint
+    try:
+        if stage is not None:
+            handler = logging.FileHandler(stage / "train.log", encoding="utf-8")  # appends on resume
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            log.addHandler(handler)
+        t0 = time.perf_counter()
+        data = load_run_data(config, data_dir)
+        data_seconds = time.perf_counter() - t0
+        stats = data.stats()
+        log.info("dataset %s: %d users, %d items, %d interactions (%.2f s)", stats["dataset"], stats["users"],
+                 stats["items"], stats["interactions"], data_seconds)
+        state = checkpoint.decode(payload, "the checkpoint") if resume else None
+        if state is not None:
+            changed = checkpoint.check_resumable(state, config.to_dict(), data.fingerprint, group.world_size,
+                                                 str(staging_dir(out) / "config.yaml"))
+            log.info("resuming the interrupted run in %s%s", staging_dir(out),
+                     f" with changed settings: {'; '.join(changed)}" if changed else "")
+        if stage is not None:
+            write_yaml_atomic(stage / "config.yaml", config.to_dict())
+        net = build_run_model(config, data)
 
         def save_best(m: torch.nn.Module, epoch: int) -> None:
             write_atomic(stage / WEIGHTS, lambda tmp: safetensors.torch.save_file(
                 {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, str(tmp),
                 metadata={"model": model, "epoch": str(epoch)}))
 
-        trainer = Trainer(net, data, config, device, on_improve=save_best)
+        def save_checkpoint(training_state: dict[str, Any]) -> None:
+            checkpoint.save(stage / checkpoint.CHECKPOINT, training_state)
+
+        trainer = Trainer(net, data, config, device, on_improve=save_best, group=group,
+                          on_checkpoint=save_checkpoint, on_step=on_step)
+        if state is not None:
+            trainer.load_state_dict(state)
+            del state, payload
+        training = True
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         fit = trainer.fit()
         valid, test = trainer.evaluate("valid"), trainer.evaluate("test")
@@ -163,19 +308,27 @@ def train(
             "parameters_non_embedding": net.num_parameters(exclude_embeddings=True),
             "device": str(device),
             "threads": torch.get_num_threads(),
+            "world_size": group.world_size,
+            "resumed": bool(resume),
             "started": started,
             "versions": versions(),
             "git_commit": git_commit(),
             "history": fit.history,
         }
-        write_json_atomic(stage / "results.json", results)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            write_json_atomic(stage / "results.json", results)
+    except BaseException as exc:
+        if stage is not None:
+            _after_failure(exc, stage, lock, training)
         raise
     finally:
-        log.removeHandler(handler)
-        handler.close()
-        log.setLevel(old_level)
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+    if stage is None:
+        return results
+    (stage / checkpoint.CHECKPOINT).unlink(missing_ok=True)  # the run is complete: nothing to resume
+    lock.release(remove=True)
     try:
         _check_output_dir(out, overwrite)  # again: something may have appeared there meanwhile
     except MLSA4RecError as exc:
@@ -185,6 +338,23 @@ def train(
     os.replace(stage, out)
     log.info("saved run to %s", out)
     return results
+
+
+def _after_failure(exc: BaseException, stage: Path, lock: _StageLock, training: bool) -> None:
+    """Rank 0, when a run fails: keep the staging directory if it holds a checkpoint (and say
+    how to resume), otherwise remove it, so that a failure never leaves debris behind."""
+    lock.release()
+    if not (stage / checkpoint.CHECKPOINT).is_file():
+        shutil.rmtree(stage, ignore_errors=True)
+        return
+    if not training:
+        return  # the resume checks failed: the interrupted run stays as it was
+    hint = (f"the last checkpoint is kept in {str(stage)!r}: rerun the same command with --resume to continue from "
+            "it, or with --overwrite to start over")
+    if isinstance(exc, MLSA4RecError):
+        exc.args = (f"{exc}; {hint}",)
+    else:
+        log.warning("%s", hint)
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

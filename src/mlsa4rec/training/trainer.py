@@ -3,17 +3,26 @@
 The loss of one step is the mean cross-entropy over all of its targets, whichever the scheme:
 one target per sample for ``prefix``, one per real position for ``all_positions``. Logits are
 taken against the real items only (the padding row of the item table is never a class).
+
+With several ranks (torchrun) every rank draws the same global batches; each computes the rows
+``shard_rows`` gives it and the loss ``sum of CE over its targets / targets in the global batch``;
+gradients are summed over ranks, so a distributed step applies the gradient a single process
+would compute on the whole global batch (up to float summation order) and ``train_batch_size``
+keeps its meaning. The loop's position, early-stopping state and random states can be saved and
+restored (``state_dict`` / ``load_state_dict``) so that a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +34,8 @@ from mlsa4rec.data.sampling import Batch, TrainSampler
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation import evaluate_split
 from mlsa4rec.models.base import SequentialRecommender
+from mlsa4rec.training import checkpoint
+from mlsa4rec.training.distributed import DistContext, rank_seed, shard_rows
 from mlsa4rec.training.losses import full_softmax_cross_entropy
 
 log = logging.getLogger("mlsa4rec")
@@ -83,12 +94,42 @@ class FitResult:
         return self.train_seconds / max(self.epochs_run, 1)
 
 
+@dataclass
+class Progress:
+    """Where training stands: everything of the loop that a checkpoint must carry (plain JSON)."""
+
+    epoch: int = 1                      # the epoch in progress (1-based)
+    step: int = 0                       # optimiser steps done in that epoch
+    global_step: int = 0                # optimiser steps done in all
+    epoch_loss: float = 0.0             # sum of that epoch's step losses so far
+    epoch_seconds: float = 0.0          # training seconds of that epoch so far
+    sampler_state: dict | None = None   # the shuffling generator at the start of that epoch
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    best_valid: dict = field(default_factory=dict)
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
 class Trainer:
-    """Trains ``model`` on ``data``'s training samples, validating every ``eval_step`` epochs."""
+    """Trains ``model`` on ``data``'s training samples, validating every ``eval_step`` epochs.
+
+    Hooks: ``on_improve(model, epoch)`` after a better validation (rank 0 only);
+    ``on_checkpoint(state)`` with a checkpoint state at the end of every epoch and every
+    ``checkpoint_steps`` steps (give it on every rank or none: gathering the ranks' random states
+    is collective; it is called on rank 0 only); ``on_step(epoch, step)`` after every optimiser
+    step (and any checkpoint at that step).
+    """
 
     def __init__(self, model: SequentialRecommender, data: SequenceData, config: Config,
-                 device: torch.device, on_improve: Callable[[SequentialRecommender, int], None] | None = None) -> None:
+                 device: torch.device, on_improve: Callable[[SequentialRecommender, int], None] | None = None, *,
+                 group: DistContext | None = None, on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> None:
         self.model, self.data, self.config, self.device = model.to(device), data, config, device
+        self.group = group or DistContext()
         self.scheme = resolve_scheme(model, config["train_scheme"])
         self.sampler = TrainSampler(
             data, self.scheme, config["MAX_ITEM_LIST_LENGTH"], config["train_batch_size"], config["seed"],
@@ -100,77 +141,153 @@ class Trainer:
         if len(data.eval_targets("valid")) == 0:
             raise MLSA4RecError(f"{data.name} has no user with a validation target (users need 4+ events); "
                                 "early stopping needs one: loosen the filters or use a bigger dataset")
+        if self.group.active:  # same start on every rank, then a dropout stream of its own per rank
+            self.group.broadcast_module(self.model)
+            torch.manual_seed(rank_seed(config["seed"], self.group.rank))
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"],
                                           weight_decay=config["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(config["lr_scheduler"], config["epochs"] * len(self.sampler)))
-        self.on_improve = on_improve
+        self.on_improve, self.on_checkpoint, self.on_step = on_improve, on_checkpoint, on_step
+        self.progress = Progress(sampler_state=self.sampler.rng_state)
+        self.best_state: dict[str, torch.Tensor] | None = None
 
     def evaluate(self, split: str) -> dict[str, float]:
-        return evaluate_split(self.model, self.data, split, self.config, self.device)
+        return evaluate_split(self.model, self.data, split, self.config, self.device, self.group)
+
+    def shard_loss(self, rows: np.ndarray) -> torch.Tensor | None:
+        """This rank's share of the loss of the global batch ``rows`` (None for an empty shard):
+        the sum of CE over its targets divided by the number of targets in the whole batch, so
+        the shares of all ranks add up to the batch's mean CE."""
+        shard = shard_rows(rows, self.group.rank, self.group.world_size)
+        if len(shard) == 0:
+            return None
+        loss = cross_entropy(self.model, self.sampler.batch(shard), self.scheme, self.device)
+        if self.group.active:
+            loss = loss * (self.sampler.targets_in(shard) / self.sampler.targets_in(rows))
+        return loss
+
+    def train_step(self, rows: np.ndarray, epoch: int) -> float:
+        """One optimiser step on the global batch ``rows``; returns its mean loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.shard_loss(rows)
+        if loss is not None:
+            loss.backward()
+        else:
+            loss = torch.zeros((), device=self.device)
+        value = self.group.sum_gradients(self.model.parameters(), loss)
+        if not math.isfinite(value):  # every rank sees the same summed loss, so all stop here together
+            raise MLSA4RecError(f"the loss became {value} at epoch {epoch} (step {self.progress.step + 1}); "
+                                "lower learning_rate or set clip_grad_norm")
+        if self.config["clip_grad_norm"] > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config["clip_grad_norm"])
+        self.optimizer.step()
+        self.scheduler.step()
+        return value
 
     def train_epoch(self, epoch: int) -> float:
+        """Train (the rest of) epoch ``epoch``; returns the mean step loss of the whole epoch."""
+        p = self.progress
         self.model.train()
-        total, steps = 0.0, 0
-        bar = tqdm(self.sampler, total=len(self.sampler), desc=f"epoch {epoch}", leave=False,
-                   disable=None, dynamic_ncols=True)
-        for batch in bar:
-            loss = cross_entropy(self.model, batch, self.scheme, self.device)
-            if not torch.isfinite(loss):
-                raise MLSA4RecError(
-                    f"the loss became {loss.item()} at epoch {epoch}; lower learning_rate or set clip_grad_norm"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.config["clip_grad_norm"] > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config["clip_grad_norm"])
-            self.optimizer.step()
-            self.scheduler.step()
-            total += loss.item()
-            steps += 1
-            bar.set_postfix(loss=f"{total / steps:.4f}", refresh=False)
-        return total / max(steps, 1)
+        self.sampler.rng_state = p.sampler_state  # a no-op, except right after a resume
+        batches = self.sampler.epoch_batches()
+        every = self.config["checkpoint_steps"]
+        bar = tqdm(total=len(batches), initial=p.step, desc=f"epoch {epoch}", leave=False,
+                   disable=None if self.group.is_main else True, dynamic_ncols=True)
+        t0, seconds_before = time.perf_counter(), p.epoch_seconds
+        for rows in batches[p.step:]:
+            p.epoch_loss += self.train_step(rows, epoch)
+            p.step += 1
+            p.global_step += 1
+            p.epoch_seconds = seconds_before + time.perf_counter() - t0
+            if every and p.global_step % every == 0 and p.step < len(batches):
+                self.checkpoint()  # the epoch's last step is followed by the end-of-epoch one
+            if self.on_step:
+                self.on_step(epoch, p.step)
+            bar.update()
+            bar.set_postfix(loss=f"{p.epoch_loss / p.step:.4f}", refresh=False)
+        bar.close()
+        return p.epoch_loss / max(len(batches), 1)
 
     def fit(self) -> FitResult:
-        c = self.config
+        c, p = self.config, self.progress
         key = c["valid_metric"]
-        log.info("training %s with %s samples: %d samples (%d targets) per epoch, %d steps of %d",
+        log.info("training %s with %s samples: %d samples (%d targets) per epoch, %d steps of %d%s",
                  type(self.model).name, self.scheme, self.sampler.n_samples, self.sampler.n_targets,
-                 len(self.sampler), c["train_batch_size"])
-        best_score, best_epoch, best_state, best_valid = -math.inf, 0, None, {}
-        history: list[dict] = []
-        train_seconds = eval_seconds = 0.0
-        bad_epochs, stopped_early, epoch = 0, False, 0
-        for epoch in range(1, c["epochs"] + 1):
-            t0 = time.perf_counter()
+                 len(self.sampler), c["train_batch_size"],
+                 f" split over {self.group.world_size} processes" if self.group.active else "")
+        while not p.stopped_early and p.epoch <= c["epochs"]:
+            epoch = p.epoch
             loss = self.train_epoch(epoch)
-            t1 = time.perf_counter()
-            train_seconds += t1 - t0
-            row = {"epoch": epoch, "loss": loss, "train_seconds": round(t1 - t0, 3)}
+            seconds = p.epoch_seconds
+            p.train_seconds += seconds
+            row = {"epoch": epoch, "loss": loss, "train_seconds": round(seconds, 3)}
             if epoch % c["eval_step"] == 0 or epoch == c["epochs"]:
+                t1 = time.perf_counter()
                 valid = self.evaluate("valid")
-                eval_seconds += time.perf_counter() - t1
-                row.update(valid=valid, eval_seconds=round(time.perf_counter() - t1, 3))
-                improved = valid[key] >= best_score  # RecBole's rule: a tie is an improvement
+                eval_seconds = time.perf_counter() - t1
+                p.eval_seconds += eval_seconds
+                row.update(valid=valid, eval_seconds=round(eval_seconds, 3))
+                improved = valid[key] >= p.best_score  # RecBole's rule: a tie is an improvement
                 if improved:
-                    best_score, best_epoch, best_valid = valid[key], epoch, valid
-                    best_state = copy.deepcopy(self.model.state_dict())
-                    bad_epochs = 0
-                    if self.on_improve:
+                    p.best_score, p.best_epoch, p.best_valid = valid[key], epoch, valid
+                    self.best_state = copy.deepcopy(self.model.state_dict())
+                    p.bad_epochs = 0
+                    if self.on_improve and self.group.is_main:
                         self.on_improve(self.model, epoch)
                 else:
-                    bad_epochs += 1
+                    p.bad_epochs += 1
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in valid.items() if k.endswith("@10") or k == key)
-                log.info("epoch %3d | loss %.4f | %.1f s | valid %s%s", epoch, loss, t1 - t0, shown,
+                log.info("epoch %3d | loss %.4f | %.1f s | valid %s%s", epoch, loss, seconds, shown,
                          " | best" if improved else "")
             else:
-                log.info("epoch %3d | loss %.4f | %.1f s", epoch, loss, t1 - t0)
-            history.append(row)
-            if bad_epochs > c["stopping_step"]:
-                stopped_early = True
+                log.info("epoch %3d | loss %.4f | %.1f s", epoch, loss, seconds)
+            p.history.append(row)
+            if p.bad_epochs > c["stopping_step"]:
+                p.stopped_early = True
                 log.info("no better %s for %d validations: stopping; best epoch %d (%s %.4f)",
-                         key, bad_epochs, best_epoch, key, best_score)
-                break
-        if best_state is not None:
-            self.model.load_state_dict(best_state)
-        return FitResult(best_epoch, best_valid, epoch, stopped_early, train_seconds, eval_seconds, history)
+                         key, p.bad_epochs, p.best_epoch, key, p.best_score)
+            if not self.group.identical_across_ranks(self.model):
+                log.warning("rank %d: the model weights differ between ranks after epoch %d (a bug: "
+                            "please report it)", self.group.rank, epoch)
+            p.epoch, p.step, p.epoch_loss, p.epoch_seconds = epoch + 1, 0, 0.0, 0.0
+            p.sampler_state = self.sampler.rng_state
+            self.checkpoint()
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        return FitResult(p.best_epoch, p.best_valid, p.epoch - 1, p.stopped_early, p.train_seconds,
+                         p.eval_seconds, p.history)
+
+    def checkpoint(self) -> None:
+        """Hand the current state to ``on_checkpoint`` (collective: every rank's random states)."""
+        if self.on_checkpoint is None:
+            return
+        mine = json.dumps(checkpoint.capture_rng(self.device)).encode()
+        rng = [json.loads(blob) for blob in self.group.all_gather_bytes(mine)]
+        if self.group.is_main:
+            self.on_checkpoint(self.state_dict(rng))
+
+    def state_dict(self, rng: list[dict] | None = None) -> dict[str, Any]:
+        """Everything a resumed run needs: weights, optimiser, schedule, loop position, early
+        stopping, and the random states of every rank (this process's only if ``rng`` is None)."""
+        meta = {"progress": asdict(self.progress), "world_size": self.group.world_size,
+                "rng": rng if rng is not None else [checkpoint.capture_rng(self.device)],
+                "config": self.config.to_dict(), "data_fingerprint": self.data.fingerprint,
+                "scheme": self.scheme, "torch": torch.__version__}
+        return {"format": checkpoint.FORMAT, "meta": json.dumps(meta), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "best_model": self.best_state or {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (a checkpoint of the same run and world size)."""
+        meta = json.loads(state["meta"])
+        if meta["world_size"] != self.group.world_size:
+            raise MLSA4RecError(checkpoint.world_size_message(meta["world_size"], self.group.world_size))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.best_state = state["best_model"] or None
+        self.progress = Progress(**meta["progress"])
+        checkpoint.restore_rng(meta["rng"][self.group.rank], self.device)
+        log.info("resumed at epoch %d after step %d (%d steps done in all)", self.progress.epoch,
+                 self.progress.step, self.progress.global_step)
