@@ -134,9 +134,12 @@ def test_resume_checks_settings_and_the_staging_rules(successor_file: Path, tmp_
     finally:
         lock.release()
     assert progress(stage / checkpoint.CHECKPOINT)["step"] == 4  # every refusal left it alone
+    (stage / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half a file")  # a write cut short by the crash
     more = train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 4}, resume=True)
     assert more["epochs_run"] == 4 and not stage.exists()
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "results.json", "train.log"]
+    with pytest.raises(MLSA4RecError, match="has finished"):
+        train("sasrec", str(successor_file), out, overrides=SMALL, resume=True)
 
 
 def test_epochs_may_change_only_with_a_constant_learning_rate() -> None:

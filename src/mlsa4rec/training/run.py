@@ -133,8 +133,11 @@ def _open_stage(out: Path, overwrite: bool, resume: bool, dry: bool = False) -> 
     """Check the output and staging directories, then create (fresh run) or lock (resume) the
     staging directory; with ``resume`` also return the verified checkpoint payload. ``dry``
     only checks (and then holds no lock). Runs on rank 0 only."""
-    _check_output_dir(out, overwrite)
     stage = staging_dir(out)
+    if resume and not stage.exists() and (out / "config.yaml").is_file():
+        raise MLSA4RecError(f"nothing to resume: the run in {str(out)!r} has finished (only an interrupted run, "
+                            f"kept in {str(stage)!r}, can be resumed)")
+    _check_output_dir(out, overwrite)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -162,6 +165,9 @@ def _open_stage(out: Path, overwrite: bool, resume: bool, dry: bool = False) -> 
                 raise MLSA4RecError(f"nothing to resume: the interrupted run in {str(stage)!r} stopped before its "
                                     "first checkpoint; run the command without --resume to start over")
             payload = checkpoint.verified_payload(stage / checkpoint.CHECKPOINT)
+            if not dry:  # temporary files of writes cut short by the crash
+                for leftover in stage.glob(".*.tmp"):
+                    leftover.unlink()
         elif has_checkpoint and not overwrite:
             raise MLSA4RecError(f"an interrupted run of {str(out)!r} is kept in {str(stage)!r}; pass --resume to "
                                 "continue it from its last checkpoint, or --overwrite to start over")
