@@ -178,6 +178,12 @@ def test_two_processes_train_evaluate_exactly_and_resume(successor_file: Path, t
     with pytest.raises(MLSA4RecError, match="trained with 2 process.*--nproc 2"):
         train("sasrec", str(successor_file), tmp_path / "run", overrides=overrides, resume=True)
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    # rank 0 finds the interrupted run in the way: rank 1 must hear of it, not wait for rank 0 forever
+    refused = subprocess.run([*torchrun, "-m", "mlsa4rec", "train", "--model", "sasrec", "--dataset",
+                              str(successor_file), "--output-dir", str(tmp_path / "run"), *sets],
+                             capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode != 0
+    assert "error: an interrupted run" in refused.stderr and "error: [rank 1] an interrupted run" in refused.stderr
     for name, extra in (("run", ["--resume"]), ("whole", [])):
         done = subprocess.run([sys.executable, "-m", "mlsa4rec", "train", "--nproc", "2", "--model", "sasrec",
                                "--dataset", str(successor_file), "--output-dir", str(tmp_path / name), "--json",
