@@ -26,9 +26,12 @@ LR_SCHEDULERS = ("constant", "cosine", "linear")
 _INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*$")
 
 
+def _load_packaged_text(relpath: str) -> str:
+    return resources.files("mlsa4rec.configs").joinpath(relpath).read_text(encoding="utf-8")
+
+
 def _load_packaged(relpath: str) -> dict[str, Any]:
-    text = resources.files("mlsa4rec.configs").joinpath(relpath).read_text(encoding="utf-8")
-    return yaml.safe_load(text) or {}
+    return yaml.safe_load(_load_packaged_text(relpath)) or {}
 
 
 def overall_defaults() -> dict[str, Any]:
@@ -49,10 +52,21 @@ def model_hyperparameters(model: str) -> dict[str, Any]:
     return {k: v for k, v in model_defaults(model).items() if k not in overall}
 
 
+def presets() -> list[str]:
+    """Names of the packaged settings files (``--config NAME``), e.g. a paper's released config."""
+    folder = resources.files("mlsa4rec.configs").joinpath("presets")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
 def load_yaml_file(path: str | Path) -> dict[str, Any]:
+    """A user's YAML file, or a packaged preset when ``path`` is a bare preset name."""
+    if not Path(path).is_file() and str(path) in presets():
+        return yaml.safe_load(_load_packaged_text(f"presets/{path}.yaml")) or {}
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; check the --config path")
+        names = ", ".join(presets())
+        raise ConfigError(f"config file {str(path)!r} does not exist; check the --config path, or name a "
+                          f"packaged preset ({names})")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
