@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,9 +31,10 @@ SMALL = {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "hidd
          "train_batch_size": 32, "stopping_step": 100, "seed": 11, "checkpoint_steps": 2, "eval_batch_size": 64}
 
 
-@contextmanager
+@pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
-    """Match the subprocesses (1 thread), so float reductions run in the same order."""
+    """One torch thread, as in the subprocesses, so float reductions run in the same order (and a
+    tiny model does not pay for thread hand-offs on a busy machine)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -105,9 +105,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(successor_file: Path
     assert not (tmp_path / "run").exists() and (stage / checkpoint.CHECKPOINT).is_file()
     at = progress(stage / checkpoint.CHECKPOINT)
     assert at["epoch"] == 2 and 0 < at["step"] <= 3  # a mid-epoch checkpoint: steps after it are redone
-    with one_thread():
-        resumed = train("sasrec", str(successor_file), tmp_path / "run", overrides=SMALL, resume=True)
-        whole = train("sasrec", str(successor_file), tmp_path / "whole", overrides=SMALL)
+    resumed = train("sasrec", str(successor_file), tmp_path / "run", overrides=SMALL, resume=True)
+    whole = train("sasrec", str(successor_file), tmp_path / "whole", overrides=SMALL)
     assert resumed["resumed"] and not stage.exists()
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "model.safetensors",
                                                                    "results.json", "train.log"]

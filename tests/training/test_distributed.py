@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,18 @@ from mlsa4rec.training.run import evaluate_run, staging_dir, train
 
 HERE = Path(__file__).resolve().parent
 TINY = {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 8}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread, as each rank has (OMP_NUM_THREADS=1), so that a 1-process evaluation sums
+    floats in the same order as the ranks did."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class NoCommGroup(DistContext):
@@ -194,10 +207,5 @@ def test_two_processes_train_evaluate_exactly_and_resume(successor_file: Path, t
     assert a["resumed"] and a["world_size"] == b["world_size"] == 2 and b["epochs_run"] == 2
     assert (a["valid"], a["test"], a["best_epoch"]) == (b["valid"], b["test"], b["best_epoch"])
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = evaluate_run(tmp_path / "whole")
-    finally:
-        torch.set_num_threads(before)
+    single = evaluate_run(tmp_path / "whole")
     assert single["valid"] == b["valid"] and single["test"] == b["test"]
