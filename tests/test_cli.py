@@ -22,7 +22,8 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_models_lists_sasrec(capsys) -> None:
     code, out, _ = run(capsys, "models")
-    assert code == 0 and out.startswith("sasrec") and "causal" in out
+    sasrec = [line for line in out.splitlines() if line.startswith("sasrec")]
+    assert code == 0 and len(sasrec) == 1 and "causal" in sasrec[0]
     code, out, _ = run(capsys, "models", "--config", "sasrec")
     assert code == 0 and "MAX_ITEM_LIST_LENGTH: 50" in out and "hidden_size: 64" in out
 
