@@ -204,7 +204,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from mlsa4rec.config import known_keys, model_hyperparameters
+    from mlsa4rec.config import known_keys, model_hyperparameters, presets
     from mlsa4rec.models import available, get_class
 
     if args.config:
@@ -217,6 +217,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         flags = ", ".join(f for f, on in (("causal", cls.causal), ("padding-invariant", cls.padding_invariant)) if on)
         params = " ".join(f"{k}={v}" for k, v in model_hyperparameters(name).items())
         print(f"{name:<12} [{flags or 'non-causal'}; trains with {cls.preferred_scheme}]  {params}")
+    print(f"\npresets (--config NAME): {', '.join(presets())}")
     return 0
 
 
@@ -245,3 +246,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
