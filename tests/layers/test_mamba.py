@@ -140,3 +140,49 @@ def test_same_outputs_as_mamba_ssm() -> None:
     u = torch.randn(4, 50, 64, device="cuda")
     torch.testing.assert_close(ours(u), ref(u), rtol=1e-4, atol=1e-4)
     assert math.isfinite(float(ours(u).sum()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_forward_and_step(dtype) -> None:
+    """Half-precision weights: forward and step run, agree with each other, keep their dtypes."""
+    m = block().to(dtype).eval()
+    u = torch.randn(2, 6, 64).to(dtype)
+    full, final = m(u, return_state=True)
+    state = m.initial_state(2)
+    for t in range(6):
+        y, state = m.step(u[:, t], state)
+        assert y.dtype == dtype and state.conv.dtype == dtype and state.ssm.dtype == torch.float32
+    assert final.ssm.dtype == torch.float32
+    torch.testing.assert_close(y.float(), full[:, -1].float(), rtol=0.05, atol=0.05)
+
+
+def test_same_weights_as_mamba_ssm_for_the_same_seed() -> None:
+    """mamba-ssm's constructor, transcribed: same modules built and random numbers drawn in the same order."""
+    torch.manual_seed(3)
+    ours = Mamba(16, d_state=8, d_conv=3, expand=2)
+    torch.manual_seed(3)
+    d_inner, dt_rank = 32, 1
+    expected = {"in_proj.weight": torch.nn.Linear(16, 2 * d_inner, bias=False).weight}
+    conv = torch.nn.Conv1d(d_inner, d_inner, 3, groups=d_inner, padding=2)
+    expected.update({"conv1d.weight": conv.weight, "conv1d.bias": conv.bias,
+                     "x_proj.weight": torch.nn.Linear(d_inner, dt_rank + 16, bias=False).weight})
+    dt_proj = torch.nn.Linear(dt_rank, d_inner)
+    torch.nn.init.uniform_(dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
+    dt = torch.exp(torch.rand(d_inner) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
+    expected.update({"dt_proj.weight": dt_proj.weight, "dt_proj.bias": dt + torch.log(-torch.expm1(-dt)),
+                     "out_proj.weight": torch.nn.Linear(d_inner, 16, bias=False).weight})
+    state = ours.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(state[key], value.detach(), msg=key)
+
+
+def test_step_accepts_mamba_ssms_shape_and_checks_the_batch() -> None:
+    m = block().eval()
+    u = torch.randn(2, 64)
+    y, _ = m.step(u, m.initial_state(2))
+    y3, _ = m.step(u[:, None], m.initial_state(2))
+    torch.testing.assert_close(y3[:, 0], y)
+    with pytest.raises(ValueError, match="state holds 3 sequences"):
+        m.step(u, m.initial_state(3))
+    with pytest.raises(ValueError, match="empty sequence"):
+        m(torch.randn(2, 0, 64))

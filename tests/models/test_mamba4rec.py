@@ -14,16 +14,17 @@ def model(num_layers: int):
     return create("mamba4rec", 30, num_layers=num_layers, MAX_ITEM_LIST_LENGTH=20).double().eval()
 
 
-def transcription(m, seq):
-    """MLSA4REC.md section 4 in eval mode (dropout = identity), reusing only the Mamba blocks."""
+def transcription(m, seq, drop=lambda x: x):
+    """MLSA4REC.md section 4, reusing only the Mamba blocks; ``drop`` stands for every dropout."""
     ln = lambda mod, x: F.layer_norm(x, x.shape[-1:], mod.weight, mod.bias, 1e-12)  # noqa: E731
-    x = ln(m.LayerNorm, m.item_embedding.weight[seq])
+    x = ln(m.LayerNorm, drop(m.item_embedding.weight[seq]))
     n = len(m.mamba_layers)
     for layer in m.mamba_layers:
-        h = layer.mamba(x)
+        h = drop(layer.mamba(x))
         h = ln(layer.LayerNorm, h) if n == 1 else ln(layer.LayerNorm, h + x)
         f = layer.ffn
-        x = ln(f.LayerNorm, F.linear(F.gelu(F.linear(h, f.w_1.weight, f.w_1.bias)), f.w_2.weight, f.w_2.bias) + h)
+        inner = drop(F.gelu(F.linear(h, f.w_1.weight, f.w_1.bias)))
+        x = ln(f.LayerNorm, drop(F.linear(inner, f.w_2.weight, f.w_2.bias)) + h)
     return x
 
 
@@ -37,10 +38,23 @@ def test_forward_is_the_reference(num_layers) -> None:
     torch.testing.assert_close(m.encode(seq, torch.full((3,), 9)), transcription(m, seq))
 
 
-def test_single_layer_has_no_residual() -> None:
-    """With one layer the released code normalises Mamba's output alone: adding the input changes it."""
-    m = model(1)
-    assert not m.mamba_layers[0].residual and model(2).mamba_layers[0].residual
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_dropout_sits_where_the_released_code_puts_it(num_layers) -> None:
+    """Training mode with every dropout replaced by a fixed scaling: any missing, extra or moved
+    dropout changes the output."""
+    m = model(num_layers).train()
+    for module in m.modules():
+        if type(module).__name__ == "Dropout":
+            module.forward = lambda x: 0.5 * x
+    seq = torch.randint(1, 31, (2, 7))
+    expected = transcription(m, seq, drop=lambda x: 0.5 * x)
+    torch.testing.assert_close(m.encode(seq, torch.full((2,), 7)), expected)
+
+
+def test_single_layer_flag() -> None:
+    """Only a stack of layers has the residual around Mamba (the output check is
+    test_forward_is_the_reference[1])."""
+    assert not model(1).mamba_layers[0].residual and model(2).mamba_layers[0].residual
 
 
 def test_released_initialisation() -> None:
@@ -51,9 +65,9 @@ def test_released_initialisation() -> None:
     assert abs(float(layer.mamba.in_proj.weight.detach().std()) - 0.02) < 0.001
     assert abs(float(layer.ffn.w_1.weight.detach().std()) - 0.02) < 0.002
     for bias in (layer.mamba.dt_proj.bias, layer.ffn.w_1.bias, layer.ffn.w_2.bias, m.LayerNorm.bias):
-        assert float(bias.abs().max()) == 0.0
-    torch.testing.assert_close(layer.mamba.A_log[0], torch.log(torch.arange(1.0, 33.0)))  # untouched
-    assert float(layer.mamba.conv1d.bias.abs().max()) > 0  # conv keeps PyTorch's own init
+        assert float(bias.detach().abs().max()) == 0.0
+    torch.testing.assert_close(layer.mamba.A_log[0].detach(), torch.log(torch.arange(1.0, 33.0)))  # untouched
+    assert float(layer.mamba.conv1d.bias.detach().abs().max()) > 0  # conv keeps PyTorch's own init
 
 
 def test_released_parameter_names_and_count() -> None:

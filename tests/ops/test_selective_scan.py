@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 import torch
 
+import mlsa4rec.ops
 from mlsa4rec.ops import resolve_impl, selective_scan, selective_scan_reference
 from mlsa4rec.ops import scan as scan_module
 
@@ -34,7 +36,9 @@ def make_inputs(batch, d_inner, n_state, length, dtype, *, seed=0, dt_scale=1.0,
 
 def run(impl, inputs, softplus=True, dtype=None, seed=1):
     """Outputs, last state and the gradient of a random projection of both, for every input."""
-    leaves = {k: (v.to(dtype) if dtype else v).clone().requires_grad_() for k, v in inputs.items() if v is not None}
+    device = "cuda" if impl == "cuda" else "cpu"
+    leaves = {k: (v.to(dtype) if dtype else v).to(device).clone().requires_grad_()
+              for k, v in inputs.items() if v is not None}
     args = {k: leaves.get(k) for k in inputs}
     out, last = selective_scan(**args, delta_softplus=softplus, return_last_state=True, impl=impl)
     g = torch.Generator().manual_seed(seed)
@@ -63,6 +67,7 @@ CASES = [  # batch, d_inner, N, L, dt_scale (added to delta before the bias and 
 @pytest.mark.parametrize("impl", FAST)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-d{}-N{}-L{}-dt{:+g}".format(*c))
 def test_float64_matches_reference(impl, case):
+    """float64 (mamba-ssm's kernel does not take it: ``cuda`` falls back to ``torch`` there)."""
     batch, d, n, length, dt_scale = case
     inputs = make_inputs(batch, d, n, length, torch.float64, dt_scale=dt_scale)
     ref, got = run("reference", inputs), run(impl, inputs)
@@ -139,10 +144,25 @@ def test_resolve_impl_and_env_override(monkeypatch):
 
 
 def test_falls_back_to_torch_without_numba(monkeypatch, caplog):
-    monkeypatch.setattr(scan_module, "_numba_kernels", lambda: None)
-    assert resolve_impl("cpu", torch.device("cpu")) == "torch"
+    monkeypatch.setitem(sys.modules, "mlsa4rec.ops._numba_scan", None)  # the import now fails
+    monkeypatch.delattr(mlsa4rec.ops, "_numba_scan", raising=False)
+    monkeypatch.setattr(scan_module, "_kernels", [])
+    monkeypatch.setattr(scan_module, "_announced", set())
+    with caplog.at_level(logging.WARNING, logger="mlsa4rec"):
+        assert resolve_impl("cpu", torch.device("cpu")) == "torch"
+        assert resolve_impl("auto", torch.device("cpu")) == "torch"
+    assert caplog.text.count("compiled CPU kernel is unavailable") == 1  # said once, not per call
     inputs = make_inputs(2, 3, 4, 9, torch.float64)
     torch.testing.assert_close(selective_scan(**inputs, impl="cpu"), selective_scan_reference(**inputs))
+
+
+def test_cpu_backward_is_not_differentiable_and_says_so():
+    inputs = make_inputs(1, 2, 3, 4, torch.float64)
+    u = inputs["u"].clone().requires_grad_()
+    (grad,) = torch.autograd.grad(selective_scan(**{**inputs, "u": u}, impl="cpu").square().sum(), u,
+                                  create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
 
 
 def test_logs_which_implementation_runs(monkeypatch, caplog):

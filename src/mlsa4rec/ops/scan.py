@@ -13,7 +13,9 @@ Implementations (``impl`` argument, or ``MLSA4REC_SCAN`` when impl="auto"):
 * ``cpu`` - compiled numba loops with a hand-written backward (``_numba_scan``): the default for
   CPU tensors. Falls back to ``torch`` (with a warning) if numba cannot be imported.
 * ``cuda`` - mamba-ssm's fused kernel when ``mamba_ssm`` imports and the tensors are on a GPU
-  (``pip install mlsa4rec[cuda]``); otherwise ``torch``. The default for GPU tensors.
+  (``pip install mlsa4rec[cuda]``); otherwise ``torch``. The default for GPU tensors. float64
+  (which the kernel does not take) and a differentiable last state (whose gradient its backward
+  drops) go to ``torch`` instead.
 * ``torch`` - pure PyTorch on any device: a sequential loop over time whose backward is written
   by hand and recomputes states from checkpoints every ``_CHUNK`` steps, so memory stays
   O(B d N L / chunk) instead of autograd's O(B d N L) per-step graph.
@@ -23,9 +25,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 log = logging.getLogger("mlsa4rec")
 
@@ -40,26 +45,45 @@ def _announce(key: str, message: str, level: int = logging.INFO) -> None:
         log.log(level, message)
 
 
+_kernels: list = []  # [module or None] once the first call has tried to load and compile them
+_kernel_lock = threading.Lock()  # numba's fallback threading layer (workqueue) aborts on concurrent calls
+
+
 def _numba_kernels():
-    """The compiled kernels, or None when numba is unavailable (its import error is logged once)."""
-    try:
-        from mlsa4rec.ops import _numba_scan
-    except Exception as exc:  # ImportError, or numba failing to initialise on an odd platform
-        _announce("numba-missing", f"selective scan: numba unavailable ({exc}); using the pure-PyTorch "
-                  "loop, which is several times slower on CPU (pip install numba)", logging.WARNING)
-        return None
-    return _numba_scan
+    """The compiled kernels, or None when numba is unavailable or cannot compile them (logged once).
+
+    The first call compiles the float32 kernels on a tiny input (or loads them from numba's disk
+    cache), so a platform where numba imports but cannot compile falls back here, not mid-training.
+    """
+    if not _kernels:
+        try:
+            from mlsa4rec.ops import _numba_scan
+
+            one = np.ones((1, 1, 1), dtype=np.float32)
+            out = [np.zeros_like(one) for _ in range(5)]
+            _numba_scan.scan_fwd(one, one, -one[0], one, one, out[0], out[1])
+            _numba_scan.scan_bwd(one, one, -one[0], one, one, one, one, *out)
+            _kernels.append(_numba_scan)
+        except Exception as exc:  # ImportError, numba failing to initialise or to compile on this platform
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            _announce("numba-missing", f"selective scan: the compiled CPU kernel is unavailable ({reason}); using "
+                      "the pure-PyTorch loop, which is about 10x slower on CPU (pip install numba)",
+                      logging.WARNING)
+            _kernels.append(None)
+    return _kernels[0]
 
 
 def _mamba_ssm_fn():
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # not installed, or built against another torch/CUDA
+    except Exception as exc:  # not installed, or built against another torch/CUDA
+        _announce("mamba-ssm-missing", f"selective scan: mamba_ssm is not importable ({exc}); GPU tensors use the "
+                  "pure-PyTorch loop (pip install 'mlsa4rec[cuda]' for the fused kernel)")
         return None
     return selective_scan_fn
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """The implementation that runs for ``impl`` on ``device`` (after the env override and fallbacks)."""
     if impl == "auto":
         impl = os.environ.get("MLSA4REC_SCAN", "auto").strip().lower() or "auto"
@@ -70,9 +94,12 @@ def resolve_impl(impl: str, device: torch.device) -> str:
         impl = "cuda" if device.type == "cuda" else "cpu"
     if impl == "cpu" and (device.type != "cpu" or _numba_kernels() is None):
         impl = "torch"
-    if impl == "cuda" and (device.type != "cuda" or _mamba_ssm_fn() is None):
+    if impl == "cuda" and (device.type != "cuda" or dtype not in _MAMBA_SSM_DTYPES or _mamba_ssm_fn() is None):
         impl = "torch"
     return impl
+
+
+_MAMBA_SSM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def selective_scan(
@@ -90,7 +117,10 @@ def selective_scan(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """out (B x d_inner x L), and the final state (B x d_inner x N) if ``return_last_state``."""
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    name = resolve_impl(impl, u.device)
+    name = resolve_impl(impl, u.device, u.dtype)
+    if name == "cuda" and return_last_state and torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (u, delta, A, B, C, D, z, delta_bias)):
+        name = "torch"  # mamba-ssm's backward drops the gradient of the last state
     threads = f", {torch.get_num_threads()} threads" if u.device.type == "cpu" else ""
     _announce(f"run-{name}-{u.device.type}", f"selective scan: {name} implementation on {u.device.type}{threads}")
     if name == "reference":
@@ -128,7 +158,9 @@ def _dt(delta: torch.Tensor, delta_bias: torch.Tensor | None, softplus: bool) ->
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                              return_last_state=False):
-    """The definition, one step at a time, differentiated by autograd (for tests: slow, exact)."""
+    """The definition, one step at a time, differentiated by autograd (for tests: slow, exact).
+    Computes in at least float32 and returns the input's dtype, as mamba-ssm's reference does."""
+    in_dtype = u.dtype
     dtype = torch.promote_types(u.dtype, torch.float32)
     u, delta, A, B, C = (x.to(dtype) for x in (u, delta, A, B, C))
     dt = _dt(delta, None if delta_bias is None else delta_bias.to(dtype), delta_softplus)
@@ -138,8 +170,8 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]
         ys.append((h * C[:, None, :, t]).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else u.new_zeros(u.shape)
-    y = _skip_and_gate(y, u, D, z)
-    return (y, h) if return_last_state else y
+    y = _skip_and_gate(y, u, D, z).to(in_dtype)
+    return (y, h.to(in_dtype)) if return_last_state else y
 
 
 def _skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor:
@@ -158,12 +190,14 @@ class _NumbaScan(torch.autograd.Function):
         args = [x.detach().contiguous() for x in (u, dt, A, B.transpose(1, 2), C.transpose(1, 2))]
         y = torch.empty_like(args[0])
         last = u.new_empty(u.shape[0], u.shape[1], A.shape[1])
-        _numba_threads()
-        kernels.scan_fwd(*(x.numpy() for x in args), y.numpy(), last.numpy())
+        with _kernel_lock:
+            _numba_threads()
+            kernels.scan_fwd(*(x.numpy() for x in args), y.numpy(), last.numpy())
         ctx.save_for_backward(*args)
         return y, last
 
     @staticmethod
+    @once_differentiable  # the kernel's gradients are not themselves differentiable
     def backward(ctx, dy, dlast):
         kernels = _numba_kernels()
         u, dt, A, Bt, Ct = ctx.saved_tensors
@@ -172,8 +206,9 @@ class _NumbaScan(torch.autograd.Function):
         du, ddt = torch.empty_like(u), torch.empty_like(u)
         dBt, dCt = torch.zeros_like(Bt), torch.zeros_like(Ct)
         dA_rows = u.new_empty(u.shape[0], u.shape[1], A.shape[1])
-        _numba_threads()
-        kernels.scan_bwd(*(x.numpy() for x in (u, dt, A, Bt, Ct, dy, dlast, du, ddt, dBt, dCt, dA_rows)))
+        with _kernel_lock:
+            _numba_threads()
+            kernels.scan_bwd(*(x.numpy() for x in (u, dt, A, Bt, Ct, dy, dlast, du, ddt, dBt, dCt, dA_rows)))
         return du, ddt, dA_rows.sum(0), dBt.transpose(1, 2), dCt.transpose(1, 2)
 
 
