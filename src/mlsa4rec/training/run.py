@@ -292,6 +292,7 @@ def _train(model: str, out: Path, config: Config, data_dir: str | Path | None, o
             del state, payload
         training = True
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        commit = git_commit()  # the code that trains, not whatever HEAD is when the run ends
         fit = trainer.fit()
         valid, test = trainer.evaluate("valid"), trainer.evaluate("test")
         results = {
@@ -318,7 +319,7 @@ def _train(model: str, out: Path, config: Config, data_dir: str | Path | None, o
             "resumed": bool(resume),
             "started": started,
             "versions": versions(),
-            "git_commit": git_commit(),
+            "git_commit": commit,
             "history": fit.history,
         }
         if stage is not None:
