@@ -42,6 +42,7 @@ def record(run_dir: Path, name: str, command: str, wall_seconds: float | None) -
 
 def table() -> str:
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    rows = [r for r in rows if "test" in r and "command" in r]  # training runs, not benchmark tables
     metrics = ("hit@10", "ndcg@10", "mrr@10")
     head = ("| run | model | dataset | L | epochs (best) | s/epoch | "
             + " | ".join(f"valid {m}" for m in metrics) + " | " + " | ".join(f"test {m}" for m in metrics) + " |")
@@ -58,6 +59,8 @@ def table() -> str:
     for r in rows:
         wall = f" (whole command: {r['wall_seconds']:.0f} s)" if r.get("wall_seconds") else ""
         lines.append(f"* **{r['name']}**, commit `{r['git_commit']}`{wall}:\n  `{r['command']}`")
+        if r.get("note"):
+            lines.append(f"  {r['note']}")
     return "\n".join(lines) + "\n"
 
 
