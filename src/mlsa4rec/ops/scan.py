@@ -11,7 +11,8 @@ Implementations (``impl`` argument, or ``MLSA4REC_SCAN`` when impl="auto"):
 
 * ``reference`` - the definition as a plain loop through autograd; any dtype incl. float64.
 * ``cpu`` - compiled numba loops with a hand-written backward (``_numba_scan``): the default for
-  CPU tensors. Falls back to ``torch`` (with a warning) if numba cannot be imported.
+  CPU tensors. Falls back to ``torch`` (with a warning, once) if numba cannot be imported or
+  cannot compile the kernels.
 * ``cuda`` - mamba-ssm's fused kernel when ``mamba_ssm`` imports and the tensors are on a GPU
   (``pip install mlsa4rec[cuda]``); otherwise ``torch``. The default for GPU tensors. float64
   (which the kernel does not take) and a differentiable last state (whose gradient its backward
@@ -23,6 +24,7 @@ Implementations (``impl`` argument, or ``MLSA4REC_SCAN`` when impl="auto"):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -35,6 +37,7 @@ from torch.autograd.function import once_differentiable
 log = logging.getLogger("mlsa4rec")
 
 IMPLEMENTATIONS = ("auto", "reference", "cpu", "cuda", "torch")
+_MAMBA_SSM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what its kernel takes
 _CHUNK = 16
 _announced: set[str] = set()
 
@@ -77,6 +80,7 @@ def _numba_kernels():
     return _kernels[0]
 
 
+@functools.lru_cache(maxsize=1)  # an import that failed is not retried on every call
 def _mamba_ssm_fn():
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -101,9 +105,6 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.flo
     if impl == "cuda" and (device.type != "cuda" or dtype not in _MAMBA_SSM_DTYPES or _mamba_ssm_fn() is None):
         impl = "torch"
     return impl
-
-
-_MAMBA_SSM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def selective_scan(
