@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 # Every test run gets its own dataset/download cache, never the user's ~/.cache.
 os.environ["MLSA4REC_CACHE_DIR"] = tempfile.mkdtemp(prefix="mlsa4rec-test-cache-")
@@ -47,3 +49,14 @@ def write_user_lines(path: Path, seqs: list[list[int]]) -> Path:
 @pytest.fixture
 def successor_file(tmp_path: Path) -> Path:
     return write_user_lines(tmp_path / "succ.txt", successor_sequences(300, 30, seed=1))
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Run the test with one torch thread, then restore the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -12,7 +12,6 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,16 +30,9 @@ SMALL = {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "hidd
          "train_batch_size": 32, "stopping_step": 100, "seed": 11, "checkpoint_steps": 2, "eval_batch_size": 64}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread, as in the subprocesses, so float reductions run in the same order (and a
-    tiny model does not pay for thread hand-offs on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# one torch thread, as each rank and subprocess has (OMP_NUM_THREADS=1): floats are summed in the
+# same order in this process as there (and a tiny model pays no thread hand-offs)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def stop_at(epoch: int, step: int, exc: BaseException):

@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +37,9 @@ HERE = Path(__file__).resolve().parent
 TINY = {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread, as each rank has (OMP_NUM_THREADS=1), so that a 1-process evaluation sums
-    floats in the same order as the ranks did."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# one torch thread, as each rank and subprocess has (OMP_NUM_THREADS=1): floats are summed in the
+# same order in this process as there (and a tiny model pays no thread hand-offs)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class NoCommGroup(DistContext):
