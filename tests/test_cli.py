@@ -28,6 +28,19 @@ def test_models_lists_sasrec(capsys) -> None:
     assert code == 0 and "MAX_ITEM_LIST_LENGTH: 50" in out and "hidden_size: 64" in out
 
 
+def test_models_params_counts_every_configuration(capsys) -> None:
+    code, out, _ = run(capsys, "models", "--params", "--n-items", "99")
+    rows = {line.split("  ")[0].strip(): line for line in out.splitlines()[1:]}
+    assert code == 0
+    faithful = rows["mlsa4rec"].split()
+    assert faithful[1] == "148,864" and faithful[2] == f"{148_864 + 100 * 64:,}"
+    assert "non-causal" in rows["mlsa4rec"] and "causal, padding-invariant" in rows["mlsa4rec --config mlsa4rec-causal"]
+    assert rows["mlsa4rec --config mlsa4rec-ablation-no-norm-layers"].split()[3] == "71,040"
+    assert {"lightsans", "mlsa4rec --config mlsa4rec-ablation-no-lsa"} <= set(rows)
+    code, _, err = run(capsys, "models", "--params", "--n-items", "0")
+    assert code == 2 and "--n-items" in err
+
+
 def test_data_stats_json(capsys, successor_file: Path) -> None:
     code, out, _ = run(capsys, "data", "stats", str(successor_file), "--json")
     stats = json.loads(out)

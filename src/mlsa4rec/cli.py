@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list registered models",
                             description="Registered models, their flags and default hyperparameters.")
     models.add_argument("--config", metavar="MODEL", help="print every setting and default of one model")
+    models.add_argument("--params", action="store_true",
+                        help="parameter counts of every model and packaged preset (variants, ablations)")
+    models.add_argument("--n-items", type=int, default=12101, metavar="N",
+                        help="items in the embedding table for --params (default: amazon-beauty's 12101)")
     return parser
 
 
@@ -203,22 +207,57 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_configurations() -> list[tuple[str, str, object]]:
+    """(label, model name, config) of every registered model's defaults and every packaged preset."""
+    from mlsa4rec.config import build_config, presets
+    from mlsa4rec.models import available
+
+    configs = [(name, name, build_config(name)) for name in available()]
+    for preset in presets():
+        owners = [m for m in available() if preset.startswith(m + "-")]
+        if owners:
+            model = max(owners, key=len)
+            configs.append((f"{model} --config {preset}", model, build_config(model, files=[preset])))
+    return configs
+
+
+def _describe(model) -> str:
+    flags = [f for f, on in (("causal", model.causal), ("padding-invariant", model.padding_invariant)) if on]
+    return f"{', '.join(flags) or 'non-causal'}; trains with {model.preferred_scheme}"
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from mlsa4rec.config import known_keys, model_hyperparameters, presets
-    from mlsa4rec.models import available, get_class
+    from mlsa4rec.models import available, build_model, get_class
 
     if args.config:
         get_class(args.config)
         for key, value in known_keys(args.config).items():
             print(f"{key}: {json.dumps(value)}")
         return 0
+    if args.params:
+        if args.n_items < 1:
+            raise MLSA4RecError(f"--n-items must be >= 1, got {args.n_items}")
+        configurations = _model_configurations()
+        width = max(len(label) for label, _, _ in configurations)
+        print(f"{'configuration':<{width}} {'non-embedding':>13} {'total':>10}  flags (embedding table: "
+              f"{args.n_items} items)")
+        for label, name, config in configurations:
+            model = build_model(get_class(name), args.n_items, config.model_kwargs(), config["MAX_ITEM_LIST_LENGTH"])
+            print(f"{label:<{width}} {model.num_parameters(exclude_embeddings=True):>13,} "
+                  f"{model.num_parameters():>10,}  {_describe(model)}")
+        return 0
     for name in available():
-        cls = get_class(name)
-        flags = ", ".join(f for f, on in (("causal", cls.causal), ("padding-invariant", cls.padding_invariant)) if on)
         params = " ".join(f"{k}={v}" for k, v in model_hyperparameters(name).items())
-        print(f"{name:<12} [{flags or 'non-causal'}; trains with {cls.preferred_scheme}]  {params}")
+        print(f"{name:<12} [{_describe(_default_model(name))}]  {params}")
     print(f"\npresets (--config NAME): {', '.join(presets())}")
     return 0
+
+
+def _default_model(name: str):
+    from mlsa4rec.models import create
+
+    return create(name, 10)
 
 
 COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "models": _cmd_models}

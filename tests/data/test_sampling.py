@@ -86,6 +86,18 @@ def test_eval_batches_cover_users_in_order(data) -> None:
     assert rows.tolist() == list(range(len(data.eval_targets("test"))))
 
 
+def test_trimmed_eval_batches_cover_users_once_sorted_by_length(data) -> None:
+    batches = list(eval_batches(data, "test", 6, batch_size=9, trim=True))
+    rows = np.concatenate([b.rows for b in batches])
+    assert sorted(rows.tolist()) == list(range(len(data.eval_targets("test"))))
+    lengths = np.concatenate([b.lengths.numpy() for b in batches])
+    assert (np.diff(lengths) >= 0).all() and all(b.item_seq.shape[1] == b.lengths.max() for b in batches)
+    for b in batches:  # each row is its user's input and target
+        reference = next(iter(eval_batches(data, "test", 6, batch_size=10**6)))
+        assert (b.targets == reference.targets[b.rows]).all()
+        assert (b.item_seq == reference.item_seq[b.rows, :b.item_seq.shape[1]]).all()
+
+
 @pytest.mark.parametrize("stride", [1, 2, 5])
 def test_overlapping_windows_keep_context(data, stride) -> None:
     """With stride < L every target is still used once, and sees min(its prefix, L - stride + 1)

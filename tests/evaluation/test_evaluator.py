@@ -45,3 +45,21 @@ def test_exclude_history_keeps_a_repeated_target() -> None:
     model = Fixed(data.n_items)
     assert split_ranks(model, data, "test", 10).tolist() == [2]            # id 4 scores higher
     assert split_ranks(model, data, "test", 10, exclude_history=True).tolist() == [1]  # id 4 seen: removed
+
+
+def test_length_sorted_scoring_returns_ranks_in_user_order() -> None:
+    """A padding-invariant model is scored in length-sorted, trimmed batches; the ranks come back
+    in user order, equal to scoring every user padded to L."""
+    from mlsa4rec.models import create
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 20, size=30)
+    users = np.repeat(np.arange(30), lengths)
+    items = rng.integers(1, 40, size=users.shape[0])
+    data = build_sequences(Interactions(users, items, np.arange(users.shape[0], dtype=float)), "t",
+                           "[0,inf)", "[0,inf)")
+    torch.manual_seed(0)
+    model = create("mamba4rec", data.n_items, hidden_size=8, d_state=4)
+    sorted_ranks = split_ranks(model, data, "test", 12, batch_size=7)
+    model.padding_invariant = False
+    assert sorted_ranks.tolist() == split_ranks(model, data, "test", 12, batch_size=7).tolist()

@@ -5,14 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlsa4rec.models import available, create, get_class
+from mlsa4rec.models import available, create
 
 N_ITEMS = 40
 
 
-def build(name: str):
+# every registered model at its defaults, plus the variants whose flags differ from them
+CASES = [(name, {}) for name in available()] + [
+    ("mlsa4rec", {"variant": "masked"}), ("mlsa4rec", {"variant": "causal"}),
+    ("mlsa4rec", {"variant": "causal", "attn_softmax": "sequence"}),
+]
+IDS = [name + "".join(f"-{v}" for v in kw.values()) for name, kw in CASES]
+
+
+def build(name: str, **kw):
     torch.manual_seed(0)
-    return create(name, N_ITEMS, MAX_ITEM_LIST_LENGTH=12).eval()
+    return create(name, N_ITEMS, MAX_ITEM_LIST_LENGTH=12, **kw).eval()
+
+
+def cases_where(flag: str) -> list:
+    return [pytest.param(name, kw, id=i) for (name, kw), i in zip(CASES, IDS) if getattr(build(name, **kw), flag)]
 
 
 def padded_batch(seed: int = 0):
@@ -24,9 +36,9 @@ def padded_batch(seed: int = 0):
     return seq, lengths
 
 
-@pytest.mark.parametrize("name", available())
-def test_api_shapes(name) -> None:
-    m = build(name)
+@pytest.mark.parametrize("name, kw", CASES, ids=IDS)
+def test_api_shapes(name, kw) -> None:
+    m = build(name, **kw)
     seq, lengths = padded_batch()
     assert m.encode(seq, lengths).shape[:2] == (3, 10)
     scores = m.full_sort_scores(seq, lengths)
@@ -35,18 +47,18 @@ def test_api_shapes(name) -> None:
     assert m.item_table().shape[0] == N_ITEMS + 1
 
 
-@pytest.mark.parametrize("name", [n for n in available() if get_class(n).causal])
-def test_causal_models_never_see_the_future(name) -> None:
-    m = build(name)
+@pytest.mark.parametrize("name, kw", cases_where("causal"))
+def test_causal_models_never_see_the_future(name, kw) -> None:
+    m = build(name, **kw)
     seq, lengths = padded_batch()
     changed = seq.clone()
     changed[:, 5:] = torch.randint(1, N_ITEMS + 1, (3, 5))
     torch.testing.assert_close(m.encode(seq, lengths)[:, :5], m.encode(changed, lengths)[:, :5])
 
 
-@pytest.mark.parametrize("name", [n for n in available() if get_class(n).padding_invariant])
-def test_padding_invariant_models_ignore_trailing_padding(name) -> None:
-    m = build(name)
+@pytest.mark.parametrize("name, kw", cases_where("padding_invariant"))
+def test_padding_invariant_models_ignore_trailing_padding(name, kw) -> None:
+    m = build(name, **kw)
     seq, lengths = padded_batch()
     longer = torch.cat([seq, torch.zeros(3, 2, dtype=torch.long)], dim=1)
     torch.testing.assert_close(m(seq, lengths), m(longer, lengths))
@@ -54,9 +66,9 @@ def test_padding_invariant_models_ignore_trailing_padding(name) -> None:
     torch.testing.assert_close(m(seq[:, :6], short), m(seq, short))
 
 
-@pytest.mark.parametrize("name", available())
-def test_gradients_reach_every_parameter(name) -> None:
-    m = build(name).train()
+@pytest.mark.parametrize("name, kw", CASES, ids=IDS)
+def test_gradients_reach_every_parameter(name, kw) -> None:
+    m = build(name, **kw).train()
     seq, lengths = padded_batch()
     (m(seq, lengths) @ m.item_table().T).logsumexp(-1).sum().backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]

@@ -16,25 +16,44 @@ from mlsa4rec.training.trainer import cross_entropy
 
 COMMON = {"MAX_ITEM_LIST_LENGTH": 8, "learning_rate": 0.01, "epochs": 30, "train_batch_size": 64,
           "stopping_step": 3, "topk": [1, 5, 10], "seed": 7}
-SMALL = {
-    "mamba4rec": {"hidden_size": 16, "d_state": 8, "dropout_prob": 0.0},
-    "gru4rec": {"embedding_size": 16, "hidden_size": 32, "dropout_prob": 0.0},
+MLSA4REC_SMALL = {"hidden_size": 16, "d_state": 8, "k_interests": 4, "n_heads": 2, "dropout_prob": 0.0,
+                  "attn_dropout_prob": 0.0}
+SMALL = {  # causal models: all-positions training
+    "mamba4rec": ("mamba4rec", {"hidden_size": 16, "d_state": 8, "dropout_prob": 0.0}),
+    "gru4rec": ("gru4rec", {"embedding_size": 16, "hidden_size": 32, "dropout_prob": 0.0}),
+    "mlsa4rec-causal": ("mlsa4rec", {**MLSA4REC_SMALL, "variant": "causal"}),
+}
+PREFIX = {  # non-causal models: prefix samples
+    "mlsa4rec-faithful": ("mlsa4rec", MLSA4REC_SMALL),
+    "mlsa4rec-masked": ("mlsa4rec", {**MLSA4REC_SMALL, "variant": "masked"}),
+    "lightsans": ("lightsans", {"hidden_size": 16, "inner_size": 32, "k_interests": 3, "hidden_dropout_prob": 0.0,
+                                "attn_dropout_prob": 0.0}),
 }
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
-def test_learns_the_successor_pattern(name, successor_file: Path, tmp_path: Path) -> None:
-    results = train(name, str(successor_file), tmp_path / "run", overrides={**COMMON, **SMALL[name]})
+@pytest.mark.parametrize("case", sorted(SMALL))
+def test_learns_the_successor_pattern(case, successor_file: Path, tmp_path: Path) -> None:
+    name, kw = SMALL[case]
+    results = train(name, str(successor_file), tmp_path / "run", overrides={**COMMON, **kw})
     assert results["train_scheme"] == "all_positions"
     assert results["test"]["hit@1"] > 0.9, results["test"]
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
-def test_all_positions_loss_equals_prefix_loss(name, successor_file: Path) -> None:
+@pytest.mark.parametrize("case", sorted(PREFIX))
+def test_non_causal_models_learn_from_prefixes(case, successor_file: Path, tmp_path: Path) -> None:
+    name, kw = PREFIX[case]
+    results = train(name, str(successor_file), tmp_path / "run", overrides={**COMMON, **kw, "train_batch_size": 128})
+    assert results["train_scheme"] == "prefix"
+    assert results["test"]["hit@1"] > 0.9, results["test"]
+
+
+@pytest.mark.parametrize("case", sorted(SMALL))
+def test_all_positions_loss_equals_prefix_loss(case, successor_file: Path) -> None:
     """Causal: the loss over all positions of the windows = the mean loss over every prefix."""
+    name, kw = SMALL[case]
     data = load_dataset(str(successor_file))  # sequences of 6..14 items < L = 20
     torch.manual_seed(0)
-    model = create(name, data.n_items, MAX_ITEM_LIST_LENGTH=20, **SMALL[name]).eval()
+    model = create(name, data.n_items, MAX_ITEM_LIST_LENGTH=20, **kw).eval()
     means = {}
     with torch.no_grad():
         for scheme in ("prefix", "all_positions"):

@@ -152,20 +152,33 @@ class TrainSampler:
             yield self.batch(rows)
 
 
+def eval_order(data: SequenceData, split: str, max_len: int, trim: bool = False) -> np.ndarray:
+    """The order in which ``eval_batches`` scores the users of ``split`` (indices into its targets):
+    user order, or - when batches are trimmed - by history length, so that each batch is about as
+    wide as its histories instead of as wide as its longest one (a stable sort: deterministic)."""
+    targets = data.eval_targets(split)
+    if not trim:
+        return np.arange(len(targets))
+    start, end = history_bounds(data, targets, max_len)
+    return np.argsort(end - start, kind="stable")
+
+
 def eval_batches(
     data: SequenceData, split: str, max_len: int, batch_size: int, trim: bool = False, part: tuple[int, int] = (0, 1)
 ) -> Iterator[Batch]:
-    """Validation or test batches in user order: input = the user's events before the target.
+    """Validation or test batches: input = the user's events before the target, in ``eval_order``
+    (``Batch.rows`` says which users each batch holds).
 
     ``part=(rank, world_size)`` yields only batches ``rank, rank + world_size, ...`` of that
     sequence: each is built exactly as in one process, so distributed scores are bit-identical.
     """
     rank, world_size = part
     targets = data.eval_targets(split)
+    order = eval_order(data, split, max_len, trim)
     start, end = history_bounds(data, targets, max_len)
     for lo in range(rank * batch_size, len(targets), batch_size * world_size):
-        s, e = start[lo:lo + batch_size], end[lo:lo + batch_size]
+        rows = order[lo:lo + batch_size]
+        s, e = start[rows], end[rows]
         width = int((e - s).max()) if trim else max_len
         seq, lengths = gather(data.items, s, e, width)
-        yield Batch(torch.from_numpy(seq), torch.from_numpy(lengths), torch.from_numpy(data.items[e]),
-                    np.arange(lo, lo + len(s)))
+        yield Batch(torch.from_numpy(seq), torch.from_numpy(lengths), torch.from_numpy(data.items[e]), rows)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mlsa4rec.data.dataset import SequenceData
-from mlsa4rec.data.sampling import eval_batches
+from mlsa4rec.data.sampling import eval_batches, eval_order
 from mlsa4rec.metrics import METRICS, metrics_from_ranks, target_ranks
 
 
@@ -67,7 +67,8 @@ def split_ranks(
     device: torch.device | str = "cpu",
     group: Group | None = None,
 ) -> np.ndarray:
-    """Target rank (1-based, ties optimistic) of every user with a ``split`` target, in user order.
+    """Target rank (1-based, ties optimistic) of every user with a ``split`` target, in user order
+    (a padding-invariant model scores the users sorted by history length, see ``eval_order``).
 
     With a ``group`` of several ranks, each rank scores every world_size-th batch (the same
     batches one process would build, so the same floats) and the ranks are gathered and put back
@@ -88,9 +89,11 @@ def split_ranks(
     finally:
         model.train(was_training)
     local = torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
-    if world == 1:
-        return local
-    return merge_round_robin(group.all_gather_array(local), len(targets_all), batch_size)
+    if world > 1:
+        local = merge_round_robin(group.all_gather_array(local), len(targets_all), batch_size)
+    ranks = np.empty_like(local)
+    ranks[eval_order(data, split, max_len, trim)] = local  # scoring order -> user order
+    return ranks
 
 
 def evaluate(

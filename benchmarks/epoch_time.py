@@ -1,0 +1,99 @@
+"""Seconds per training epoch of model configurations on a real dataset, at several lengths L.
+
+Where a whole epoch would take too long to wait for (the faithful MLSA4Rec on ML-1M reads every
+prefix padded to L), the epoch time is projected: ``--steps`` batches drawn at random from a
+real shuffled epoch (so short and long batches in their true proportion) are timed after a
+warm-up, and their mean times the number of batches in the epoch is the estimate. ``--full`` also
+times whole epochs where the projection is under ``--full-limit`` seconds, to check it.
+
+    python benchmarks/epoch_time.py --data-dir ../shared/data --dataset ml-1m --lengths 50 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import numpy as np
+import torch
+
+from mlsa4rec.config import build_config
+from mlsa4rec.data import load_dataset
+from mlsa4rec.models import build_model, get_class
+from mlsa4rec.training.trainer import Trainer
+
+# label: (model, settings); batch sizes are chosen to fit in memory at L=200 - the time per
+# sample hardly depends on them, the number of optimiser steps per epoch does
+CASES = {
+    "mlsa4rec faithful": ("mlsa4rec", {"variant": "faithful", "train_batch_size": 256}),
+    "mlsa4rec masked": ("mlsa4rec", {"variant": "masked", "train_batch_size": 256}),
+    "mlsa4rec causal": ("mlsa4rec", {"variant": "causal", "train_batch_size": 32}),
+    "mamba4rec": ("mamba4rec", {"train_batch_size": 32}),
+    "sasrec": ("sasrec", {"train_batch_size": 32}),
+}
+
+
+def time_epoch(model_name: str, settings: dict, data, max_len: int, steps: int, full_limit: float) -> dict:
+    config = build_config(model_name, overrides={**settings, "MAX_ITEM_LIST_LENGTH": max_len, "seed": 0})
+    torch.manual_seed(0)
+    model = build_model(get_class(model_name), data.n_items, config.model_kwargs(), max_len)
+    trainer = Trainer(model, data, config, torch.device("cpu"))
+    batches = trainer.sampler.epoch_batches()
+    rng = np.random.default_rng(0)
+    for rows in batches[:2]:  # warm-up: compilation, allocator
+        trainer.train_step(rows, 1)
+    picked = rng.choice(len(batches), size=min(steps, len(batches)), replace=False)
+    times = []
+    for i in picked:
+        t0 = time.perf_counter()
+        trainer.train_step(batches[i], 1)
+        times.append(time.perf_counter() - t0)
+    projected = float(np.mean(times)) * len(batches)
+    out = {"scheme": trainer.scheme, "samples": trainer.sampler.n_samples, "steps_per_epoch": len(batches),
+           "batch": config["train_batch_size"], "timed_steps": len(times), "projected_s_per_epoch": round(projected, 1)}
+    if projected <= full_limit:
+        t0 = time.perf_counter()
+        for rows in batches:
+            trainer.train_step(rows, 1)
+        out["measured_s_per_epoch"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    trainer.evaluate("valid")
+    out["valid_seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--dataset", default="ml-1m")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[50, 200])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--steps", type=int, default=20, help="random batches timed per case")
+    parser.add_argument("--full", action="store_true", help="also time whole epochs under --full-limit")
+    parser.add_argument("--full-limit", type=float, default=300.0)
+    parser.add_argument("--json", help="write the results here as JSON")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    data = load_dataset(args.dataset, args.data_dir)
+    results = []
+    print(f"{args.dataset}: {data.n_users} users, {data.n_items} items; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'case':<20} {'L':>4} {'scheme':<14} {'steps':>6} {'batch':>6} {'projected s/epoch':>18} "
+          f"{'measured':>9} {'valid s':>8}")
+    for length in args.lengths:
+        for label in args.cases:
+            name, settings = CASES[label]
+            r = time_epoch(name, settings, data, length, args.steps, args.full_limit if args.full else -1)
+            results.append({"case": label, "L": length, **r})
+            print(f"{label:<20} {length:>4} {r['scheme']:<14} {r['steps_per_epoch']:>6} {r['batch']:>6} "
+                  f"{r['projected_s_per_epoch']:>18.1f} {r.get('measured_s_per_epoch', float('nan')):>9.1f} "
+                  f"{r['valid_seconds']:>8.1f}", flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"dataset": args.dataset, "threads": torch.get_num_threads(), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Low-rank decomposed self-attention (LSA, from LightSANs) in three forms.
+
+For X: B x L x D (``MLSA4REC.md`` section 3)::
+
+    Q, K, V = X Wq, X Wk, X Wv
+    K~ = softmax_L(K Theta_K)^T K        item-to-interest pooling: P vectors of D, shared by the heads
+    V~ = softmax_L(V Theta_V)^T V
+    W  = softmax_?(Q_h K~_h^T / sqrt(d_h))        B x H x L x P, then attention dropout
+    A  = LN(Drop(W V~) + X)              no output projection
+
+``mode`` chooses how the padding and the future are treated:
+
+* ``faithful`` - the released code: no mask, so padded positions take part in both softmaxes and
+  every output depends on how much padding follows the sequence.
+* ``masked`` - padded positions are left out of the pooling and of a sequence-axis attention
+  softmax, so outputs at real positions no longer depend on the padding.
+* ``causal`` - position t pools only positions <= t (a running log-sum-exp, see
+  ``cumulative_pool``), and a sequence-axis softmax is normalised over positions <= t. The output
+  at t then depends on nothing after t, and ``step`` updates a constant-size state per event.
+
+``softmax`` is the axis of the attention weights: ``sequence`` (the released code: for each
+interest, a distribution over positions) or ``interests`` (for each position, a distribution over
+the P interests, as ordinary attention would).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from mlsa4rec.layers.dropout import Dropout
+
+MODES = ("faithful", "masked", "causal")
+SOFTMAX_AXES = ("sequence", "interests")
+
+
+class ItemToInterestPooling(nn.Module):
+    """P softmax-weighted averages of the L inputs; ``theta`` (D x P) is initialised N(0, 1)."""
+
+    def __init__(self, d_model: int, k_interests: int) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.randn(d_model, k_interests))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """B x P x D pooled over the whole sequence (``mask``: B x L, True = take part)."""
+        logits = x @ self.theta
+        if mask is not None:
+            logits = logits.masked_fill(~mask[..., None], float("-inf"))
+        return logits.softmax(dim=1).transpose(1, 2) @ x
+
+    def cumulative(self, x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """B x L x P x D: at each t, the pooling over positions <= t only.
+
+        pooled_t = sum_{s<=t} exp(a_s - z_t) x_s with a = x Theta and z_t = logcumsumexp(a)_t.
+        Every exponent is <= 0, so nothing overflows however large the logits grow. Positions are
+        processed in chunks of ``chunk``: inside a chunk the weights form a T x T triangle; across
+        chunks the pooled sum is carried, rescaled by exp(z_prev - z_t) <= 1. Time and memory are
+        linear in L.
+        """
+        a = x @ self.theta                                   # B x L x P
+        z = torch.logcumsumexp(a, dim=1)
+        out, carry, z_prev = [], None, None
+        for lo in range(0, x.shape[1], chunk):
+            ac, zc, xc = a[:, lo:lo + chunk], z[:, lo:lo + chunk], x[:, lo:lo + chunk]
+            t = ac.shape[1]
+            later = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)[None, :, :, None]
+            w = (ac[:, None, :, :] - zc[:, :, None, :]).masked_fill(later, float("-inf")).exp()  # B x t x s x P
+            pooled = torch.einsum("btsp,bsd->btpd", w, xc)
+            if carry is not None:
+                pooled = pooled + (z_prev[:, None] - zc).exp()[..., None] * carry[:, None]
+            carry, z_prev = pooled[:, -1], zc[:, -1]
+            out.append(pooled)
+        return torch.cat(out, dim=1)
+
+    def step(self, x_t: torch.Tensor, pooled: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add one position (B x D) to a running pooling (B x P x D, log-normaliser z: B x P)."""
+        a = x_t @ self.theta
+        z_new = torch.logaddexp(z, a)
+        pooled = (z - z_new).exp()[..., None] * pooled + (a - z_new).exp()[..., None] * x_t[:, None]
+        return pooled, z_new
+
+
+class LSAState(NamedTuple):
+    """What a causal LSA remembers between events: the running poolings and their normalisers."""
+    key: torch.Tensor        # B x P x D
+    key_z: torch.Tensor      # B x P
+    value: torch.Tensor      # B x P x D
+    value_z: torch.Tensor    # B x P
+    scores_z: torch.Tensor   # B x H x P: running log-normaliser of a sequence-axis softmax
+
+
+class LowRankSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, k_interests: int, attn_dropout: float, hidden_dropout: float,
+                 mode: str = "faithful", softmax: str = "sequence", eps: float = 1e-12) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"hidden_size ({d_model}) must be divisible by n_heads ({n_heads})")
+        if mode not in MODES:
+            raise ValueError(f"LSA mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if softmax not in SOFTMAX_AXES:
+            raise ValueError(f"attention softmax axis must be one of {', '.join(SOFTMAX_AXES)}; got {softmax!r}")
+        if k_interests < 1:
+            raise ValueError(f"k_interests must be >= 1, got {k_interests}")
+        self.n_heads, self.mode, self.softmax = n_heads, mode, softmax
+        self.query = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_model, d_model)
+        self.value = nn.Linear(d_model, d_model)
+        self.attpooling_key = ItemToInterestPooling(d_model, k_interests)
+        self.attpooling_value = ItemToInterestPooling(d_model, k_interests)
+        self.attn_dropout = Dropout(attn_dropout)
+        self.dropout = Dropout(hidden_dropout)
+        self.LayerNorm = nn.LayerNorm(d_model, eps=eps)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """... x D -> ... x H x d_h"""
+        return x.unflatten(-1, (self.n_heads, x.shape[-1] // self.n_heads))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.context(x, lengths)) + x)
+
+    def context(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention output W V~ with the heads merged (B x L x D), before dropout and residual."""
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        scale = 1.0 / math.sqrt(x.shape[-1] // self.n_heads)
+        if self.mode == "causal":
+            k_pool = self._heads(self.attpooling_key.cumulative(k))      # B x L x P x H x d_h
+            v_pool = self._heads(self.attpooling_value.cumulative(v))
+            scores = torch.einsum("blhd,blphd->bhlp", self._heads(q), k_pool) * scale
+            if self.softmax == "interests":
+                weights = scores.softmax(dim=-1)
+            else:  # normalised over positions <= t
+                weights = (scores - torch.logcumsumexp(scores, dim=2)).exp()
+            context = torch.einsum("bhlp,blphd->blhd", self.attn_dropout(weights), v_pool).flatten(-2)
+        else:
+            mask = None
+            if self.mode == "masked":
+                if lengths is None:
+                    raise ValueError("the masked LSA needs the sequence lengths")
+                mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]   # B x L
+            k_pool = self._heads(self.attpooling_key(k, mask)).transpose(1, 2)     # B x H x P x d_h
+            v_pool = self._heads(self.attpooling_value(v, mask)).transpose(1, 2)
+            scores = self._heads(q).transpose(1, 2) @ k_pool.transpose(-1, -2) * scale   # B x H x L x P
+            if self.softmax == "interests":
+                weights = scores.softmax(dim=-1)
+            else:
+                if mask is not None:
+                    scores = scores.masked_fill(~mask[:, None, :, None], float("-inf"))
+                weights = scores.softmax(dim=-2)
+            context = (self.attn_dropout(weights) @ v_pool).transpose(1, 2).flatten(-2)
+        return context
+
+    # --- streaming (causal mode only) ---------------------------------------------------------
+    def initial_state(self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+                      ) -> LSAState:
+        device = device or self.query.weight.device
+        dtype = dtype or self.query.weight.dtype
+        d, p = self.query.in_features, self.attpooling_key.theta.shape[1]
+        empty = torch.full((batch, p), float("-inf"), device=device, dtype=dtype)
+        zeros = torch.zeros(batch, p, d, device=device, dtype=dtype)
+        scores_z = torch.full((batch, self.n_heads, p), float("-inf"), device=device, dtype=dtype)
+        return LSAState(zeros, empty, zeros.clone(), empty.clone(), scores_z)
+
+    def step(self, x_t: torch.Tensor, state: LSAState) -> tuple[torch.Tensor, LSAState]:
+        """Output at one new position (B x D) from the state of the positions before it."""
+        if self.mode != "causal":
+            raise RuntimeError(f"only the causal LSA can stream; this one is {self.mode!r}")
+        k_pool, k_z = self.attpooling_key.step(self.key(x_t), state.key, state.key_z)
+        v_pool, v_z = self.attpooling_value.step(self.value(x_t), state.value, state.value_z)
+        q = self._heads(self.query(x_t))                                         # B x H x d_h
+        scores = torch.einsum("bhd,bphd->bhp", q, self._heads(k_pool)) / math.sqrt(q.shape[-1])
+        scores_z = state.scores_z
+        if self.softmax == "interests":
+            weights = scores.softmax(dim=-1)
+        else:
+            scores_z = torch.logaddexp(scores_z, scores)
+            weights = (scores - scores_z).exp()
+        context = torch.einsum("bhp,bphd->bhd", self.attn_dropout(weights), self._heads(v_pool)).flatten(-2)
+        return self.LayerNorm(self.dropout(context) + x_t), LSAState(k_pool, k_z, v_pool, v_z, scores_z)

@@ -1,0 +1,122 @@
+"""LightSANs (Fan et al., SIGIR 2021) as in RecBole 1.2: low-rank attention, decoupled positions.
+
+    E   = Drop(LN(Emb(s)))                                  no position added to the items
+    each layer:
+        C_item = softmax_L(Q K~^T / sqrt(d_h)) V~           item-to-interest attention (layers/lsa.py)
+        P^     = LN_p(PosEmb(0..L-1))
+        C_pos  = softmax_L((P^ Wq_p)(P^ Wk_p)^T / (sqrt(2 d_h) sqrt(d_h))) V    decoupled positions,
+                                                                           un-pooled V, shared by the batch
+        H      = LN(Drop(Dense(C_item + C_pos)) + X)
+        X      = LN(Drop(W2 GELU(W1 H)) + H)                FFN, inner size 4D
+    h = X[len - 1];  scores = h . Emb^T
+
+Both softmaxes run over the sequence axis with no mask, so, like the faithful MLSA4Rec, the model
+is neither causal nor padding-invariant: it trains on prefix samples padded to L. Parameter
+names are RecBole's (``trm_encoder.layer.{i}.multi_head_attention.*``, ``.feed_forward.*``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mlsa4rec.layers import Dropout
+from mlsa4rec.layers.lsa import LowRankSelfAttention
+from mlsa4rec.layers.transformer import FeedForward
+from mlsa4rec.models import register
+from mlsa4rec.models.base import SequentialRecommender
+
+
+class LightMultiHeadAttention(LowRankSelfAttention):
+    """The faithful LSA plus LightSANs' position branch and output projection."""
+
+    def __init__(self, d_model: int, n_heads: int, k_interests: int, attn_dropout: float, hidden_dropout: float,
+                 eps: float) -> None:
+        super().__init__(d_model, n_heads, k_interests, attn_dropout, hidden_dropout, "faithful", "sequence", eps)
+        self.pos_q_linear = nn.Linear(d_model, d_model)
+        self.pos_k_linear = nn.Linear(d_model, d_model)
+        self.pos_ln = nn.LayerNorm(d_model, eps=eps)
+        self.dense = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        d_h = x.shape[-1] // self.n_heads
+        p = self.pos_ln(pos)                                                  # L x D
+        q_p = self._heads(self.pos_q_linear(p)).transpose(0, 1) / math.sqrt(2 * d_h)   # H x L x d_h
+        k_p = self._heads(self.pos_k_linear(p)).transpose(0, 1)
+        pos_weights = (q_p @ k_p.transpose(-1, -2) / math.sqrt(d_h)).softmax(dim=-2)   # H x L x L
+        v = self._heads(self.value(x)).transpose(1, 2)                               # B x H x L x d_h
+        pos_context = (pos_weights @ v).transpose(1, 2).flatten(-2)
+        return self.LayerNorm(self.dropout(self.dense(self.context(x) + pos_context)) + x)
+
+
+class LightTransformerLayer(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, k_interests: int, inner_size: int, hidden_dropout: float,
+                 attn_dropout: float, act: str, eps: float) -> None:
+        super().__init__()
+        self.multi_head_attention = LightMultiHeadAttention(d_model, n_heads, k_interests, attn_dropout,
+                                                            hidden_dropout, eps)
+        self.feed_forward = FeedForward(d_model, inner_size, hidden_dropout, act, eps)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.feed_forward(self.multi_head_attention(x, pos))
+
+
+class LightTransformerEncoder(nn.Module):
+    def __init__(self, n_layers: int, **layer_kwargs) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(LightTransformerLayer(**layer_kwargs) for _ in range(n_layers))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, pos)
+        return x
+
+
+@register("lightsans")
+class LightSANs(SequentialRecommender):
+    def __init__(
+        self,
+        n_items: int,
+        max_seq_length: int,
+        hidden_size: int,
+        n_layers: int,
+        n_heads: int,
+        k_interests: int,
+        inner_size: int,
+        hidden_dropout_prob: float,
+        attn_dropout_prob: float,
+        hidden_act: str,
+        layer_norm_eps: float,
+        initializer_range: float,
+    ) -> None:
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        self.n_items, self.max_seq_length, self.initializer_range = n_items, max_seq_length, initializer_range
+        self.item_embedding = nn.Embedding(n_items + 1, hidden_size, padding_idx=0)
+        self.position_embedding = nn.Embedding(max_seq_length, hidden_size)
+        self.trm_encoder = LightTransformerEncoder(
+            n_layers, d_model=hidden_size, n_heads=n_heads, k_interests=k_interests, inner_size=inner_size,
+            hidden_dropout=hidden_dropout_prob, attn_dropout=attn_dropout_prob, act=hidden_act, eps=layer_norm_eps)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.dropout = Dropout(hidden_dropout_prob)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """RecBole's init: N(0, 0.02) Linear/Embedding weights, zero biases, LN (1, 0); Theta N(0, 1)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(0.0, self.initializer_range)
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+
+    def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if item_seq.shape[1] > self.max_seq_length:
+            raise ValueError(f"sequences of length {item_seq.shape[1]} exceed the model's "
+                             f"MAX_ITEM_LIST_LENGTH={self.max_seq_length}; truncate to the most recent items")
+        pos = self.position_embedding(torch.arange(item_seq.shape[1], device=item_seq.device))
+        return self.trm_encoder(self.dropout(self.LayerNorm(self.item_embedding(item_seq))), pos)

@@ -1,0 +1,253 @@
+"""MLSA4Rec (Su & Huang, arXiv 2407.13135): Mamba combined with low-rank decomposed self-attention.
+
+    H0 = LN0(Drop(Emb(s)))                                      no positional embedding
+    Mamba-LSA interaction layer (num_interaction_layers, 1 in the paper):
+        M = LN1(Drop(Mamba(H0)) + H0)                           structural bias from Mamba
+        A = LSA(M)                                              item-to-interest attention over M
+        G = LN2(GELU(W1 A) * M)                                 the LSA output gates the Mamba branch
+        O = LN3(Drop(GELU(W2 [A ; G])) + GELU(W3 H0))           fusion MLP plus an MLP skip
+    Mamba normalization layers (num_layers):  O = LN(Drop(Mamba(O)) + O)
+    h = O[len - 1];  scores = h . Emb^T;  full-softmax cross-entropy
+
+``variant`` says how the LSA treats padding and the future (``layers/lsa.py``):
+
+* ``faithful`` - the authors' code exactly: no mask, so the padding after a sequence takes part in
+  both softmaxes of the LSA and the output depends on how much of it there is. Trains on
+  prefix samples right-padded to L, as released.
+* ``masked`` - padding is left out of the LSA's softmaxes. Outputs at real positions no longer
+  depend on the padding, so batches are length-bucketed and trimmed: on Amazon data (mean
+  length ~9, L=50) most of the faithful model's compute is padding.
+* ``causal`` - the LSA at t sees only positions <= t (running pooling, attention over the
+  interests), which makes the whole model causal: it trains on all positions of a sequence in one
+  pass, and ``step`` serves a user by updating a constant-size state per event. Linear in L.
+
+The other knobs are the ones the paper never varied (number of interaction and normalization
+layers, P, heads, gate activation, attention softmax axis) and the ablations: ``use_lsa=false``
+(Mamba only), ``lsa_input=embedding`` (LSA reads H0, not M), ``gate_act=none`` (G = M, plain
+concatenation), ``num_layers=0``, ``interaction_mamba=false`` (M = H0). The packaged presets
+``mlsa4rec-ablation-*`` name them.
+
+The released code also builds modules it never calls (a spare Mamba block, LightSANs' position
+branch, an output projection, a feed-forward block); they are left out, and
+``mlsa4rec.convert.from_recbole`` drops their weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlsa4rec.layers import Dropout, Mamba, MambaState
+from mlsa4rec.layers.lsa import LowRankSelfAttention, LSAState
+from mlsa4rec.models import register
+from mlsa4rec.models.base import SequentialRecommender, gather_last
+
+VARIANTS = ("faithful", "masked", "causal")
+GATES = {"gelu": F.gelu, "sigmoid": torch.sigmoid}
+
+
+class InteractionState(NamedTuple):
+    mamba: MambaState | None
+    lsa: LSAState | None
+
+
+class MambaLSAInteraction(nn.Module):
+    """One Mamba-LSA interaction layer: H0 (B x L x D) -> O (B x L x D)."""
+
+    def __init__(self, d_model: int, mamba_kwargs: dict, lsa_kwargs: dict, dropout: float, eps: float,
+                 gate_act: str = "gelu", use_lsa: bool = True, lsa_input: str = "mamba", use_mamba: bool = True
+                 ) -> None:
+        super().__init__()
+        if gate_act not in (*GATES, "none"):
+            raise ValueError(f"gate_act must be one of {', '.join((*GATES, 'none'))}; got {gate_act!r}")
+        if lsa_input not in ("mamba", "embedding"):
+            raise ValueError(f"lsa_input must be mamba or embedding; got {lsa_input!r}")
+        self.lsa_input, self.dropout = lsa_input, Dropout(dropout)
+        self.mamba = Mamba(d_model, **mamba_kwargs) if use_mamba else None
+        self.LayerNorm1 = nn.LayerNorm(d_model, eps=eps) if use_mamba else None
+        self.lsa = LowRankSelfAttention(d_model, **lsa_kwargs, hidden_dropout=dropout, eps=eps) if use_lsa else None
+        gated = use_lsa and gate_act != "none"
+        self.gate_act = GATES.get(gate_act)
+        self.gate = nn.Linear(d_model, d_model) if gated else None
+        self.LayerNorm2 = nn.LayerNorm(d_model, eps=eps) if gated else None
+        self.fuse = nn.Linear(2 * d_model if use_lsa else d_model, d_model)
+        self.skip = nn.Linear(d_model, d_model)
+        self.LayerNorm3 = nn.LayerNorm(d_model, eps=eps)
+
+    def _combine(self, h0: torch.Tensor, mamba_out: torch.Tensor | None, lsa) -> torch.Tensor:
+        """Everything after the Mamba block; ``lsa`` maps the LSA's input to its output."""
+        m = h0 if mamba_out is None else self.LayerNorm1(self.dropout(mamba_out) + h0)
+        if self.lsa is None:
+            fused = m
+        else:
+            a = lsa(m if self.lsa_input == "mamba" else h0)
+            g = m if self.gate is None else self.LayerNorm2(self.gate_act(self.gate(a)) * m)
+            fused = torch.cat([a, g], dim=-1)
+        return self.LayerNorm3(self.dropout(F.gelu(self.fuse(fused))) + F.gelu(self.skip(h0)))
+
+    def forward(self, h0: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self._combine(h0, None if self.mamba is None else self.mamba(h0), lambda x: self.lsa(x, lengths))
+
+    def initial_state(self, batch: int) -> InteractionState:
+        return InteractionState(None if self.mamba is None else self.mamba.initial_state(batch),
+                                None if self.lsa is None else self.lsa.initial_state(batch))
+
+    def step(self, h0_t: torch.Tensor, state: InteractionState) -> tuple[torch.Tensor, InteractionState]:
+        mamba_out, mamba_state = (None, None) if self.mamba is None else self.mamba.step(h0_t, state.mamba)
+        lsa_state = [state.lsa]
+
+        def lsa(x: torch.Tensor) -> torch.Tensor:
+            out, lsa_state[0] = self.lsa.step(x, state.lsa)
+            return out
+
+        out = self._combine(h0_t, mamba_out, lsa)
+        return out, InteractionState(mamba_state, lsa_state[0])
+
+
+class MambaNormalizationLayer(nn.Module):
+    """O = LN(Drop(Mamba(O)) + O): always residual, no feed-forward."""
+
+    def __init__(self, d_model: int, mamba_kwargs: dict, dropout: float, eps: float) -> None:
+        super().__init__()
+        self.mamba = Mamba(d_model, **mamba_kwargs)
+        self.dropout = Dropout(dropout)
+        self.LayerNorm = nn.LayerNorm(d_model, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.mamba(x)) + x)
+
+    def step(self, x_t: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
+        y, state = self.mamba.step(x_t, state)
+        return self.LayerNorm(self.dropout(y) + x_t), state
+
+
+@register("mlsa4rec")
+class MLSA4Rec(SequentialRecommender):
+    def __init__(
+        self,
+        n_items: int,
+        max_seq_length: int,
+        hidden_size: int,
+        num_layers: int,
+        dropout_prob: float,
+        attn_dropout_prob: float,
+        k_interests: int,
+        n_heads: int,
+        d_state: int,
+        d_conv: int,
+        expand: int,
+        variant: str = "faithful",
+        attn_softmax: str = "auto",
+        num_interaction_layers: int = 1,
+        gate_act: str = "gelu",
+        use_lsa: bool = True,
+        lsa_input: str = "mamba",
+        interaction_mamba: bool = True,
+        layer_norm_eps: float = 1e-12,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+        if attn_softmax == "auto":  # the released axis; a causal model normalises over the interests
+            attn_softmax = "interests" if variant == "causal" else "sequence"
+        if num_layers < 0 or num_interaction_layers < 0:
+            raise ValueError("num_layers and num_interaction_layers must be >= 0")
+        if num_layers + num_interaction_layers == 0:
+            raise ValueError("the model needs at least one interaction or normalization layer")
+        self.n_items, self.max_seq_length, self.variant = n_items, max_seq_length, variant
+        # without any LSA the model is a stack of Mamba blocks: causal and padding-invariant
+        no_lsa = not use_lsa or num_interaction_layers == 0
+        self.causal = variant == "causal" or no_lsa
+        self.padding_invariant = variant != "faithful" or no_lsa
+        self.preferred_scheme = "all_positions" if self.causal else "prefix"
+
+        mamba_kwargs = {"d_state": d_state, "d_conv": d_conv, "expand": expand}
+        lsa_kwargs = {"n_heads": n_heads, "k_interests": k_interests, "attn_dropout": attn_dropout_prob,
+                      "mode": variant, "softmax": attn_softmax}
+        self.item_embedding = nn.Embedding(n_items + 1, hidden_size, padding_idx=0)
+        self.dropout = Dropout(dropout_prob)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.interaction_layers = nn.ModuleList(
+            MambaLSAInteraction(hidden_size, mamba_kwargs, lsa_kwargs, dropout_prob, layer_norm_eps, gate_act,
+                                use_lsa, lsa_input, interaction_mamba)
+            for _ in range(num_interaction_layers)
+        )
+        self.mamba_layers = nn.ModuleList(
+            MambaNormalizationLayer(hidden_size, mamba_kwargs, dropout_prob, layer_norm_eps)
+            for _ in range(num_layers)
+        )
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """The released init: kaiming-uniform(a=sqrt 5) Linear and Embedding weights (U(+-1/sqrt D)
+        for the embedding, the padding row included), every Linear bias 0 - the Mamba blocks'
+        dt_proj too, so Delta starts at softplus(0) = ln 2 - and LayerNorm (1, 0). conv1d, A_log,
+        D and the interest matrices Theta (N(0, 1)) keep their own initialisation."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))
+        for layer in self.interaction_layers:
+            h = layer(h, lengths)
+        for layer in self.mamba_layers:
+            h = layer(h)
+        return h
+
+    def forward(self, item_seq: torch.Tensor, lengths: torch.Tensor, group: int = 128) -> torch.Tensor:
+        """The representation at each row's last item, computed without the normalization layers'
+        share of the padding.
+
+        The faithful model must run its interaction layer over all L positions (the padding takes
+        part in the LSA), but the Mamba normalization layers after it are causal: row b needs
+        only its first lengths[b] positions. Rows are taken ``group`` at a time in length order,
+        each group trimmed to its longest row - the same numbers as ``encode`` (tested), with
+        most of the padding skipped when a batch holds mostly short prefixes (Amazon: mean 8 of 50).
+        """
+        if self.padding_invariant or not self.mamba_layers:  # batches are trimmed already
+            return super().forward(item_seq, lengths)
+        h = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))
+        for layer in self.interaction_layers:
+            h = layer(h, lengths)
+        out = h.new_empty(h.shape[0], h.shape[2])
+        for rows in torch.argsort(lengths).split(group):
+            hg = h[rows, :int(lengths[rows].max())]
+            for layer in self.mamba_layers:
+                hg = layer(hg)
+            out[rows] = gather_last(hg, lengths[rows])
+        return out
+
+    # --- streaming: one event at a time (causal models only) -----------------------------------
+    def initial_state(self, batch: int) -> list:
+        """The state of an empty history for ``batch`` users."""
+        self._check_streamable()
+        return ([layer.initial_state(batch) for layer in self.interaction_layers]
+                + [layer.mamba.initial_state(batch) for layer in self.mamba_layers])
+
+    def step(self, items: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        """Feed one item per user (B ids); returns the B x D representation after it and the new state.
+
+        Equal to ``forward`` on the whole history (tested), at a cost independent of its length.
+        """
+        self._check_streamable()
+        h = self.LayerNorm(self.dropout(self.item_embedding(items)))
+        new_state = []
+        for layer, s in zip([*self.interaction_layers, *self.mamba_layers], state, strict=True):
+            h, s = layer.step(h, s)
+            new_state.append(s)
+        return h, new_state
+
+    def _check_streamable(self) -> None:
+        if not self.causal:
+            raise RuntimeError(f"the {self.variant!r} MLSA4Rec is not causal, so it cannot stream; "
+                               "use variant=causal")
