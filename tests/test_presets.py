@@ -25,3 +25,25 @@ def test_a_file_wins_over_a_preset_and_unknown_names_list_the_presets(tmp_path, 
     assert build_config("mamba4rec", ["mamba4rec-ml-1m"])["MAX_ITEM_LIST_LENGTH"] == 7
     with pytest.raises(ConfigError, match="packaged preset.*mamba4rec-amazon-beauty"):
         build_config("mamba4rec", ["mamba4rec-ml1m"])
+
+
+def test_mlsa4rec_defaults_are_the_released_config_and_every_preset_builds() -> None:
+    from mlsa4rec.models import build_model, get_class
+
+    c = build_config("mlsa4rec")
+    assert (c["MAX_ITEM_LIST_LENGTH"], c["train_batch_size"], c["learning_rate"], c["epochs"], c["stopping_step"],
+            c["seed"]) == (50, 8192, 1e-3, 100, 10, 2024)
+    assert {k: c[k] for k in ("hidden_size", "num_layers", "dropout_prob", "attn_dropout_prob", "k_interests",
+                              "n_heads", "d_state", "d_conv", "expand", "variant")} == {
+        "hidden_size": 64, "num_layers": 2, "dropout_prob": 0.1, "attn_dropout_prob": 0.1, "k_interests": 20,
+        "n_heads": 8, "d_state": 32, "d_conv": 4, "expand": 2, "variant": "faithful"}
+    names = [p for p in presets() if p.startswith("mlsa4rec-")]
+    assert {"mlsa4rec-masked", "mlsa4rec-causal", "mlsa4rec-ablation-no-lsa", "mlsa4rec-ablation-no-gate",
+            "mlsa4rec-ablation-lsa-on-embeddings", "mlsa4rec-ablation-no-norm-layers",
+            "mlsa4rec-ablation-no-interaction-mamba"} <= set(names)
+    for name in names:
+        config = build_config("mlsa4rec", [name])
+        model = build_model(get_class("mlsa4rec"), 20, config.model_kwargs(), 50)
+        assert model.num_parameters() > 0
+    stacked = build_config("mlsa4rec", ["mlsa4rec-causal", "mlsa4rec-ablation-no-gate"])
+    assert (stacked["variant"], stacked["gate_act"]) == ("causal", "none")
