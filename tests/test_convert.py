@@ -80,3 +80,20 @@ def test_mismatches_are_named() -> None:
         from_recbole(checkpoint, create("mlsa4rec", 50, variant="causal"))
     with pytest.raises(ConversionError, match="sasrec"):
         from_recbole(checkpoint, create("sasrec", 50))
+
+
+def test_settings_that_change_outputs_are_refused_unless_not_strict() -> None:
+    torch.manual_seed(1)
+    checkpoint = released_checkpoint(create("mlsa4rec", 50))
+    differ = r"attn_softmax='interests' \(released: 'sequence'\), gate_act='sigmoid' \(released: 'gelu'\)"
+    with pytest.raises(ConversionError, match=differ):
+        from_recbole(checkpoint, create("mlsa4rec", 50, gate_act="sigmoid", attn_softmax="interests"))
+    masked = create("mlsa4rec", 50, variant="masked").eval()
+    masked.load_state_dict(from_recbole(checkpoint, masked, strict=False))
+    faithful = create("mlsa4rec", 50).eval()
+    faithful.load_state_dict(from_recbole(checkpoint, faithful))
+    full = torch.randint(1, 51, (2, 50))  # no padding: the masked model computes what the faithful one does
+    torch.testing.assert_close(masked(full, torch.full((2,), 50)), faithful(full, torch.full((2,), 50)))
+    # a state dict already in our names passes through
+    again = from_recbole(faithful.state_dict(), create("mlsa4rec", 50))
+    assert all(torch.equal(again[k], v) for k, v in faithful.state_dict().items())

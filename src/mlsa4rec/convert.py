@@ -71,15 +71,34 @@ def _rename_mlsa4rec(name: str) -> str | None:
     return name  # unknown: reported by the key check below
 
 
-def from_recbole(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """A state dict for ``model`` (our ``mlsa4rec`` faithful model or ``mamba4rec``) from the
-    authors' RecBole weights. Raises ``ConversionError`` naming every key or shape that does not fit."""
+# settings of our MLSA4Rec that change its outputs without changing any parameter shape: they must
+# be the released ones for the converted weights to give the released outputs
+RELEASED_MLSA4REC_SETTINGS = {"variant": "faithful", "attn_softmax": "sequence", "gate_act": "gelu",
+                              "use_lsa": True, "lsa_input": "mamba", "interaction_mamba": True,
+                              "layer_norm_eps": 1e-12}
+
+
+def from_recbole(state_dict: Mapping[str, torch.Tensor], model: nn.Module, strict: bool = True
+                 ) -> dict[str, torch.Tensor]:
+    """A state dict for ``model`` (our ``mlsa4rec`` or ``mamba4rec``) from the authors' RecBole weights.
+
+    Raises ``ConversionError`` naming every key or shape that does not fit and, with ``strict``,
+    every MLSA4Rec setting that differs from the released model's (so the outputs would differ).
+    ``strict=False`` loads the released weights into another configuration of the same shapes,
+    e.g. the masked variant, to compare it with the faithful one.
+    """
     name = getattr(type(model), "name", type(model).__name__)
     released = _released_names(state_dict)
-    if name == "mlsa4rec":
-        if getattr(model, "variant", "faithful") != "faithful":
-            raise ConversionError(f"the released MLSA4Rec is the faithful variant; build the model with "
-                                  f"variant=faithful (got {model.variant!r})")
+    if set(released) == set(model.state_dict()):
+        renamed = dict(released)  # already in our names
+    elif name == "mlsa4rec":
+        settings = getattr(model, "settings", {})
+        differ = [f"{k}={settings[k]!r} (released: {v!r})" for k, v in RELEASED_MLSA4REC_SETTINGS.items()
+                  if k in settings and settings[k] != v]
+        if strict and differ:
+            raise ConversionError("the model would not compute what the released MLSA4Rec computes: "
+                                  + ", ".join(differ) + "; build it with the released settings (variant=faithful "
+                                  "and the defaults), or pass strict=False to load the weights anyway")
         renamed = {}
         for key, tensor in released.items():
             ours = _rename_mlsa4rec(key)

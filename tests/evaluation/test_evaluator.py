@@ -61,5 +61,8 @@ def test_length_sorted_scoring_returns_ranks_in_user_order() -> None:
     torch.manual_seed(0)
     model = create("mamba4rec", data.n_items, hidden_size=8, d_state=4)
     sorted_ranks = split_ranks(model, data, "test", 12, batch_size=7)
+    sorted_excluded = split_ranks(model, data, "test", 12, batch_size=7, exclude_history=True)
+    assert (sorted_excluded <= sorted_ranks).all() and (sorted_excluded < sorted_ranks).any()
     model.padding_invariant = False
     assert sorted_ranks.tolist() == split_ranks(model, data, "test", 12, batch_size=7).tolist()
+    assert sorted_excluded.tolist() == split_ranks(model, data, "test", 12, batch_size=7, exclude_history=True).tolist()

@@ -104,7 +104,7 @@ def test_dropout_sits_where_the_released_code_puts_it() -> None:
 
 def test_released_parameter_count_and_no_unused_modules() -> None:
     m = create("mlsa4rec", 12101)
-    # 3 Mamba blocks (38,784 each) + Q, K, V + 2 Theta + 3 MLPs + 6 LayerNorms = 148,864
+    # 3 Mamba blocks (38,784 each) + Q, K, V + 2 Theta + 3 MLPs + 7 LayerNorms = 148,864
     assert m.num_parameters(exclude_embeddings=True) == 148_864
     m.train()
     seq, lengths = padded([5, 2], 6)
@@ -135,7 +135,8 @@ def test_masked_ignores_padding_and_equals_faithful_without_any() -> None:
     faithful.load_state_dict(masked.state_dict())
     seq, lengths = padded([8, 5, 2], 8)
     longer = torch.cat([seq, torch.zeros(3, 7, dtype=torch.long)], dim=1)
-    torch.testing.assert_close(masked(seq, lengths), masked(longer, lengths))
+    real = torch.arange(8)[None, :] < lengths[:, None]
+    torch.testing.assert_close(masked.encode(seq, lengths)[real], masked.encode(longer, lengths)[:, :8][real])
     full, full_len = padded([8, 8], 8)
     torch.testing.assert_close(masked(full, full_len), faithful(full, full_len))
 
@@ -168,6 +169,31 @@ def test_cumulative_pooling_is_the_pooling_of_each_prefix_and_stays_finite() -> 
     with torch.no_grad():
         pool.theta.mul_(500.0)  # logits in the thousands: no overflow, no NaN in float32
     assert torch.isfinite(pool.cumulative(x.float(), chunk=4)).all()
+
+
+def test_causal_lsa_with_a_sequence_softmax_follows_its_definition() -> None:
+    """attn_softmax=sequence in the causal LSA: position t's weight for interest p is
+    exp(s_t,p) / sum_{u<=t} exp(s_u,p), where s_u,p scores query u against the keys pooled over
+    positions <= u (each position's own pooling); context_t = sum_p w_t,p V~_t,p."""
+    torch.manual_seed(0)
+    lsa = LowRankSelfAttention(8, 2, 3, 0.0, 0.0, mode="causal", softmax="sequence").double().eval()
+    x = torch.randn(2, 6, 8, dtype=torch.double)
+    q, k, v = lsa.query(x), lsa.key(x), lsa.value(x)
+    d_h = 4
+    scores, contexts = [], []
+    for t in range(6):
+        k_pool = lsa.attpooling_key(k[:, :t + 1])                      # B x P x D
+        v_pool = lsa.attpooling_value(v[:, :t + 1])
+        context = torch.zeros(2, 8, dtype=torch.double)
+        scores.append([q[:, t, h * d_h:(h + 1) * d_h, None].mul(k_pool[:, :, h * d_h:(h + 1) * d_h].transpose(1, 2))
+                       .sum(1) / math.sqrt(d_h) for h in range(2)])   # per head: B x P
+        for h in range(2):
+            past = torch.stack([scores[u][h] for u in range(t + 1)], 1)        # B x (t+1) x P
+            w = torch.exp(past[:, -1]) / torch.exp(past).sum(1)               # B x P
+            context[:, h * d_h:(h + 1) * d_h] = (w[..., None] * v_pool[:, :, h * d_h:(h + 1) * d_h]).sum(1)
+        contexts.append(context)
+    expected = F.layer_norm(torch.stack(contexts, 1) + x, (8,), lsa.LayerNorm.weight, lsa.LayerNorm.bias, 1e-12)
+    torch.testing.assert_close(lsa(x), expected)
 
 
 def test_causal_lsa_at_the_last_position_is_the_masked_lsa_over_interests() -> None:

@@ -76,8 +76,10 @@ class ItemToInterestPooling(nn.Module):
         return torch.cat(out, dim=1)
 
     def step(self, x_t: torch.Tensor, pooled: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add one position (B x D) to a running pooling (B x P x D, log-normaliser z: B x P)."""
-        a = x_t @ self.theta
+        """Add one position (B x D) to a running pooling (B x P x D, log-normaliser z: B x P); computed in
+        the state's dtype (fp32 under half precision, where a running sum would drift)."""
+        x_t = x_t.to(pooled.dtype)
+        a = x_t @ self.theta.to(pooled.dtype)
         z_new = torch.logaddexp(z, a)
         pooled = (z - z_new).exp()[..., None] * pooled + (a - z_new).exp()[..., None] * x_t[:, None]
         return pooled, z_new
@@ -157,6 +159,8 @@ class LowRankSelfAttention(nn.Module):
                       ) -> LSAState:
         device = device or self.query.weight.device
         dtype = dtype or self.query.weight.dtype
+        if dtype in (torch.float16, torch.bfloat16):  # like Mamba's SSM state: running sums stay in fp32
+            dtype = torch.float32
         d, p = self.query.in_features, self.attpooling_key.theta.shape[1]
         empty = torch.full((batch, p), float("-inf"), device=device, dtype=dtype)
         zeros = torch.zeros(batch, p, d, device=device, dtype=dtype)
@@ -169,7 +173,7 @@ class LowRankSelfAttention(nn.Module):
             raise RuntimeError(f"only the causal LSA can stream; this one is {self.mode!r}")
         k_pool, k_z = self.attpooling_key.step(self.key(x_t), state.key, state.key_z)
         v_pool, v_z = self.attpooling_value.step(self.value(x_t), state.value, state.value_z)
-        q = self._heads(self.query(x_t))                                         # B x H x d_h
+        q = self._heads(self.query(x_t).to(k_pool.dtype))                        # B x H x d_h
         scores = torch.einsum("bhd,bphd->bhp", q, self._heads(k_pool)) / math.sqrt(q.shape[-1])
         scores_z = state.scores_z
         if self.softmax == "interests":
@@ -178,4 +182,5 @@ class LowRankSelfAttention(nn.Module):
             scores_z = torch.logaddexp(scores_z, scores)
             weights = (scores - scores_z).exp()
         context = torch.einsum("bhp,bphd->bhd", self.attn_dropout(weights), self._heads(v_pool)).flatten(-2)
+        context = context.to(x_t.dtype)
         return self.LayerNorm(self.dropout(context) + x_t), LSAState(k_pool, k_z, v_pool, v_z, scores_z)

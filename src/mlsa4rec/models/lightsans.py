@@ -11,8 +11,9 @@
     h = X[len - 1];  scores = h . Emb^T
 
 Both softmaxes run over the sequence axis with no mask, so, like the faithful MLSA4Rec, the model
-is neither causal nor padding-invariant: it trains on prefix samples padded to L. Parameter
-names are RecBole's (``trm_encoder.layer.{i}.multi_head_attention.*``, ``.feed_forward.*``).
+is neither causal nor padding-invariant: it trains on prefix samples padded to L. Module names
+follow RecBole's (``trm_encoder.layer.{i}.multi_head_attention.*``, ``.feed_forward.dense_1/2``),
+except the feed-forward's LayerNorm, which is ``layer_norm`` here as in our SASRec.
 """
 
 from __future__ import annotations
