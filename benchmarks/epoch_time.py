@@ -7,6 +7,8 @@ warm-up, and their mean times the number of batches in the epoch is the estimate
 times whole epochs where the projection is under ``--full-limit`` seconds, to check it.
 
     python benchmarks/epoch_time.py --data-dir ../shared/data --dataset ml-1m --lengths 50 200
+    python benchmarks/epoch_time.py --dataset amazon-beauty --lengths 50 --full \
+        --cases faithful=mlsa4rec:configs/mlsa4rec-beauty.yaml causal=mlsa4rec:configs/mlsa4rec-causal-beauty.yaml
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from mlsa4rec.config import build_config
+from mlsa4rec.config import build_config, parse_set
 from mlsa4rec.data import load_dataset
 from mlsa4rec.models import build_model, get_class
 from mlsa4rec.training.trainer import Trainer
@@ -35,8 +37,18 @@ CASES = {
 }
 
 
-def time_epoch(model_name: str, settings: dict, data, max_len: int, steps: int, full_limit: float) -> dict:
-    config = build_config(model_name, overrides={**settings, "MAX_ITEM_LIST_LENGTH": max_len, "seed": 0})
+def parse_case(text: str) -> tuple[str, tuple[str, dict, list[str]]]:
+    """``LABEL=MODEL[:CONFIG.yaml][:key=value,...]``, e.g. ``causal=mlsa4rec:configs/mlsa4rec-causal-beauty.yaml``."""
+    label, _, spec = text.partition("=")
+    parts = spec.split(":")
+    files = [p for p in parts[1:] if p.endswith((".yaml", ".yml"))]
+    sets = [kv for p in parts[1:] if not p.endswith((".yaml", ".yml")) for kv in p.split(",") if kv]
+    return label, (parts[0], parse_set(sets), files)
+
+
+def time_epoch(model_name: str, settings: dict, data, max_len: int, steps: int, full_limit: float,
+               files: list[str] = ()) -> dict:
+    config = build_config(model_name, files, overrides={**settings, "MAX_ITEM_LIST_LENGTH": max_len, "seed": 0})
     torch.manual_seed(0)
     model = build_model(get_class(model_name), data.n_items, config.model_kwargs(), max_len)
     trainer = Trainer(model, data, config, torch.device("cpu"))
@@ -69,7 +81,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--dataset", default="ml-1m")
     parser.add_argument("--lengths", type=int, nargs="+", default=[50, 200])
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=list(CASES),
+                        help=f"built-in cases ({', '.join(CASES)}) or LABEL=MODEL[:CONFIG.yaml][:key=value,...]")
     parser.add_argument("--steps", type=int, default=20, help="random batches timed per case")
     parser.add_argument("--full", action="store_true", help="also time whole epochs under --full-limit")
     parser.add_argument("--full-limit", type=float, default=300.0)
@@ -83,9 +96,9 @@ def main() -> None:
     print(f"{'case':<20} {'L':>4} {'scheme':<14} {'steps':>6} {'batch':>6} {'projected s/epoch':>18} "
           f"{'measured':>9} {'valid s':>8}")
     for length in args.lengths:
-        for label in args.cases:
-            name, settings = CASES[label]
-            r = time_epoch(name, settings, data, length, args.steps, args.full_limit if args.full else -1)
+        for case in args.cases:
+            label, (name, settings, files) = (case, (*CASES[case], [])) if case in CASES else parse_case(case)
+            r = time_epoch(name, settings, data, length, args.steps, args.full_limit if args.full else -1, files)
             results.append({"case": label, "L": length, **r})
             print(f"{label:<20} {length:>4} {r['scheme']:<14} {r['steps_per_epoch']:>6} {r['batch']:>6} "
                   f"{r['projected_s_per_epoch']:>18.1f} {r.get('measured_s_per_epoch', float('nan')):>9.1f} "
