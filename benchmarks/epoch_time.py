@@ -2,8 +2,9 @@
 
 Where a whole epoch would take too long to wait for (the faithful MLSA4Rec on ML-1M reads every
 prefix padded to L), the epoch time is projected: ``--steps`` batches drawn at random from a
-real shuffled epoch (so short and long batches in their true proportion) are timed after a
-warm-up, and their mean times the number of batches in the epoch is the estimate. ``--full`` also
+real shuffled epoch (so short and long batches in their true proportion) are run once untimed
+(compilation, and the allocator's first touch of each batch shape, which a whole epoch pays only
+once) and then timed; their mean times the number of batches in the epoch is the estimate. ``--full`` also
 times whole epochs where the projection is under ``--full-limit`` seconds, to check it.
 
     python benchmarks/epoch_time.py --data-dir ../shared/data --dataset ml-1m --lengths 50 200
@@ -54,9 +55,9 @@ def time_epoch(model_name: str, settings: dict, data, max_len: int, steps: int, 
     trainer = Trainer(model, data, config, torch.device("cpu"))
     batches = trainer.sampler.epoch_batches()
     rng = np.random.default_rng(0)
-    for rows in batches[:2]:  # warm-up: compilation, allocator
-        trainer.train_step(rows, 1)
     picked = rng.choice(len(batches), size=min(steps, len(batches)), replace=False)
+    for i in picked:  # warm-up on the same batches: compilation, and memory for each batch shape
+        trainer.train_step(batches[i], 1)
     times = []
     for i in picked:
         t0 = time.perf_counter()

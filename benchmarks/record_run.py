@@ -51,8 +51,9 @@ def table() -> str:
              "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         scores = " | ".join(f"{r[split][m]:.4f}" for split in ("valid", "test") for m in metrics)
+        model = r["model"] + (f" ({r['config']['variant']})" if "variant" in r["config"] else "")
         lines.append(
-            f"| {r['name']} | {r['model']} | {r['dataset']['dataset']} | {r['config']['MAX_ITEM_LIST_LENGTH']} "
+            f"| {r['name']} | {model} | {r['dataset']['dataset']} | {r['config']['MAX_ITEM_LIST_LENGTH']} "
             f"| {r['epochs_run']} ({r['best_epoch']}) | {r['seconds_per_epoch']:.1f} | {scores} |"
         )
     lines += ["", "## Commands", ""]
