@@ -15,7 +15,7 @@ For X: B x L x D (``MLSA4REC.md`` section 3)::
 * ``masked`` - padded positions are left out of the pooling and of a sequence-axis attention
   softmax, so outputs at real positions no longer depend on the padding.
 * ``causal`` - position t pools only positions <= t (a running log-sum-exp, see
-  ``cumulative_pool``), and a sequence-axis softmax is normalised over positions <= t. The output
+  ``ItemToInterestPooling.cumulative``), and a sequence-axis softmax is normalised over positions <= t. The output
   at t then depends on nothing after t, and ``step`` updates a constant-size state per event.
 
 ``softmax`` is the axis of the attention weights: ``sequence`` (the released code: for each
