@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from equations import lin, ln, softmax
 
 from mlsa4rec.models import create
 
@@ -18,18 +19,6 @@ def model(**kw):
             p.add_(torch.randn_like(p) * 0.05)
     return m
 
-
-def ln(mod, x):
-    return F.layer_norm(x, x.shape[-1:], mod.weight, mod.bias, 1e-12)
-
-
-def lin(mod, x):
-    return x @ mod.weight.T + mod.bias
-
-
-def softmax(x, dim):
-    e = torch.exp(x - x.max(dim=dim, keepdim=True).values)
-    return e / e.sum(dim=dim, keepdim=True)
 
 
 def transcription(m, seq, n_heads=2, drop=lambda x: x):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from equations import lin, ln, softmax
 
 from mlsa4rec.errors import ConfigError
 from mlsa4rec.layers.lsa import ItemToInterestPooling, LowRankSelfAttention
@@ -33,18 +34,6 @@ def padded(lengths: list[int], width: int, seed: int = 0) -> tuple[torch.Tensor,
 
 
 # --- the reference equations (MLSA4REC.md sections 2-3), written out independently -------------
-def ln(mod, x):
-    return F.layer_norm(x, x.shape[-1:], mod.weight, mod.bias, 1e-12)
-
-
-def lin(mod, x):
-    return x @ mod.weight.T + mod.bias
-
-
-def softmax(x, dim):
-    e = torch.exp(x - x.max(dim=dim, keepdim=True).values)
-    return e / e.sum(dim=dim, keepdim=True)
-
 
 def lsa_reference(mod, x, n_heads, drop):
     """Section 3: pooled keys/values per interest, one softmax over the sequence per head."""

@@ -12,6 +12,18 @@ def gather_last(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return hidden.gather(1, index).squeeze(1)
 
 
+def normal_init(module: nn.Module, std: float) -> None:
+    """RecBole's init, for ``model.apply``: N(0, std) Linear and Embedding weights, zero Linear
+    biases, LayerNorm (1, 0); any other parameter keeps its own initialisation."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.data.normal_(0.0, std)
+    elif isinstance(module, nn.LayerNorm):
+        module.weight.data.fill_(1.0)
+        module.bias.data.zero_()
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        module.bias.data.zero_()
+
+
 class SequentialRecommender(nn.Module):
     """Next-item model over right-padded item-id sequences with tied item embeddings.
 

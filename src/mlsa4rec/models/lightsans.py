@@ -27,7 +27,7 @@ from mlsa4rec.layers import Dropout
 from mlsa4rec.layers.lsa import LowRankSelfAttention
 from mlsa4rec.layers.transformer import FeedForward
 from mlsa4rec.models import register
-from mlsa4rec.models.base import SequentialRecommender
+from mlsa4rec.models.base import SequentialRecommender, normal_init
 
 
 class LightMultiHeadAttention(LowRankSelfAttention):
@@ -107,13 +107,7 @@ class LightSANs(SequentialRecommender):
 
     def _init_weights(self, module: nn.Module) -> None:
         """RecBole's init: N(0, 0.02) Linear/Embedding weights, zero biases, LN (1, 0); Theta N(0, 1)."""
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(0.0, self.initializer_range)
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.data.fill_(1.0)
-            module.bias.data.zero_()
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            module.bias.data.zero_()
+        normal_init(module, self.initializer_range)
 
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if item_seq.shape[1] > self.max_seq_length:

@@ -21,7 +21,7 @@ from torch import nn
 
 from mlsa4rec.layers import Dropout, Mamba
 from mlsa4rec.models import register
-from mlsa4rec.models.base import SequentialRecommender
+from mlsa4rec.models.base import SequentialRecommender, normal_init
 
 
 class FeedForward(nn.Module):
@@ -76,13 +76,7 @@ class Mamba4Rec(SequentialRecommender):
     def _init_weights(self, module: nn.Module) -> None:
         """The released init: N(0, 0.02) Linear/Embedding weights, every Linear bias 0 (dt_proj's
         too, so Delta starts at softplus(0) = ln 2), LayerNorm (1, 0); conv1d, A_log, D untouched."""
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(0.0, self.initializer_range)
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.data.fill_(1.0)
-            module.bias.data.zero_()
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            module.bias.data.zero_()
+        normal_init(module, self.initializer_range)
 
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         h = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))

@@ -16,7 +16,7 @@ from torch import nn
 
 from mlsa4rec.layers import Dropout, TransformerLayer
 from mlsa4rec.models import register
-from mlsa4rec.models.base import SequentialRecommender
+from mlsa4rec.models.base import SequentialRecommender, normal_init
 
 
 @register("sasrec")
@@ -61,12 +61,7 @@ class SASRec(SequentialRecommender):
 
     def _init_weights(self, module: nn.Module) -> None:
         """RecBole's init: N(0, 0.02) for Linear/Embedding weights, zero biases, LN = (1, 0)."""
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(0.0, self.initializer_range)
-        if isinstance(module, nn.LayerNorm):
-            module.weight.data.fill_(1.0)
-        if getattr(module, "bias", None) is not None:
-            module.bias.data.zero_()
+        normal_init(module, self.initializer_range)
 
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if item_seq.shape[1] > self.max_seq_length:
