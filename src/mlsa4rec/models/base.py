@@ -46,6 +46,12 @@ class SequentialRecommender(nn.Module):
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_length(self, item_seq: torch.Tensor) -> None:
+        """For models with learned positions: refuse inputs longer than their position table."""
+        if item_seq.shape[1] > self.max_seq_length:
+            raise ValueError(f"sequences of length {item_seq.shape[1]} exceed the model's "
+                             f"MAX_ITEM_LIST_LENGTH={self.max_seq_length}; truncate to the most recent items")
+
     def forward(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """B x D user representation at the last real position of each sequence."""
         return gather_last(self.encode(item_seq, lengths), lengths)

@@ -103,15 +103,10 @@ class LightSANs(SequentialRecommender):
             hidden_dropout=hidden_dropout_prob, attn_dropout=attn_dropout_prob, act=hidden_act, eps=layer_norm_eps)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.dropout = Dropout(hidden_dropout_prob)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        """RecBole's init: N(0, 0.02) Linear/Embedding weights, zero biases, LN (1, 0); Theta N(0, 1)."""
-        normal_init(module, self.initializer_range)
+        # RecBole's init: N(0, 0.02) Linear/Embedding weights, zero biases, LN (1, 0); Theta N(0, 1).
+        self.apply(lambda module: normal_init(module, initializer_range))
 
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        if item_seq.shape[1] > self.max_seq_length:
-            raise ValueError(f"sequences of length {item_seq.shape[1]} exceed the model's "
-                             f"MAX_ITEM_LIST_LENGTH={self.max_seq_length}; truncate to the most recent items")
+        self.check_length(item_seq)
         pos = self.position_embedding(torch.arange(item_seq.shape[1], device=item_seq.device))
         return self.trm_encoder(self.dropout(self.LayerNorm(self.item_embedding(item_seq))), pos)

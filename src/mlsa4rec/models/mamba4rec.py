@@ -71,12 +71,9 @@ class Mamba4Rec(SequentialRecommender):
             MambaLayer(hidden_size, d_state, d_conv, expand, dropout_prob, residual=num_layers > 1)
             for _ in range(num_layers)
         )
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        """The released init: N(0, 0.02) Linear/Embedding weights, every Linear bias 0 (dt_proj's
-        too, so Delta starts at softplus(0) = ln 2), LayerNorm (1, 0); conv1d, A_log, D untouched."""
-        normal_init(module, self.initializer_range)
+        # The released init: N(0, 0.02) Linear/Embedding weights, every Linear bias 0 (dt_proj's
+        # too, so Delta starts at softplus(0) = ln 2), LayerNorm (1, 0); conv1d, A_log, D untouched.
+        self.apply(lambda module: normal_init(module, initializer_range))
 
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         h = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))

@@ -57,16 +57,11 @@ class SASRec(SequentialRecommender):
             for _ in range(n_layers)
         )
         self.initializer_range = initializer_range
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        """RecBole's init: N(0, 0.02) for Linear/Embedding weights, zero biases, LN = (1, 0)."""
-        normal_init(module, self.initializer_range)
+        # RecBole's init: N(0, 0.02) for Linear/Embedding weights, zero biases, LN = (1, 0).
+        self.apply(lambda module: normal_init(module, initializer_range))
 
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        if item_seq.shape[1] > self.max_seq_length:
-            raise ValueError(f"sequences of length {item_seq.shape[1]} exceed the model's "
-                             f"MAX_ITEM_LIST_LENGTH={self.max_seq_length}; truncate to the most recent items")
+        self.check_length(item_seq)
         positions = torch.arange(item_seq.shape[1], device=item_seq.device)
         h = self.dropout(self.layer_norm(self.item_embedding(item_seq) + self.position_embedding(positions)))
         for layer in self.layers:
