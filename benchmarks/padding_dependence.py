@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlsa4rec.config import build_config, load_yaml_file
 from mlsa4rec.data.sampling import gather, history_bounds
 from mlsa4rec.metrics import metrics_from_ranks, target_ranks
-from mlsa4rec.training.run import WEIGHTS, build_run_model, load_run_data, load_weights
+from mlsa4rec.training.run import load_run
 
 
 @torch.inference_mode()
@@ -80,18 +79,14 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     run = Path(args.run_dir)
-    saved = load_yaml_file(run / "config.yaml")
-    config = build_config(saved["model"], [run / "config.yaml"], extra={"dataset": saved["dataset"]})
-    data = load_run_data(config, args.data_dir)
-    model = build_run_model(config, data)
-    load_weights(model, run / WEIGHTS)
-    model.eval()
+    loaded = load_run(run, args.data_dir)
+    config, data, model = loaded.config, loaded.data, loaded.model.cpu()  # inputs are built on the CPU
     max_len = config["MAX_ITEM_LIST_LENGTH"]
     widths = [None, *sorted(set(args.widths) | {max_len})]
     ranks = {w: ranks_at_width(model, data, args.split, max_len, w) for w in widths}
     trained = ranks[max_len]
     rows = []
-    print(f"{saved['model']} ({config.to_dict().get('variant', '-')}) on {saved['dataset']}, {args.split}: "
+    print(f"{config['model']} ({config.to_dict().get('variant', '-')}) on {config['dataset']}, {args.split}: "
           f"histories truncated to L={max_len}, padded to")
     print(f"{'width':<20} {'hit@10':>7} {'ndcg@10':>8} {'mrr@10':>7} {'rank changed':>13} {'top-10 flips':>13}")
     for w in widths:
@@ -102,9 +97,9 @@ def main() -> None:
         rows.append({"width": w, **m, "rank_changed": changed, "top10_flips": flips})
         print(f"{label:<20} {m['hit@10']:>7.4f} {m['ndcg@10']:>8.4f} {m['mrr@10']:>7.4f} "
               f"{changed:>13.1%} {flips:>13.1%}")
-    result = {"run": str(run), "model": saved["model"], "variant": config.to_dict().get("variant"),
+    result = {"run": str(run), "model": config["model"], "variant": config.to_dict().get("variant"),
               "split": args.split, "L": max_len, "widths": rows}
-    if saved["model"] == "mlsa4rec" and config["variant"] == "faithful":  # the others mask the padding
+    if config["model"] == "mlsa4rec" and config["variant"] == "faithful":  # the others mask the padding
         result["pooling_mass_on_padding"] = pooling_mass_on_padding(model, data, args.split, max_len)
         print("share of the key-pooling weight on padding at the trained width:",
               json.dumps({k: round(v, 3) for k, v in result["pooling_mass_on_padding"].items()}))

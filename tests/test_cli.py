@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import successor_sequences, write_user_lines
 from mlsa4rec.cli import main
 from mlsa4rec.data.dataset import cache_dir
 
@@ -55,6 +56,37 @@ def test_train_then_evaluate(capsys, successor_file: Path, tmp_path: Path) -> No
     assert code == 0 and "ndcg@10" in out and "test" in out
     code, out2, _ = run(capsys, "evaluate", "--run-dir", str(out_dir), "--json")
     assert code == 0 and set(json.loads(out2)) == {"model", "dataset", "valid", "test"}
+
+
+def test_compare_runs(capsys, successor_file: Path, tmp_path: Path) -> None:
+    tiny = ["--set", "epochs=1", "--set", "hidden_size=16", "--dataset"]
+    runs = {m: tmp_path / m for m in ("gru4rec", "sasrec")}
+    for model, out_dir in runs.items():
+        extra = ["--set", "n_heads=1"] if model == "sasrec" else []
+        assert run(capsys, "train", "--model", model, "--output-dir", str(out_dir), *extra, *tiny,
+                   str(successor_file))[0] == 0
+    other = write_user_lines(tmp_path / "other.txt", successor_sequences(200, 30, seed=9))
+    code, _, _ = run(capsys, "train", "--model", "gru4rec", "--output-dir", str(tmp_path / "other"), *tiny, str(other))
+    assert code == 0
+    code, out, _ = run(capsys, "compare", str(runs["gru4rec"]), str(runs["sasrec"]), "--resamples", "200", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["users"] == 300 and result["baseline"]["model"] == "gru4rec"
+    assert [r["metric"] for r in result["comparisons"]] == ["hit@10", "ndcg@10", "mrr@10"]
+    evaluated = {m: json.loads(run(capsys, "evaluate", "--run-dir", str(d), "--json")[1])["test"]
+                 for m, d in runs.items()}
+    for row in result["comparisons"]:
+        assert row["model"] == "sasrec" and row["p_holm"] >= row["p_value"]
+        assert row["baseline"] == pytest.approx(evaluated["gru4rec"][row["metric"]])
+        assert row["candidate"] == pytest.approx(evaluated["sasrec"][row["metric"]])
+    code, out, _ = run(capsys, "compare", str(runs["gru4rec"]), str(runs["sasrec"]), "--metrics", "ndcg@5",
+                       "--resamples", "200")
+    assert code == 0 and "baseline: " in out and "ndcg@5" in out and "p (Holm)" in out
+    for argv, message in [([str(runs["gru4rec"])], "at least one more"),
+                          ([str(runs["gru4rec"]), str(tmp_path / "other")], "other data"),
+                          ([str(runs["gru4rec"]), str(runs["sasrec"]), "--metrics", "ndcg"], "NAME@K"),
+                          ([str(runs["gru4rec"]), str(runs["sasrec"]), "--resamples", "5"], "--resamples")]:
+        code, _, err = run(capsys, "compare", *argv)
+        assert code == 2 and message in err, (argv, err)
 
 
 def _bad_inputs(tmp_path: Path, successor_file: Path) -> list[tuple[list[str], str]]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mlsa4rec.errors import MLSA4RecError
-from mlsa4rec.metrics import metrics_from_ranks, ranking_metrics, target_ranks
+from mlsa4rec.metrics import metrics_from_ranks, parse_metric, per_user_metrics, ranking_metrics, target_ranks
 
 
 def reference_metrics(scores: np.ndarray, targets: np.ndarray, ks: list[int]) -> dict[str, float]:
@@ -58,6 +58,16 @@ def test_known_values() -> None:
     assert m["ndcg@2"] == pytest.approx(0.5 / math.log2(3))
     assert m["mrr@3"] == pytest.approx((1 / 2 + 1 / 3) / 2)
     assert m["precision@3"] == pytest.approx(1 / 3)
+
+
+def test_per_user_values_and_metric_names() -> None:
+    per_user = per_user_metrics([1, 3, 12], ks=[10], metrics=["ndcg", "mrr"])
+    assert per_user["ndcg@10"].tolist() == pytest.approx([1.0, 0.5, 0.0])
+    assert per_user["mrr@10"].tolist() == pytest.approx([1.0, 1 / 3, 0.0])
+    assert parse_metric("NDCG@20") == ("ndcg", 20)
+    for bad in ("ndcg", "ndcg@0", "ndcg@x", "auc@10"):
+        with pytest.raises(MLSA4RecError, match="NAME@K"):
+            parse_metric(bad)
 
 
 def test_ties_are_optimistic() -> None:

@@ -83,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_data_args(ev)
 
+    cmp = sub.add_parser(
+        "compare", help="paired significance of the differences between runs",
+        description="Score the saved weights of each run on the same users and compare every run with the first "
+                    "(the baseline): relative difference with a paired bootstrap confidence interval, and the paired "
+                    "t-test p-value, also Holm-adjusted over the whole table.")
+    cmp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="the baseline's run directory first, then others")
+    cmp.add_argument("--metrics", nargs="+", default=["hit@10", "ndcg@10", "mrr@10"], metavar="METRIC@K")
+    cmp.add_argument("--split", choices=["valid", "test"], default="test")
+    cmp.add_argument("--confidence", type=float, default=0.95, help="of the bootstrap interval (default 0.95)")
+    cmp.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    cmp.add_argument("--seed", type=int, default=0, help="of the bootstrap (default 0)")
+    cmp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_data_args(cmp)
+
     models = sub.add_parser("models", help="list registered models",
                             description="Registered models, their flags and default hyperparameters.")
     models.add_argument("--config", metavar="MODEL", help="print every setting and default of one model")
@@ -207,6 +221,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mlsa4rec.training.run import compare_runs, format_comparison
+
+    if args.resamples < 100:
+        raise MLSA4RecError(f"--resamples must be at least 100, got {args.resamples}")
+    result = compare_runs(args.run_dirs, args.split, tuple(args.metrics), args.data_dir, args.confidence,
+                          args.resamples, args.seed)
+    print(json.dumps(result, indent=2) if args.json else format_comparison(result))
+    return 0
+
+
 def _model_configurations() -> list[tuple[str, str, object]]:
     """(label, model name, config) of every registered model's defaults and every packaged preset."""
     from mlsa4rec.config import build_config, presets
@@ -260,7 +285,7 @@ def _default_model(name: str):
     return create(name, 10)
 
 
-COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "models": _cmd_models}
+COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "compare": _cmd_compare, "models": _cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,16 +49,16 @@ def target_ranks(scores: torch.Tensor | np.ndarray, targets: torch.Tensor | np.n
     return (s > target_scores).sum(dim=1) + 1
 
 
-def metrics_from_ranks(
+def per_user_metrics(
     ranks: torch.Tensor | np.ndarray | Sequence[int],
     ks: Iterable[int] = (10,),
     metrics: Iterable[str] = METRICS,
-) -> dict[str, float]:
-    """Mean of each metric over rows, from target ranks (see the module docstring)."""
+) -> dict[str, torch.Tensor]:
+    """Each metric for each row (float64), from target ranks: what paired significance tests need."""
     r = _as_tensor(ranks).double().reshape(-1)
     if r.numel() == 0:
         raise MLSA4RecError("cannot compute metrics over zero rows")
-    out: dict[str, float] = {}
+    out: dict[str, torch.Tensor] = {}
     names = [m.lower() for m in metrics]
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
@@ -76,8 +76,26 @@ def metrics_from_ranks(
             "mrr": hit / r,
         }
         for m in names:
-            out[f"{m}@{k}"] = float(values[m].mean())
+            out[f"{m}@{k}"] = values[m]
     return out
+
+
+def parse_metric(name: str) -> tuple[str, int]:
+    """'ndcg@10' -> ('ndcg', 10), with one clear error for anything else."""
+    metric, sep, k = name.lower().partition("@")
+    if not sep or metric not in METRICS or not k.isdigit() or int(k) < 1:
+        raise MLSA4RecError(f"metric {name!r} is not of the form NAME@K with NAME one of {', '.join(METRICS)} "
+                            "and K a positive integer (e.g. ndcg@10)")
+    return metric, int(k)
+
+
+def metrics_from_ranks(
+    ranks: torch.Tensor | np.ndarray | Sequence[int],
+    ks: Iterable[int] = (10,),
+    metrics: Iterable[str] = METRICS,
+) -> dict[str, float]:
+    """Mean of each metric over rows, from target ranks (see the module docstring)."""
+    return {name: float(values.mean()) for name, values in per_user_metrics(ranks, ks, metrics).items()}
 
 
 def ranking_metrics(

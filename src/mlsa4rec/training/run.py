@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,10 @@ import mlsa4rec
 from mlsa4rec.config import Config, build_config, load_yaml_file
 from mlsa4rec.data import REGISTRY, SequenceData, data_dir_from, load_dataset
 from mlsa4rec.errors import MLSA4RecError
-from mlsa4rec.evaluation import evaluate_split
+from mlsa4rec.evaluation import evaluate_split, split_ranks
+from mlsa4rec.evaluation.significance import compare_ranks, holm
 from mlsa4rec.fileio import current_umask, write_atomic, write_json_atomic, write_yaml_atomic
+from mlsa4rec.metrics import parse_metric
 from mlsa4rec.models import build_model, get_class
 from mlsa4rec.training import checkpoint, distributed
 from mlsa4rec.training.distributed import DistContext
@@ -379,8 +382,20 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         raise MLSA4RecError(f"weights in {str(path)!r} do not fit the model in config.yaml: {first}") from None
 
 
-def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[str, Any]:
-    """Re-evaluate a run directory's saved weights on valid and test."""
+@dataclass
+class LoadedRun:
+    """A finished run directory rebuilt: its config, its data and its model with the saved weights."""
+
+    path: Path
+    config: Config
+    data: SequenceData
+    model: torch.nn.Module
+    device: torch.device
+
+
+def load_run(run_dir: str | Path, data_dir: str | Path | None = None) -> LoadedRun:
+    """Rebuild a run directory's data and model (weights loaded, on the run's device, in eval mode),
+    refusing data that differs from what the run was trained on."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise MLSA4RecError(f"{str(run)!r} is not a run directory (no config.yaml); pass the --output-dir of a "
@@ -404,10 +419,68 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dic
     net = build_run_model(config, data)
     load_weights(net, run / WEIGHTS)
     device = resolve_device(config["device"])
-    net.to(device)
-    return {"model": config["model"], "dataset": config["dataset"],
-            "valid": evaluate_split(net, data, "valid", config, device),
-            "test": evaluate_split(net, data, "test", config, device)}
+    net.to(device).eval()
+    return LoadedRun(run, config, data, net, device)
+
+
+def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[str, Any]:
+    """Re-evaluate a run directory's saved weights on valid and test."""
+    run = load_run(run_dir, data_dir)
+    return {"model": run.config["model"], "dataset": run.config["dataset"],
+            **{split: evaluate_split(run.model, run.data, split, run.config, run.device)
+               for split in ("valid", "test")}}
+
+
+def run_ranks(run: LoadedRun, split: str = "test") -> np.ndarray:
+    """The target rank of every user of ``split``, in user order, exactly as the run's evaluation
+    ranks them (same L, padding, batch size and history rule)."""
+    c = run.config
+    return split_ranks(run.model, run.data, split, c["MAX_ITEM_LIST_LENGTH"], c["eval_batch_size"],
+                       c["exclude_history"], run.device)
+
+
+def compare_runs(run_dirs: list[str | Path], split: str = "test",
+                 metrics: tuple[str, ...] = ("hit@10", "ndcg@10", "mrr@10"), data_dir: str | Path | None = None,
+                 confidence: float = 0.95, n_resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Every run after the first against the first (the baseline), paired over the users of ``split``:
+    relative difference, bootstrap interval, t-test p-value, Holm-adjusted over all rows."""
+    if len(run_dirs) < 2:
+        raise MLSA4RecError("compare needs a baseline run directory and at least one more")
+    for metric in metrics:
+        parse_metric(metric)
+    runs, ranks = [], []
+    for path in run_dirs:
+        run = load_run(path, data_dir)
+        if runs and run.data.fingerprint != runs[0].data.fingerprint:
+            raise MLSA4RecError(f"{str(path)!r} was trained on other data than {str(runs[0].path)!r} (dataset, file "
+                                "or filtering differ); a paired comparison needs the same users")
+        ranks.append(run_ranks(run, split))
+        run.model.cpu()  # free an accelerator for the next run
+        runs.append(run)
+    rows = holm([compare_ranks(ranks[0], r, m, confidence, n_resamples, seed) for r in ranks[1:] for m in metrics])
+    describe = [{"run": str(r.path), "model": r.config["model"], "variant": r.config.to_dict().get("variant")}
+                for r in runs]
+    return {"dataset": runs[0].config["dataset"], "split": split, "users": len(ranks[0]), "baseline": describe[0],
+            "comparisons": [{**describe[1 + i // len(metrics)], **row.to_dict()} for i, row in enumerate(rows)]}
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    """``compare_runs``' result as an aligned text table."""
+    base = result["baseline"]
+    label = lambda r: r["run"] + f" ({r['model']}{', ' + r['variant'] if r['variant'] else ''})"  # noqa: E731
+    ci_head = f"{result['comparisons'][0]['confidence']:.0%} CI"
+    lines = [f"{result['split']} split of {result['dataset']}, {result['users']:,} users; baseline: {label(base)}",
+             f"{'metric':<9} {'baseline':>9} {'run':>9} {'rel. diff':>9}  {ci_head:<18} "
+             f"{'p (t-test)':>10} {'p (Holm)':>9}"]
+    current = None
+    for row in result["comparisons"]:
+        if row["run"] != current:
+            current = row["run"]
+            lines.append(label(row))
+        ci = f"[{row['ci_low']:+.1%}, {row['ci_high']:+.1%}]"
+        lines.append(f"{row['metric']:<9} {row['baseline']:>9.4f} {row['candidate']:>9.4f} {row['relative']:>+9.1%}  "
+                     f"{ci:<18} {row['p_value']:>10.2g} {row['p_holm']:>9.2g}")
+    return "\n".join(lines)
 
 
 def format_table(results: dict[str, Any]) -> str:
