@@ -23,6 +23,11 @@ def test_identical_models_differ_by_nothing() -> None:
     assert c.users == 500 and c.baseline == c.candidate > 0
 
 
+def test_a_constant_difference_is_certain() -> None:
+    c = compare_ranks(np.full(50, 2), np.ones(50, int), "mrr@10")
+    assert c.relative == pytest.approx(1.0) and c.p_value == 0.0 and c.ci_low == pytest.approx(1.0)
+
+
 def test_numbers_match_a_hand_computation() -> None:
     base = _ranks(4000, 1, 0.08)
     better = base.copy()

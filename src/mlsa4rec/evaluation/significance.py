@@ -73,8 +73,8 @@ def compare_ranks(
     diff = b - a
     if not diff.any():  # identical per-user values: nothing to test, and scipy would return NaN
         p, low, high = 1.0, 0.0, 0.0
-    else:
-        p = float(stats.ttest_rel(b, a).pvalue)
+    else:  # a constant non-zero difference has no spread: t is infinite, scipy would return NaN
+        p = 0.0 if np.ptp(diff) == 0 else float(stats.ttest_rel(b, a).pvalue)
         ci = stats.bootstrap((a, b), _relative, paired=True, vectorized=True, n_resamples=n_resamples,
                              confidence_level=confidence, method="percentile", batch=250,
                              rng=np.random.default_rng(seed)).confidence_interval
