@@ -21,7 +21,7 @@ KEYS = ("model", "train_scheme", "valid", "test", "best_epoch", "epochs_run", "s
         "threads", "versions", "git_commit", "started")
 
 
-def record(run_dir: Path, name: str, command: str, wall_seconds: float | None) -> Path:
+def record(run_dir: Path, name: str, command: str, wall_seconds: float | None, note: str | None = None) -> Path:
     results = json.loads((run_dir / "results.json").read_text())
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     entry = {
@@ -34,6 +34,8 @@ def record(run_dir: Path, name: str, command: str, wall_seconds: float | None) -
         **{k: results[k] for k in KEYS},
         "valid_curve": [h["valid"].get(config["valid_metric"]) for h in results["history"] if "valid" in h],
     }
+    if note:
+        entry["note"] = note
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"
     out.write_text(json.dumps(entry, indent=2) + "\n")
@@ -71,8 +73,9 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--command", required=True, help="the exact command that produced the run")
     parser.add_argument("--wall-seconds", type=float, help="wall time of the whole command, if measured")
+    parser.add_argument("--note", help="how the run deviated from a plain run of --command (pauses, shared cores)")
     args = parser.parse_args()
-    print(record(args.run_dir, args.name, args.command, args.wall_seconds))
+    print(record(args.run_dir, args.name, args.command, args.wall_seconds, args.note))
     (RESULTS / "README.md").write_text(table())
     print(RESULTS / "README.md")
 

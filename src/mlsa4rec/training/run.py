@@ -466,8 +466,10 @@ def compare_runs(run_dirs: list[str | Path], split: str = "test",
 
 def format_comparison(result: dict[str, Any]) -> str:
     """``compare_runs``' result as an aligned text table."""
+    def label(r: dict[str, Any]) -> str:
+        return r["run"] + f" ({r['model']}{', ' + r['variant'] if r['variant'] else ''})"
+
     base = result["baseline"]
-    label = lambda r: r["run"] + f" ({r['model']}{', ' + r['variant'] if r['variant'] else ''})"  # noqa: E731
     ci_head = f"{result['comparisons'][0]['confidence']:.0%} CI"
     lines = [f"{result['split']} split of {result['dataset']}, {result['users']:,} users; baseline: {label(base)}",
              f"{'metric':<9} {'baseline':>9} {'run':>9} {'rel. diff':>9}  {ci_head:<18} "
