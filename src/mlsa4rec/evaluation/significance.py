@@ -43,6 +43,11 @@ class PairedComparison:
         return asdict(self)
 
 
+def check_confidence(confidence: float) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise MLSA4RecError(f"confidence must lie in (0, 1), got {confidence}")
+
+
 def _relative(baseline: np.ndarray, candidate: np.ndarray, axis: int = -1) -> np.ndarray:
     return candidate.mean(axis=axis) / baseline.mean(axis=axis) - 1.0
 
@@ -63,8 +68,7 @@ def compare_ranks(
                             "compare runs on the same dataset and split")
     if a_ranks.size < 2:
         raise MLSA4RecError("a paired test needs at least two users")
-    if not 0.0 < confidence < 1.0:
-        raise MLSA4RecError(f"confidence must lie in (0, 1), got {confidence}")
+    check_confidence(confidence)
     key = f"{name}@{k}"
     a = per_user_metrics(a_ranks, [k], [name])[key].numpy()
     b = per_user_metrics(b_ranks, [k], [name])[key].numpy()

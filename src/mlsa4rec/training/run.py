@@ -37,7 +37,7 @@ from mlsa4rec.config import Config, build_config, load_yaml_file
 from mlsa4rec.data import REGISTRY, SequenceData, data_dir_from, load_dataset
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation import evaluate_split, split_ranks
-from mlsa4rec.evaluation.significance import compare_ranks, holm
+from mlsa4rec.evaluation.significance import check_confidence, compare_ranks, holm
 from mlsa4rec.fileio import current_umask, write_atomic, write_json_atomic, write_yaml_atomic
 from mlsa4rec.metrics import parse_metric
 from mlsa4rec.models import build_model, get_class
@@ -446,8 +446,9 @@ def compare_runs(run_dirs: list[str | Path], split: str = "test",
     relative difference, bootstrap interval, t-test p-value, Holm-adjusted over all rows."""
     if len(run_dirs) < 2:
         raise MLSA4RecError("compare needs a baseline run directory and at least one more")
-    for metric in metrics:
+    for metric in metrics:  # bad settings fail before minutes of scoring, not after
         parse_metric(metric)
+    check_confidence(confidence)
     runs, ranks = [], []
     for path in run_dirs:
         run = load_run(path, data_dir)
