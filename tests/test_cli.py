@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import successor_sequences, write_user_lines
-from mlsa4rec.cli import main
+from mlsa4rec.cli import DATASET_HELP, build_parser, main
 from mlsa4rec.data.dataset import cache_dir
 
 
@@ -96,6 +96,10 @@ def _bad_inputs(tmp_path: Path, successor_file: Path) -> list[tuple[list[str], s
     non_int.write_text("1 2 3\n2 3 four\n")
     tiny = tmp_path / "tiny.csv"
     tiny.write_text("1,1,1\n1,2,2\n2,1,3\n")
+    utf16 = tmp_path / "utf16.yaml"
+    utf16.write_bytes(b"\xff\xfe epochs: 3")
+    facts = tmp_path / "facts.yaml"
+    facts.write_text(f"model: gru4rec\ndataset: {successor_file}\n")
     train = ["train", "--model", "sasrec", "--output-dir", str(tmp_path / "out"), "--dataset"]
     return [
         (train + [str(tmp_path / "missing.txt")], "missing.txt' does not exist"),
@@ -107,7 +111,20 @@ def _bad_inputs(tmp_path: Path, successor_file: Path) -> list[tuple[list[str], s
         (train + [str(tiny)], "leaves no interactions"),
         (train + [str(successor_file), "--set", "epoch=3"], "unknown config key 'epoch'"),
         (train + [str(successor_file), "--set", "learning_rate=fast"], "learning_rate: expected float"),
+        (train + [str(successor_file), "--set", "learning_rate=.inf"], "learning_rate must be a finite number"),
+        (train + [str(successor_file), "--set", "learning_rate=1e-3", "--set", "epochs=1e9", "--set", "lr=1"],
+         "unknown config key 'lr'"),  # the number spellings before it were accepted
+        (train + [str(successor_file), "--set", "model=gru4rec"], "--set model=gru4rec but the command trains "
+         "'sasrec'; remove it or pass --model gru4rec"),
         (train + [str(successor_file), "--config", str(tmp_path / "nope.yaml")], "does not exist"),
+        (train + [str(successor_file), "--config", str(utf16)], "is not UTF-8 text"),
+        (train + [str(successor_file), "--config", str(tmp_path)], "is a directory"),
+        (["train", "--output-dir", str(tmp_path / "out"), "--dataset", str(successor_file)],
+         "--model is required (or a model: line in a --config file)"),
+        (["train", "--model", "sasrec", "--output-dir", str(tmp_path / "out")],
+         "--dataset is required (or a dataset: line in a --config file)"),
+        (["train", "--output-dir", str(tmp_path / "out"), "--config", str(facts), "--set", "epoch=3"],
+         "unknown config key 'epoch' for model 'gru4rec'"),  # model and dataset taken from the file
         (["evaluate", "--run-dir", str(tmp_path)], "not a run directory"),
         (["train", "--model", "sasrec", "--dataset", str(successor_file), "--output-dir", str(tiny / "run"),
           "--set", "epochs=1"], "cannot create the output directory"),
@@ -135,6 +152,28 @@ def test_help_is_useful() -> None:
                          env=env, check=True).stdout
     for flag in ("--model", "--dataset", "--output-dir", "--config", "--set", "--data-dir", ".inter", "ratings.dat"):
         assert flag in out
+
+
+def test_quiet_before_or_after_the_command(capsys, tmp_path: Path) -> None:
+    parser = build_parser()
+    assert parser.parse_args(["models"]).quiet is False
+    assert parser.parse_args(["-q", "models"]).quiet is True
+    assert parser.parse_args(["models", "-q"]).quiet is True
+    assert parser.parse_args(["models", "--quiet"]).quiet is True
+    assert parser.parse_args(["data", "stats", "ml-1m", "-q"]).quiet is True
+    assert parser.parse_args(["compare", "a", "b", "-q"]).quiet is True
+    assert parser.parse_args(["train", "-q", "--model", "sasrec", "--dataset", "x", "--output-dir", "y"]).quiet
+    code, _, err = run(capsys, "evaluate", "-q", "--run-dir", str(tmp_path))
+    assert code == 2 and "not a run directory" in err
+
+
+def test_help_names_presets_and_integer_txt_ids(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "packaged preset name such as mamba4rec-ml-1m" in out and "later ones win" in out
+    assert "integer user and item ids" in out and "-q, --quiet" in out
+    assert "integer user and item ids" in DATASET_HELP
 
 
 @pytest.mark.realdata

@@ -4,4 +4,4 @@ Data flows file -> ``data`` -> samplers -> ``models`` -> ``training`` / ``evalua
 ``docs/architecture.md``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -3,6 +3,7 @@
     mlsa4rec data stats DATASET [--json]
     mlsa4rec train --model NAME --dataset NAME|FILE --output-dir DIR [--config F] [--set k=v]
                    [--resume] [--nproc N]          (or: torchrun --nproc-per-node N -m mlsa4rec train ...)
+                   (--model/--dataset may come from model:/dataset: lines of a --config file)
     mlsa4rec evaluate --run-dir DIR
     mlsa4rec models
 """
@@ -16,15 +17,23 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.errors import MLSA4RecError, PeerFailed
 
 DATASET_HELP = (
     "a registered dataset (ml-1m, amazon-beauty, amazon-video-games) or a data file: .inter (RecBole "
     "atomic), ratings.dat (MovieLens), .csv (user,item[,rating],timestamp) or .txt[.gz] (one line per "
-    "user: 'user item item ...', chronological)"
+    "user: 'user item item ...', chronological, integer user and item ids only)"
 )
 DATA_DIR_HELP = ("folder laid out like shared/data holding the registered datasets (default: "
                  "$MLSA4REC_DATA_DIR; with neither, the official file is downloaded into the cache)")
+
+
+QUIET_HELP = "only print results and errors"
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    """-q after the command too; SUPPRESS keeps a -q given before the command when this one is absent."""
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, dest="quiet", help=QUIET_HELP)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +42,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help="YAML file of settings (repeatable; later files win)")
+                   help="YAML file of settings, or a packaged preset name such as mamba4rec-ml-1m (listed by "
+                        "`mlsa4rec models`); repeatable, later ones win")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override one setting, value read as YAML, e.g. --set learning_rate=1e-3 (repeatable)")
 
@@ -44,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, evaluate and compare sequential recommenders under the RecBole protocol "
                     "(5-core, chronological leave-one-out, full ranking).",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="only print results and errors")
+    parser.add_argument("-q", "--quiet", action="store_true", default=False, help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     data = sub.add_parser("data", help="inspect datasets")
@@ -54,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("dataset", help=DATASET_HELP)
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_data_args(stats)
+    _add_quiet(data)
+    _add_quiet(stats)
     stats.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                        help="filtering settings, e.g. --set user_inter_num_interval='[0,inf)'")
 
@@ -63,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "valid and test, and write a run directory (config.yaml, results.json, "
                     "model.safetensors, train.log).",
     )
-    train.add_argument("--model", required=True, help="registered model name (see `mlsa4rec models`)")
-    train.add_argument("--dataset", required=True, help=DATASET_HELP)
+    train.add_argument("--model", help="registered model name (see `mlsa4rec models`); default: the model: line "
+                                       "of a --config file")
+    train.add_argument("--dataset", help=DATASET_HELP + "; default: the dataset: line of a --config file")
     train.add_argument("--output-dir", required=True, help="run directory to create")
     train.add_argument("--overwrite", action="store_true",
                        help="replace an existing run directory (and discard an interrupted run of it)")
@@ -76,12 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_config_args(train)
     _add_data_args(train)
+    _add_quiet(train)
 
     ev = sub.add_parser("evaluate", help="re-evaluate the saved weights of a run directory",
                         description="Rebuild the run's data and model and evaluate the saved weights.")
     ev.add_argument("--run-dir", required=True, help="a directory written by `mlsa4rec train`")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_data_args(ev)
+    _add_quiet(ev)
 
     cmp = sub.add_parser(
         "compare", help="paired significance of the differences between runs",
@@ -96,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seed", type=int, default=0, help="of the bootstrap (default 0)")
     cmp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_data_args(cmp)
+    _add_quiet(cmp)
 
     models = sub.add_parser("models", help="list registered models",
                             description="Registered models, their flags and default hyperparameters.")
@@ -104,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="parameter counts of every model and packaged preset (variants, ablations)")
     models.add_argument("--n-items", type=int, default=12101, metavar="N",
                         help="items in the embedding table for --params (default: amazon-beauty's 12101)")
+    _add_quiet(models)
     return parser
 
 
@@ -171,7 +188,7 @@ def _launch(args: argparse.Namespace) -> int:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc))
     elastic = logging.getLogger("torch.distributed.elastic")
     old_level = elastic.level
-    elastic.setLevel(logging.ERROR)  # keep "rank r failed (exitcode ...)", drop its chatter
+    elastic.setLevel(logging.CRITICAL)  # the ranks print their own `error:` line or traceback
     try:
         run(get_args_parser().parse_args(launch))
     except ChildFailedError as exc:
@@ -188,10 +205,17 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mlsa4rec.config import parse_set
+    from mlsa4rec.config import parse_set, run_facts
     from mlsa4rec.training.distributed import launched_by_torchrun
     from mlsa4rec.training.run import format_table, train
 
+    if args.model is None or args.dataset is None:  # a finished run's config.yaml names both
+        facts = run_facts(args.config, parse_set(args.overrides))
+        args.model = args.model or facts.get("model")
+        args.dataset = args.dataset or facts.get("dataset")
+        for flag in ("model", "dataset"):
+            if getattr(args, flag) is None:
+                raise MLSA4RecError(f"--{flag} is required (or a {flag}: line in a --config file)")
     if args.nproc < 1:
         raise MLSA4RecError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc > 1:
@@ -293,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if args.quiet or _rank() != 0:  # the console shows warnings only; train.log still gets every line
+    quiet = getattr(args, "quiet", False)  # -q before or after the command
+    if quiet or _rank() != 0:  # the console shows warnings only; train.log still gets every line
         for handler in logging.getLogger().handlers:
             handler.setLevel(logging.WARNING)
     if args.command in ("train", "evaluate"):
@@ -305,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except MLSA4RecError as exc:
         rank = _rank()
-        print(f"error: {f'[rank {rank}] ' if rank else ''}{exc}", file=sys.stderr)
+        if not isinstance(exc, PeerFailed):  # rank 0 failed and prints the message itself
+            print(f"error: {f'[rank {rank}] ' if rank else ''}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

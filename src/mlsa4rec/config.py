@@ -63,19 +63,82 @@ def load_yaml_file(path: str | Path) -> dict[str, Any]:
     if not Path(path).is_file() and str(path) in presets():
         return yaml.safe_load(_load_packaged_text(f"presets/{path}.yaml")) or {}
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; pass a YAML file of settings to --config")
     if not path.is_file():
         names = ", ".join(presets())
         raise ConfigError(f"config file {str(path)!r} does not exist; check the --config path, or name a "
                           f"packaged preset ({names})")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark some editors write is harmless
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text; save it as UTF-8 (plain YAML "
+                          "key: value lines)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}; check that it is a "
+                          "readable file") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{_yaml_problem(exc)}; fix that line "
+                          "(settings are key: value lines)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of key: value lines")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one clause with the line, so the CLI's error stays one line."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{where}: {' '.join(str(problem).split())}"
+
+
+RUN_FACTS = ("model", "dataset")
+
+
+def _sources(files: Iterable[str | Path], overrides: Mapping[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """Each settings layer with the words that name it in an error: a config file, or ``--set``."""
+    layers = [(f"config file {str(f)!r}", load_yaml_file(f)) for f in files]
+    if overrides:
+        layers.append(("--set", dict(overrides)))
+    return layers
+
+
+def run_facts(files: Iterable[str | Path] = (), overrides: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The ``model`` and ``dataset`` that config files or overrides name (later wins; null lines ignored),
+    so that a finished run's config.yaml can stand in for ``--model``/``--dataset``."""
+    facts: dict[str, str] = {}
+    for _, layer in _sources(files, overrides):
+        facts.update({key: str(layer[key]) for key in RUN_FACTS if layer.get(key) is not None})
+    return facts
+
+
+def _same_dataset(given: str, resolved: str) -> bool:
+    """A saved config.yaml holds the resolved absolute path (or a registered name); a user may write
+    the path as given on the command line, so two names of one existing file are the same dataset."""
+    if given == resolved:
+        return True
+    a, b = Path(given).expanduser(), Path(resolved).expanduser()
+    return a.is_file() and b.is_file() and a.resolve() == b.resolve()
+
+
+def _check_run_fact(where: str, key: str, value: Any, model: str, extra: Mapping[str, Any] | None) -> None:
+    """Refuse a ``model``/``dataset`` line that contradicts what the command runs, instead of ignoring it."""
+    if value is None:
+        return
+    given = str(value)
+    shown = given if given.isprintable() and given.split() == [given] else repr(given)  # keep the error one line
+    said, line = (f"--set {key}={shown}", "it") if where == "--set" else (f"{where} sets {key}: {shown}", "the line")
+    if key == "model" and given != model:
+        raise ConfigError(f"{said} but the command trains {model!r}; remove {line} or pass --model {shown}")
+    if key == "dataset" and extra and extra.get("dataset") is not None and \
+            not _same_dataset(given, str(extra["dataset"])):
+        raise ConfigError(f"{said} but the command trains on {str(extra['dataset'])!r}; remove {line} or pass "
+                          f"--dataset {shown}")
 
 
 def parse_set(items: Iterable[str]) -> dict[str, Any]:
@@ -111,6 +174,39 @@ def parse_interval(text: str, key: str = "interval") -> tuple[float, float]:
     return lo, hi
 
 
+def _number(key: str, value: Any, want: type, default: Any) -> int | float:
+    """``value`` as an int or float setting: any spelling float() reads ("1e-3", "1_000", " 2 "; PyYAML,
+    following YAML 1.1, leaves 1e-3 a string), integral for int settings, and finite."""
+    number: int | float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        try:
+            number = int(value)  # exact for big integers, which a float would round
+        except ValueError:
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+    if number is None:
+        raise ConfigError(f"{key}: expected {want.__name__}, got {value!r} ({type(value).__name__}); write a "
+                          f"number like {default!r}")
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ConfigError(f"{key} must be a finite number, got {number}; write a number like {default!r}")
+    if want is float:
+        try:
+            return float(number)
+        except OverflowError:  # an int beyond float's range
+            raise ConfigError(f"{key} must be a finite number, got {value!r}; write a number like "
+                              f"{default!r}") from None
+    if isinstance(number, float):
+        if not number.is_integer():
+            raise ConfigError(f"{key}: expected int, got {value!r} ({type(value).__name__}); write a whole "
+                              f"number like {default!r}")
+        return int(number)
+    return number
+
+
 def _check_type(key: str, value: Any, default: Any) -> Any:
     """Coerce ``value`` to the type of ``default`` where that is lossless, else raise."""
     if default is None:
@@ -121,14 +217,8 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     if want is bool:
         if isinstance(value, bool):
             return value
-    elif want is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif want is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+    elif want in (int, float):
+        return _number(key, value, want, default)
     elif want is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -142,7 +232,7 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
 
 
 def _unknown_key(key: str, known: Iterable[str], model: str | None) -> ConfigError:
-    close = difflib.get_close_matches(key, list(known), n=1)
+    close = difflib.get_close_matches(str(key), list(known), n=1)  # YAML keys may be ints or bools
     hint = f"; did you mean {close[0]!r}?" if close else ""
     where = f" for model {model!r}" if model else ""
     listing = f"`mlsa4rec models --config {model or 'sasrec'}` lists them"
@@ -187,12 +277,10 @@ def build_config(
     own = model_defaults(model)
     defaults = {**base, **own}
     values = dict(defaults)
-    layers = [load_yaml_file(f) for f in files]
-    if overrides:
-        layers.append(dict(overrides))
-    for layer in layers:
+    for where, layer in _sources(files, overrides):
         for key, value in layer.items():
-            if key in ("model", "dataset"):  # run facts may appear in a saved config.yaml
+            if key in RUN_FACTS:  # a saved config.yaml holds them: fine when they agree with the command
+                _check_run_fact(where, key, value, model, extra)
                 continue
             if key not in defaults:
                 raise _unknown_key(key, defaults, model)
@@ -214,6 +302,8 @@ def _validate(v: dict[str, Any]) -> None:
     for key in ("weight_decay", "clip_grad_norm", "stopping_step", "all_positions_stride", "checkpoint_steps"):
         if v[key] < 0:
             raise ConfigError(f"{key} must be >= 0, got {v[key]!r}")
+    if not 0 <= v["seed"] < 2 ** 32:  # the range every generator seeded from it (numpy's) accepts
+        raise ConfigError(f"seed must be in [0, 2**32), got {v['seed']!r}")
     for key in ("user_inter_num_interval", "item_inter_num_interval"):
         parse_interval(v[key], key)
     if v["train_scheme"] not in TRAIN_SCHEMES:

@@ -17,3 +17,8 @@ class ConfigError(MLSA4RecError):
 
 class DataError(MLSA4RecError):
     """A missing, malformed or empty data file, or a dataset that filtering leaves empty."""
+
+
+class PeerFailed(MLSA4RecError):
+    """Raised on the other ranks of a distributed run when rank 0 failed at a step only it runs:
+    rank 0 prints the message, so the command line shows it once."""

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from mlsa4rec.errors import MLSA4RecError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -38,8 +40,15 @@ def current_umask() -> int:
 
 
 def write_atomic(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> None:
-    with atomic_path(path) as tmp:
-        writer(tmp)
+    """Write ``path`` through ``writer(tmp)``; on failure the old file (if any) is untouched and a
+    full disk or a permission problem is one ``MLSA4RecError`` naming the file."""
+    try:
+        with atomic_path(path) as tmp:
+            writer(tmp)
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise MLSA4RecError(f"cannot write {str(path)!r}: {reason}; free disk space or fix the permissions, the "
+                            "file was left as it was") from None
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +142,68 @@ def test_real_ratings_dat_fixture(shared_data: Path) -> None:
     assert len(np.unique(inter.user)) == 2_999
     assert len(np.unique(inter.item)) == 3_615
     assert inter.time.min() == 970620734 and inter.time.max() == 1046388675
+
+
+@pytest.mark.parametrize("stamp", ["inf", "-inf", "Infinity", "nan", "NaN"])
+@pytest.mark.parametrize(
+    ("name", "template"),
+    [
+        ("d.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\t5\n1\t3\t{}\n"),
+        ("d.csv", "user,item,timestamp\nu1,i1,5\nu1,i2,{}\n"),
+        ("ratings.dat", "1::1193::5::978300760\n1::661::3::{}\n"),
+    ],
+    ids=["inter", "csv", "ratings-dat"],
+)
+def test_non_finite_timestamps_are_refused(tmp_path: Path, name: str, template: str, stamp: str) -> None:
+    path = tmp_path / name
+    path.write_text(template.format(stamp))
+    with pytest.raises(DataError, match=rf"line \d: timestamp '{stamp}' is not a (finite )?number"):
+        read_interactions(path)
+
+
+@pytest.mark.parametrize(("name", "text", "fmt", "message"), [
+    ("ratings.dat", "1::1193::5::978300760\ninf::661::3::978300761\n", None, r"line 2: user 'inf' is not a finite"),
+    ("reviews.json", '{"reviewerID": "A1", "asin": "B01", "unixReviewTime": 1303862400}\n\n'  # blank lines count
+     '{"reviewerID": "A2", "asin": "B02", "unixReviewTime": "soon"}\n', "amazon-json",
+     r"line 3: unixReviewTime 'soon' is not a finite number"),
+])
+def test_non_finite_ids_and_review_times_are_refused(tmp_path: Path, name: str, text: str, fmt: str | None,
+                                                     message: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError, match=message):
+        read_interactions(path, *([fmt] if fmt else []))
+
+
+def test_missing_timestamp_column_is_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Taking the file order as the time order silently would hide a wrong file from the user."""
+    inter = tmp_path / "d.inter"
+    inter.write_text("user_id:token\titem_id:token\n1\t2\n1\t3\n")
+    csv = tmp_path / "d.csv"
+    csv.write_text("user,item\nu1,i1\nu1,i2\n")
+    for path in (inter, csv):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mlsa4rec"):
+            assert read_interactions(path).time.tolist() == [0.0, 1.0]
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and warnings[0].name == "mlsa4rec", caplog.text
+        assert "has no timestamp column" in caplog.text and "line order is used as the time order" in caplog.text
+
+
+def test_ordered_formats_do_not_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    lines = tmp_path / "a.txt"
+    lines.write_text("1 10 11 12\n2 13 10\n")
+    inter = tmp_path / "d.inter"
+    inter.write_text("user_id:token\titem_id:token\ttimestamp:float\n1\t2\t5\n1\t3\t6\n")
+    with caplog.at_level(logging.DEBUG, logger="mlsa4rec"):
+        read_interactions(lines)
+        read_interactions(inter)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_user_lines_error_says_ids_must_be_integers(tmp_path: Path) -> None:
+    path = tmp_path / "bad.txt"
+    path.write_text("u1 10 11\n")
+    with pytest.raises(DataError, match=r"line 1: 'u1' is not an integer id; the \.txt format takes integer user "
+                                        r"and item ids .*\.csv or \.inter"):
+        read_interactions(path)

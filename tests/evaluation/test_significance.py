@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -72,9 +74,51 @@ def test_holm_adjustment() -> None:
     ((np.ones(5, int), np.ones(6, int)), "different users"),
     ((np.ones(5, int), np.ones(5, int), "ndcg"), "NAME@K"),
     ((np.ones(5, int), np.ones(5, int), "auc@10"), "NAME@K"),
-    ((np.full(5, 50), np.ones(5, int)), "is 0 on every user"),
     ((np.ones(1, int), np.ones(1, int)), "at least two users"),
 ])
 def test_bad_inputs(args, message) -> None:
     with pytest.raises(MLSA4RecError, match=message):
         compare_ranks(*args)
+
+
+def test_zero_baseline_gives_an_undefined_row_not_an_error() -> None:
+    """One metric at 0 for the baseline must not cost the whole table: its relative numbers are None."""
+    c = compare_ranks(np.full(5, 50), np.ones(5, int), "ndcg@10")
+    assert (c.baseline, c.candidate) == (0.0, 1.0)
+    assert (c.relative, c.ci_low, c.ci_high) == (None, None, None)
+    assert c.p_value == 0.0  # a constant non-zero difference: certain
+    varied = compare_ranks(np.full(40, 50), np.where(np.arange(40) % 4 == 0, 1, 50), "hit@10")
+    d = (np.arange(40) % 4 == 0).astype(float)
+    assert varied.relative is None and varied.p_value == pytest.approx(stats.ttest_rel(d, np.zeros(40)).pvalue)
+    row = c.to_dict()
+    assert row["relative"] is None and row["ci_low"] is None and row["ci_high"] is None and row["p_value"] == 0.0
+
+
+def test_a_zero_difference_is_no_evidence() -> None:
+    """Both models equal on every user (here both 0): p = 1, whatever the ranks below the cut-off."""
+    c = compare_ranks(np.full(6, 50), np.full(6, 70), "mrr@10")
+    assert (c.baseline, c.candidate, c.relative, c.ci_low, c.ci_high, c.p_value) == (0.0, 0.0, None, None, None, 1.0)
+    same = compare_ranks(np.array([1, 20, 3, 50]), np.array([1, 30, 3, 60]), "hit@10")  # ranks differ, hits do not
+    assert (same.relative, same.ci_low, same.ci_high, same.p_value) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_an_unbounded_interval_is_undefined() -> None:
+    """A baseline hit by one user: resamples without that user divide by zero, so the interval has no finite
+    upper end; it is reported as None, never as inf (not valid JSON), and without numpy warnings."""
+    base = np.full(200, 50)
+    base[0] = 1
+    cand = np.full(200, 50)
+    cand[:40] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = compare_ranks(base, cand, "hit@10", n_resamples=1000)
+    assert c.relative == pytest.approx(39.0) and (c.ci_low, c.ci_high) == (None, None) and c.p_value < 1e-6
+
+
+def test_holm_takes_undefined_rows() -> None:
+    rows = [compare_ranks(np.full(5, 50), np.ones(5, int), "ndcg@10"),
+            compare_ranks(np.full(6, 50), np.full(6, 70), "mrr@10"),
+            PairedComparison("hit@10", 10, 0.1, 0.2, 1.0, 0.5, 1.5, 0.95, 0.02)]
+    adjusted = holm(rows)
+    assert [r.p_holm for r in adjusted] == pytest.approx([0.0, 1.0, 0.04])
+    assert adjusted[0].relative is None and adjusted[1].ci_low is None

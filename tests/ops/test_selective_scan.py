@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mlsa4rec.ops
+from mlsa4rec.errors import ConfigError
 from mlsa4rec.ops import resolve_impl, selective_scan, selective_scan_reference
 from mlsa4rec.ops import scan as scan_module
 
@@ -139,7 +140,7 @@ def test_resolve_impl_and_env_override(monkeypatch):
     assert resolve_impl("auto", cpu) == "reference"
     assert resolve_impl("torch", cpu) == "torch"  # an explicit impl wins over the environment
     monkeypatch.setenv("MLSA4REC_SCAN", "fast")
-    with pytest.raises(ValueError, match="MLSA4REC_SCAN"):
+    with pytest.raises(ConfigError, match="MLSA4REC_SCAN='fast'"):  # a person's setting: one `error:` line
         resolve_impl("auto", cpu)
 
 

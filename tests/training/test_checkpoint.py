@@ -22,7 +22,8 @@ from mlsa4rec.cli import main
 from mlsa4rec.config import build_config
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.training import Trainer, checkpoint
-from mlsa4rec.training.run import _StageLock, staging_dir, train
+from mlsa4rec.training.run import train
+from mlsa4rec.training.rundir import StageLock, staging_dir
 
 HERE = Path(__file__).resolve().parent
 SMALL = {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "hidden_dropout_prob": 0.2,
@@ -100,8 +101,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(successor_file: Path
     resumed = train("sasrec", str(successor_file), tmp_path / "run", overrides=SMALL, resume=True)
     whole = train("sasrec", str(successor_file), tmp_path / "whole", overrides=SMALL)
     assert resumed["resumed"] and not stage.exists()
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "model.safetensors",
-                                                                   "results.json", "train.log"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "manifest.json",
+                                                                   "model.safetensors", "results.json", "train.log"]
     assert_same_run(resumed, whole, tmp_path / "run", tmp_path / "whole")
     assert "resuming the interrupted run" in (tmp_path / "run" / "train.log").read_text()
 
@@ -118,7 +119,7 @@ def test_resume_checks_settings_and_the_staging_rules(successor_file: Path, tmp_
         train("sasrec", str(successor_file), out, overrides=SMALL)
     with pytest.raises(MLSA4RecError, match=r"these differ: learning_rate \(run: 0.01, now: 0.02\)"):
         train("sasrec", str(successor_file), out, overrides={**SMALL, "learning_rate": 0.02}, resume=True)
-    lock = _StageLock(stage)  # as if another process were training into it
+    lock = StageLock(stage)  # as if another process were training into it
     try:
         with pytest.raises(MLSA4RecError, match="another mlsa4rec process"):
             train("sasrec", str(successor_file), out, overrides=SMALL, resume=True)
@@ -128,7 +129,8 @@ def test_resume_checks_settings_and_the_staging_rules(successor_file: Path, tmp_
     (stage / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half a file")  # a write cut short by the crash
     more = train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 4}, resume=True)
     assert more["epochs_run"] == 4 and not stage.exists()
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "results.json", "train.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "manifest.json", "model.safetensors",
+                                                     "results.json", "train.log"]
     with pytest.raises(MLSA4RecError, match="has finished"):
         train("sasrec", str(successor_file), out, overrides=SMALL, resume=True)
 
@@ -153,7 +155,8 @@ def test_overwrite_discards_an_interrupted_run_and_debris_is_replaced(successor_
     assert (staging_dir(out) / checkpoint.CHECKPOINT).is_file()
     first = train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 1}, overwrite=True)
     assert first["epochs_run"] == 1 and not staging_dir(out).exists()
-    staging_dir(tmp_path / "other").mkdir()  # a run killed before its first checkpoint
+    staging_dir(tmp_path / "other").mkdir()  # a run killed before its first checkpoint: its lock and config
+    (staging_dir(tmp_path / "other") / ".lock").touch()
     (staging_dir(tmp_path / "other") / "config.yaml").write_text("model: sasrec\n")
     train("sasrec", str(successor_file), tmp_path / "other", overrides={**SMALL, "epochs": 1})
     assert not staging_dir(tmp_path / "other").exists()

@@ -31,7 +31,8 @@ from mlsa4rec.evaluation.evaluator import merge_round_robin
 from mlsa4rec.models import create
 from mlsa4rec.training import Trainer, checkpoint
 from mlsa4rec.training.distributed import DistContext, pack_gradients, shard_rows, unpack_gradients
-from mlsa4rec.training.run import evaluate_run, staging_dir, train
+from mlsa4rec.training.run import evaluate_run, train
+from mlsa4rec.training.rundir import staging_dir
 
 HERE = Path(__file__).resolve().parent
 TINY = {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 8}
@@ -188,7 +189,7 @@ def test_two_processes_train_evaluate_exactly_and_resume(successor_file: Path, t
                               str(successor_file), "--output-dir", str(tmp_path / "run"), *sets],
                              capture_output=True, text=True, timeout=120, env=env)
     assert refused.returncode != 0
-    assert "error: an interrupted run" in refused.stderr and "error: [rank 1] an interrupted run" in refused.stderr
+    assert refused.stderr.count("error: ") == 1 and "error: an interrupted run" in refused.stderr  # once, by rank 0
     for name, extra in (("run", ["--resume"]), ("whole", [])):
         done = subprocess.run([sys.executable, "-m", "mlsa4rec", "train", "--nproc", "2", "--model", "sasrec",
                                "--dataset", str(successor_file), "--output-dir", str(tmp_path / name), "--json",
@@ -201,3 +202,16 @@ def test_two_processes_train_evaluate_exactly_and_resume(successor_file: Path, t
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
     single = evaluate_run(tmp_path / "whole")
     assert single["valid"] == b["valid"] and single["test"] == b["test"]
+
+
+def test_nproc_reports_a_config_error_once_with_exit_2(successor_file: Path, tmp_path: Path) -> None:
+    """A setting the model cannot be built with is found before the ranks start: one line, exit 2."""
+    done = subprocess.run([sys.executable, "-m", "mlsa4rec", "train", "--nproc", "2", "--model", "sasrec",
+                           "--dataset", str(successor_file), "--output-dir", str(tmp_path / "run"),
+                           "--set", "n_heads=3", "--set", "epochs=1"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: cannot build model 'sasrec': hidden_size (64) must be divisible by n_heads (3)"]
+    assert "Traceback" not in done.stderr and "exitcode" not in done.stderr and "launching" not in done.stderr
+    assert not (tmp_path / "run").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -34,7 +35,8 @@ def test_sasrec_learns_the_successor_pattern(successor_file: Path, tmp_path: Pat
 def test_run_directory_contents_and_reevaluation(successor_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     results = train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 4, "stopping_step": 100})
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "results.json", "train.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "manifest.json", "model.safetensors",
+                                                     "results.json", "train.log"]
     assert not list(tmp_path.glob(".run.partial*"))
     saved = json.loads((out / "results.json").read_text())
     for key in ("valid", "test", "best_epoch", "epochs_run", "seconds_per_epoch", "parameters", "versions",
@@ -130,3 +132,19 @@ def test_no_training_samples_is_a_clear_error(tmp_path: Path) -> None:
         train("sasrec", str(path), tmp_path / "run",
               overrides={"user_inter_num_interval": "[0,inf)", "item_inter_num_interval": "[0,inf)"})
     assert not (tmp_path / "run").exists()
+
+
+def test_comparison_table_shows_an_undefined_row() -> None:
+    """A metric the baseline never scores (0 on every user) is one 'undefined' row, not a refused table."""
+    from mlsa4rec.evaluation.significance import compare_ranks, holm
+    from mlsa4rec.training.run import format_comparison
+
+    base, run = np.full(40, 50), np.where(np.arange(40) % 4 == 0, 1, 50)
+    rows = holm([compare_ranks(base, run, m) for m in ("hit@10", "hit@100")])
+    described = {"run": "b", "model": "sasrec", "variant": None}
+    table = format_comparison({"dataset": "d", "split": "test", "users": 40,
+                               "baseline": {"run": "a", "model": "gru4rec", "variant": None},
+                               "comparisons": [{**described, **r.to_dict()} for r in rows]})
+    hit10, hit100 = (line.split() for line in table.splitlines()[3:5])
+    assert hit10[:5] == ["hit@10", "0.0000", "0.2500", "undefined", "undefined"]
+    assert hit100[0] == "hit@100" and hit100[3].endswith("%") and hit100[4].startswith("[")

@@ -2,8 +2,9 @@
 
 Every reader is vectorised (pandas' C parser or one numpy conversion over all tokens); none loops
 over events in Python. Ids stay raw tokens here; remapping happens in ``dataset.py``. When a
-format has no timestamps, ``time`` is the event's position in the file, which is the order the
-file promises.
+format has no timestamps, ``time`` is the event's position in the file: the order the format
+promises (``.txt`` user lines), or, for a table that merely lacks the column, an assumption that is
+logged as a warning.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import itertools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,8 @@ import numpy as np
 import pandas as pd
 
 from mlsa4rec.errors import DataError
+
+log = logging.getLogger("mlsa4rec")
 
 
 @dataclass
@@ -66,10 +70,11 @@ def read_user_lines(path: str | Path) -> Interactions:
             for tok in row:
                 if not tok.lstrip("-").isdigit():
                     raise DataError(
-                        f"{str(path)!r} line {lineno}: {tok!r} is not an integer id; expected lines "
-                        "of space-separated integers 'user item item ...'"
+                        f"{str(path)!r} line {lineno}: {tok!r} is not an integer id; the .txt format takes integer "
+                        "user and item ids only ('user item item ...'); put other ids in a .csv or .inter file"
                     ) from None
-        raise DataError(f"{str(path)!r}: ids must be integers") from None
+        raise DataError(f"{str(path)!r}: the .txt format takes integer user and item ids only; put other ids in "
+                        "a .csv or .inter file") from None
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     is_user = np.zeros(ids.shape[0], dtype=bool)
     is_user[starts] = True
@@ -87,11 +92,21 @@ def _column(df: pd.DataFrame, name: str, path: Path, first_line: int, numeric: b
     if not numeric:
         return col.to_numpy()
     values = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
-    bad = np.isnan(values)
+    bad = ~np.isfinite(values)  # inf would sort after every real time (or hash as an id): refuse it like nan
     if bad.any():
         i = int(np.argmax(bad))
-        raise DataError(f"{str(path)!r} line {first_line + i}: {name} {col.iloc[i]!r} is not a number")
+        what = "a number" if np.isnan(values[i]) else "a finite number"
+        raise DataError(f"{str(path)!r} line {first_line + i}: {name} {col.iloc[i]!r} is not {what}; fix or "
+                        "remove the line")
     return values
+
+
+def _file_order(path: Path, n: int) -> np.ndarray:
+    """Times for a table without a timestamp column: its line order, said once per read, because a
+    file that is not chronological would otherwise give a wrong split with no sign of it."""
+    log.warning("%r has no timestamp column; the file's line order is used as the time order (add a timestamp "
+                "column unless the lines are chronological)", str(path))
+    return np.arange(n, dtype=np.float64)
 
 
 def _read_table(path: Path, text: str, sep: str, header: int | None, names: list[str] | None) -> pd.DataFrame:
@@ -133,10 +148,7 @@ def read_inter(path: str | Path) -> Interactions:
         raise DataError(f"{str(path)!r} holds no interactions")
     user = _column(df, "user_id", path, 2, numeric=False)
     item = _column(df, "item_id", path, 2, numeric=False)
-    if "timestamp" in fields:
-        time = _column(df, "timestamp", path, 2, numeric=True)
-    else:
-        time = np.arange(len(df), dtype=np.float64)
+    time = _column(df, "timestamp", path, 2, numeric=True) if "timestamp" in fields else _file_order(path, len(df))
     return Interactions(_ids(user), _ids(item), time)
 
 
@@ -188,7 +200,7 @@ def read_csv(path: str | Path) -> Interactions:
     if "timestamp" in names:
         time = _column(df, "timestamp", path, first_line, numeric=True)
     else:
-        time = np.arange(len(df), dtype=np.float64)
+        time = _file_order(path, len(df))
     return Interactions(_ids(user), _ids(item), time)
 
 
@@ -202,11 +214,16 @@ def read_amazon_json(path: str | Path) -> Interactions:
     missing = {"reviewerID", "asin", "unixReviewTime"} - set(df.columns)
     if missing:
         raise DataError(f"{str(path)!r}: review records lack {sorted(missing)}")
-    return Interactions(
-        df["reviewerID"].astype(str).to_numpy(),
-        df["asin"].astype(str).to_numpy(),
-        pd.to_numeric(df["unixReviewTime"]).to_numpy(dtype=np.float64),
-    )
+    time = pd.to_numeric(df["unixReviewTime"], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(time)
+    if bad.any():
+        i = int(np.argmax(bad))
+        # read_json skips blank lines: map the record back to its line for the message
+        lines = [n + 1 for n, line in enumerate(_open_text(path).splitlines()) if line.strip()]
+        where = f"line {lines[i]}" if i < len(lines) else f"record {i + 1}"
+        raise DataError(f"{str(path)!r} {where}: unixReviewTime {df['unixReviewTime'].iloc[i]!r} is not a "
+                        "finite number of seconds; fix or remove the record")
+    return Interactions(df["reviewerID"].astype(str).to_numpy(), df["asin"].astype(str).to_numpy(), time)
 
 
 READERS: dict[str, Callable[[str | Path], Interactions]] = {
@@ -235,7 +252,7 @@ def detect_format(path: str | Path) -> str:
         return "amazon-json"
     raise DataError(
         f"cannot tell the format of {str(path)!r}: use a .inter (RecBole atomic), ratings.dat "
-        "(MovieLens), .csv (user,item[,rating],timestamp) or .txt[.gz] (one line per user) file"
+        "(MovieLens), .csv (user,item[,rating],timestamp) or .txt[.gz] (one line per user, integer ids) file"
     )
 
 

@@ -12,6 +12,11 @@ randomization test agree on collections of this size; Wilcoxon and the sign test
 
 When several candidates are compared with one baseline, the p-values are also Holm-adjusted so
 that "significant" keeps its meaning over the whole table.
+
+A relative difference is undefined when the baseline's mean is 0 (``relative``, ``ci_low`` and
+``ci_high`` are None), and so is the interval alone when resamples that miss the baseline's few
+non-zero users push a bound to infinity; the p-value, a test of the plain difference, is always a
+number, so such a row stays in the table and in the Holm family.
 """
 
 from __future__ import annotations
@@ -32,9 +37,9 @@ class PairedComparison:
     users: int
     baseline: float
     candidate: float
-    relative: float  # candidate / baseline - 1
-    ci_low: float  # bootstrap confidence interval of ``relative``
-    ci_high: float
+    relative: float | None  # candidate / baseline - 1; None when the baseline's mean is 0
+    ci_low: float | None  # bootstrap confidence interval of ``relative``; both None when either end is not finite
+    ci_high: float | None
     confidence: float
     p_value: float  # two-sided paired t-test
     p_holm: float | None = None  # set by ``holm`` over a family of comparisons
@@ -49,7 +54,8 @@ def check_confidence(confidence: float) -> None:
 
 
 def _relative(baseline: np.ndarray, candidate: np.ndarray, axis: int = -1) -> np.ndarray:
-    return candidate.mean(axis=axis) / baseline.mean(axis=axis) - 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):  # a resample whose baseline mean is 0: inf or nan
+        return candidate.mean(axis=axis) / baseline.mean(axis=axis) - 1.0
 
 
 def compare_ranks(
@@ -72,20 +78,27 @@ def compare_ranks(
     key = f"{name}@{k}"
     a = per_user_metrics(a_ranks, [k], [name])[key].numpy()
     b = per_user_metrics(b_ranks, [k], [name])[key].numpy()
-    if a.mean() == 0.0:
-        raise MLSA4RecError(f"the baseline's {key} is 0 on every user, so a relative difference is undefined")
     diff = b - a
-    if not diff.any():  # identical per-user values: nothing to test, and scipy would return NaN
-        p, low, high = 1.0, 0.0, 0.0
-    else:  # a constant non-zero difference has no spread: t is infinite, scipy would return NaN
-        p = 0.0 if np.ptp(diff) == 0 else float(stats.ttest_rel(b, a).pvalue)
-        ci = stats.bootstrap((a, b), _relative, paired=True, vectorized=True, n_resamples=n_resamples,
-                             confidence_level=confidence, method="percentile", batch=250,
-                             rng=np.random.default_rng(seed)).confidence_interval
-        low, high = float(ci.low), float(ci.high)
+    if not diff.any():  # the same value for every user (also both 0): no evidence of a difference
+        p = 1.0
+    elif np.ptp(diff) == 0:  # a constant non-zero difference has no spread: t is infinite, scipy would give NaN
+        p = 0.0
+    else:
+        p = float(stats.ttest_rel(b, a).pvalue)
+    relative, low, high = None, None, None
+    if a.mean() != 0.0:  # else candidate / baseline is undefined, and so is its interval
+        relative = float(_relative(a, b))
+        if not diff.any():
+            low, high = 0.0, 0.0
+        else:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ci = stats.bootstrap((a, b), _relative, paired=True, vectorized=True, n_resamples=n_resamples,
+                                     confidence_level=confidence, method="percentile", batch=250,
+                                     rng=np.random.default_rng(seed)).confidence_interval
+            if np.isfinite(ci.low) and np.isfinite(ci.high):
+                low, high = float(ci.low), float(ci.high)
     return PairedComparison(metric=key, users=int(a.size), baseline=float(a.mean()), candidate=float(b.mean()),
-                            relative=float(_relative(a, b)), ci_low=low, ci_high=high, confidence=confidence,
-                            p_value=p)
+                            relative=relative, ci_low=low, ci_high=high, confidence=confidence, p_value=p)
 
 
 def holm(comparisons: Sequence[PairedComparison]) -> list[PairedComparison]:

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from mlsa4rec.errors import ConfigError
+
 log = logging.getLogger("mlsa4rec")
 
 IMPLEMENTATIONS = ("auto", "reference", "cpu", "cuda", "torch")
@@ -91,13 +93,27 @@ def _mamba_ssm_fn():
     return selective_scan_fn
 
 
+def check_environment() -> str:
+    """The ``MLSA4REC_SCAN`` choice ("auto" when unset or empty), or a ConfigError naming it.
+
+    The variable is a person's setting, so a typo must fail as one clear line when a command starts,
+    not as a traceback when the first Mamba layer runs minutes into training.
+    """
+    raw = os.environ.get("MLSA4REC_SCAN", "")
+    impl = raw.strip().lower() or "auto"
+    if impl not in IMPLEMENTATIONS:
+        raise ConfigError(f"MLSA4REC_SCAN={raw!r} is not a selective-scan implementation; choose one of "
+                          f"{', '.join(IMPLEMENTATIONS)} or unset it")
+    return impl
+
+
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """The implementation that runs for ``impl`` on ``device`` (after the env override and fallbacks)."""
     if impl == "auto":
-        impl = os.environ.get("MLSA4REC_SCAN", "auto").strip().lower() or "auto"
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown selective-scan implementation {impl!r} (from impl= or MLSA4REC_SCAN); "
-                         f"choose one of {', '.join(IMPLEMENTATIONS)}")
+        impl = check_environment()
+    if impl not in IMPLEMENTATIONS:  # impl= comes from code, not from a person: a bug, hence ValueError
+        raise ValueError(f"unknown selective-scan implementation {impl!r} (impl=); choose one of "
+                         f"{', '.join(IMPLEMENTATIONS)}")
     if impl == "auto":
         impl = "cuda" if device.type == "cuda" else "cpu"
     if impl == "cpu" and (device.type != "cpu" or _numba_kernels() is None):

@@ -30,11 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlsa4rec.data import REGISTRY
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.fileio import write_atomic
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
+# what a resumed run reads: checked after the checksum, before anything is used
+STATE_KEYS = ("format", "meta", "model", "optimizer", "scheduler", "best_model")
+META_KEYS = ("progress", "world_size", "rng", "config", "data_fingerprint")
 _HEADER = re.compile(rb"^MLSA4REC-CHECKPOINT (\d+) sha256=([0-9a-f]{64})\n")
 
 
@@ -93,6 +97,38 @@ def decode(payload: bytes, origin: str = "checkpoint") -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise MLSA4RecError(f"{origin} does not hold an mlsa4rec training state; start over with --overwrite")
     return state
+
+
+def decode_training_state(payload: bytes, origin: str = "the checkpoint") -> dict[str, Any]:
+    """:func:`decode`, then check that every entry a resumed run reads is there, so that a file
+    whose checksum is valid but whose content is not a whole training state fails here, once."""
+    state = decode(payload, origin)
+    missing = [key for key in STATE_KEYS if key not in state]
+    try:
+        meta = json.loads(state["meta"]) if "meta" in state else {}
+    except (TypeError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
+        missing.append("meta (not a JSON object)")
+    else:
+        missing += [f"meta.{key}" for key in META_KEYS if key not in meta]
+    if missing:
+        raise MLSA4RecError(f"{origin} passed its checksum but lacks {', '.join(missing)} (written by another "
+                            "version, or edited); it cannot be resumed: start the run over with --overwrite")
+    return state
+
+
+def load_training_state(trainer: Any, state: dict[str, Any]) -> None:
+    """``trainer.load_state_dict(state)``, with any mismatch of a verified but unusable state (a
+    tensor of another shape, an entry of the wrong type) reported as one clear error."""
+    try:
+        trainer.load_state_dict(state)
+    except MLSA4RecError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise MLSA4RecError(f"the checkpoint passed its checksum but does not fit this run ({type(exc).__name__}: "
+                            f"{first}); start the run over with --overwrite") from None
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -160,8 +196,10 @@ def check_resumable(state: dict[str, Any], config: dict[str, Any], fingerprint: 
     if meta["world_size"] != world_size:
         raise MLSA4RecError(world_size_message(meta["world_size"], world_size))
     if meta["data_fingerprint"] != fingerprint:
+        fix = ("point --data-dir at the original files" if config.get("dataset") in REGISTRY
+               else "restore the original data file")
         raise MLSA4RecError("the data found differs from the data the interrupted run was trained on (checksum or "
-                            "filtering differ); point --dataset/--data-dir at the original file")
+                            f"filtering differ); {fix}")
     saved = meta["config"]
     keys = list(saved) + [k for k in config if k not in saved]
     differ = [k for k in keys if saved.get(k, _MISSING) != config.get(k, _MISSING)]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.errors import MLSA4RecError, PeerFailed
 
 log = logging.getLogger("mlsa4rec")
 
@@ -140,7 +140,7 @@ class DistContext:
         if failure is not None:
             raise failure
         if flag[:1] == b"E":
-            raise MLSA4RecError(flag[1:].decode(errors="replace"))
+            raise PeerFailed(flag[1:].decode(errors="replace"))
         return flag[1:]
 
     def broadcast_module(self, module: torch.nn.Module) -> None:

@@ -1,24 +1,19 @@
-"""A run directory: everything needed to reload, re-evaluate and cite one training run.
+"""Training runs end to end, and finished runs loaded back: train, evaluate, compare.
 
-    config.yaml        every setting, plus the model and dataset names
-    results.json       valid and test metrics, epochs, times, parameter counts, versions, commit
-    model.safetensors  the best weights (plain tensors: no pickled code is ever loaded)
-    train.log          the per-epoch log lines
-
-The directory is built under the hidden sibling ``.NAME.partial/`` and renamed into place only
-when the run has finished, so a crash, a Ctrl-C or bad input never leaves a half-written run
-behind. While it trains, that directory also holds ``checkpoint.pt`` (every epoch, and every
-``checkpoint_steps`` steps); a run that dies after its first checkpoint leaves it there, and
-``train ... --resume`` continues from it. A run that fails before then leaves nothing.
+A run directory holds ``config.yaml``, ``results.json``, ``model.safetensors``, ``train.log``
+and ``manifest.json`` (the SHA-256 of each); ``rundir`` builds it in a hidden staging directory,
+publishes it when the run has finished and decides what may ever be deleted. While a run trains,
+the staging directory also holds ``checkpoint.pt`` (every epoch, and every ``checkpoint_steps``
+steps); a run that dies after its first checkpoint leaves it there, and ``train ... --resume``
+continues from it. A run that fails before then leaves nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import platform
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -38,21 +33,16 @@ from mlsa4rec.data import REGISTRY, SequenceData, data_dir_from, load_dataset
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation import evaluate_split, split_ranks
 from mlsa4rec.evaluation.significance import check_confidence, compare_ranks, holm
-from mlsa4rec.fileio import current_umask, write_atomic, write_json_atomic, write_yaml_atomic
+from mlsa4rec.fileio import write_atomic, write_json_atomic, write_yaml_atomic
 from mlsa4rec.metrics import parse_metric
 from mlsa4rec.models import build_model, get_class
-from mlsa4rec.training import checkpoint, distributed
+from mlsa4rec.ops.scan import check_environment
+from mlsa4rec.training import checkpoint, distributed, rundir
 from mlsa4rec.training.distributed import DistContext
-from mlsa4rec.training.trainer import Trainer, set_seed
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; concurrent runs of one --output-dir are not detected
-    fcntl = None
+from mlsa4rec.training.trainer import NonFiniteLoss, Trainer, set_seed
 
 log = logging.getLogger("mlsa4rec")
 
-WEIGHTS = "model.safetensors"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,9 +67,12 @@ def versions() -> dict[str, str]:
             "numpy": np.__version__, "safetensors": safetensors.__version__}
 
 
-def build_run_model(config: Config, data: SequenceData):
+def build_run_model(config: Config, data: SequenceData, device: torch.device | str | None = None):
+    """The run's model, seeded; on the ``meta`` device it costs nothing (for size estimates)."""
     set_seed(config["seed"])
-    return build_model(get_class(config["model"]), data.n_items, config.model_kwargs(), config["MAX_ITEM_LIST_LENGTH"])
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return build_model(get_class(config["model"]), data.n_items, config.model_kwargs(),
+                           config["MAX_ITEM_LIST_LENGTH"])
 
 
 def load_run_data(config: Config, data_dir: str | Path | None) -> SequenceData:
@@ -87,106 +80,67 @@ def load_run_data(config: Config, data_dir: str | Path | None) -> SequenceData:
                         config["item_inter_num_interval"])
 
 
-def _check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to touch anything but a missing or empty directory, or (with --overwrite) a run."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise MLSA4RecError(f"output path {str(out)!r} exists and is not a directory; choose another --output-dir")
-    if not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise MLSA4RecError(f"output directory {str(out)!r} already exists and is not empty; choose another "
-                            "--output-dir or pass --overwrite")
-    if not (out / "config.yaml").is_file():
-        raise MLSA4RecError(f"--overwrite only replaces a run directory (one holding config.yaml); "
-                            f"{str(out)!r} is not one, so it was left alone")
+def _gib(n: float) -> str:
+    return f"{n / 2 ** 30:,.1f} GiB"
 
 
-def staging_dir(out: Path) -> Path:
-    """Where the run to ``out`` is built and its checkpoint kept until it finishes: a fixed hidden
-    sibling, so that an interrupted run can be found again by ``--resume``."""
-    return out.parent / f".{out.name}.partial"
-
-
-class _StageLock:
-    """An exclusive ``flock`` on the staging directory, held while a process writes it, so that a
-    second run (or a second --resume) of the same --output-dir cannot write or delete it at the
-    same time. The kernel drops it when the process dies, even by SIGKILL."""
-
-    def __init__(self, stage: Path) -> None:
-        self.path = stage / ".lock"
-        self.handle = open(self.path, "a")  # noqa: SIM115 - held for the whole run
-        if fcntl is None:
-            return
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.handle.close()
-            raise MLSA4RecError(f"another mlsa4rec process is writing {str(stage)!r} (a run of the same --output-dir "
-                                "is in progress); wait for it to finish or stop it") from None
-
-    def release(self, remove: bool = False) -> None:
-        if remove:
-            self.path.unlink(missing_ok=True)
-        self.handle.close()
-
-
-def _open_stage(out: Path, overwrite: bool, resume: bool, dry: bool = False) -> tuple[Path, _StageLock | None, bytes]:
-    """Check the output and staging directories, then create (fresh run) or lock (resume) the
-    staging directory; with ``resume`` also return the verified checkpoint payload. ``dry``
-    only checks (and then holds no lock). Runs on rank 0 only."""
-    stage = staging_dir(out)
-    if resume and not stage.exists() and (out / "config.yaml").is_file():
-        raise MLSA4RecError(f"nothing to resume: the run in {str(out)!r} has finished (only an interrupted run, "
-                            f"kept in {str(stage)!r}, can be resumed)")
-    _check_output_dir(out, overwrite)
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None where unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MLSA4RecError(f"cannot create the output directory {str(out)!r}: {exc.strerror}") from None
-    if not (stage.exists() or stage.is_symlink()):
-        if resume:
-            raise MLSA4RecError(f"nothing to resume: no interrupted run of {str(out)!r} (it would be in "
-                                f"{str(stage)!r}); run the command without --resume")
-        if dry:
-            return stage, None, b""
-        try:
-            stage.mkdir()
-            os.chmod(stage, 0o777 & ~current_umask())
-        except OSError as exc:
-            raise MLSA4RecError(f"cannot create the output directory {str(out)!r}: {exc.strerror}") from None
-        return stage, _StageLock(stage), b""
-    if not stage.is_dir() or stage.is_symlink():
-        raise MLSA4RecError(f"{str(stage)!r} (the staging place of {str(out)!r}) exists and is not a directory; "
-                            "move it away")
-    lock = _StageLock(stage)
+        with open("/proc/meminfo") as fh:
+            info = dict(line.split(":", 1) for line in fh)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(config: Config, data: SequenceData, device: torch.device) -> None:
+    """Refuse a run that cannot fit before anything large is allocated.
+
+    The estimate is a floor, never an overestimate: parameters with their gradient and Adam's two
+    moments (the model is built on the ``meta`` device, so this costs nothing), plus the larger of
+    one training batch (its item ids, one hidden-state tensor and the score rows the loss holds at
+    once: a chunk of 256 targets in the fused CPU loss, every target elsewhere) and one evaluation
+    batch's full-ranking scores.
+    """
     try:
-        has_checkpoint = (stage / checkpoint.CHECKPOINT).is_file()
-        if resume:
-            if not has_checkpoint:
-                raise MLSA4RecError(f"nothing to resume: the interrupted run in {str(stage)!r} stopped before its "
-                                    "first checkpoint; run the command without --resume to start over")
-            payload = checkpoint.verified_payload(stage / checkpoint.CHECKPOINT)
-            if not dry:  # temporary files of writes cut short by the crash
-                for leftover in stage.glob(".*.tmp"):
-                    leftover.unlink()
-        elif has_checkpoint and not overwrite:
-            raise MLSA4RecError(f"an interrupted run of {str(out)!r} is kept in {str(stage)!r}; pass --resume to "
-                                "continue it from its last checkpoint, or --overwrite to start over")
-        else:  # debris of a run that died before its first checkpoint, or --overwrite: start afresh
-            payload = b""
-            if not dry:
-                for entry in stage.iterdir():
-                    if entry != lock.path:
-                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    except BaseException:
-        lock.release()
-        raise
-    if dry:
-        lock.release()
-        return stage, None, payload
-    return stage, lock, payload
+        net = build_run_model(config, data, device="meta")
+    except RuntimeError as exc:  # sizes whose byte count overflows 64 bits
+        raise MLSA4RecError(f"this run's model is larger than any amount of memory ({str(exc).splitlines()[0]}); "
+                            "lower hidden_size, MAX_ITEM_LIST_LENGTH or train_batch_size") from None
+    param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    scheme = config["train_scheme"] if config["train_scheme"] != "auto" else net.preferred_scheme
+    length = config["MAX_ITEM_LIST_LENGTH"]
+    width = min(length, data.stats()["max_length"]) if net.padding_invariant else length
+    batch = config["train_batch_size"]
+    targets = batch * width if scheme == "all_positions" else batch
+    score_rows = min(targets, 256) if device.type == "cpu" else targets
+    hidden = int(config.get("hidden_size", 64))
+    columns = data.n_items + 1
+    step_bytes = max(batch * width * (8 + 4 * hidden) + score_rows * columns * 4,
+                     config["eval_batch_size"] * columns * 4)
+    need = 4 * param_bytes + step_bytes
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise MLSA4RecError(
+            f"this run needs at least {_gib(need)} of memory on {device} (parameters, gradients and Adam state "
+            f"{_gib(4 * param_bytes)}, one batch {_gib(step_bytes)}) but {_gib(free)} is available; lower "
+            "hidden_size, MAX_ITEM_LIST_LENGTH, train_batch_size or eval_batch_size")
+
+
+_OOM_MARKS = ("can't allocate memory", "not enough memory", "out of memory")
+
+
+def as_user_error(exc: BaseException) -> BaseException:
+    """Running out of memory or disk is a limit of the machine, not a bug: say so in one line."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError)
+                                        and any(m in str(exc).lower() for m in _OOM_MARKS)):
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        return MLSA4RecError(f"ran out of memory ({first}); lower train_batch_size, eval_batch_size, hidden_size "
+                             "or MAX_ITEM_LIST_LENGTH")
+    return exc
 
 
 def preflight(model: str, dataset: str, output_dir: str | Path, config_files: list[str | Path] = (),
@@ -194,17 +148,19 @@ def preflight(model: str, dataset: str, output_dir: str | Path, config_files: li
               resume: bool = False, world_size: int = 1) -> None:
     """Every check ``train`` makes before it starts, without writing anything but the dataset
     cache: lets ``--nproc`` report bad input as one clear error before it launches processes."""
+    check_environment()
     get_class(model)
     dataset = _resolve_dataset(dataset)
     config = build_config(model, config_files, overrides, extra={"dataset": str(dataset)})
-    if world_size > 1:
-        distributed.device_for(config["device"], 0)
-    out = Path(output_dir)
-    _, _, payload = _open_stage(out, overwrite, resume, dry=True)
+    device = distributed.device_for(config["device"], 0) if world_size > 1 else resolve_device(config["device"])
+    out = rundir.resolve_output_dir(output_dir, overwrite)
+    _, _, payload = rundir.open_stage(out, overwrite, resume, dry=True)
     data = load_run_data(config, data_dir)
+    check_memory(config, data, device)
     if payload:
-        checkpoint.check_resumable(checkpoint.decode(payload), config.to_dict(), data.fingerprint, world_size,
-                                   str(staging_dir(out) / "config.yaml"))
+        state = checkpoint.decode_training_state(payload)
+        checkpoint.check_resumable(state, config.to_dict(), data.fingerprint, world_size,
+                                   str(rundir.staging_dir(out) / "config.yaml"))
 
 
 def _resolve_dataset(dataset: str) -> str:
@@ -228,8 +184,10 @@ def train(
 
     Under torchrun every rank calls this; rank 0 alone writes files. ``resume`` continues the
     interrupted run of ``output_dir`` from its checkpoint. ``on_step(epoch, step)`` is called
-    after every optimiser step (progress reporting, tests).
+    after every optimiser step (progress reporting, tests). ``results["run_dir"]`` is where the
+    run was saved (``output_dir`` resolved; see ``rundir.publish`` for the one exception).
     """
+    check_environment()
     get_class(model)  # unknown model: fail before anything else
     dataset = _resolve_dataset(dataset)
     config = build_config(model, config_files, overrides, extra={"dataset": str(dataset)})
@@ -240,23 +198,26 @@ def train(
     elif log.getEffectiveLevel() > logging.INFO:  # library use without logging set up: still fill train.log
         log.setLevel(logging.INFO)
     try:
-        return _train(model, Path(output_dir), config, data_dir, overwrite, resume, on_step, group, device)
+        return _train(model, output_dir, config, data_dir, overwrite, resume, on_step, group, device)
     finally:
         log.setLevel(old_level)
         distributed.destroy(group)
 
 
-def _train(model: str, out: Path, config: Config, data_dir: str | Path | None, overwrite: bool, resume: bool,
-           on_step: Callable[[int, int], None] | None, group: DistContext, device: torch.device) -> dict[str, Any]:
+def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | Path | None, overwrite: bool,
+           resume: bool, on_step: Callable[[int, int], None] | None, group: DistContext,
+           device: torch.device) -> dict[str, Any]:
     opened: dict[str, Any] = {}
 
     def open_stage() -> bytes:
-        opened["stage"], opened["lock"], payload = _open_stage(out, overwrite, resume)
+        opened["out"] = rundir.resolve_output_dir(output_dir, overwrite)
+        opened["stage"], opened["lock"], payload = rundir.open_stage(opened["out"], overwrite, resume)
         return payload
 
     payload = group.run_on_main(open_stage)
+    out: Path | None = opened.get("out")
     stage: Path | None = opened.get("stage")
-    lock: _StageLock | None = opened.get("lock")
+    lock: rundir.StageLock | None = opened.get("lock")
     handler = None
     training = False  # past the resume checks: a failure from here on keeps the checkpoint with a hint
     try:
@@ -270,28 +231,35 @@ def _train(model: str, out: Path, config: Config, data_dir: str | Path | None, o
         stats = data.stats()
         log.info("dataset %s: %d users, %d items, %d interactions (%.2f s)", stats["dataset"], stats["users"],
                  stats["items"], stats["interactions"], data_seconds)
-        state = checkpoint.decode(payload, "the checkpoint") if resume else None
+        state = checkpoint.decode_training_state(payload) if resume else None
         if state is not None:
-            changed = checkpoint.check_resumable(state, config.to_dict(), data.fingerprint, group.world_size,
-                                                 str(staging_dir(out) / "config.yaml"))
-            log.info("resuming the interrupted run in %s%s", staging_dir(out),
+            where = str(stage / "config.yaml") if stage is not None else "the interrupted run's config.yaml"
+            changed = checkpoint.check_resumable(state, config.to_dict(), data.fingerprint, group.world_size, where)
+            log.info("resuming the interrupted run in %s%s", stage,
                      f" with changed settings: {'; '.join(changed)}" if changed else "")
+        check_memory(config, data, device)
         if stage is not None:
             write_yaml_atomic(stage / "config.yaml", config.to_dict())
         net = build_run_model(config, data)
 
         def save_best(m: torch.nn.Module, epoch: int) -> None:
-            write_atomic(stage / WEIGHTS, lambda tmp: safetensors.torch.save_file(
-                {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, str(tmp),
-                metadata={"model": model, "epoch": str(epoch)}))
+            blob = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()},
+                                          metadata={"model": model, "epoch": str(epoch)})
+            write_atomic(stage / rundir.WEIGHTS, lambda tmp: tmp.write_bytes(blob))
 
         def save_checkpoint(training_state: dict[str, Any]) -> None:
-            checkpoint.save(stage / checkpoint.CHECKPOINT, training_state)
+            path = stage / checkpoint.CHECKPOINT
+            try:
+                checkpoint.save(path, training_state)
+            except MLSA4RecError as exc:
+                kept = ("the previous checkpoint is intact" if path.is_file()
+                        else "no earlier checkpoint exists, so the run cannot be resumed")
+                raise MLSA4RecError(f"{exc}; {kept}") from None
 
         trainer = Trainer(net, data, config, device, on_improve=save_best, group=group,
                           on_checkpoint=save_checkpoint, on_step=on_step)
         if state is not None:
-            trainer.load_state_dict(state)
+            checkpoint.load_training_state(trainer, state)
             del state, payload
         training = True
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -328,9 +296,10 @@ def _train(model: str, out: Path, config: Config, data_dir: str | Path | None, o
         if stage is not None:
             write_json_atomic(stage / "results.json", results)
     except BaseException as exc:
+        exc = as_user_error(exc)
         if stage is not None:
             _after_failure(exc, stage, lock, training)
-        raise
+        raise exc from None
     finally:
         if handler is not None:
             log.removeHandler(handler)
@@ -338,29 +307,26 @@ def _train(model: str, out: Path, config: Config, data_dir: str | Path | None, o
     if stage is None:
         return results
     (stage / checkpoint.CHECKPOINT).unlink(missing_ok=True)  # the run is complete: nothing to resume
-    lock.release(remove=True)
-    try:
-        _check_output_dir(out, overwrite)  # again: something may have appeared there meanwhile
-    except MLSA4RecError as exc:
-        raise MLSA4RecError(f"{exc}; the finished run is kept in {str(stage)!r}") from None
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(stage, out)
-    log.info("saved run to %s", out)
+    results["run_dir"] = str(rundir.publish(stage, out, overwrite, lock))
     return results
 
 
-def _after_failure(exc: BaseException, stage: Path, lock: _StageLock, training: bool) -> None:
+def _after_failure(exc: BaseException, stage: Path, lock: rundir.StageLock, training: bool) -> None:
     """Rank 0, when a run fails: keep the staging directory if it holds a checkpoint (and say
     how to resume), otherwise remove it, so that a failure never leaves debris behind."""
     lock.release()
     if not (stage / checkpoint.CHECKPOINT).is_file():
-        shutil.rmtree(stage, ignore_errors=True)
+        rundir.discard_stage(stage)
         return
     if not training:
         return  # the resume checks failed: the interrupted run stays as it was
-    hint = (f"the last checkpoint is kept in {str(stage)!r}: rerun the same command with --resume to continue from "
-            "it, or with --overwrite to start over")
+    if isinstance(exc, NonFiniteLoss):
+        hint = (f"the last good checkpoint is kept in {str(stage)!r}; resuming unchanged would diverge again: rerun "
+                "with --resume --set clip_grad_norm=1.0 to continue with gradient clipping, or with --overwrite "
+                "and a lower learning_rate to start over")
+    else:
+        hint = (f"the last checkpoint is kept in {str(stage)!r}: rerun the same command with --resume to continue "
+                "from it, or with --overwrite to start over")
     if isinstance(exc, MLSA4RecError):
         exc.args = (f"{exc}; {hint}",)
     else:
@@ -395,29 +361,35 @@ class LoadedRun:
 
 def load_run(run_dir: str | Path, data_dir: str | Path | None = None) -> LoadedRun:
     """Rebuild a run directory's data and model (weights loaded, on the run's device, in eval mode),
-    refusing data that differs from what the run was trained on."""
+    after checking its files against its manifest and refusing data that differs from what the
+    run was trained on."""
+    check_environment()
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise MLSA4RecError(f"{str(run)!r} is not a run directory (no config.yaml); pass the --output-dir of a "
                             "finished `mlsa4rec train`")
+    rundir.verify_run(run)
     saved = load_yaml_file(run / "config.yaml")
     if "model" not in saved or "dataset" not in saved:
         raise MLSA4RecError(f"{str(run / 'config.yaml')!r} lacks the model or dataset entry")
+    get_class(str(saved["model"]))
     config = build_config(saved["model"], [run / "config.yaml"], extra={"dataset": saved["dataset"]})
     try:
-        recorded = json.loads((run / "results.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        recorded = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        recorded = {}
+    if not isinstance(recorded, dict):
         recorded = {}
     if data_dir_from(data_dir) is None and recorded.get("data_dir"):
         data_dir = recorded["data_dir"]  # where the run found its data
     data = load_run_data(config, data_dir)
     if recorded.get("data_fingerprint") not in (None, data.fingerprint):
-        raise MLSA4RecError(
-            f"the data found for {config['dataset']!r} differs from the data this run was trained on "
-            "(checksum or filtering differ); point --data-dir at the original file"
-        )
+        fix = ("restore the original file (its checksum is recorded in results.json)"
+               if config["dataset"] not in REGISTRY else "point --data-dir at the original files")
+        raise MLSA4RecError(f"the data found for {config['dataset']!r} differs from the data this run was trained "
+                            f"on (checksum or filtering differ); {fix}")
     net = build_run_model(config, data)
-    load_weights(net, run / WEIGHTS)
+    load_weights(net, run / rundir.WEIGHTS)
     device = resolve_device(config["device"])
     net.to(device).eval()
     return LoadedRun(run, config, data, net, device)
@@ -480,8 +452,10 @@ def format_comparison(result: dict[str, Any]) -> str:
         if row["run"] != current:
             current = row["run"]
             lines.append(label(row))
-        ci = f"[{row['ci_low']:+.1%}, {row['ci_high']:+.1%}]"
-        lines.append(f"{row['metric']:<9} {row['baseline']:>9.4f} {row['candidate']:>9.4f} {row['relative']:>+9.1%}  "
+        # a baseline of 0 leaves the relative difference (and so its interval) undefined
+        relative = "undefined" if row["relative"] is None else f"{row['relative']:+.1%}"
+        ci = "undefined" if row["ci_low"] is None else f"[{row['ci_low']:+.1%}, {row['ci_high']:+.1%}]"
+        lines.append(f"{row['metric']:<9} {row['baseline']:>9.4f} {row['candidate']:>9.4f} {relative:>9}  "
                      f"{ci:<18} {row['p_value']:>10.2g} {row['p_holm']:>9.2g}")
     return "\n".join(lines)
 

@@ -41,6 +41,11 @@ from mlsa4rec.training.losses import full_softmax_cross_entropy
 log = logging.getLogger("mlsa4rec")
 
 
+class NonFiniteLoss(MLSA4RecError):
+    """The loss became NaN or infinite: the run stops and keeps its last good checkpoint (resuming
+    it unchanged would diverge again, so the message says what to change)."""
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -177,8 +182,7 @@ class Trainer:
             loss = torch.zeros((), device=self.device)
         value = self.group.sum_gradients(self.model.parameters(), loss)
         if not math.isfinite(value):  # every rank sees the same summed loss, so all stop here together
-            raise MLSA4RecError(f"the loss became {value} at epoch {epoch} (step {self.progress.step + 1}); "
-                                "lower learning_rate or set clip_grad_norm")
+            raise NonFiniteLoss(f"the loss became {value} at epoch {epoch} (step {self.progress.step + 1})")
         if self.config["clip_grad_norm"] > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config["clip_grad_norm"])
         self.optimizer.step()

@@ -1,0 +1,357 @@
+"""Run directories on disk: where a run is built, how it is published, what may ever be deleted.
+
+A finished run directory holds::
+
+    config.yaml        every setting, plus the model and dataset names
+    results.json       metrics, epochs, times, parameter counts, versions, commit
+    model.safetensors  the best weights
+    train.log          the per-epoch log lines
+    manifest.json      written last: names the directory as an mlsa4rec run and lists every file
+                       above with its size and SHA-256
+
+The rules, each tested (``docs/reliability.md`` maps them to their tests):
+
+* A run is built in the hidden sibling ``.NAME.partial/`` (the *stage*), which holds a ``.lock``
+  file from the moment it is created, and is renamed into place only when it has finished.
+* ``--overwrite`` deletes only what this tool wrote: a directory whose manifest lists every
+  entry in it, or a stage (it has ``.lock``). Never the working directory or one of its parents,
+  never through a symbolic link, never a file the manifest does not name.
+* Every check that can refuse runs before training starts. If the output directory changes while
+  a run trains so that publishing would need to delete something, the run is published beside
+  it (``NAME-1``, ``NAME-2``, ...) instead: a finished run never ends up hidden or lost.
+* Every load checks the files against the manifest, so a damaged file fails with a clear error
+  instead of giving different numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlsa4rec
+from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.fileio import current_umask, sha256_file, write_json_atomic
+from mlsa4rec.training import checkpoint
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent runs of one --output-dir are not detected
+    fcntl = None
+
+log = logging.getLogger("mlsa4rec")
+
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+WEIGHTS = "model.safetensors"
+RUN_FILES = ("config.yaml", "results.json", WEIGHTS, "train.log")
+# the files a load reads: they must match the manifest before anything is trusted
+VERIFIED_ON_LOAD = ("config.yaml", "results.json", WEIGHTS)
+_KIND = "mlsa4rec run directory"
+_MANIFEST_VERSION = 1
+
+
+def _q(path: Path) -> str:
+    return repr(str(path))
+
+
+# --- paths -------------------------------------------------------------------------------------
+
+def resolve_output_dir(output_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """The absolute directory a run of ``--output-dir output_dir`` is written to.
+
+    A symbolic link is followed to its target (which must exist): renaming the finished run onto
+    the link would replace the link, not fill the directory the user pointed at. ``--overwrite``
+    never deletes through a link, and the working directory and its parents are refused:
+    publishing replaces the output directory as a whole.
+    """
+    given = Path(output_dir).expanduser()
+    if given.is_symlink():
+        target = given.resolve()
+        if not target.exists():
+            raise MLSA4RecError(f"--output-dir {_q(given)} is a symbolic link to {_q(target)}, which does not "
+                                "exist; create the target or pass a plain directory path")
+        if overwrite and target.is_dir() and any(target.iterdir()):
+            raise MLSA4RecError(f"--output-dir {_q(given)} is a symbolic link to {_q(target)}, which is not empty; "
+                                "--overwrite never deletes through a link: pass the target itself or a new directory")
+        log.info("--output-dir %s is a symbolic link: the run is written to its target %s", given, target)
+    out = given.resolve()
+    here = Path.cwd().resolve()
+    if out == here or out in here.parents:
+        what = "the working directory" if out == here else "a parent of the working directory"
+        raise MLSA4RecError(f"--output-dir {_q(given)} is {what}; a run directory is created and replaced whole, "
+                            "so name a new directory, e.g. --output-dir runs/NAME")
+    return out
+
+
+def staging_dir(out: Path) -> Path:
+    """Where the run to ``out`` is built and its checkpoint kept until it finishes: a fixed hidden
+    sibling, so that an interrupted run can be found again by ``--resume``."""
+    return out.parent / f".{out.name}.partial"
+
+
+def is_stage(path: Path) -> bool:
+    """A staging directory this tool created (it holds ``.lock`` from the start)."""
+    return path.is_dir() and not path.is_symlink() and (path / LOCK).is_file()
+
+
+# --- the manifest ------------------------------------------------------------------------------
+
+def write_manifest(stage: Path) -> None:
+    """List every run file in ``stage`` with its size and SHA-256; written last, so its presence
+    means the directory is a complete run."""
+    files = {}
+    for name in RUN_FILES:
+        path = stage / name
+        if path.is_file():
+            files[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    write_json_atomic(stage / MANIFEST, {"kind": _KIND, "version": _MANIFEST_VERSION,
+                                         "mlsa4rec": mlsa4rec.__version__, "files": files})
+
+
+def read_manifest(run: Path) -> dict[str, Any] | None:
+    """The manifest of ``run`` (None when it has none); a damaged one is an error."""
+    path = run / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MLSA4RecError(f"{_q(path)} is damaged ({type(exc).__name__}); restore the run directory from a "
+                            "backup or train it again") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (not isinstance(files, dict) or manifest.get("kind") != _KIND
+            or not all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values())):
+        raise MLSA4RecError(f"{_q(path)} is not an mlsa4rec run manifest; restore the run directory from a "
+                            "backup or train it again")
+    if manifest.get("version") != _MANIFEST_VERSION:
+        raise MLSA4RecError(f"{_q(path)} has manifest version {manifest.get('version')!r}, this mlsa4rec reads "
+                            f"{_MANIFEST_VERSION}; use the mlsa4rec version that wrote the run")
+    return manifest
+
+
+def verify_run(run: Path) -> None:
+    """Check a finished run directory before any of its files is read: it has a manifest (or is
+    a run written before manifests, with a warning), it is not an unfinished stage, and every
+    file a load reads matches its recorded SHA-256."""
+    if is_stage(run) or (run / checkpoint.CHECKPOINT).exists():
+        raise MLSA4RecError(f"{_q(run)} is the staging directory of a run that has not finished; continue it "
+                            "with `mlsa4rec train ... --resume`, or wait for it to finish and use its --output-dir")
+    manifest = read_manifest(run)
+    if manifest is None:
+        if _written_before_manifests(run):
+            log.warning("%s has no %s (written by mlsa4rec 0.1): its files cannot be verified", run, MANIFEST)
+            return
+        raise MLSA4RecError(f"{_q(run / MANIFEST)} is missing, so the run's files cannot be verified; restore the "
+                            "run directory from a backup or train it again")
+    for name in VERIFIED_ON_LOAD:
+        entry = manifest["files"].get(name)
+        path = run / name
+        if entry is None:
+            raise MLSA4RecError(f"{_q(run / MANIFEST)} does not list {name}; the run directory is incomplete, "
+                                "train it again")
+        if not path.is_file():
+            raise MLSA4RecError(f"{_q(path)} is missing; restore it from a backup or train the run again")
+        if path.stat().st_size != entry.get("bytes", -1) or sha256_file(path) != entry["sha256"]:
+            raise MLSA4RecError(f"{_q(path)} does not match the checksum in {MANIFEST} (damaged or changed since "
+                                "the run finished); restore it from a backup or train the run again")
+
+
+def _written_before_manifests(run: Path) -> bool:
+    """A run directory of mlsa4rec 0.1, which wrote no manifest (its results.json says so)."""
+    try:
+        recorded = json.loads((run / "results.json").read_text(encoding="utf-8"))
+        return str(recorded["versions"]["mlsa4rec"]).startswith("0.1.")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _replaceable_problem(out: Path) -> str | None:
+    """Why ``out`` may not be deleted by ``--overwrite`` (None when it is a run this tool wrote)."""
+    try:
+        manifest = read_manifest(out)
+    except MLSA4RecError as exc:
+        return str(exc)
+    if manifest is None:
+        legacy = " (a run of mlsa4rec 0.1 has none: delete it yourself if you mean to)" if (
+            out / "config.yaml").is_file() else ""
+        return f"it has no {MANIFEST}, so mlsa4rec did not write it{legacy}"
+    listed = set(manifest["files"]) | {MANIFEST}
+    foreign = sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in out.iterdir()
+                     if p.name not in listed or p.is_symlink() or not p.is_file())
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        return f"it holds {shown}, which mlsa4rec did not write"
+    return None
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse anything but a missing or empty directory, or (with --overwrite) a run directory
+    this tool wrote and nothing else touched."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise MLSA4RecError(f"output path {_q(out)} exists and is not a directory; choose another --output-dir")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise MLSA4RecError(f"output directory {_q(out)} already exists and is not empty; choose another "
+                            "--output-dir or pass --overwrite")
+    problem = _replaceable_problem(out)
+    if problem:
+        raise MLSA4RecError(f"--overwrite only replaces a run directory written by mlsa4rec; {_q(out)} was left "
+                            f"alone: {problem}; move it away or choose another --output-dir")
+
+
+# --- the stage and its lock --------------------------------------------------------------------
+
+class StageLock:
+    """An exclusive ``flock`` on the staging directory, held while a process writes it, so that a
+    second run (or a second --resume) of the same --output-dir cannot write or delete it at the
+    same time. The kernel drops it when the process dies, even by SIGKILL."""
+
+    def __init__(self, stage: Path) -> None:
+        self.path = stage / LOCK
+        self.handle = open(self.path, "a")  # noqa: SIM115 - held for the whole run
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.close()
+            raise MLSA4RecError(f"another mlsa4rec process is writing {_q(stage)} (a run of the same --output-dir "
+                                "is in progress); wait for it to finish or stop it") from None
+
+    def release(self, remove: bool = False) -> None:
+        if remove:
+            self.path.unlink(missing_ok=True)
+        self.handle.close()
+
+
+def open_stage(out: Path, overwrite: bool, resume: bool, dry: bool = False) -> tuple[Path, StageLock | None, bytes]:
+    """Check the output and staging directories, then create (fresh run) or lock (resume) the
+    staging directory; with ``resume`` also return the verified checkpoint payload. ``dry``
+    only checks (and then holds no lock). Runs on rank 0 only; ``out`` is resolved."""
+    if resume and overwrite:
+        raise MLSA4RecError("--resume continues an interrupted run and --overwrite discards it; pass only one")
+    stage = staging_dir(out)
+    if resume and not stage.exists() and (out / MANIFEST).is_file():
+        raise MLSA4RecError(f"nothing to resume: the run in {_q(out)} has finished (only an interrupted run, "
+                            f"kept in {_q(stage)}, can be resumed)")
+    check_output_dir(out, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MLSA4RecError(f"cannot create the output directory {_q(out)}: {exc.strerror}") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise MLSA4RecError(f"cannot write in {_q(out.parent)} (permission denied); choose another --output-dir")
+    if not (stage.exists() or stage.is_symlink()):
+        if resume:
+            raise MLSA4RecError(f"nothing to resume: no interrupted run of {_q(out)} (it would be in "
+                                f"{_q(stage)}); run the command without --resume")
+        if dry:
+            return stage, None, b""
+        try:
+            stage.mkdir()
+            os.chmod(stage, 0o777 & ~current_umask())
+        except OSError as exc:
+            raise MLSA4RecError(f"cannot create the output directory {_q(out)}: {exc.strerror}") from None
+        return stage, StageLock(stage), b""
+    if not is_stage(stage):
+        raise MLSA4RecError(f"{_q(stage)} (the staging place of {_q(out)}) exists but was not made by mlsa4rec "
+                            "(it has no .lock file); move it away")
+    lock = StageLock(stage)
+    try:
+        has_checkpoint = (stage / checkpoint.CHECKPOINT).is_file()
+        if resume:
+            if not has_checkpoint:
+                raise MLSA4RecError(f"nothing to resume: the interrupted run in {_q(stage)} stopped before its "
+                                    "first checkpoint; run the command without --resume to start over")
+            payload = checkpoint.verified_payload(stage / checkpoint.CHECKPOINT)
+            if not dry:  # temporary files of writes cut short by the crash
+                for leftover in stage.glob(".*.tmp"):
+                    leftover.unlink()
+        elif has_checkpoint and not overwrite:
+            raise MLSA4RecError(f"an interrupted run of {_q(out)} is kept in {_q(stage)}; pass --resume to "
+                                "continue it from its last checkpoint, or --overwrite to start over")
+        else:  # debris of a run that died before its first checkpoint, or --overwrite: start afresh
+            payload = b""
+            if not dry:
+                clear_stage(stage)
+    except BaseException:
+        lock.release()
+        raise
+    if dry:
+        lock.release()
+        return stage, None, payload
+    return stage, lock, payload
+
+
+def clear_stage(stage: Path) -> None:
+    """Empty a staging directory this tool made, except its lock (links are removed, not followed)."""
+    for entry in stage.iterdir():
+        if entry.name != LOCK:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def discard_stage(stage: Path) -> None:
+    """Remove a staging directory this tool made (after a failure before the first checkpoint)."""
+    if is_stage(stage) or stage.is_dir() and not any(stage.iterdir()):
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+# --- publishing --------------------------------------------------------------------------------
+
+def _free_sibling(out: Path) -> Path:
+    n = 1
+    while (candidate := out.with_name(f"{out.name}-{n}")).exists() or candidate.is_symlink():
+        n += 1
+    return candidate
+
+
+def publish(stage: Path, out: Path, overwrite: bool, lock: StageLock) -> Path:
+    """Turn the finished stage into the run directory ``out``; returns where the run now is.
+
+    The manifest is written first, then the stage is renamed onto ``out``. An old run replaced by
+    ``--overwrite`` is first moved aside and its listed files deleted afterwards, so no moment
+    exists where neither run is on disk. Should ``out`` have changed during training so that
+    publishing would delete something not ours, the run goes to ``NAME-1`` (etc.) instead.
+    """
+    write_manifest(stage)
+    lock.release(remove=True)
+    try:
+        check_output_dir(out, overwrite)
+    except MLSA4RecError as exc:
+        target = _free_sibling(out)
+        os.replace(stage, target)
+        log.warning("%s changed while the run trained (%s); the finished run was saved to %s instead", out, exc,
+                    target)
+        return target
+    old = None
+    if out.exists() and any(out.iterdir()):  # a replaceable run (checked just above)
+        old = out.parent / f".{out.name}.replaced"
+        if old.exists():
+            raise MLSA4RecError(f"{_q(old)} is in the way of replacing {_q(out)}; move it away, the finished run "
+                                f"is kept in {_q(stage)}")
+        os.replace(out, old)
+    elif out.exists():
+        out.rmdir()  # empty: the rename below needs the name free on every platform
+    os.replace(stage, out)
+    if old is not None:
+        _delete_replaced(old)
+    log.info("saved run to %s", out)
+    return out
+
+
+def _delete_replaced(old: Path) -> None:
+    """Delete the files of a run replaced by --overwrite: those its manifest lists, nothing more."""
+    manifest = read_manifest(old) or {"files": {}}
+    for name in [*manifest["files"], MANIFEST]:
+        (old / name).unlink(missing_ok=True)
+    try:
+        old.rmdir()
+    except OSError:
+        log.warning("the replaced run's directory %s still holds files mlsa4rec did not write; they were kept", old)

@@ -1,0 +1,300 @@
+"""The run directory never loses a user's data: what --overwrite may delete, symlinks, the working
+directory, publishing, checksums of saved weights, and the failures a machine can throw at a run.
+
+Each test reproduces one defect of issue 11 (it failed before the fix); docs/reliability.md
+names the promise each one proves.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlsa4rec.cli import main
+from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.training import checkpoint
+from mlsa4rec.training.run import compare_runs, evaluate_run, train
+from mlsa4rec.training.rundir import MANIFEST, staging_dir
+
+SMALL = {"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 8,
+         "epochs": 1, "train_batch_size": 64, "seed": 3}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for directories): a snapshot to compare."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+def cli(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    return code, err
+
+
+def one_error(code: int, err: str, needle: str) -> None:
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+# --- 1. --overwrite deletes only what mlsa4rec wrote -----------------------------------------------
+
+def test_overwrite_never_deletes_a_directory_mlsa4rec_did_not_write(successor_file: Path, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("epochs: 1\n")
+    (project / "model.py").write_text("print('years of work')\n")
+    (project / "data").mkdir()
+    (project / "data" / "x.csv").write_text("1,2,3\n")
+    sub = project / "sub"
+    sub.mkdir()
+    (sub / "config.yaml").write_text("epochs: 1\n")
+    (sub / "notes.txt").write_text("keep me")
+    before = tree(tmp_path)
+    monkeypatch.chdir(project)
+    for out, needle in ((".", "is the working directory"), ("..", "a parent of the working directory"),
+                        (str(tmp_path), "a parent of the working directory"),
+                        ("sub", "no manifest.json")):
+        with pytest.raises(MLSA4RecError, match=needle):
+            train("sasrec", str(successor_file), out, overrides=SMALL, overwrite=True)
+    assert tree(tmp_path) == before
+
+
+def test_overwrite_refuses_a_run_holding_foreign_files_and_replaces_a_clean_one(successor_file: Path,
+                                                                                tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train("sasrec", str(successor_file), out, overrides=SMALL)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert sorted(manifest["files"]) == ["config.yaml", "model.safetensors", "results.json", "train.log"]
+    (out / "analysis.ipynb").write_text("my notes")
+    with pytest.raises(MLSA4RecError, match=r"left alone: it holds analysis.ipynb, which mlsa4rec did not write"):
+        train("sasrec", str(successor_file), out, overrides=SMALL, overwrite=True)
+    assert (out / "analysis.ipynb").read_text() == "my notes"
+    (out / "analysis.ipynb").unlink()
+    result = train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 2, "stopping_step": 9},
+                   overwrite=True)
+    assert result["epochs_run"] == 2 and result["run_dir"] == str(out.resolve())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", successor_file.name]
+
+
+def test_a_staging_directory_mlsa4rec_did_not_make_is_left_alone(successor_file: Path, tmp_path: Path) -> None:
+    stage = staging_dir(tmp_path / "run")
+    stage.mkdir()
+    (stage / "mine.txt").write_text("not a run")
+    with pytest.raises(MLSA4RecError, match="was not made by mlsa4rec"):
+        train("sasrec", str(successor_file), tmp_path / "run", overrides=SMALL, overwrite=True)
+    assert (stage / "mine.txt").read_text() == "not a run"
+
+
+# --- 2. a symlinked --output-dir ----------------------------------------------------------------
+
+def test_symlinked_output_dir_publishes_into_its_target(successor_file: Path, tmp_path: Path) -> None:
+    target = tmp_path / "disk" / "run"
+    target.mkdir(parents=True)
+    link = tmp_path / "run"
+    link.symlink_to(target, target_is_directory=True)
+    result = train("sasrec", str(successor_file), link, overrides=SMALL)
+    assert result["run_dir"] == str(target.resolve())
+    assert link.is_symlink() and (target / MANIFEST).is_file() and (link / "results.json").is_file()
+    assert not list(tmp_path.rglob(".*.partial"))
+    before = tree(target)
+    with pytest.raises(MLSA4RecError, match="never deletes through a link"):
+        train("sasrec", str(successor_file), link, overrides=SMALL, overwrite=True)
+    assert tree(target) == before
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(MLSA4RecError, match="symbolic link .* does not exist"):
+        train("sasrec", str(successor_file), dangling, overrides=SMALL)
+
+
+# --- 3. every refusal happens before training; a finished run is never hidden -----------------------
+
+def test_output_dir_dot_is_refused_before_training(successor_file: Path, tmp_path: Path, monkeypatch) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    steps = []
+    with pytest.raises(MLSA4RecError, match="working directory"):
+        train("sasrec", str(successor_file), ".", overrides=SMALL, on_step=lambda e, s: steps.append(s))
+    assert steps == [] and sorted(tmp_path.iterdir()) == sorted([empty, successor_file])
+    assert not list(empty.iterdir())
+
+
+def test_a_run_whose_output_dir_fills_up_during_training_is_published_beside_it(successor_file: Path,
+                                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "run"
+
+    def someone_writes_there(epoch: int, step: int) -> None:
+        out.mkdir(exist_ok=True)
+        (out / "theirs.txt").write_text("not yours")
+
+    result = train("sasrec", str(successor_file), out, overrides=SMALL, on_step=someone_writes_there)
+    assert result["run_dir"] == str((tmp_path / "run-1").resolve())
+    assert (out / "theirs.txt").read_text() == "not yours" and (tmp_path / "run-1" / MANIFEST).is_file()
+    assert not list(tmp_path.glob(".*"))
+
+
+# --- 5. weights (and every file a load reads) are verified ------------------------------------------
+
+def test_a_flipped_bit_in_the_weights_is_refused_everywhere(capsys, successor_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train("sasrec", str(successor_file), out, overrides=SMALL)
+    train("sasrec", str(successor_file), tmp_path / "base", overrides={**SMALL, "seed": 4})
+    evaluate_run(out)
+    weights = out / "model.safetensors"
+    good = weights.read_bytes()
+    flipped = bytearray(good)
+    flipped[-7] ^= 0x04  # inside a tensor: safetensors itself would load it without a word
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(MLSA4RecError, match="model.safetensors' does not match the checksum"):
+        evaluate_run(out)
+    with pytest.raises(MLSA4RecError, match="does not match the checksum"):
+        compare_runs([tmp_path / "base", out], n_resamples=100)
+    one_error(*cli(capsys, "evaluate", "--run-dir", str(out)), "does not match the checksum")
+    weights.write_bytes(good)
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace("seed: 3", "seed: 5"))
+    with pytest.raises(MLSA4RecError, match="config.yaml' does not match the checksum"):
+        evaluate_run(out)
+
+
+def test_only_a_run_older_than_manifests_loads_without_one(successor_file: Path, tmp_path: Path, caplog) -> None:
+    out = tmp_path / "run"
+    first = train("sasrec", str(successor_file), out, overrides=SMALL)
+    manifest = (out / MANIFEST).read_bytes()
+    (out / MANIFEST).unlink()
+    with pytest.raises(MLSA4RecError, match="manifest.json' is missing"):
+        evaluate_run(out)  # a run of this version lost its manifest: nothing can be verified
+    results = json.loads((out / "results.json").read_text())
+    results["versions"]["mlsa4rec"] = "0.1.0"  # as written by mlsa4rec 0.1, before manifests
+    (out / "results.json").write_text(json.dumps(results))
+    with caplog.at_level("WARNING", logger="mlsa4rec"):
+        again = evaluate_run(out)
+    assert again["test"] == first["test"] and "cannot be verified" in caplog.text
+    (out / MANIFEST).write_bytes(manifest)
+    with pytest.raises(MLSA4RecError, match="results.json' does not match the checksum"):
+        evaluate_run(out)
+    (out / MANIFEST).write_text("{not json")
+    with pytest.raises(MLSA4RecError, match="manifest.json' is damaged"):
+        evaluate_run(out)
+
+
+# --- 6. failures of the machine: memory, disk, a checkpoint that lacks a key ------------------------
+
+@pytest.mark.parametrize("setting", ["hidden_size=10000000000", "MAX_ITEM_LIST_LENGTH=100000000",
+                                     "train_batch_size=100000000000", "eval_batch_size=100000000000"])
+def test_a_run_too_big_for_memory_is_refused_before_allocating(capsys, successor_file: Path, tmp_path: Path,
+                                                              setting: str) -> None:
+    code, err = cli(capsys, "train", "--model", "sasrec", "--dataset", str(successor_file), "--output-dir",
+                    str(tmp_path / "run"), "--set", setting, "--set", "epochs=1")
+    one_error(code, err, "of memory")
+    assert "lower hidden_size, MAX_ITEM_LIST_LENGTH" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [successor_file.name]
+
+
+def test_running_out_of_memory_mid_run_is_one_error_line(capsys, successor_file: Path, tmp_path: Path,
+                                                         monkeypatch) -> None:
+    from mlsa4rec.training import trainer
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 98304000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(trainer, "cross_entropy", no_memory)
+    code, err = cli(capsys, "train", "--model", "sasrec", "--dataset", str(successor_file), "--output-dir",
+                    str(tmp_path / "run"), "--set", "epochs=1", "--set", "hidden_size=8", "--set", "n_heads=1")
+    one_error(code, err, "ran out of memory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [successor_file.name]
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(capsys, successor_file: Path, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    calls = []
+    real_fsync = os.fsync
+
+    def full_disk_on_second_checkpoint(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full_disk_on_second_checkpoint)
+    out = tmp_path / "run"
+    argv = ["train", "--model", "sasrec", "--dataset", str(successor_file), "--output-dir", str(out)]
+    sets = [a for k, v in {**SMALL, "epochs": 3, "stopping_step": 9}.items() for a in ("--set", f"{k}={v}")]
+    code, err = cli(capsys, *argv, *sets)
+    one_error(code, err, "No space left on device")
+    assert "the previous checkpoint is intact" in err and "--resume" in err
+    path = staging_dir(out) / checkpoint.CHECKPOINT
+    assert json.loads(checkpoint.load(path)["meta"])["progress"]["epoch"] == 2  # epoch 1's end, intact
+    assert not [p for p in staging_dir(out).iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(checkpoint.os, "fsync", real_fsync)
+    assert cli(capsys, *argv, *sets, "--resume")[0] == 0 and (out / MANIFEST).is_file()
+
+
+def test_a_checkpoint_with_a_valid_checksum_but_a_missing_key_is_refused(capsys, successor_file: Path,
+                                                                        tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 2},
+              on_step=lambda e, s: (_ for _ in ()).throw(KeyboardInterrupt()) if e == 2 else None)
+    path = staging_dir(out) / checkpoint.CHECKPOINT
+    state = checkpoint.load(path)
+    argv = ["train", "--model", "sasrec", "--dataset", str(successor_file), "--output-dir", str(out), "--resume"]
+    sets = [a for k, v in {**SMALL, "epochs": 2}.items() for a in ("--set", f"{k}={v}")]
+    for broken, needle in (({k: v for k, v in state.items() if k != "optimizer"}, "lacks optimizer"),
+                           ({**state, "meta": json.dumps({k: v for k, v in json.loads(state["meta"]).items()
+                                                          if k != "progress"})}, "lacks meta.progress"),
+                           ({**state, "model": {"item_embedding.weight": torch.zeros(3, 3)}}, "does not fit")):
+        checkpoint.save(path, broken)
+        one_error(*cli(capsys, *argv, *sets), needle)
+        assert path.is_file()  # the refusal kept the interrupted run
+    checkpoint.save(path, state)
+    assert cli(capsys, *argv, *sets)[0] == 0
+
+
+# --- 7. silent wrong inputs --------------------------------------------------------------------------
+
+def test_resume_and_overwrite_together_are_refused(successor_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(MLSA4RecError, match="pass only one"):
+        train("sasrec", str(successor_file), tmp_path / "run", overrides=SMALL, resume=True, overwrite=True)
+    assert list(tmp_path.iterdir()) == [successor_file]
+
+
+def test_evaluate_refuses_an_unfinished_staging_directory(capsys, successor_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 2},
+              on_step=lambda e, s: (_ for _ in ()).throw(KeyboardInterrupt()) if e == 2 else None)
+    one_error(*cli(capsys, "evaluate", "--run-dir", str(staging_dir(out))), "has not finished")
+
+
+# --- 8. messages -------------------------------------------------------------------------------------
+
+def test_non_finite_loss_says_what_to_change(successor_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(MLSA4RecError) as info:
+        train("sasrec", str(successor_file), tmp_path / "run",
+              overrides={**SMALL, "epochs": 3, "learning_rate": 1e30, "checkpoint_steps": 1})
+    message = str(info.value)
+    assert "loss became" in message and "clip_grad_norm" in message and "lower learning_rate" in message
+    assert "would diverge again" in message
+
+
+def test_a_changed_data_file_does_not_mention_data_dir(successor_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    data = tmp_path / "data.txt"
+    data.write_bytes(successor_file.read_bytes())
+    train("sasrec", str(data), out, overrides=SMALL)
+    data.write_text(data.read_text().replace("\n1 ", "\n1 1 ", 1) + "999 1 2 3 4 5 6\n")
+    with pytest.raises(MLSA4RecError, match="differs from the data") as info:
+        evaluate_run(out)
+    assert "--data-dir" not in str(info.value) and "restore the original file" in str(info.value)
+
