@@ -117,3 +117,14 @@ def test_overlapping_windows_keep_context(data, stride) -> None:
     window_context = sorted(len(h) for h, _ in got)
     floor = max_len - stride + 1
     assert all(w >= min(p, floor) for w, p in zip(window_context, prefix_context))
+
+
+def test_without_bucketing_batches_are_uniform_draws(data) -> None:
+    """bucket_chunks=1 (bucket_batches: false): each batch is a slice of one permutation, as in
+    RecBole, and only the order inside a batch is sorted by length."""
+    bucketed = TrainSampler(data, "prefix", 5, 4, seed=3, trim=True)
+    uniform = TrainSampler(data, "prefix", 5, 4, seed=3, trim=True, bucket_chunks=1)
+    order = np.random.default_rng(3).permutation(uniform.n_samples)
+    draws = [sorted(b.tolist()) for b in np.split(order, range(4, len(order), 4))]
+    assert sorted(sorted(b.tolist()) for b in uniform.epoch_batches()) == sorted(draws)
+    assert sorted(sorted(b.tolist()) for b in bucketed.epoch_batches()) != sorted(draws)

@@ -41,6 +41,10 @@ from mlsa4rec.training.losses import full_softmax_cross_entropy
 log = logging.getLogger("mlsa4rec")
 
 
+# batches of similar-length samples are formed inside chunks of this many batches (bucket_batches)
+BUCKET_CHUNKS = 50
+
+
 class NonFiniteLoss(MLSA4RecError):
     """The loss became NaN or infinite: the run stops and keeps its last good checkpoint (resuming
     it unchanged would diverge again, so the message says what to change)."""
@@ -139,6 +143,7 @@ class Trainer:
         self.sampler = TrainSampler(
             data, self.scheme, config["MAX_ITEM_LIST_LENGTH"], config["train_batch_size"], config["seed"],
             trim=model.padding_invariant, stride=config["all_positions_stride"],
+            bucket_chunks=BUCKET_CHUNKS if config["bucket_batches"] else 1,  # 1: a batch is a uniform draw
         )
         if self.sampler.n_samples == 0:
             raise MLSA4RecError(f"{data.name} has no training samples after filtering; every user needs at "

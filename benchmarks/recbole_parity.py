@@ -1,0 +1,737 @@
+"""RecBole 1.2.1 beside mlsa4rec on identical data: a parity oracle you can rerun.
+
+Both libraries read the same RecBole atomic file, exported from our processed dataset (after our
+k-core filtering), train the same model with the same settings (prefix samples, batch, learning
+rate, dropout, L, seed) and report per-epoch validation curves and the best epoch's test metrics.
+Not part of CI (it trains two models); the export is tested in ``tests/benchmarks/``.
+
+    # once: RecBole's own virtual environment in .venv-recbole/ (git-ignored; about 1 GB)
+    python benchmarks/recbole_parity.py setup
+
+    # the parity run: JSON + Markdown + plot in docs/results/recbole_parity.{json,md,png}
+    python benchmarks/recbole_parity.py run --model sasrec --dataset amazon-beauty \\
+        --data-dir ../shared/data --set epochs=50 --seeds 2020 2021
+
+    # RecBole alone, one epoch (seconds per epoch and the data it sees), report elsewhere
+    python benchmarks/recbole_parity.py run --model sasrec --dataset amazon-beauty \\
+        --data-dir ../shared/data --set epochs=1 --skip-ours --out /tmp/beauty-recbole
+
+    # only the export (what both libraries read), or a report redrawn from its JSON
+    python benchmarks/recbole_parity.py export --dataset amazon-beauty --data-dir ../shared/data --out runs/x
+    python benchmarks/recbole_parity.py report docs/results/recbole_parity.json
+
+Settings are ours (packaged defaults < ``--config`` files < ``--set key=value``) with
+``train_scheme=prefix``, ``device=cpu`` and RecBole's default ``train_batch_size=2048`` unless
+``--set`` says otherwise; they are translated key by key into RecBole's config (the names are
+RecBole's already). A setting RecBole cannot mirror (``lr_scheduler`` other than constant,
+``exclude_history``) is refused. Models: ``sasrec``, ``gru4rec``, ``lightsans``.
+
+The export (``export_recbole``) writes each user's events in our chronological order with
+``timestamp`` = the event's position in the user's sequence (1..n), so there are no ties for
+RecBole's sort to break; users appear in our user order. RecBole reads it with filtering set to
+our intervals (a no-op on filtered data), ``eval_args`` LS ``valid_and_test`` with order ``TO``
+(RecBole's sequential datasets refuse ``RO``), full ranking, CE loss, no negative sampling. The
+run checks that RecBole's users, items, interactions and every train/valid/test sample (user,
+history truncated to L, target) equal ours, by a digest of the samples in token space, and fails
+if not.
+
+RecBole runs in a subprocess of the venv's Python, through its data/model/trainer objects exactly
+as ``recbole.quick_start.run_recbole`` does (including the FLOPs count, whose forward pass draws
+dropout masks and so moves the random state), but without importing ``ray``. Quirks of RecBole
+1.2.1 on a current stack, handled by the worker: numpy 2 lacks ``np.float_``, ``np.complex_``,
+``np.unicode_`` and ``np.bool8`` (aliased before RecBole is imported), torch >= 2.6 loads
+checkpoints with ``weights_only=True`` (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``), tensorboard needs
+``pkg_resources`` (``setuptools<81``). RecBole's per-epoch loss is the sum of its batch losses;
+the report divides it by the number of batches, which is our per-epoch loss (the mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_VENV = REPO / ".venv-recbole"
+DEFAULT_OUT = REPO / "docs" / "results" / "recbole_parity"
+DEFAULT_WORK = REPO / "runs" / "recbole-parity"
+
+# The venv recipe, installed in this order. torch first: the CPU build lies on this machine's disk,
+# and a plain torch requirement would pull a CUDA build of several GB. RecBole itself goes in with
+# --no-deps: its metadata asks for ray<=2.6.3, which only its hyper-parameter tuning imports.
+TORCH_PIN = "torch==2.13.0"
+RECBOLE_PIN = "recbole==1.2.1"
+VENV_PINS = (
+    "setuptools<81",             # tensorboard imports pkg_resources, which setuptools 81 removed
+    "numpy==2.2.6",
+    "pandas==2.3.3",             # pandas 3's copy-on-write breaks RecBole's chained in-place fillna
+    "scipy==1.16.3",
+    "scikit-learn==1.6.1",
+    "tensorboard==2.21.0",       # torch.utils.tensorboard, imported by recbole.utils
+    "colorlog==4.7.2",           # RecBole's exact pins
+    "colorama==0.4.4",
+    "thop==0.1.1.post2209072238",  # FLOPs count, as run_recbole does
+    "texttable==1.7.0",
+    "tabulate==0.9.0",
+    "psutil==7.2.2",
+    "tqdm==4.70.1",
+    "PyYAML==6.0.3",
+    "matplotlib==3.10.9",        # the plot, where the project's venv has no matplotlib
+)
+NUMPY_ALIASES = {"bool8": "bool_", "float_": "float64", "complex_": "complex128", "unicode_": "str_"}
+
+RECBOLE_MODELS = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "lightsans": "LightSANs"}
+RECBOLE_METRICS = {"hit": "Hit", "ndcg": "NDCG", "mrr": "MRR", "recall": "Recall", "precision": "Precision"}
+PARITY_DEFAULTS = {"train_batch_size": 2048, "device": "cpu"}  # RecBole's default batch of prefix samples
+FORCED = {"train_scheme": "prefix"}                             # RecBole's one sample per prefix
+# our settings that RecBole's config takes under the same name
+SHARED_KEYS = ("MAX_ITEM_LIST_LENGTH", "train_batch_size", "eval_batch_size", "learning_rate", "weight_decay",
+               "epochs", "stopping_step", "eval_step", "seed", "user_inter_num_interval", "item_inter_num_interval")
+SPLITS = ("train", "valid", "test")
+
+log = logging.getLogger("recbole_parity")
+
+
+# --- the venv ----------------------------------------------------------------------------------
+def venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def recipe_digest() -> str:
+    return hashlib.sha256("\n".join((TORCH_PIN, *VENV_PINS, RECBOLE_PIN)).encode()).hexdigest()[:16]
+
+
+def setup_venv(venv: Path = DEFAULT_VENV, python: str | None = None, force: bool = False) -> Path:
+    """Create (or reuse, when its marker matches the recipe) RecBole's venv; returns its Python."""
+    marker = venv / f".installed-{recipe_digest()}"
+    py = venv_python(venv)
+    if marker.is_file() and py.is_file() and not force:
+        log.info("reusing %s", venv)
+        return py
+    base = python or getattr(sys, "_base_executable", None) or sys.executable
+    steps = [
+        [base, "-m", "venv", *(["--clear"] if venv.exists() else []), str(venv)],
+        [str(py), "-m", "pip", "install", "--quiet", TORCH_PIN],
+        [str(py), "-m", "pip", "install", "--quiet", *VENV_PINS],
+        [str(py), "-m", "pip", "install", "--quiet", "--no-deps", RECBOLE_PIN],
+        [str(py), "-c", _IMPORT_CHECK],
+    ]
+    for cmd in steps:
+        log.info("$ %s", shlex.join(cmd))
+        subprocess.run(cmd, check=True)
+    marker.write_text("\n".join((TORCH_PIN, *VENV_PINS, RECBOLE_PIN)) + "\n")
+    return py
+
+
+_IMPORT_CHECK = (
+    "import numpy as np\n"
+    + "".join(f"np.{a} = getattr(np, {a!r}, np.{b})\n" for a, b in NUMPY_ALIASES.items())
+    + "import recbole, recbole.config, recbole.data, recbole.trainer, recbole.utils\n"
+    + "print('recbole', recbole.__version__, 'numpy', np.__version__)\n"
+)
+
+
+# --- the export --------------------------------------------------------------------------------
+def _checked_tokens(values: Any, what: str) -> list[str]:
+    tokens = [str(t) for t in values]
+    for t in tokens:
+        if not t or any(c in t for c in "\t\r\n"):
+            raise ValueError(f"{what} token {t!r} cannot be written to a tab-separated atomic file")
+    return tokens
+
+
+def inter_lines(data: Any) -> list[str]:
+    """The lines of the RecBole atomic ``.inter`` file of ``data`` (a ``SequenceData``): header, then
+    every user's events in our order (users in our user order), timestamp = position 1..n."""
+    import numpy as np
+
+    users = _checked_tokens(data.user_tokens, "user")
+    items = _checked_tokens(data.item_tokens[1:], "item")  # index 0 is the padding placeholder
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    offsets, ids = data.offsets, np.asarray(data.items)
+    for u, user in enumerate(users):
+        seq = ids[offsets[u]:offsets[u + 1]]
+        lines.extend(f"{user}\t{items[i - 1]}\t{pos}" for pos, i in enumerate(seq.tolist(), start=1))
+    return lines
+
+
+def export_recbole(data: Any, out_dir: str | Path, name: str | None = None) -> Path:
+    """Write ``data`` as ``out_dir/NAME/NAME.inter`` (RecBole's layout: ``data_path=out_dir``,
+    ``dataset=NAME``); returns the file. Read back with the same filters, it gives the same users,
+    per-user sequences and leave-one-out targets (tokens are kept, ids are remapped on reading)."""
+    name = name or data.name
+    path = Path(out_dir) / name / f"{name}.inter"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".inter.tmp")
+    tmp.write_text("\n".join(inter_lines(data)) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def token_sequences(data: Any) -> list[list[str]]:
+    """Every user's sequence as item tokens (comparable across id remappings)."""
+    items = [str(t) for t in data.item_tokens]
+    return [[items[i] for i in data.items[data.offsets[u]:data.offsets[u + 1]].tolist()] for u in range(data.n_users)]
+
+
+def same_sequences(a: Any, b: Any) -> bool:
+    """Same users in the same order with the same token sequences (hence the same splits)."""
+    return ([str(t) for t in a.user_tokens] == [str(t) for t in b.user_tokens]
+            and token_sequences(a) == token_sequences(b))
+
+
+# --- the samples each library sees, as a digest in token space ---------------------------------
+def canonical_ranks(tokens: Any) -> Any:
+    """Rank of each token among ``tokens`` sorted as strings: an id both libraries agree on."""
+    import numpy as np
+
+    t = np.asarray([str(x) for x in tokens], dtype=str)
+    ranks = np.empty(len(t), dtype=np.int64)
+    ranks[np.argsort(t, kind="stable")] = np.arange(len(t))
+    return ranks
+
+
+def tokens_digest(tokens: Any) -> str:
+    return hashlib.sha256("\n".join(sorted(str(t) for t in tokens)).encode()).hexdigest()
+
+
+def samples_digest(users: Any, targets: Any, histories: Any) -> dict[str, Any]:
+    """Count and order-free SHA-256 of samples (user, target, history padded with -1 to width L),
+    all as canonical ranks; the same code runs in both venvs."""
+    import numpy as np
+
+    rows = np.column_stack([np.asarray(users), np.asarray(targets), np.asarray(histories)]).astype("<i4")
+    if len(rows):
+        rows = rows[np.lexsort(rows.T[::-1])]
+    return {"count": int(rows.shape[0]), "sha256": hashlib.sha256(rows.tobytes()).hexdigest()}
+
+
+def our_data_summary(data: Any, max_len: int) -> dict[str, Any]:
+    """Users, items, interactions and the digest of every split's samples of ``data``."""
+    import numpy as np
+
+    from mlsa4rec.data.sampling import gather, history_bounds
+
+    user_rank = canonical_ranks(data.user_tokens)
+    item_rank = np.concatenate([[-1], canonical_ranks(data.item_tokens[1:])])  # id 0 (padding) -> -1
+    out: dict[str, Any] = {"users": data.n_users, "items": data.n_items, "interactions": data.n_interactions,
+                           "user_tokens": tokens_digest(data.user_tokens),
+                           "item_tokens": tokens_digest(data.item_tokens[1:]), "samples": {}}
+    for split in SPLITS:
+        targets = data.train_targets() if split == "train" else data.eval_targets(split)
+        start, end = history_bounds(data, targets, max_len)
+        hist, _ = gather(data.items, start, end, max_len)
+        users = np.searchsorted(data.offsets, targets, side="right") - 1
+        out["samples"][split] = samples_digest(user_rank[users], item_rank[data.items[targets]], item_rank[hist])
+    return out
+
+
+def data_mismatches(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    keys = ("users", "items", "interactions", "user_tokens", "item_tokens")
+    bad = [f"{k}: ours {ours[k]} vs RecBole {theirs.get(k)}" for k in keys if ours[k] != theirs.get(k)]
+    bad += [f"{s} samples: ours {ours['samples'][s]} vs RecBole {theirs.get('samples', {}).get(s)}"
+            for s in SPLITS if ours["samples"][s] != theirs.get("samples", {}).get(s)]
+    return bad
+
+
+# --- settings ----------------------------------------------------------------------------------
+def parity_config(model: str, config_files: list[str], sets: dict[str, Any], dataset: str = "parity") -> Any:
+    """Our validated config for both libraries: defaults < files < PARITY_DEFAULTS < --set < FORCED."""
+    from mlsa4rec.config import build_config
+
+    if model not in RECBOLE_MODELS:
+        raise SystemExit(f"error: RecBole 1.2.1 has no {model!r}; choose from {', '.join(RECBOLE_MODELS)}")
+    config = build_config(model, config_files, {**PARITY_DEFAULTS, **sets, **FORCED}, extra={"dataset": dataset})
+    if config["lr_scheduler"] != "constant":
+        raise SystemExit("error: RecBole keeps the learning rate constant; drop lr_scheduler")
+    if config["exclude_history"]:
+        raise SystemExit("error: RecBole's sequential evaluation ranks history items too; drop exclude_history")
+    return config
+
+
+def recbole_config(config: Any, name: str, data_path: Path, work_dir: Path, threads: int) -> dict[str, Any]:
+    """RecBole's ``config_dict`` for our ``config`` (a mlsa4rec ``Config``) on export ``name``."""
+    c = config.to_dict()
+    cuda = str(c["device"]).startswith("cuda")
+    metric, _, k = c["valid_metric"].partition("@")
+    out = {
+        "model": RECBOLE_MODELS[c["model"]],
+        "dataset": name,
+        "data_path": str(data_path),
+        "checkpoint_dir": str(work_dir / "saved"),
+        "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp",
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+        "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
+        "train_neg_sample_args": None,
+        "loss_type": "CE",
+        "metrics": [RECBOLE_METRICS[m] for m in c["metrics"]],
+        "topk": list(c["topk"]),
+        "valid_metric": f"{RECBOLE_METRICS[metric]}@{k}",
+        "clip_grad_norm": {"max_norm": c["clip_grad_norm"]} if c["clip_grad_norm"] > 0 else None,
+        "use_gpu": cuda,
+        "gpu_id": (str(c["device"]).partition(":")[2] or "0") if cuda else "",
+        "reproducibility": True,
+        "show_progress": False,
+        "log_wandb": False,
+        "state": "INFO",
+        "worker": 0,
+        "threads": threads,  # read by our worker, not by RecBole
+    }
+    out.update({k: c[k] for k in SHARED_KEYS})
+    out.update({k: c[k] for k in config.model_keys})
+    return out
+
+
+def mirrored_settings(config: Any) -> dict[str, Any]:
+    """The settings both libraries run with (the rest of our config has no RecBole counterpart)."""
+    keys = ("train_scheme", *SHARED_KEYS, *config.model_keys, "loss_type", "metrics", "topk", "valid_metric",
+            "clip_grad_norm", "lr_scheduler", "exclude_history", "device")
+    return {k: config[k] for k in keys}
+
+
+# --- RecBole, in its venv ----------------------------------------------------------------------
+def run_recbole(py: Path, spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
+    """Train and test RecBole's model per ``spec`` in a subprocess of ``py``; returns its JSON."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path = work_dir / "spec.json", work_dir / "result.json"
+    spec_path.write_text(json.dumps(spec, indent=2))
+    out_path.unlink(missing_ok=True)
+    env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PYTHONNOUSERSITE": "1",
+           "OMP_NUM_THREADS": str(spec["threads"])}
+    env.pop("PYTHONPATH", None)
+    cmd = [str(py), str(Path(__file__).resolve()), "_recbole-worker", str(spec_path), str(out_path)]
+    log.info("RecBole %s, seed %s: %s", spec["model"], spec["seed"], shlex.join(cmd))
+    subprocess.run(cmd, cwd=work_dir, env=env, check=True)
+    return json.loads(out_path.read_text())
+
+
+def recbole_worker(spec_path: str, out_path: str) -> None:
+    """Inside RecBole's venv: ``run_recbole`` step by step, recording every epoch."""
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    import numpy as np
+
+    for alias, target in NUMPY_ALIASES.items():  # before RecBole (and tensorboard) are imported
+        if not hasattr(np, alias):
+            setattr(np, alias, getattr(np, target))
+    import torch
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.data.transform import construct_transform
+    from recbole.utils import get_flops, get_model, get_trainer, init_logger, init_seed
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(int(spec.pop("threads")))
+    model_name, dataset_name = spec.pop("model"), spec.pop("dataset")
+    config = Config(model=model_name, dataset=dataset_name, config_dict=spec)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    t0 = time.perf_counter()
+    dataset = create_dataset(config)
+    data = {"users": dataset.user_num - 1, "items": dataset.item_num - 1, "interactions": dataset.inter_num}
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    data_seconds = time.perf_counter() - t0
+    data.update(_recbole_samples(dataset, (train_data, valid_data, test_data), config["MAX_ITEM_LIST_LENGTH"]))
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    flops = get_flops(model, dataset, config["device"], logging.getLogger(), construct_transform(config))
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+
+    history: list[dict[str, Any]] = []
+    n_batches = math.ceil(data["samples"]["train"]["count"] / config["train_batch_size"])
+    train_epoch, valid_epoch = trainer._train_epoch, trainer._valid_epoch
+
+    def timed_train(train_data, epoch_idx, *args, **kwargs):
+        t = time.perf_counter()
+        loss = train_epoch(train_data, epoch_idx, *args, **kwargs)
+        total = float(sum(loss) if isinstance(loss, tuple) else loss)
+        history.append({"epoch": epoch_idx + 1, "loss": total / n_batches, "loss_sum": total,
+                        "train_seconds": round(time.perf_counter() - t, 3)})
+        return loss
+
+    def timed_valid(valid_data, *args, **kwargs):
+        t = time.perf_counter()
+        score, result = valid_epoch(valid_data, *args, **kwargs)
+        history[-1].update(valid={k: float(v) for k, v in result.items()},
+                           eval_seconds=round(time.perf_counter() - t, 3))
+        return score, result
+
+    trainer._train_epoch, trainer._valid_epoch = timed_train, timed_valid
+    best_score, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+    test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
+    import recbole
+
+    result = {
+        "library": "recbole", "model": config["model"], "seed": config["seed"], "data": data,
+        "data_seconds": round(data_seconds, 3), "flops": float(flops), "threads": torch.get_num_threads(),
+        "history": history, "best_valid": {k: float(v) for k, v in (best_valid or {}).items()},
+        "test": {k: float(v) for k, v in test.items()},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "versions": {"recbole": recbole.__version__, "torch": torch.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+    }
+    Path(out_path).write_text(json.dumps(result, indent=2))
+
+
+def _recbole_samples(dataset: Any, loaders: tuple, max_len: int) -> dict[str, Any]:
+    """The digest of RecBole's train/valid/test samples, in the same token space as ours."""
+    import numpy as np
+
+    uid, iid = dataset.uid_field, dataset.iid_field
+    user_tokens, item_tokens = dataset.field2id_token[uid], dataset.field2id_token[iid]
+    user_rank = np.concatenate([[-1], canonical_ranks(user_tokens[1:])])
+    item_rank = np.concatenate([[-1], canonical_ranks(item_tokens[1:])])
+    out: dict[str, Any] = {"user_tokens": tokens_digest(user_tokens[1:]), "item_tokens": tokens_digest(item_tokens[1:]),
+                           "samples": {}}
+    for split, loader in zip(SPLITS, loaders):
+        feat = loader._dataset.inter_feat
+        hist = feat[iid + dataset.config["LIST_SUFFIX"]].numpy()
+        if hist.shape[1] != max_len:
+            raise RuntimeError(f"RecBole's {split} histories are {hist.shape[1]} wide, not L = {max_len}")
+        out["samples"][split] = samples_digest(user_rank[feat[uid].numpy()], item_rank[feat[iid].numpy()],
+                                               item_rank[hist])
+    return out
+
+
+# --- ours ---------------------------------------------------------------------------------------
+def run_ours(model: str, inter: Path, config_files: list[str], sets: dict[str, Any], seed: int,
+             out_dir: Path, threads: int) -> dict[str, Any]:
+    """Our ``train`` on the export with the parity settings; returns the fields of the report."""
+    import torch
+
+    from mlsa4rec.training.run import train
+
+    torch.set_num_threads(threads)
+    overrides = {**PARITY_DEFAULTS, **sets, **FORCED, "seed": seed}
+    log.info("mlsa4rec %s, seed %s", model, seed)
+    results = train(model, str(inter), out_dir, config_files=config_files, overrides=overrides, overwrite=True)
+    return {
+        "library": "mlsa4rec", "model": model, "seed": seed, "train_scheme": results["train_scheme"],
+        "data": {k: results["dataset"][k] for k in ("users", "items", "interactions")},
+        "data_seconds": results.get("data_seconds"), "threads": results.get("threads", torch.get_num_threads()),
+        "history": results["history"], "best_valid": results["valid"], "test": results["test"],
+        "parameters": results.get("parameters"), "versions": results.get("versions"),
+        "run_dir": results.get("run_dir"),
+    }
+
+
+# --- the report ---------------------------------------------------------------------------------
+def curve_summary(history: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Best epoch (a tie counts as better, as in both libraries), epochs run, seconds per epoch."""
+    best, best_epoch = -math.inf, 0
+    for row in history:
+        if "valid" in row and row["valid"][key] >= best:
+            best, best_epoch = row["valid"][key], row["epoch"]
+    seconds = [row["train_seconds"] for row in history]
+    return {"best_epoch": best_epoch, "epochs_run": len(history),
+            "seconds_per_epoch": round(sum(seconds) / len(seconds), 3) if seconds else None}
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the repository where it lies inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    return "" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+NOTES = (
+    "Both read the same exported `.inter` (timestamps = positions, so no ties) and train on the same prefix "
+    "samples; the data check compares every sample (user, history truncated to L, target) by digest.",
+    "RecBole rounds every metric to 4 decimals (`metric_decimal_place`) and its early stopping compares the "
+    "rounded values; ours are unrounded. Both count a tie with the best score as an improvement.",
+    "RecBole's epoch loss is the sum of its batch losses; the tables show it divided by the number of batches.",
+    "Batches differ: RecBole draws uniformly shuffled batches padded to L; ours, for padding-invariant models "
+    "(SASRec, GRU4Rec), sorts a shuffled order by history length inside chunks of 50 batches and trims each "
+    "batch to its longest history (same samples per epoch, different batch composition, far less padding).",
+    "Random streams differ (initialisation, dropout, shuffling), so equal seeds give different runs: compare "
+    "curves and test metrics across seeds, not run by run.",
+    "Seconds per epoch are training wall-clock on a shared 2-core machine and vary with its load.",
+)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    key = report["settings"]["valid_metric"]
+    hit = key.replace(key.split("@")[0], "hit")
+    d = report["data"]
+    lines = [
+        f"# RecBole 1.2.1 vs mlsa4rec: {report['model']} on {report['dataset']}", "",
+        "Generated by `benchmarks/recbole_parity.py` (do not edit by hand).", "",
+        f"* command: `{report['command']}`",
+        f"* commit: `{report['commit']}`; started {report['started']}",
+        f"* machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+        f"{report['machine']['threads']} torch threads per library",
+        f"* seeds: {', '.join(map(str, report['seeds']))}",
+        f"* data: {d['users']:,} users, {d['items']:,} items, {d['interactions']:,} interactions; samples "
+        + ", ".join(f"{s} {d['samples'][s]['count']:,}" for s in SPLITS),
+        f"* RecBole sees the same data: **{report['data_check']}**",
+        "", "## Notes", "", *(f"* {n}" for n in NOTES),
+        "", "## Settings (both libraries)", "", "| key | value |", "|---|---|",
+        *(f"| {k} | {v} |" for k, v in report["settings"].items()),
+    ]
+    for run in report["runs"]:
+        rb, ours = run.get("recbole"), run.get("ours")
+        lines += ["", f"## Seed {run['seed']}", "",
+                  "| | RecBole | mlsa4rec |", "|---|---|---|"]
+        for label, field in (("best epoch", "best_epoch"), ("epochs run", "epochs_run"),
+                             ("train s/epoch", "seconds_per_epoch")):
+            lines.append(f"| {label} | {_fmt((rb or {}).get(field), 1)} | {_fmt((ours or {}).get(field), 1)} |")
+        metrics = list((rb or ours)["test"])
+        for m in metrics:
+            a, b = (rb or {}).get("test", {}).get(m), (ours or {}).get("test", {}).get(m)
+            diff = f" ({b - a:+.4f})" if a is not None and b is not None else ""
+            lines.append(f"| test {m} | {_fmt(a)} | {_fmt(b)}{diff} |")
+        lines += ["", f"Per epoch (loss = mean batch loss; valid {key} and {hit}; training seconds):", "",
+                  f"| epoch | RecBole loss | ours loss | RecBole {key} | ours {key} | RecBole {hit} | ours {hit} "
+                  "| RecBole s | ours s |", "|---|---|---|---|---|---|---|---|---|"]
+        rows_rb = {r["epoch"]: r for r in (rb or {}).get("history", [])}
+        rows_ours = {r["epoch"]: r for r in (ours or {}).get("history", [])}
+        for e in sorted(set(rows_rb) | set(rows_ours)):
+            a, b = rows_rb.get(e, {}), rows_ours.get(e, {})
+            lines.append(
+                f"| {e} | {_fmt(a.get('loss'))} | {_fmt(b.get('loss'))} | {_fmt(a.get('valid', {}).get(key))} "
+                f"| {_fmt(b.get('valid', {}).get(key))} | {_fmt(a.get('valid', {}).get(hit))} "
+                f"| {_fmt(b.get('valid', {}).get(hit))} | {_fmt(a.get('train_seconds'), 1)} "
+                f"| {_fmt(b.get('train_seconds'), 1)} |")
+    v = report["versions"]
+    lines += ["", "Versions: " + "; ".join(f"{lib}: " + ", ".join(f"{k} {x}" for k, x in vs.items())
+                                          for lib, vs in v.items() if vs), ""]
+    if report.get("plot"):
+        lines += [f"![validation curves]({report['plot']})", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], png: Path) -> None:
+    """Loss and validation curves of both libraries, every seed (matplotlib, imported here)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    key = report["settings"]["valid_metric"]
+    hit = key.replace(key.split("@")[0], "hit")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for run in report["runs"]:
+        for lib, style in (("recbole", "-"), ("ours", "--")):
+            hist = (run.get(lib) or {}).get("history", [])
+            if not hist:
+                continue
+            label = f"{'RecBole' if lib == 'recbole' else 'mlsa4rec'} seed {run['seed']}"
+            ev = [r for r in hist if "valid" in r]
+            axes[0].plot([r["epoch"] for r in hist], [r["loss"] for r in hist], style, marker=".", label=label)
+            axes[1].plot([r["epoch"] for r in ev], [r["valid"][key] for r in ev], style, marker=".", label=label)
+            axes[2].plot([r["epoch"] for r in ev], [r["valid"][hit] for r in ev], style, marker=".", label=label)
+    for ax, title in zip(axes, ("training loss (mean CE per batch)", f"valid {key}", f"valid {hit}")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{report['model']} on {report['dataset']}: RecBole 1.2.1 (solid) vs mlsa4rec (dashed)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], stem: Path, venv: Path = DEFAULT_VENV) -> list[Path]:
+    """``stem``.json, .md and .png; the plot uses RecBole's venv where this Python lacks matplotlib."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png = stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")
+    report["plot"] = png.name
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        plot(report, png)
+    except ImportError:
+        py = venv_python(venv)
+        if not py.is_file():
+            raise SystemExit("error: no matplotlib here and no RecBole venv to draw the plot with; run `setup` "
+                             "or `pip install matplotlib`") from None
+        subprocess.run([str(py), str(Path(__file__).resolve()), "_plot", str(json_path), str(png)], check=True)
+    md_path.write_text(markdown(report))
+    return [json_path, md_path, png]
+
+
+# --- the command line ---------------------------------------------------------------------------
+def _load(dataset: str, data_dir: str | None, config: Any) -> Any:
+    from mlsa4rec.data import load_dataset
+
+    return load_dataset(dataset, data_dir, config["user_inter_num_interval"], config["item_inter_num_interval"])
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from mlsa4rec.data import load_dataset
+
+    data = load_dataset(args.dataset, args.data_dir, args.user_inter_num_interval, args.item_inter_num_interval)
+    path = export_recbole(data, args.out, args.name)
+    print(json.dumps({"file": str(path), **data.stats()}, indent=2))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    import torch
+
+    from mlsa4rec.config import parse_set
+    from mlsa4rec.data import load_dataset
+
+    sets = parse_set(args.set)
+    config = parity_config(args.model, args.config, sets)
+    seeds = args.seeds or [config["seed"]]
+    threads = args.threads or torch.get_num_threads()
+    work = Path(args.work_dir).resolve()
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+    original = _load(args.dataset, args.data_dir, config)
+    inter = export_recbole(original, work / "data")
+    exported = load_dataset(str(inter), None, config["user_inter_num_interval"], config["item_inter_num_interval"],
+                            use_cache=False)
+    if not same_sequences(original, exported):
+        raise SystemExit(f"error: {inter} read back differs from {original.source}; the export is broken")
+    ours_data = our_data_summary(exported, config["MAX_ITEM_LIST_LENGTH"])
+    log.info("exported %s: %d users, %d items, %d interactions", inter, ours_data["users"], ours_data["items"],
+             ours_data["interactions"])
+
+    py = setup_venv(Path(args.venv)) if not args.skip_recbole else None
+    runs, problems = [], []
+    for seed in seeds:
+        run: dict[str, Any] = {"seed": seed}
+        if py is not None:
+            cfg = parity_config(args.model, args.config, {**sets, "seed": seed})
+            rdir = work / f"recbole-{args.model}-seed{seed}"
+            spec = recbole_config(cfg, original.name, inter.parent.parent, rdir, threads)
+            run["recbole"] = run_recbole(py, spec, rdir)
+            problems += data_mismatches(ours_data, run["recbole"]["data"])
+        if not args.skip_ours:
+            run["ours"] = run_ours(args.model, inter, args.config, sets, seed,
+                                   work / f"ours-{args.model}-seed{seed}", threads)
+        for lib in ("recbole", "ours"):
+            if lib in run:
+                run[lib].update(curve_summary(run[lib]["history"], config["valid_metric"]))
+        runs.append(run)
+
+    first = runs[0]
+    report = {
+        "benchmark": "recbole_parity", "model": args.model, "recbole_model": RECBOLE_MODELS[args.model],
+        "dataset": original.name, "data_source": original.source, "export": _shown(inter),
+        "data": ours_data,
+        "data_check": ("identical users, items, interactions and train/valid/test samples" if not problems else
+                       "MISMATCH: " + "; ".join(problems)) if py is not None else "not run (--skip-recbole)",
+        "settings": mirrored_settings(config),
+        "recbole_config": recbole_config(config, original.name, inter.parent.parent, work, threads),
+        "our_config": {k: v for k, v in config.to_dict().items() if k != "dataset"},
+        "seeds": seeds,
+        "command": shlex.join(["python", "benchmarks/recbole_parity.py", *sys.argv[1:]]),
+        "commit": git_commit(), "started": started,
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads},
+        "versions": {lib: first[lib].get("versions") for lib in ("recbole", "ours") if lib in first},
+        "runs": runs,
+    }
+    paths = write_report(report, Path(args.out), Path(args.venv))
+    print("wrote " + ", ".join(map(str, paths)))
+    if problems:
+        raise SystemExit("error: RecBole saw other data than ours: " + "; ".join(problems))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("setup", help="create or reuse RecBole's venv")
+    s.add_argument("--venv", default=str(DEFAULT_VENV))
+    s.add_argument("--python", help="interpreter for the venv (default: this one's base)")
+    s.add_argument("--force", action="store_true", help="reinstall even if the recipe marker matches")
+
+    e = sub.add_parser("export", help="write a dataset as a RecBole atomic file OUT/NAME/NAME.inter")
+    e.add_argument("--dataset", required=True)
+    e.add_argument("--data-dir")
+    e.add_argument("--out", required=True, help="RecBole's data_path")
+    e.add_argument("--name", help="RecBole dataset name (default: ours)")
+    e.add_argument("--user-inter-num-interval", default="[5,inf)")
+    e.add_argument("--item-inter-num-interval", default="[5,inf)")
+
+    r = sub.add_parser("run", help="export, train RecBole and ours, write the report")
+    r.add_argument("--model", required=True, choices=sorted(RECBOLE_MODELS))
+    r.add_argument("--dataset", required=True)
+    r.add_argument("--data-dir")
+    r.add_argument("--config", action="append", default=[], help="our YAML config (repeatable)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="setting for both (repeatable)")
+    r.add_argument("--seeds", type=int, nargs="+", help="one run of each library per seed (default: the config's)")
+    r.add_argument("--threads", type=int, help="torch threads of each library (default: torch's default)")
+    r.add_argument("--out", default=str(DEFAULT_OUT), help="report path without suffix (.json, .md, .png)")
+    r.add_argument("--work-dir", default=str(DEFAULT_WORK), help="export, logs and run dirs (git-ignored)")
+    r.add_argument("--venv", default=str(DEFAULT_VENV))
+    r.add_argument("--skip-ours", action="store_true")
+    r.add_argument("--skip-recbole", action="store_true")
+
+    rp = sub.add_parser("report", help="redraw the Markdown and the plot from a report JSON")
+    rp.add_argument("json")
+    rp.add_argument("--venv", default=str(DEFAULT_VENV))
+
+    w = sub.add_parser("_recbole-worker", help=argparse.SUPPRESS)
+    w.add_argument("spec")
+    w.add_argument("out")
+    pl = sub.add_parser("_plot", help=argparse.SUPPRESS)
+    pl.add_argument("json")
+    pl.add_argument("png")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.command == "_recbole-worker":
+        recbole_worker(args.spec, args.out)
+    elif args.command == "_plot":
+        plot(json.loads(Path(args.json).read_text()), Path(args.png))
+    elif args.command == "setup":
+        print(setup_venv(Path(args.venv), args.python, args.force))
+    elif args.command == "export":
+        cmd_export(args)
+    elif args.command == "run":
+        if args.skip_ours and args.skip_recbole:
+            raise SystemExit("error: --skip-ours and --skip-recbole leave nothing to run")
+        cmd_run(args)
+    elif args.command == "report":
+        path = Path(args.json)
+        print("wrote " + ", ".join(map(str, write_report(json.loads(path.read_text()), path.with_suffix(""),
+                                                           Path(args.venv)))))
+
+
+if __name__ == "__main__":
+    main()
