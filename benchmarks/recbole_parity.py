@@ -446,27 +446,6 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str | None:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _fmt(x: Any, digits: int = 4) -> str:
     return "" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
@@ -608,6 +587,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     from mlsa4rec.config import parse_set
     from mlsa4rec.data import load_dataset
+    from mlsa4rec.runtime import cpu_model
+    from mlsa4rec.training.run import git_commit
 
     sets = parse_set(args.set)
     config = parity_config(args.model, args.config, sets)

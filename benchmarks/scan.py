@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -170,15 +169,9 @@ def main() -> None:
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core {model}"
+    from mlsa4rec.runtime import cpu_model  # light: this script imports torch only where it must
+
+    return f"{os.cpu_count()}-core {cpu_model()}"
 
 
 def write(out: Path, meta: dict, rows: list[dict], lengths: list[int], cases: list[str]) -> None:

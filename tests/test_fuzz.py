@@ -196,7 +196,8 @@ def test_fuzz_run_directories(capsys, tmp_path: Path, successor_file: Path) -> N
     run = work / "run"
     for case in range(N_RUNDIR):
         shutil.copytree(good, run)
-        victim = run / rng.choice(["config.yaml", "results.json", "model.safetensors", "manifest.json", "train.log"])
+        victim = run / rng.choice(["config.yaml", "results.json", "model.safetensors", "items.json", "manifest.json",
+                                   "train.log"])
         raw = bytearray(victim.read_bytes())
         action = rng.randrange(4)
         if action == 0 and raw:
@@ -213,6 +214,6 @@ def test_fuzz_run_directories(capsys, tmp_path: Path, successor_file: Path) -> N
                 ["compare", str(base), str(run), "--resamples", "100"])
         code = check_case(capsys, work, argv, f"run-dir case {case} ({victim.name}, action {action})")
         changed = action == 3 or bytes(raw) != (good / victim.name).read_bytes()
-        if changed and victim.name in ("config.yaml", "results.json", "model.safetensors"):
+        if changed and victim.name in ("config.yaml", "results.json", "model.safetensors", "items.json"):
             assert code == 2, (case, victim.name, action)  # every file a load reads is verified
         shutil.rmtree(run)

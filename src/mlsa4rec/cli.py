@@ -5,6 +5,7 @@
                    [--resume] [--nproc N]          (or: torchrun --nproc-per-node N -m mlsa4rec train ...)
                    (--model/--dataset may come from model:/dataset: lines of a --config file)
     mlsa4rec evaluate --run-dir DIR
+    mlsa4rec recommend --run-dir DIR --history "ID ID ..." [-k 10] | --input FILE.jsonl
     mlsa4rec models
 """
 
@@ -34,6 +35,14 @@ QUIET_HELP = "only print results and errors"
 def _add_quiet(p: argparse.ArgumentParser) -> None:
     """-q after the command too; SUPPRESS keeps a -q given before the command when this one is absent."""
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, dest="quiet", help=QUIET_HELP)
+
+
+def _add_run_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, help="a directory written by `mlsa4rec train`")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (the run's device), cpu, cuda or cuda:N")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -93,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="re-evaluate the saved weights of a run directory",
                         description="Rebuild the run's data and model and evaluate the saved weights.")
-    ev.add_argument("--run-dir", required=True, help="a directory written by `mlsa4rec train`")
+    _add_run_dir(ev)
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_data_args(ev)
     _add_quiet(ev)
@@ -112,6 +121,67 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_data_args(cmp)
     _add_quiet(cmp)
+
+    rec = sub.add_parser(
+        "recommend", help="top-k items for new histories with a trained run",
+        description="Recommend with a finished run, in the data file's own item ids. One history with --history, "
+                    "or many as JSON lines ({\"history\": [...], \"k\": 10}) from --input FILE or - (stdin), one "
+                    "answer line each.")
+    _add_run_dir(rec)
+    source = rec.add_mutually_exclusive_group(required=True)
+    source.add_argument("--history", metavar="'ID ID ...'", help="one history: item ids, oldest first")
+    source.add_argument("--input", metavar="FILE", help="JSON lines with a history each ('-' reads stdin)")
+    rec.add_argument("-k", type=int, default=10, help="how many items (default 10; a line's \"k\" wins)")
+    rec.add_argument("--exclude-seen", action="store_true", help="never recommend an item of the history")
+    rec.add_argument("--unknown", choices=["error", "drop"], default="error",
+                     help="an id the run never saw: an error (default) or dropped with a warning")
+    rec.add_argument("--fallback", choices=["popular"], help="answer an empty history with the most popular items")
+    _add_device(rec)
+    rec.add_argument("--json", action="store_true", help="print JSON instead of a table (--history)")
+    _add_data_args(rec)
+    _add_quiet(rec)
+
+    serve = sub.add_parser(
+        "serve", help="an HTTP service over a trained run (needs the serve extra)",
+        description="Serve a finished run over HTTP (FastAPI + uvicorn): POST /recommend, POST /sessions/{id}/events, "
+                    "GET /sessions/{id}/recommendations, DELETE /sessions/{id}, GET /health, GET /metrics "
+                    "(Prometheus); the OpenAPI docs are at /docs. Needs: pip install 'mlsa4rec[serve]'.")
+    _add_run_dir(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                          "only; 0.0.0.0 listens on every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    _add_device(serve)
+    limits = serve.add_argument_group("limits, sessions and batching")
+    for flag, kind, text in (
+            ("--max-body-bytes", int, "a larger request body gets 413 (default 1048576)"),
+            ("--max-histories", int, "histories in one /recommend request (default 256)"),
+            ("--max-history-length", int, "items in one history, events request or exclude list (default 1000)"),
+            ("--max-k", int, "the largest k (default 1000, and never more than the run's items)"),
+            ("--max-sessions", int, "live sessions; beyond it the least recently used is dropped (default 100000)"),
+            ("--session-ttl", float, "seconds; a session unused this long is dropped (default 1800)"),
+            ("--batch-window-ms", float, "single-history /recommend requests that queue while the model is busy "
+                                         "share one model call, which under load waits up to this many ms for "
+                                         "more (a lone request never waits); 0 turns merging off (default 2)"),
+            ("--max-batch", int, "histories in one shared model call (default 64)")):
+        limits.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar="N", help=text)
+    serve.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    _add_data_args(serve)
+    _add_quiet(serve)
+
+    exp = sub.add_parser(
+        "export", help="write a run's model as ONNX graphs with its item table (needs the onnx extra)",
+        description="Export a finished run for serving without PyTorch: encoder.onnx (histories -> user vectors), "
+                    "step.onnx for models that stream (one event, the state in and out), item_table.npy (scores = "
+                    "user @ table.T), items.json and export.json describing them all. Each graph is checked against "
+                    "the PyTorch model in onnxruntime. Needs: pip install 'mlsa4rec[onnx]'.")
+    _add_run_dir(exp)
+    exp.add_argument("--format", default="onnx", help="export format: onnx (the default and, for now, the only one)")
+    exp.add_argument("--output", metavar="DIR", help="directory to create (default: RUN_DIR-FORMAT beside the run "
+                                                     "directory; never inside it)")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier export in --output (deleting only the files it lists)")
+    exp.add_argument("--opset", type=int, metavar="N", help="ONNX opset version (default: the exporter's)")
+    _add_quiet(exp)
 
     models = sub.add_parser("models", help="list registered models",
                             description="Registered models, their flags and default hyperparameters.")
@@ -245,6 +315,87 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    from mlsa4rec.serving import Recommender
+
+    rec = Recommender.from_run(args.run_dir, device=args.device, data_dir=args.data_dir)
+    options = {"exclude_seen": args.exclude_seen, "unknown": args.unknown, "fallback": args.fallback}
+    if args.history is not None:
+        (answer,) = rec.recommend([args.history.split()], args.k, **options)
+        if args.json:
+            print(json.dumps([r._asdict() for r in answer]))
+        else:
+            for rank, r in enumerate(answer, 1):
+                print(f"{rank:>4}  {r.item!s:<20} {r.score:.4f}")
+        return 0
+    from mlsa4rec.serving.batch import recommend_lines
+
+    stream = sys.stdin if args.input == "-" else _open_input(args.input)
+    try:
+        failed, total = recommend_lines(rec, stream, sys.stdout, args.k, **options)
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+    if failed:
+        raise MLSA4RecError(f"{failed} of {total} input lines failed; their answers hold an \"error\" field "
+                            "naming the problem")
+    return 0
+
+
+def _open_input(path: str):
+    try:
+        return open(path, encoding="utf-8")  # noqa: SIM115 - closed by the caller
+    except OSError as exc:
+        raise MLSA4RecError(f"cannot read --input {path!r}: {exc.strerror}") from None
+
+
+SERVE_LIMITS = {"max_body_bytes": "max_body_bytes", "max_histories": "max_histories",
+                "max_history_length": "max_history_length", "max_k": "max_k", "max_sessions": "max_sessions",
+                "session_ttl": "session_ttl_s", "batch_window_ms": "batch_window_ms", "max_batch": "max_batch"}
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from mlsa4rec.serving.http import create_app, listen
+    except ImportError as exc:
+        raise MLSA4RecError(f"mlsa4rec serve needs the serve extra ({exc.name} is missing): pip install "
+                            "'mlsa4rec[serve]'") from None
+    from mlsa4rec.serving import Recommender
+
+    if not 0 <= args.port <= 65535:
+        raise MLSA4RecError(f"--port must be from 0 to 65535, got {args.port}")
+    rec = Recommender.from_run(args.run_dir, device=args.device, data_dir=args.data_dir)
+    app = create_app(rec, **{name: getattr(args, flag) for flag, name in SERVE_LIMITS.items() if hasattr(args, flag)})
+    try:  # bound here, so a taken port is one error line rather than uvicorn's exit
+        sock = listen(args.host, args.port)
+    except (OSError, OverflowError) as exc:
+        raise MLSA4RecError(f"cannot listen on {args.host}:{args.port}: {getattr(exc, 'strerror', None) or exc}"
+                            ) from None
+    port = sock.getsockname()[1]
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {rec.config['model']} ({args.run_dir}) on http://{host}:{port} (docs: http://{host}:{port}/docs)",
+          flush=True)
+    quiet = getattr(args, "quiet", False)
+    config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not args.no_access_log,
+                            lifespan="on")
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mlsa4rec.serving.export import default_output, export_run
+
+    output = args.output or default_output(args.run_dir, args.format)
+    for path in export_run(args.run_dir, output, format=args.format, opset=args.opset, overwrite=args.overwrite):
+        print(path)
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from mlsa4rec.training.run import compare_runs, format_comparison
 
@@ -309,7 +460,8 @@ def _default_model(name: str):
     return create(name, 10)
 
 
-COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "compare": _cmd_compare, "models": _cmd_models}
+COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "compare": _cmd_compare, "recommend": _cmd_recommend,
+            "serve": _cmd_serve, "models": _cmd_models, "export": _cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

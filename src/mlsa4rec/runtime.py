@@ -1,4 +1,5 @@
-"""Process-level tuning for CPU training, applied by the CLI (a library import changes nothing).
+"""Process-level tuning for CPU training, applied by the CLI (a library import changes nothing),
+and the machine facts every benchmark records.
 
 glibc returns every freed block above the mmap threshold (128 KiB by default) to the kernel, so
 each training step re-faults its large activations (the N x items logits alone are ~90 MB) page
@@ -13,7 +14,9 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import platform
 import sys
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -33,3 +36,14 @@ def tune_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31
         return False
     log.debug("glibc malloc thresholds raised: %s", ok)
     return ok
+
+
+def cpu_model() -> str:
+    """The CPU's model name (machines of one kind differ: results name the CPU they came from)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

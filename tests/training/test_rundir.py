@@ -73,7 +73,8 @@ def test_overwrite_refuses_a_run_holding_foreign_files_and_replaces_a_clean_one(
     out = tmp_path / "run"
     train("sasrec", str(successor_file), out, overrides=SMALL)
     manifest = json.loads((out / MANIFEST).read_text())
-    assert sorted(manifest["files"]) == ["config.yaml", "model.safetensors", "results.json", "train.log"]
+    assert sorted(manifest["files"]) == ["config.yaml", "items.json", "model.safetensors", "results.json",
+                                        "train.log"]
     (out / "analysis.ipynb").write_text("my notes")
     with pytest.raises(MLSA4RecError, match=r"left alone: it holds analysis.ipynb, which mlsa4rec did not write"):
         train("sasrec", str(successor_file), out, overrides=SMALL, overwrite=True)
@@ -83,6 +84,21 @@ def test_overwrite_refuses_a_run_holding_foreign_files_and_replaces_a_clean_one(
                    overwrite=True)
     assert result["epochs_run"] == 2 and result["run_dir"] == str(out.resolve())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", successor_file.name]
+
+
+def test_a_manifest_naming_a_path_outside_the_run_is_refused(successor_file: Path, tmp_path: Path) -> None:
+    """The manifest steers what --overwrite deletes: a name with a path in it must never be trusted."""
+    out = tmp_path / "run"
+    train("sasrec", str(successor_file), out, overrides=SMALL)
+    (tmp_path / "precious.txt").write_text("mine")
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["files"]["../precious.txt"] = {"bytes": 4, "sha256": "0" * 64}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(MLSA4RecError, match="not an mlsa4rec run manifest"):
+        train("sasrec", str(successor_file), out, overrides=SMALL, overwrite=True)
+    with pytest.raises(MLSA4RecError, match="not an mlsa4rec run manifest"):
+        evaluate_run(out)
+    assert (tmp_path / "precious.txt").read_text() == "mine"
 
 
 def test_a_staging_directory_mlsa4rec_did_not_make_is_left_alone(successor_file: Path, tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, NoReturn
+
 import torch
 from torch import nn
 
@@ -34,17 +36,49 @@ class SequentialRecommender(nn.Module):
       with the ``all_positions`` scheme.
     * ``padding_invariant``: outputs at real positions do not depend on how much padding follows,
       so batches may be trimmed to their longest sequence.
+    * ``streams``: ``initial_state`` and ``step`` are available, so serving can keep a
+      constant-size state per user and add one event at a cost independent of the history's
+      length (a property where it depends on the instance, as for MLSA4Rec's variants).
+
+    Streaming, for models that set ``streams``::
+
+        state = model.initial_state(batch)          # an empty history for ``batch`` users
+        h, state = model.step(items, state)         # items: B ids -> h: B x D, the new state
+
+    ``h`` after an item equals ``forward`` on the history up to and including it (in eval
+    mode; with dropout on, the two draw different masks). The state is an opaque pytree
+    of tensors - lists, tuples and NamedTuples whose leaves are all tensors - with the batch as
+    the first dimension of every tensor. So serving can save it leaf by leaf
+    (``torch.utils._pytree.tree_flatten``, ``tree_unflatten`` to rebuild it), take users out of
+    it (``leaf[rows]``) and put users together (``torch.cat`` of the leaves along dim 0). Its
+    leaves are on the model's device, in the model's dtype, except running sums that a model
+    keeps in at least float32 under half precision.
     """
 
     causal: bool = False
     padding_invariant: bool = False
     preferred_scheme: str = "prefix"
+    streams: bool = False
 
     n_items: int
     item_embedding: nn.Embedding
 
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def initial_state(self, batch: int, device: torch.device | str | None = None) -> Any:
+        """The streaming state of an empty history for ``batch`` users, on ``device`` (default:
+        the model's)."""
+        self._refuse_streaming()
+
+    def step(self, items: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """Add one item per user (B ids) to ``state``: (B x D representation after it, new state)."""
+        self._refuse_streaming()
+
+    def _refuse_streaming(self) -> NoReturn:
+        name = getattr(self, "name", type(self).__name__)
+        raise NotImplementedError(f"{name} re-encodes its history; it has no streaming state "
+                                  "(check model.streams before calling initial_state/step)")
 
     def check_length(self, item_seq: torch.Tensor) -> None:
         """For models with learned positions: refuse inputs longer than their position table."""

@@ -4,6 +4,10 @@
 
 The classic RNN baseline. A GRU reads left to right, so with right padding the real positions
 never see the padding: causal and padding-invariant, trained with all-positions samples.
+
+It streams: ``step`` advances the GRU by one event, h_t = GRU(Drop(Emb(s_t)), h_{t-1}), and
+returns Dense(h_t). The state is the hidden state of every GRU layer, stored batch-first
+(B x num_layers x H, where ``nn.GRU`` takes num_layers x B x H) like every streaming state.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ class GRU4Rec(SequentialRecommender):
     causal = True
     padding_invariant = True
     preferred_scheme = "all_positions"
+    streams = True
 
     def __init__(self, n_items: int, max_seq_length: int, embedding_size: int, hidden_size: int, num_layers: int,
                  dropout_prob: float) -> None:
@@ -42,3 +47,18 @@ class GRU4Rec(SequentialRecommender):
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         out, _ = self.gru_layers(self.emb_dropout(self.item_embedding(item_seq)))
         return self.dense(out)
+
+    # --- streaming: ``encode`` one event at a time ----------------------------------------------
+    def initial_state(self, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """The state of an empty history for ``batch`` users: zeros, B x num_layers x H."""
+        w = self.gru_layers.weight_hh_l0
+        return w.new_zeros(batch, self.gru_layers.num_layers, self.gru_layers.hidden_size, device=device)
+
+    def step(self, items: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one item per user (B ids); returns the B x D representation after it and the new state."""
+        if state.shape[0] != items.shape[0]:
+            raise ValueError(f"the state holds {state.shape[0]} sequences but the input has {items.shape[0]}; "
+                             "build it with initial_state(batch) for this batch")
+        x = self.emb_dropout(self.item_embedding(items))
+        out, hidden = self.gru_layers(x[:, None], state.transpose(0, 1).contiguous())
+        return self.dense(out[:, 0]), hidden.transpose(0, 1).contiguous()

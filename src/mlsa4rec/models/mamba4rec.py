@@ -11,6 +11,10 @@ Parameter names follow the released code (``mamba_layers.{i}.mamba.*``, ``.Layer
 ``.ffn.w_1/w_2/LayerNorm``), so its state dicts load as they are. Mamba is causal, so with right
 padding the real positions never see the padding: the model is causal and padding-invariant and
 trains with all-positions samples (one pass per user window instead of one per prefix).
+
+Being causal, it also streams: ``step`` applies the same equations to one event, each Mamba block
+advancing its state in O(1). The state is one ``MambaState`` per layer (``layers/mamba.py``):
+the last K convolution inputs, B x d_inner x K, and the SSM state, B x d_inner x N.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlsa4rec.layers import Dropout, Mamba
+from mlsa4rec.layers import Dropout, Mamba, MambaState
 from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender, normal_init
 
@@ -51,12 +55,19 @@ class MambaLayer(nn.Module):
         h = self.dropout(self.mamba(x))
         return self.ffn(self.LayerNorm(h + x if self.residual else h))
 
+    def step(self, x_t: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
+        """``forward`` at one position: x_t (B x D) and the Mamba state -> (B x D, new state)."""
+        h, state = self.mamba.step(x_t, state)
+        h = self.dropout(h)
+        return self.ffn(self.LayerNorm(h + x_t if self.residual else h)), state
+
 
 @register("mamba4rec")
 class Mamba4Rec(SequentialRecommender):
     causal = True
     padding_invariant = True
     preferred_scheme = "all_positions"
+    streams = True
 
     def __init__(self, n_items: int, max_seq_length: int, hidden_size: int, num_layers: int, dropout_prob: float,
                  d_state: int, d_conv: int, expand: int, initializer_range: float = 0.02) -> None:
@@ -80,3 +91,20 @@ class Mamba4Rec(SequentialRecommender):
         for layer in self.mamba_layers:
             h = layer(h)
         return h
+
+    # --- streaming: ``encode`` one event at a time ----------------------------------------------
+    def initial_state(self, batch: int, device: torch.device | str | None = None) -> list[MambaState]:
+        """The state of an empty history for ``batch`` users: one ``MambaState`` per layer."""
+        return [layer.mamba.initial_state(batch, device=device) for layer in self.mamba_layers]
+
+    def step(self, items: torch.Tensor, state: list[MambaState]) -> tuple[torch.Tensor, list[MambaState]]:
+        """Feed one item per user (B ids); returns the B x D representation after it and the new state.
+
+        ``encode`` at one position: H0 = LN(Drop(Emb(s_t))), then each layer's ``step``.
+        """
+        h = self.LayerNorm(self.dropout(self.item_embedding(items)))
+        new_state = []
+        for layer, s in zip(self.mamba_layers, state, strict=True):
+            h, s = layer.step(h, s)
+            new_state.append(s)
+        return h, new_state

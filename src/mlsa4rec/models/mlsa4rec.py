@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from mlsa4rec.layers import Dropout, Mamba, MambaState
 from mlsa4rec.layers.lsa import LowRankSelfAttention, LSAState
@@ -93,11 +94,12 @@ class MambaLSAInteraction(nn.Module):
         return self._combine(h0, None if self.mamba is None else self.mamba(h0), lambda x: self.lsa(x, lengths))
 
     def initial_state(self, batch: int) -> InteractionState:
-        return InteractionState(None if self.mamba is None else self.mamba.initial_state(batch),
-                                None if self.lsa is None else self.lsa.initial_state(batch))
+        # an absent block (an ablation) holds (), not None: a state's leaves are all tensors
+        return InteractionState(() if self.mamba is None else self.mamba.initial_state(batch),
+                                () if self.lsa is None else self.lsa.initial_state(batch))
 
     def step(self, h0_t: torch.Tensor, state: InteractionState) -> tuple[torch.Tensor, InteractionState]:
-        mamba_out, mamba_state = (None, None) if self.mamba is None else self.mamba.step(h0_t, state.mamba)
+        mamba_out, mamba_state = (None, ()) if self.mamba is None else self.mamba.step(h0_t, state.mamba)
         lsa_state = [state.lsa]
 
         def lsa(x: torch.Tensor) -> torch.Tensor:
@@ -239,11 +241,19 @@ class MLSA4Rec(SequentialRecommender):
         return out
 
     # --- streaming: one event at a time (causal models only) -----------------------------------
-    def initial_state(self, batch: int) -> list:
-        """The state of an empty history for ``batch`` users."""
+    @property
+    def streams(self) -> bool:
+        """Only the causal variant has a constant-size state to carry from event to event."""
+        return self.causal
+
+    def initial_state(self, batch: int, device: torch.device | str | None = None) -> list:
+        """The state of an empty history for ``batch`` users, on ``device`` (default: the model's):
+        an ``InteractionState`` (``MambaState``, ``LSAState``; ``None`` where an ablation drops the
+        block) per interaction layer, then a ``MambaState`` per normalization layer."""
         self._check_streamable()
-        return ([layer.initial_state(batch) for layer in self.interaction_layers]
-                + [layer.mamba.initial_state(batch) for layer in self.mamba_layers])
+        state = ([layer.initial_state(batch) for layer in self.interaction_layers]
+                 + [layer.mamba.initial_state(batch) for layer in self.mamba_layers])
+        return state if device is None else tree_map_only(torch.Tensor, lambda t: t.to(device), state)
 
     def step(self, items: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         """Feed one item per user (B ids); returns the B x D representation after it and the new state.
@@ -259,6 +269,6 @@ class MLSA4Rec(SequentialRecommender):
         return h, new_state
 
     def _check_streamable(self) -> None:
-        if not self.causal:
-            raise RuntimeError(f"the {self.variant!r} MLSA4Rec is not causal, so it cannot stream; "
-                               "use variant=causal")
+        if not self.streams:
+            raise NotImplementedError(f"mlsa4rec re-encodes its history: the {self.variant!r} variant is not "
+                                      "causal, so it has no streaming state; use variant=causal")

@@ -1,7 +1,7 @@
 """Training runs end to end, and finished runs loaded back: train, evaluate, compare.
 
-A run directory holds ``config.yaml``, ``results.json``, ``model.safetensors``, ``train.log``
-and ``manifest.json`` (the SHA-256 of each); ``rundir`` builds it in a hidden staging directory,
+A run directory holds ``config.yaml``, ``results.json``, ``model.safetensors``, ``items.json``,
+``train.log`` and ``manifest.json`` (the SHA-256 of each); ``rundir`` builds it in a hidden staging directory,
 publishes it when the run has finished and decides what may ever be deleted. While a run trains,
 the staging directory also holds ``checkpoint.pt`` (every epoch, and every ``checkpoint_steps``
 steps); a run that dies after its first checkpoint leaves it there, and ``train ... --resume``
@@ -30,6 +30,7 @@ import torch
 import mlsa4rec
 from mlsa4rec.config import Config, build_config, load_yaml_file
 from mlsa4rec.data import REGISTRY, SequenceData, data_dir_from, load_dataset
+from mlsa4rec.data.itemmap import ItemMap
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation import evaluate_split, split_ranks
 from mlsa4rec.evaluation.significance import check_confidence, compare_ranks, holm
@@ -240,6 +241,7 @@ def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | P
         check_memory(config, data, device)
         if stage is not None:
             write_yaml_atomic(stage / "config.yaml", config.to_dict())
+            write_json_atomic(stage / rundir.ITEMS, ItemMap.from_data(data).to_json())
         net = build_run_model(config, data)
 
         def save_best(m: torch.nn.Module, epoch: int) -> None:

@@ -5,6 +5,7 @@ A finished run directory holds::
     config.yaml        every setting, plus the model and dataset names
     results.json       metrics, epochs, times, parameter counts, versions, commit
     model.safetensors  the best weights
+    items.json         the data file's item ids in model order, with training popularity (serving)
     train.log          the per-epoch log lines
     manifest.json      written last: names the directory as an mlsa4rec run and lists every file
                        above with its size and SHA-256
@@ -47,8 +48,10 @@ log = logging.getLogger("mlsa4rec")
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 WEIGHTS = "model.safetensors"
-RUN_FILES = ("config.yaml", "results.json", WEIGHTS, "train.log")
-# the files a load reads: they must match the manifest before anything is trusted
+ITEMS = "items.json"
+RUN_FILES = ("config.yaml", "results.json", WEIGHTS, ITEMS, "train.log")
+# the files every load reads: the manifest must list them and they must match it; any other file it
+# lists (items.json, which serving reads) is checked too, except the log
 VERIFIED_ON_LOAD = ("config.yaml", "results.json", WEIGHTS)
 _KIND = "mlsa4rec run directory"
 _MANIFEST_VERSION = 1
@@ -112,6 +115,10 @@ def write_manifest(stage: Path) -> None:
                                          "mlsa4rec": mlsa4rec.__version__, "files": files})
 
 
+def _plain_name(name: str) -> bool:
+    return name not in ("", ".", "..", MANIFEST) and "/" not in name and "\\" not in name and "\0" not in name
+
+
 def read_manifest(run: Path) -> dict[str, Any] | None:
     """The manifest of ``run`` (None when it has none); a damaged one is an error."""
     path = run / MANIFEST
@@ -124,7 +131,8 @@ def read_manifest(run: Path) -> dict[str, Any] | None:
                             "backup or train it again") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if (not isinstance(files, dict) or manifest.get("kind") != _KIND
-            or not all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values())):
+            or not all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values())
+            or not all(_plain_name(name) for name in files)):  # it steers deletion: no path may leave the run
         raise MLSA4RecError(f"{_q(path)} is not an mlsa4rec run manifest; restore the run directory from a "
                             "backup or train it again")
     if manifest.get("version") != _MANIFEST_VERSION:
@@ -147,12 +155,14 @@ def verify_run(run: Path) -> None:
             return
         raise MLSA4RecError(f"{_q(run / MANIFEST)} is missing, so the run's files cannot be verified; restore the "
                             "run directory from a backup or train it again")
-    for name in VERIFIED_ON_LOAD:
-        entry = manifest["files"].get(name)
+    missing = [name for name in VERIFIED_ON_LOAD if name not in manifest["files"]]
+    if missing:
+        raise MLSA4RecError(f"{_q(run / MANIFEST)} does not list {', '.join(missing)}; the run directory is "
+                            "incomplete, train it again")
+    for name, entry in manifest["files"].items():
+        if name == "train.log":
+            continue
         path = run / name
-        if entry is None:
-            raise MLSA4RecError(f"{_q(run / MANIFEST)} does not list {name}; the run directory is incomplete, "
-                                "train it again")
         if not path.is_file():
             raise MLSA4RecError(f"{_q(path)} is missing; restore it from a backup or train the run again")
         if path.stat().st_size != entry.get("bytes", -1) or sha256_file(path) != entry["sha256"]:
