@@ -1,12 +1,13 @@
-"""The selective scan on a GPU: check ``cuda`` and ``torch`` against ``reference``, then time them.
+"""The selective scan on a GPU: check ``cuda``, ``triton`` and ``torch`` against ``reference``, then time them.
 
     python benchmarks/scan_gpu.py [--device cuda] [--lengths 50 200 1000] [--repeats 5]
 
-The prepared check for a session that is lent a GPU (issue 3). It prints the card, whether
-mamba-ssm imports, the relative error of every output and input gradient against the float64
-reference on a small problem, and, for B=256, D=64, N=32, E=2, the fwd+bwd milliseconds and peak
-GPU memory of each implementation per length. ``--device cpu`` runs the same on the CPU (a smoke
-test of the script itself).
+The scan part of the prepared GPU check, on its own (``benchmarks/gpu_check.py`` runs it with
+the tests, the models and a time budget, and writes docs/results/gpu_check.md). It prints the
+card, whether mamba-ssm imports, the relative error of every output and input gradient against
+the float64 reference on a small problem, and, for B=256, D=64, N=32, E=2, the fwd+bwd
+milliseconds and peak GPU memory of each implementation per length. ``--device cpu`` runs the
+same on the CPU (a smoke test of the script itself).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def check(device: str) -> None:
     leaves = inputs(4, 16, 8, 37, device)
     exact = outputs_and_grads("reference", leaves, torch.float64)
     names = ["out", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"]
-    for impl in ("cuda", "torch", "cpu"):
+    for impl in ("cuda", "triton", "torch", "cpu"):
         runs = resolve_impl(impl, torch.device(device))
         if impl == "cpu" and device != "cpu":
             continue
@@ -59,7 +60,7 @@ def timing(device: str, lengths: list[int], repeats: int) -> None:
     d_inner = EXPAND * D_MODEL
     print(f"\nfwd+bwd, B={BATCH}, d_inner={d_inner}, N={D_STATE}, fp32 (median of {repeats})")
     print(f"{'impl':>6} {'runs':>6} " + " ".join(f"{f'L={n} ms':>11} {'MB':>7}" for n in lengths))
-    for impl in ("cuda", "torch") if device != "cpu" else ("cpu", "torch"):
+    for impl in ("cuda", "triton", "torch") if device != "cpu" else ("cpu", "torch"):
         cells = []
         for length in lengths:
             leaves = [x.requires_grad_() for x in inputs(BATCH, d_inner, D_STATE, length, device)]
@@ -97,7 +98,7 @@ def main() -> None:
         import mamba_ssm
         print(f"mamba_ssm {mamba_ssm.__version__} imports")
     except Exception as exc:  # noqa: BLE001 - report whatever stops it
-        print(f"mamba_ssm does not import ({type(exc).__name__}: {exc}); `cuda` runs the pure-PyTorch loop")
+        print(f"mamba_ssm does not import ({type(exc).__name__}: {exc}); `cuda` runs `triton` (or `torch`)")
     check(args.device)
     timing(args.device, args.lengths, args.repeats)
 

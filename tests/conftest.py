@@ -11,6 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+# Without a GPU the Triton scan runs through Triton's interpreter on CPU tensors. The interpreter is
+# chosen when a kernel is defined (``@triton.jit`` reads TRITON_INTERPRET), i.e. when
+# ``mlsa4rec.ops._triton_scan`` is first imported, so it is set here, before any test module can
+# import it; torch reads it only for Inductor's GPU kernels. An explicit TRITON_INTERPRET=0 is kept
+# (the Triton tests then skip on CPU).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Every test run gets its own dataset/download cache, never the user's ~/.cache.
 os.environ["MLSA4REC_CACHE_DIR"] = tempfile.mkdtemp(prefix="mlsa4rec-test-cache-")
 os.environ.pop("MLSA4REC_DATA_DIR", None)

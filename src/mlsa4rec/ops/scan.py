@@ -14,9 +14,15 @@ Implementations (``impl`` argument, or ``MLSA4REC_SCAN`` when impl="auto"):
   CPU tensors. Falls back to ``torch`` (with a warning, once) if numba cannot be imported or
   cannot compile the kernels.
 * ``cuda`` - mamba-ssm's fused kernel when ``mamba_ssm`` imports and the tensors are on a GPU
-  (``pip install mlsa4rec[cuda]``); otherwise ``torch``. The default for GPU tensors. float64
-  (which the kernel does not take) and a differentiable last state (whose gradient its backward
-  drops) go to ``torch`` instead.
+  (``pip install mlsa4rec[cuda]``). float64 (which the kernel does not take) and a differentiable
+  last state (whose gradient its backward drops) go to ``triton`` instead, or ``torch`` without it.
+* ``triton`` - a Triton kernel with a hand-written, checkpointed backward (``_triton_scan``):
+  fast on any recent NVIDIA GPU with nothing to compile (Triton ships with CUDA builds of torch;
+  ``pip install mlsa4rec[triton]`` otherwise). fp16/bf16 inputs keep fp32 states. On CPU tensors
+  it runs only under ``TRITON_INTERPRET=1`` (Triton's interpreter: for tests). Falls back to
+  ``torch`` (logged once) when Triton is missing or fails a one-off self-check.
+* ``auto`` on a GPU: mamba-ssm if it imports, else ``triton``, else ``torch``
+  (``PREFER_MAMBA_SSM`` decides the order of the first two).
 * ``torch`` - pure PyTorch on any device: a sequential loop over time whose backward is written
   by hand and recomputes states from checkpoints every ``_CHUNK`` steps, so memory stays
   O(B d N L / chunk) instead of autograd's O(B d N L) per-step graph.
@@ -38,8 +44,13 @@ from mlsa4rec.errors import ConfigError
 
 log = logging.getLogger("mlsa4rec")
 
-IMPLEMENTATIONS = ("auto", "reference", "cpu", "cuda", "torch")
+IMPLEMENTATIONS = ("auto", "reference", "cpu", "cuda", "triton", "torch")
 _MAMBA_SSM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what its kernel takes
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# impl="auto" on a GPU when both fused kernels are available. TODO(gpu_check): decide by
+# measurement: benchmarks/gpu_check.py times `triton` against `cuda` at B=256, L=50..4000 on a
+# machine with mamba-ssm installed; set False if `triton` is at least as fast there.
+PREFER_MAMBA_SSM = True
 _CHUNK = 16
 _announced: set[str] = set()
 
@@ -88,9 +99,66 @@ def _mamba_ssm_fn():
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except Exception as exc:  # not installed, or built against another torch/CUDA
         _announce("mamba-ssm-missing", f"selective scan: mamba_ssm is not importable ({exc}); GPU tensors use the "
-                  "pure-PyTorch loop (pip install 'mlsa4rec[cuda]' for the fused kernel)")
+                  "Triton kernel, or the pure-PyTorch loop without Triton (pip install 'mlsa4rec[cuda]' for "
+                  "mamba-ssm's)")
         return None
     return selective_scan_fn
+
+
+_triton_modules: dict[str, object] = {}  # device type -> the kernel module, or None when unusable
+_triton_lock = threading.Lock()
+
+
+def _triton_kernels(device: torch.device):
+    """The Triton kernel module for tensors on ``device``, or None (why is logged once).
+
+    The first call per device type imports Triton and runs forward + backward once on a tiny
+    problem against the reference (``_triton_scan.self_check``), so a missing Triton, a broken
+    compiler toolchain or wrong numbers fall back here, once, not in the middle of training.
+    CPU tensors work only when the kernels were built by Triton's interpreter (TRITON_INTERPRET=1
+    set before the first import): that path is for tests on machines without a GPU.
+    """
+    key = device.type
+    if key in _triton_modules:
+        return _triton_modules[key]
+    with _triton_lock:  # one import and self-check, even when serving threads arrive together
+        if key not in _triton_modules:
+            _triton_modules[key] = _load_triton(key, device)
+    return _triton_modules[key]
+
+
+def _load_triton(key: str, device: torch.device):
+    fallback = "the pure-PyTorch loop"
+    try:
+        from mlsa4rec.ops import _triton_scan
+
+        if key == "cpu" and not _triton_scan.INTERPRET:
+            _announce("triton-cpu", "selective scan: the triton implementation runs CUDA tensors (CPU tensors "
+                      "only under TRITON_INTERPRET=1, for tests); using " + fallback)
+            return None
+        if key not in ("cpu", "cuda"):
+            _announce(f"triton-{key}", f"selective scan: the triton implementation does not run on {key} tensors; "
+                      f"using {fallback}")
+            return None
+        _triton_scan.self_check(device)
+        return _triton_scan
+    except Exception as exc:  # not installed, no driver/compiler for this GPU, or a failed self-check
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        _announce("triton-missing", f"selective scan: the Triton kernel is unavailable ({reason}); using "
+                  f"{fallback} (pip install 'mlsa4rec[triton]')", logging.WARNING)
+        return None
+
+
+def _usable(impl: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``impl`` can run here; the checks are ordered so that nothing is imported (or
+    logged) for a device the implementation never runs on."""
+    if impl == "cpu":
+        return device.type == "cpu" and _numba_kernels() is not None
+    if impl == "cuda":
+        return device.type == "cuda" and dtype in _MAMBA_SSM_DTYPES and _mamba_ssm_fn() is not None
+    if impl == "triton":
+        return dtype in _TRITON_DTYPES and _triton_kernels(device) is not None
+    return True  # reference, torch
 
 
 def check_environment() -> str:
@@ -114,12 +182,13 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.flo
     if impl not in IMPLEMENTATIONS:  # impl= comes from code, not from a person: a bug, hence ValueError
         raise ValueError(f"unknown selective-scan implementation {impl!r} (impl=); choose one of "
                          f"{', '.join(IMPLEMENTATIONS)}")
+    if impl == "auto" and device.type == "cuda":
+        order = ("cuda", "triton") if PREFER_MAMBA_SSM else ("triton", "cuda")
+        return next((name for name in order if _usable(name, device, dtype)), "torch")
     if impl == "auto":
-        impl = "cuda" if device.type == "cuda" else "cpu"
-    if impl == "cpu" and (device.type != "cpu" or _numba_kernels() is None):
-        impl = "torch"
-    if impl == "cuda" and (device.type != "cuda" or dtype not in _MAMBA_SSM_DTYPES or _mamba_ssm_fn() is None):
-        impl = "torch"
+        impl = "cpu"
+    if not _usable(impl, device, dtype):  # an explicit choice that cannot run here
+        impl = "triton" if impl == "cuda" and device.type == "cuda" and _usable("triton", device, dtype) else "torch"
     return impl
 
 
@@ -141,14 +210,19 @@ def selective_scan(
     name = resolve_impl(impl, u.device, u.dtype)
     if name == "cuda" and return_last_state and torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (u, delta, A, B, C, D, z, delta_bias)):
-        name = "torch"  # mamba-ssm's backward drops the gradient of the last state
+        # mamba-ssm's backward drops the gradient of the last state; triton's does not
+        name = "triton" if _usable("triton", u.device, u.dtype) else "torch"
     threads = f", {torch.get_num_threads()} threads" if u.device.type == "cpu" else ""
     _announce(f"run-{name}-{u.device.type}", f"selective scan: {name} implementation on {u.device.type}{threads}")
     if name == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "cuda":
         return _mamba_ssm_fn()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    core = _NumbaScan if name == "cpu" else _TorchLoopScan
+    if name == "triton" and u.numel() and A.numel():  # (an empty problem has nothing to launch)
+        y, last = _triton_kernels(u.device).selective_scan_triton(u, delta, A, B, C, D, z, delta_bias,
+                                                                   delta_softplus)
+        return (y, last.to(u.dtype)) if return_last_state else y
+    core = _NumbaScan if name == "cpu" else _TorchLoopScan  # (and triton on an empty problem)
     dtype = u.dtype if u.dtype in (torch.float32, torch.float64) else torch.float32
     u_, A_, B_, C_ = (x.to(dtype) for x in (u, A, B, C))
     dt = _dt(delta.to(dtype), None if delta_bias is None else delta_bias.to(dtype), delta_softplus)
