@@ -2,14 +2,18 @@
 
 A Mamba model (and a GRU) carries a constant-size state per user, so adding one event to a
 session is one ``step``, whatever came before; a model without a state re-encodes the history.
-For histories of n = 50 ... 4000 events this times, per model, (a) ``Session.add`` + scoring
-(the serving path: one step and the scores over every item) against (b) re-encoding the n
-events and scoring, as a stateless service must. Both run on one history (batch 1), on CPU,
-each the median of ``--repeats`` timed calls after a warm-up.
+For histories of n = 50 ... 4000 events this times, per model, on one history (batch 1):
 
-    python benchmarks/streaming.py --run-dir runs/mamba4rec-beauty --run-dir runs/mlsa4rec-causal-beauty
-    python benchmarks/streaming.py            # untrained Beauty-sized models (timing does not depend on weights)
+* the event through ``step`` (eager, and compiled by ``Recommender.compile_step``), from the state
+  after n events, against re-encoding the n + 1 events with ``forward``, as a stateless service
+  must for every event;
+* the scores over every item that a recommendation adds, the same for both paths (reported apart).
 
+Each figure is the median of ``--repeats`` timed calls after a warm-up.
+
+    python benchmarks/streaming.py --run-dir runs/mamba4rec-beauty --untrained "mlsa4rec causal" gru4rec
+
+(``--untrained`` builds Beauty-sized models with fresh weights: the time does not depend on them.)
 Writes ``docs/results/streaming.json`` and prints a Markdown table.
 """
 
@@ -18,7 +22,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +37,7 @@ from mlsa4rec.runtime import cpu_model
 from mlsa4rec.serving import Recommender
 
 LENGTHS = (50, 200, 1000, 4000)
-DEFAULT_MODELS = {"mamba4rec": {}, "mlsa4rec causal": {"variant": "causal"}, "gru4rec": {}}
+UNTRAINED = {"mamba4rec": {}, "mlsa4rec causal": {"variant": "causal"}, "gru4rec": {}}
 N_ITEMS = 12101  # Amazon Beauty
 
 
@@ -54,53 +60,55 @@ def untrained(name: str, overrides: dict) -> Recommender:
     return Recommender(model, config, items, torch.device("cpu"))
 
 
-def add_one(session, state, representation) -> None:
-    """One event on top of the saved state, and the scores after it (the serving path)."""
-    session.state, session.representation = state, representation
-    session.add_ids([7])
-    session.scores()
-
-
 @torch.inference_mode()
 def measure(rec: Recommender, lengths: tuple[int, ...], repeats: int) -> list[dict]:
     rows = []
     g = torch.Generator().manual_seed(0)
+    eager = rec.model.step
+    compiled = rec.model.step if not rec.compile_step() else rec._step
+    item = torch.tensor([7])
     for n in lengths:
-        history = torch.randint(1, rec.items.n_items + 1, (1, n), generator=g)
+        history = torch.randint(1, rec.items.n_items + 1, (1, n + 1), generator=g)
         session = rec.session()
-        session.add_ids(history[0].tolist())  # the state after n events
-        step_s = median_seconds(functools.partial(add_one, session, session.state, session.representation), repeats)
-        encode_s = median_seconds(functools.partial(rec.model.full_sort_scores, history, torch.tensor([n])),
-                                  max(3, repeats // 10))
-        rows.append({"events": n, "step_ms": step_s * 1e3, "re_encode_ms": encode_s * 1e3,
-                     "ratio": encode_s / step_s})
+        session.add_ids(history[0, :n].tolist())  # the state after n events
+        state = session.state
+        step_s = median_seconds(functools.partial(eager, item, state), repeats)
+        compiled_s = median_seconds(functools.partial(compiled, item, state), repeats)
+        encode_s = median_seconds(functools.partial(rec.model, history, torch.tensor([n + 1])), max(5, repeats // 10))
+        score_s = median_seconds(functools.partial(rec.scores_from_state, session.representation), repeats)
+        rows.append({"events": n, "step_ms": step_s * 1e3, "step_compiled_ms": compiled_s * 1e3,
+                     "re_encode_ms": encode_s * 1e3, "score_ms": score_s * 1e3, "ratio": encode_s / step_s,
+                     "ratio_compiled": encode_s / compiled_s})
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", action="append", default=[], help="a finished run of a streaming model")
+    parser.add_argument("--untrained", nargs="*", default=None, choices=list(UNTRAINED),
+                        help="Beauty-sized models with fresh weights (default: all, when no --run-dir is given)")
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one session is serial work)")
     parser.add_argument("--out", default="docs/results/streaming.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.run_dir:
-        recs = {Path(d).name: Recommender.from_run(d, device="cpu") for d in args.run_dir}
-    else:
-        recs = {name: untrained(name, over) for name, over in DEFAULT_MODELS.items()}
-    results = {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__, "repeats": args.repeats,
-               "models": {}}
-    print("| model | events | add one event + score (ms) | re-encode + score (ms) | re-encode / add |")
-    print("|---|---:|---:|---:|---:|")
+    recs = {Path(d).name: Recommender.from_run(d, device="cpu") for d in args.run_dir}
+    untrained_names = args.untrained if args.untrained is not None else ([] if recs else list(UNTRAINED))
+    recs.update({f"{name} (untrained)": untrained(name, UNTRAINED[name]) for name in untrained_names})
+    results = {"command": shlex.join(["python", "benchmarks/streaming.py", *sys.argv[1:]]), "cpu": cpu_model(),
+               "threads": args.threads, "torch": torch.__version__, "repeats": args.repeats, "models": {}}
+    print("| model | events | event by step (ms) | compiled step (ms) | re-encode (ms) | re-encode / step "
+          "| re-encode / compiled step | scores (ms) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, rec in recs.items():
         rows = measure(rec, tuple(args.lengths), args.repeats)
         results["models"][name] = {"model": rec.config["model"], "variant": rec.config.to_dict().get("variant"),
                                    "parameters": rec.model.num_parameters(), "items": rec.items.n_items,
                                    "rows": rows}
         for r in rows:
-            print(f"| {name} | {r['events']:,} | {r['step_ms']:.2f} | {r['re_encode_ms']:.1f} | {r['ratio']:.0f}x |")
+            print(f"| {name} | {r['events']:,} | {r['step_ms']:.3f} | {r['step_compiled_ms']:.3f} | "
+                  f"{r['re_encode_ms']:.2f} | {r['ratio']:.0f}x | {r['ratio_compiled']:.0f}x | {r['score_ms']:.3f} |")
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 

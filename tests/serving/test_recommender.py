@@ -176,3 +176,15 @@ def test_a_streaming_session_equals_the_batch_path_and_survives_a_restart(runs: 
     other = Recommender.from_run(runs["sasrec"]).session()
     with pytest.raises(MLSA4RecError, match="saved by a"):
         other.load_state_dict(session.state_dict())
+
+
+def test_a_compiled_step_gives_the_eager_numbers(runs: dict[str, Path]) -> None:
+    """``compile_step`` (torch.compile) is checked against the eager step before it is used."""
+    eager, compiled = Recommender.from_run(runs["mamba4rec"]), Recommender.from_run(runs["mamba4rec"])
+    assert compiled.compile_step()
+    a, b = eager.session(), compiled.session()
+    for item in ("i5", "i6", "i7"):
+        a.add(item)
+        b.add(item)
+    assert torch.allclose(a.scores(), b.scores(), atol=1e-5, rtol=1e-5)
+    assert not Recommender.from_run(runs["sasrec"]).compile_step()  # nothing to compile: it re-encodes
