@@ -148,6 +148,17 @@ def test_epochs_may_change_only_with_a_constant_learning_rate() -> None:
         checkpoint.check_resumable(state, saved, "f", 2, "config.yaml")
 
 
+def test_a_setting_added_since_the_checkpoint_counts_at_its_default() -> None:
+    """A run checkpointed by an older mlsa4rec (no bucket_batches key) resumes unless the setting is
+    now given another value than the default it ran with."""
+    now = build_config("sasrec").to_dict()
+    older = {k: v for k, v in now.items() if k != "bucket_batches"}
+    state = {"meta": json.dumps({"world_size": 1, "data_fingerprint": "f", "config": older})}
+    assert checkpoint.check_resumable(state, now, "f", 1, "config.yaml") == []
+    with pytest.raises(MLSA4RecError, match=r"bucket_batches \(run: True, now: False\)"):
+        checkpoint.check_resumable(state, {**now, "bucket_batches": False}, "f", 1, "config.yaml")
+
+
 def test_overwrite_discards_an_interrupted_run_and_debris_is_replaced(successor_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     with pytest.raises(RuntimeError):

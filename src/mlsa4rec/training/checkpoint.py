@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlsa4rec.config import known_keys
 from mlsa4rec.data import REGISTRY
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.fileio import write_atomic
@@ -200,7 +201,9 @@ def check_resumable(state: dict[str, Any], config: dict[str, Any], fingerprint: 
                else "restore the original data file")
         raise MLSA4RecError("the data found differs from the data the interrupted run was trained on (checksum or "
                             f"filtering differ); {fix}")
-    saved = meta["config"]
+    saved = dict(meta["config"])
+    if "model" in config:  # a setting added after the run was checkpointed ran at its default value
+        saved.update({k: v for k, v in known_keys(config["model"]).items() if k not in saved})
     keys = list(saved) + [k for k in config if k not in saved]
     differ = [k for k in keys if saved.get(k, _MISSING) != config.get(k, _MISSING)]
     fixed = [k for k in differ if k not in RESUMABLE_KEYS]
