@@ -188,3 +188,19 @@ def test_a_compiled_step_gives_the_eager_numbers(runs: dict[str, Path]) -> None:
         b.add(item)
     assert torch.allclose(a.scores(), b.scores(), atol=1e-5, rtol=1e-5)
     assert not Recommender.from_run(runs["sasrec"]).compile_step()  # nothing to compile: it re-encodes
+
+
+def test_a_session_past_the_stream_limit_re_encodes_the_last_L_events() -> None:
+    """LinRec's learned positions end at L: its session streams the first L events, then re-encodes
+    the last L, and at every length it equals the batch path (which also reads the last L)."""
+    rec = Recommender.from_run(tiny_run("linrec"))
+    assert rec.streams and rec.model.stream_limit == rec.max_length == 8
+    session = rec.session()
+    history = [f"i{(k % 30) + 1}" for k in range(12)]
+    for n, item in enumerate(history, 1):
+        session.add(item)
+        assert (session.state is not None) == (n <= 8)
+        assert torch.allclose(session.scores(), rec.scores([rec.to_ids(history[:n])]), atol=1e-5, rtol=1e-5), n
+    restored = rec.session()
+    restored.load_state_dict(session.state_dict())
+    assert torch.equal(restored.scores(), session.scores())

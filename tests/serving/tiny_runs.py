@@ -24,6 +24,7 @@ RUNS = {  # name: (model, settings)
     "mamba4rec": ("mamba4rec", {**TINY, "epochs": 1}),
     "mlsa4rec": ("mlsa4rec", {**TINY, "epochs": 1, "train_batch_size": 256}),  # faithful: pads to L
     "mlsa4rec-causal": ("mlsa4rec", {**TINY, "epochs": 1, "train_batch_size": 256, "variant": "causal"}),
+    "linrec": ("linrec", {**TINY, "epochs": 1, "inner_size": 16, "n_layers": 1, "n_heads": 1}),  # streams up to L
 }
 
 

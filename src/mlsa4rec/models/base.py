@@ -52,13 +52,18 @@ class SequentialRecommender(nn.Module):
     (``torch.utils._pytree.tree_flatten``, ``tree_unflatten`` to rebuild it), take users out of
     it (``leaf[rows]``) and put users together (``torch.cat`` of the leaves along dim 0). Its
     leaves are on the model's device, in the model's dtype, except running sums that a model
-    keeps in at least float32 under half precision.
+    keeps in at least float32 under half precision and integer counters (a position).
+
+    ``stream_limit``: how many events one state can take (None: any number). A model with learned
+    positions (LinRec, Performer) ends at its position table; serving then re-encodes the last
+    L events instead, which is what the batch path computes for a longer history anyway.
     """
 
     causal: bool = False
     padding_invariant: bool = False
     preferred_scheme: str = "prefix"
     streams: bool = False
+    stream_limit: int | None = None
 
     n_items: int
     item_embedding: nn.Embedding

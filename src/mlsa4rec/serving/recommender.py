@@ -216,8 +216,9 @@ class Session:
 
     For a model that streams, the session holds the model's constant-size state and the
     representation after the last event, so ``add`` costs one step whatever the history's
-    length; the state covers the whole session (it is not cut to L). Otherwise the session keeps
-    its last L events and ``recommend`` re-encodes them. Either way ``seen`` keeps every id added,
+    length; the state covers the whole session (it is not cut to L), except for a model whose
+    state ends at ``stream_limit`` events (learned positions), which then re-encodes. Otherwise
+    the session keeps its last L events and ``recommend`` re-encodes them. Either way ``seen`` keeps every id added,
     for ``exclude_seen``.
     """
 
@@ -240,7 +241,11 @@ class Session:
     @torch.inference_mode()
     def add_ids(self, item_ids: Iterable[int]) -> None:
         """Add events given as model ids (1..n_items), one ``step`` each for a streaming model."""
+        limit = getattr(self.rec.model, "stream_limit", None)
         for item_id in item_ids:
+            if self.state is not None and limit is not None and self.length >= limit:
+                # learned positions end here: from now on re-encode the last L events, as the batch path does
+                self.state = self.representation = None
             if self.state is not None:
                 self.representation, self.state = self.rec._step(torch.tensor([item_id], device=self.rec.device),
                                                                  self.state)
@@ -282,7 +287,9 @@ class Session:
                                 f"{self.rec.config['model']!r}")
         recent, seen = self.rec.to_ids(state["recent"]), self.rec.to_ids(state["seen"])
         fresh = self.rec.model.initial_state(1, device=self.rec.device) if self.rec.streams else None
-        if fresh is not None:
+        if fresh is not None and not state["state"]:  # saved past the model's stream_limit: re-encoding
+            self.state = self.representation = None
+        elif fresh is not None:
             leaves, spec = pytree.tree_flatten(fresh)
             saved = state["state"]
             if len(saved) != len(leaves) or any(a.shape != b.shape for a, b in zip(saved, leaves)):
