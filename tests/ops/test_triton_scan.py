@@ -210,7 +210,7 @@ print("ok")
 
 
 @pytest.mark.skipif(GPU, reason="on a GPU the other tests compile and run the kernels")
-def test_kernels_compile_for_a_gpu():
+def test_kernels_compile_for_a_gpu(tmp_path):
     """The interpreter accepts code the compiler may not (it runs the Python as written), so
     the kernels are also compiled, without a GPU, to an sm_90 (H100/H200) binary: Triton's
     wheel carries the NVIDIA backend and ptxas. In a subprocess, since this process has
@@ -225,6 +225,7 @@ def test_kernels_compile_for_a_gpu():
         pytest.skip(f"triton's compile API is not where this test looks: {exc}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # never the user's ~/.triton
     result = subprocess.run([sys.executable, "-c", COMPILE_SM90], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 

@@ -84,10 +84,11 @@ def server(rec: Recommender) -> Iterator[tuple[httpx.Client, object]]:
 
 @pytest.fixture(scope="module")
 def streaming(runs: dict[str, Path]) -> Iterator[tuple[httpx.Client, Recommender]]:
-    """The GRU4Rec run (streaming sessions) with 0.3 s session expiry and batching off; (client, recommender)."""
+    """The GRU4Rec run (streaming sessions) with 2 s session expiry and batching off; (client, recommender).
+    (2 s: long enough that a loaded 2-core machine never expires a session between two requests.)"""
     rec = Recommender.from_run(runs["gru4rec"])
     assert rec.streams
-    with serving(create_app(rec, session_ttl_s=0.3, batch_window_ms=0)) as url, \
+    with serving(create_app(rec, session_ttl_s=2.0, batch_window_ms=0)) as url, \
             httpx.Client(base_url=url, timeout=10) as client:
         yield client, rec
 
@@ -151,11 +152,13 @@ def test_concurrent_single_histories_share_a_model_call(rec: Recommender) -> Non
     """Requests that queue while the model is busy are scored in one call, each answered as alone."""
     started = threading.Event()
 
-    class Slow(Recommender):  # the first call holds the model for 0.3 s, so the others queue
+    release = threading.Event()
+
+    class Slow(Recommender):  # the first call holds the model until the others have queued
         def scores(self, histories):
             if not started.is_set():
                 started.set()
-                time.sleep(0.3)
+                release.wait(10)
             return super().scores(histories)
 
     slow = Slow(rec.model, rec.config, rec.items, rec.device, rec.run_dir)
@@ -165,8 +168,11 @@ def test_concurrent_single_histories_share_a_model_call(rec: Recommender) -> Non
         first.start()
         assert started.wait(5)
         with ThreadPoolExecutor(16) as pool:
-            answers = list(pool.map(lambda h: client.post("/recommend", json={"histories": [h], "k": 4,
-                                                                              "exclude_seen": len(h) > 2}), histories))
+            pending = [pool.submit(client.post, "/recommend", json={"histories": [h], "k": 4,
+                                                                    "exclude_seen": len(h) > 2}) for h in histories]
+            time.sleep(1.0)  # the 16 requests reach the server and queue behind the held model call
+            release.set()
+            answers = [f.result() for f in pending]
         first.join()
         text = client.get("/metrics").text
     for history, answer in zip(histories, answers):
@@ -302,7 +308,7 @@ def test_streaming_sessions_and_idle_expiry(streaming) -> None:
     # single histories with batching off answer as the recommender does
     one = client.post("/recommend", json={"histories": [["i9", "i10", "i11"]], "k": 4}).json()
     assert same(one["recommendations"][0], plain(rec.recommend([["i9", "i10", "i11"]], 4)[0]))
-    time.sleep(0.45)  # past the 0.3 s ttl: expired when touched
+    time.sleep(2.3)  # past the 2 s ttl: expired when touched
     assert client.get("/sessions/s1/recommendations").status_code == 404
     for sid in ("s2", "s3"):
         client.post(f"/sessions/{sid}/events", json={"items": ["i1"]})

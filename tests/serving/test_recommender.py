@@ -116,6 +116,7 @@ def test_batch_lines_answer_every_line(runs: dict[str, Path]) -> None:
     assert answers[0]["id"] == "a" and [r["item"] for r in answers[0]["recommendations"]] == \
         [r.item for r in rec.recommend([["i1", "i2"]], k=3)[0]]
     assert "not JSON" in answers[1]["error"] and "unknown item id(s) 'zz'" in answers[2]["error"]
+    assert [a.get("line") for a in answers[1:3]] == [3, 4]  # input line numbers (the blank line 2 is skipped)
     assert len(answers[3]["recommendations"]) == 2  # the popular fallback
     assert {r["item"] for r in answers[4]["recommendations"]}.isdisjoint({"i5", "i6"})
     assert "list of item ids" in answers[5]["error"] and "k must be" in answers[6]["error"]
@@ -178,10 +179,12 @@ def test_a_streaming_session_equals_the_batch_path_and_survives_a_restart(runs: 
         other.load_state_dict(session.state_dict())
 
 
-def test_a_compiled_step_gives_the_eager_numbers(runs: dict[str, Path]) -> None:
+def test_a_compiled_step_gives_the_eager_numbers(runs: dict[str, Path], request) -> None:
     """``compile_step`` (torch.compile) is checked against the eager step before it is used."""
     eager, compiled = Recommender.from_run(runs["mamba4rec"]), Recommender.from_run(runs["mamba4rec"])
-    assert compiled.compile_step()
+    if not compiled.compile_step():
+        pytest.skip("torch.compile does not work here (no C++ compiler?); the eager step stays, as designed")
+    request.addfinalizer(torch._dynamo.reset)
     a, b = eager.session(), compiled.session()
     for item in ("i5", "i6", "i7"):
         a.add(item)
@@ -204,3 +207,11 @@ def test_a_session_past_the_stream_limit_re_encodes_the_last_L_events() -> None:
     restored = rec.session()
     restored.load_state_dict(session.state_dict())
     assert torch.equal(restored.scores(), session.scores())
+
+
+def test_a_nan_score_is_never_recommended(runs: dict[str, Path]) -> None:
+    rec = Recommender.from_run(runs["sasrec"])
+    scores = rec.scores([rec.to_ids(["i1", "i2"])]).clone()  # out of inference mode, to be edited
+    scores[0, 5] = float("nan")
+    top = rec.top_k(scores, rec.items.n_items)[0]
+    assert len(top) == rec.items.n_items - 1 and rec.items.token(5) not in [r.item for r in top]

@@ -205,7 +205,7 @@ def test_only_a_run_older_than_manifests_loads_without_one(successor_file: Path,
 
 # --- 6. failures of the machine: memory, disk, a checkpoint that lacks a key ------------------------
 
-@pytest.mark.parametrize("setting", ["hidden_size=10000000000", "MAX_ITEM_LIST_LENGTH=100000000",
+@pytest.mark.parametrize("setting", ["hidden_size=10000000000", "MAX_ITEM_LIST_LENGTH=100000000000",
                                      "train_batch_size=100000000000", "eval_batch_size=100000000000"])
 def test_a_run_too_big_for_memory_is_refused_before_allocating(capsys, successor_file: Path, tmp_path: Path,
                                                               setting: str) -> None:
@@ -314,3 +314,65 @@ def test_a_changed_data_file_does_not_mention_data_dir(successor_file: Path, tmp
         evaluate_run(out)
     assert "--data-dir" not in str(info.value) and "restore the original file" in str(info.value)
 
+
+
+def _interrupt(successor_file: Path, out: Path, **kwargs) -> Path:
+    """Train into ``out`` until epoch 2 starts, then stop as Ctrl-C would; the stage it leaves."""
+    def stop(epoch: int, step: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 2}, on_step=stop, **kwargs)
+    return staging_dir(out)
+
+
+def test_a_refusal_after_the_stage_is_opened_deletes_nothing(successor_file: Path, tmp_path: Path) -> None:
+    """--overwrite of an interrupted run with a setting the memory check refuses: the interrupted
+    run's checkpoint is still there (the stage is emptied only once every check has passed)."""
+    out = tmp_path / "run"
+    stage = _interrupt(successor_file, out)
+    before = tree(stage)
+    with pytest.raises(MLSA4RecError, match="of memory"):
+        train("sasrec", str(successor_file), out, overrides={**SMALL, "MAX_ITEM_LIST_LENGTH": 10 ** 11},
+              overwrite=True)
+    assert tree(stage) == before
+
+
+def test_an_interrupted_overwrite_resumes_and_replaces_the_old_run(successor_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train("sasrec", str(successor_file), out, overrides=SMALL)
+    old = json.loads((out / MANIFEST).read_text())
+    _interrupt(successor_file, out, overwrite=True)
+    (tmp_path / f".{out.name}.replaced").mkdir()  # a leftover of an older mlsa4rec: never in the way
+    result = train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 2}, resume=True)
+    assert result["resumed"] and result["run_dir"] == str(out.resolve()) and result["epochs_run"] == 2
+    assert json.loads((out / MANIFEST).read_text()) != old
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".run.replaced", "run", successor_file.name])
+
+
+def test_a_finished_run_whose_publishing_was_cut_short_is_never_emptied(successor_file: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """A crash after the checkpoint is deleted but before the rename leaves a complete stage: later
+    runs refuse it instead of clearing it, and say how to keep it."""
+    import mlsa4rec.training.rundir as rundir_module
+
+    out = tmp_path / "run"
+    real_replace = os.replace
+
+    def crash_on_publish(src, dst) -> None:
+        if Path(src) == staging_dir(out.resolve()):
+            raise KeyboardInterrupt  # the rename of the stage onto the run directory
+        real_replace(src, dst)
+
+    monkeypatch.setattr(rundir_module.os, "replace", crash_on_publish)
+    with pytest.raises(KeyboardInterrupt):
+        train("sasrec", str(successor_file), out, overrides=SMALL)
+    monkeypatch.undo()
+    stage = staging_dir(out)
+    assert (stage / MANIFEST).is_file() and (stage / "model.safetensors").is_file()
+    before = tree(stage)
+    for kwargs in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(MLSA4RecError, match="finished run .* publishing was interrupted"):
+            train("sasrec", str(successor_file), out, overrides=SMALL, **kwargs)
+    assert tree(stage) == before

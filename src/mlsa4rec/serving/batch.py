@@ -3,8 +3,9 @@
     {"history": ["1193", "661"], "k": 5, "id": "user-7"}   ->   {"id": "user-7", "recommendations": [...]}
 
 A line may set ``k``, ``exclude_seen`` and ``exclude`` for itself and carry an ``id``, echoed
-back. A bad line gets ``{"error": "..."}`` as its answer and the others are still answered, so
-one typo never costs a whole file. Lines are scored ``chunk`` at a time in one model call.
+back. A bad line gets ``{"line": N, "error": "..."}`` as its answer (blank lines are skipped) and
+the others are still answered, so one typo never costs a whole file. Lines are scored ``chunk``
+at a time in one model call.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def recommend_lines(rec: Recommender, lines: Iterable[str], out: TextIO, k: int 
                     unknown: str = "error", fallback: str | None = None, chunk: int = 256) -> tuple[int, int]:
     """Answer every non-blank line of ``lines`` on ``out``; returns (failed lines, answered lines)."""
     failed = total = 0
-    pending: list[str] = []
+    pending: list[tuple[int, str]] = []
 
     def flush() -> None:
         nonlocal failed, total
@@ -57,9 +58,9 @@ def recommend_lines(rec: Recommender, lines: Iterable[str], out: TextIO, k: int 
         out.flush()
         pending.clear()
 
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         if line.strip():
-            pending.append(line)
+            pending.append((number, line))
             if len(pending) == chunk:
                 flush()
     if pending:
@@ -67,11 +68,11 @@ def recommend_lines(rec: Recommender, lines: Iterable[str], out: TextIO, k: int 
     return failed, total
 
 
-def _answer_chunk(rec: Recommender, lines: list[str], k: int, exclude_seen: bool, unknown: str,
+def _answer_chunk(rec: Recommender, lines: list[tuple[int, str]], k: int, exclude_seen: bool, unknown: str,
                   fallback: str | None) -> list[dict[str, Any]]:
     answers: list[dict[str, Any]] = []
     requests: list[dict[str, Any] | None] = []
-    for line in lines:
+    for number, line in lines:
         try:
             req = _request(line, k, exclude_seen)
             rec.check_k(req["k"])
@@ -80,9 +81,9 @@ def _answer_chunk(rec: Recommender, lines: list[str], k: int, exclude_seen: bool
                 raise MLSA4RecError("the history is empty; give at least one item, or use --fallback popular")
             requests.append(req)
             answers.append({} if req["id"] is None else {"id": req["id"]})
-        except MLSA4RecError as exc:
+        except MLSA4RecError as exc:  # the line number matches an answer to its line (blank lines are skipped)
             requests.append(None)
-            answers.append({"error": str(exc)})
+            answers.append({"line": number, "error": str(exc)})
     scored = {i: row for row, i in enumerate(i for i, r in enumerate(requests) if r is not None and r["ids"])}
     scores = rec.scores([requests[i]["ids"] for i in scored]) if scored else None
     for i, req in enumerate(requests):

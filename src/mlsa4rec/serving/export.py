@@ -175,7 +175,9 @@ def read_export(path: Path) -> dict[str, Any] | None:
         meta = json.loads((path / EXPORT_JSON).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    files = meta.get("files")
     if meta.get("kind") != _KIND or not isinstance(files, dict) or not all(
             isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..", EXPORT_JSON)
             for n in files):  # it steers deletion: no name may leave the directory
@@ -420,9 +422,12 @@ def _export_step(model: nn.Module, path: Path, opset: int | None) -> dict[str, A
         "outputs": [_tensor_info("user", "float32", ["batch", _width(model)]),
                     *(_tensor_info(s["output"], s["dtype"], s["shape"]) for s in state)],
         "state": state,
+        "stream_limit": getattr(model, "stream_limit", None),
         "note": ("start a user from the initial state (every leaf filled with its 'initial' value, for batch 1), "
                  "feed one model id per event and keep new_state_i as the next state_i; 'user' after an event "
-                 "equals the encoder on the whole history up to it"),
+                 "equals the encoder on the whole history up to it. A model with a stream_limit (learned "
+                 "positions) takes at most that many events: past it, run the encoder on the last "
+                 "MAX_ITEM_LIST_LENGTH events instead"),
     }
 
 

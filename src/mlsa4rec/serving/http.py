@@ -149,7 +149,8 @@ def _request_models(limits: dict[str, Any], n_items: int) -> tuple[type[BaseMode
             "examples": [{"histories": [["i1", "i2", "i3"]], "k": 10, "exclude_seen": False}]})
         histories: list[History] = Field(min_length=1, max_length=limits["max_histories"],
                                          description="histories of item ids, oldest first")
-        k: int = Field(10, ge=1, le=max_k, description="items per history")
+        k: int = Field(min(10, max_k), ge=1, le=max_k, description="items per history (default 10, or every "
+                       "item the run knows if fewer)")
         exclude_seen: bool = Field(False, description="never recommend an item of the history")
         exclude: list[ItemId] = Field([], max_length=length, description="item ids never to recommend")
         unknown: Literal["error", "drop"] = Field(
@@ -537,6 +538,7 @@ def create_app(recommender: Recommender, *, max_body_bytes: int = DEFAULTS["max_
     # --- endpoints ---
     SessionId = Annotated[str, PathParam(pattern=SESSION_ID, description="any id of 1-128 letters, digits, ._~:@-")]  # noqa: N806
     K = Annotated[int, Query(ge=1, le=k_limit, description="how many items")]  # noqa: N806
+    default_k = min(10, k_limit)  # a run with fewer than 10 items answers with all of them
 
     @app.post("/recommend", response_model=RecommendResponse, responses=ERRORS, summary="top-k items per history")
     async def recommend(body: RecommendRequest) -> dict[str, Any]:  # type: ignore[valid-type]
@@ -579,7 +581,7 @@ def create_app(recommender: Recommender, *, max_body_bytes: int = DEFAULTS["max_
                         422: ERRORS[422]},
              summary="top-k items after a session's events")
     async def session_recommendations(
-            session_id: SessionId, k: K = 10, exclude_seen: bool = False,
+            session_id: SessionId, k: K = default_k, exclude_seen: bool = False,
             exclude: Annotated[list[str], Query(max_length=max_history_length,
                                                 description="item ids never to recommend (repeatable)")] = [],  # noqa: B006
             fallback: Annotated[Literal["popular"] | None, Query(

@@ -7,9 +7,10 @@
 ``recommend`` scores a history exactly as the evaluation scores a test user: the last
 ``MAX_ITEM_LIST_LENGTH`` items, right-padded as in evaluation (trimmed for padding-invariant
 models, to the full L for the faithful MLSA4Rec, whose output depends on its padding), full
-ranking over every item. A session of a model that streams (Mamba4Rec, the causal MLSA4Rec,
-GRU4Rec) keeps a constant-size state per user, so an event costs the same whatever came before;
-other models re-encode the session's last L events.
+ranking over every item. A session of a model that streams (``model.streams``: Mamba4Rec, the
+causal MLSA4Rec, GRU4Rec, LRURec, and LinRec/Performer up to L events) keeps a constant-size state
+per user, so an event costs the same whatever came before; other models re-encode the session's
+last L events.
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ class Recommender:
     def top_k(self, scores: torch.Tensor, k: int, seen: Sequence[Iterable[int]] | None = None,
               exclude: Iterable[Any] = ()) -> list[list[Recommendation]]:
         """The ``k`` best items of each row, minus the row's ``seen`` ids and the raw ids ``exclude``."""
-        scores = scores.clone()
+        # a NaN is never a recommendation; infinities stay (the padding column is -inf); a copy
+        scores = torch.nan_to_num(scores, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
         banned = [i for i in (self.items.id_of(x) for x in exclude) if i is not None]
         if banned:
             scores[:, banned] = float("-inf")
@@ -280,8 +282,9 @@ class Session:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the session saved by ``state_dict`` (from the same run's model)."""
-        if not isinstance(state, dict) or state.get("format") != self._FORMAT:
-            raise MLSA4RecError("not a session state saved by mlsa4rec (format 1)")
+        keys = ("model", "length", "recent", "seen", "state", "representation")
+        if not isinstance(state, dict) or state.get("format") != self._FORMAT or any(k not in state for k in keys):
+            raise MLSA4RecError(f"not a session state saved by mlsa4rec (format 1 with {', '.join(keys)})")
         if state.get("model") != self.rec.config["model"]:
             raise MLSA4RecError(f"the session was saved by a {state.get('model')!r} model, not "
                                 f"{self.rec.config['model']!r}")

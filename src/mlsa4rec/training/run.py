@@ -222,23 +222,27 @@ def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | P
     handler = None
     training = False  # past the resume checks: a failure from here on keeps the checkpoint with a hint
     try:
-        if stage is not None:
-            handler = logging.FileHandler(stage / "train.log", encoding="utf-8")  # appends on resume
-            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-            log.addHandler(handler)
         t0 = time.perf_counter()
         data = load_run_data(config, data_dir)
         data_seconds = time.perf_counter() - t0
         stats = data.stats()
-        log.info("dataset %s: %d users, %d items, %d interactions (%.2f s)", stats["dataset"], stats["users"],
-                 stats["items"], stats["interactions"], data_seconds)
         state = checkpoint.decode_training_state(payload) if resume else None
+        changed = []
         if state is not None:
             where = str(stage / "config.yaml") if stage is not None else "the interrupted run's config.yaml"
             changed = checkpoint.check_resumable(state, config.to_dict(), data.fingerprint, group.world_size, where)
+        check_memory(config, data, device)
+        if stage is not None:  # every check has passed: only now may a fresh run empty its stage
+            if not resume:
+                rundir.clear_stage(stage)
+            handler = logging.FileHandler(stage / "train.log", encoding="utf-8")  # appends on resume
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            log.addHandler(handler)
+        log.info("dataset %s: %d users, %d items, %d interactions (%.2f s)", stats["dataset"], stats["users"],
+                 stats["items"], stats["interactions"], data_seconds)
+        if state is not None:
             log.info("resuming the interrupted run in %s%s", stage,
                      f" with changed settings: {'; '.join(changed)}" if changed else "")
-        check_memory(config, data, device)
         if stage is not None:
             write_yaml_atomic(stage / "config.yaml", config.to_dict())
             write_json_atomic(stage / rundir.ITEMS, ItemMap.from_data(data).to_json())
@@ -308,8 +312,8 @@ def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | P
             handler.close()
     if stage is None:
         return results
-    (stage / checkpoint.CHECKPOINT).unlink(missing_ok=True)  # the run is complete: nothing to resume
-    results["run_dir"] = str(rundir.publish(stage, out, overwrite, lock))
+    # a resumed run replaces what its first command's --overwrite allowed (a run mlsa4rec wrote)
+    results["run_dir"] = str(rundir.publish(stage, out, overwrite or resume, lock))
     return results
 
 

@@ -19,7 +19,9 @@ The rules, each tested (``docs/reliability.md`` maps them to their tests):
   never through a symbolic link, never a file the manifest does not name.
 * Every check that can refuse runs before training starts. If the output directory changes while
   a run trains so that publishing would need to delete something, the run is published beside
-  it (``NAME-1``, ``NAME-2``, ...) instead: a finished run never ends up hidden or lost.
+  it (``NAME-1``, ``NAME-2``, ...) instead: a finished run never ends up hidden or lost. The
+  manifest is written while the checkpoint still exists, so a crash while publishing leaves a
+  resumable run, or (after the checkpoint is gone) a finished one that is never emptied.
 * Every load checks the files against the manifest, so a damaged file fails with a clear error
   instead of giving different numbers.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -242,16 +245,19 @@ class StageLock:
 
 
 def open_stage(out: Path, overwrite: bool, resume: bool, dry: bool = False) -> tuple[Path, StageLock | None, bytes]:
-    """Check the output and staging directories, then create (fresh run) or lock (resume) the
-    staging directory; with ``resume`` also return the verified checkpoint payload. ``dry``
-    only checks (and then holds no lock). Runs on rank 0 only; ``out`` is resolved."""
+    """Check the output and staging directories, then create or lock the staging directory; with
+    ``resume`` also return the verified checkpoint payload. An existing stage is not emptied here:
+    a fresh run calls ``clear_stage`` once all its other checks have passed, so a refusal never
+    deletes anything. ``dry`` only checks (and then holds no lock). Runs on rank 0 only; ``out``
+    is resolved."""
     if resume and overwrite:
         raise MLSA4RecError("--resume continues an interrupted run and --overwrite discards it; pass only one")
     stage = staging_dir(out)
     if resume and not stage.exists() and (out / MANIFEST).is_file():
         raise MLSA4RecError(f"nothing to resume: the run in {_q(out)} has finished (only an interrupted run, "
                             f"kept in {_q(stage)}, can be resumed)")
-    check_output_dir(out, overwrite)
+    # a resumed run may replace what its first command's --overwrite allowed: a run mlsa4rec wrote
+    check_output_dir(out, overwrite or resume)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -270,6 +276,10 @@ def open_stage(out: Path, overwrite: bool, resume: bool, dry: bool = False) -> t
         except OSError as exc:
             raise MLSA4RecError(f"cannot create the output directory {_q(out)}: {exc.strerror}") from None
         return stage, StageLock(stage), b""
+    if (stage.is_dir() and not stage.is_symlink() and not (stage / checkpoint.CHECKPOINT).exists()
+            and read_manifest(stage) is not None):  # finished: only the final rename was cut short
+        raise MLSA4RecError(f"{_q(stage)} holds a finished run of {_q(out)} whose publishing was interrupted; "
+                            f"rename it to {_q(out)} (after moving away what is there) to keep it")
     if not is_stage(stage):
         raise MLSA4RecError(f"{_q(stage)} (the staging place of {_q(out)}) exists but was not made by mlsa4rec "
                             "(it has no .lock file); move it away")
@@ -287,10 +297,8 @@ def open_stage(out: Path, overwrite: bool, resume: bool, dry: bool = False) -> t
         elif has_checkpoint and not overwrite:
             raise MLSA4RecError(f"an interrupted run of {_q(out)} is kept in {_q(stage)}; pass --resume to "
                                 "continue it from its last checkpoint, or --overwrite to start over")
-        else:  # debris of a run that died before its first checkpoint, or --overwrite: start afresh
-            payload = b""
-            if not dry:
-                clear_stage(stage)
+        else:  # debris of a run that died before its first checkpoint, or --overwrite: start afresh,
+            payload = b""  # once every check has passed (the caller runs clear_stage then)
     except BaseException:
         lock.release()
         raise
@@ -330,7 +338,8 @@ def publish(stage: Path, out: Path, overwrite: bool, lock: StageLock) -> Path:
     exists where neither run is on disk. Should ``out`` have changed during training so that
     publishing would delete something not ours, the run goes to ``NAME-1`` (etc.) instead.
     """
-    write_manifest(stage)
+    write_manifest(stage)  # while the checkpoint is still there: a crash now leaves a resumable run
+    (stage / checkpoint.CHECKPOINT).unlink(missing_ok=True)
     lock.release(remove=True)
     try:
         check_output_dir(out, overwrite)
@@ -342,10 +351,7 @@ def publish(stage: Path, out: Path, overwrite: bool, lock: StageLock) -> Path:
         return target
     old = None
     if out.exists() and any(out.iterdir()):  # a replaceable run (checked just above)
-        old = out.parent / f".{out.name}.replaced"
-        if old.exists():
-            raise MLSA4RecError(f"{_q(old)} is in the way of replacing {_q(out)}; move it away, the finished run "
-                                f"is kept in {_q(stage)}")
+        old = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.replaced"  # never in the way
         os.replace(out, old)
     elif out.exists():
         out.rmdir()  # empty: the rename below needs the name free on every platform
