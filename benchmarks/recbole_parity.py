@@ -456,13 +456,21 @@ NOTES = (
     "RecBole rounds every metric to 4 decimals (`metric_decimal_place`) and its early stopping compares the "
     "rounded values; ours are unrounded. Both count a tie with the best score as an improvement.",
     "RecBole's epoch loss is the sum of its batch losses; the tables show it divided by the number of batches.",
-    "Batches differ: RecBole draws uniformly shuffled batches padded to L; ours, for padding-invariant models "
-    "(SASRec, GRU4Rec), sorts a shuffled order by history length inside chunks of 50 batches and trims each "
-    "batch to its longest history (same samples per epoch, different batch composition, far less padding).",
     "Random streams differ (initialisation, dropout, shuffling), so equal seeds give different runs: compare "
     "curves and test metrics across seeds, not run by run.",
     "Seconds per epoch are training wall-clock on a shared 2-core machine and vary with its load.",
 )
+
+
+def batch_note(settings: dict[str, Any]) -> str:
+    """How the two libraries' batches compare under ``bucket_batches``."""
+    if settings.get("bucket_batches", True):
+        return ("Batches differ: RecBole draws uniformly shuffled batches padded to L; ours, for padding-invariant "
+                "models (SASRec, GRU4Rec), sorts a shuffled order by history length inside chunks of 50 batches "
+                "and trims each batch to its longest history (same samples per epoch, different batch "
+                "composition, far less padding); `--set bucket_batches=false` makes ours uniform too.")
+    return ("Batches: both draw uniformly shuffled batches (`bucket_batches=false`); ours trims each batch to its "
+            "longest history where the model ignores trailing padding, which changes no number.")
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -480,7 +488,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"* data: {d['users']:,} users, {d['items']:,} items, {d['interactions']:,} interactions; samples "
         + ", ".join(f"{s} {d['samples'][s]['count']:,}" for s in SPLITS),
         f"* RecBole sees the same data: **{report['data_check']}**",
-        "", "## Notes", "", *(f"* {n}" for n in NOTES),
+        "", "## Notes", "", *(f"* {n}" for n in (*NOTES, batch_note(report.get("our_config", {})))),
         "", "## Settings (both libraries)", "", "| key | value |", "|---|---|",
         *(f"| {k} | {v} |" for k, v in report["settings"].items()),
     ]
