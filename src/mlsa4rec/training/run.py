@@ -199,7 +199,11 @@ def train(
     elif log.getEffectiveLevel() > logging.INFO:  # library use without logging set up: still fill train.log
         log.setLevel(logging.INFO)
     try:
-        return _train(model, output_dir, config, data_dir, overwrite, resume, on_step, group, device)
+        results = _train(model, output_dir, config, data_dir, overwrite, resume, on_step, group, device)
+        # every rank leaves together (rank 0 may still be publishing): a rank that tears gloo down
+        # while its peer is busy was seen to abort at exit ("terminate called ...") on a loaded machine
+        group.barrier()
+        return results
     finally:
         log.setLevel(old_level)
         distributed.destroy(group)
