@@ -301,12 +301,27 @@ def mirrored_settings(config: Any) -> dict[str, Any]:
 
 
 # --- RecBole, in its venv ----------------------------------------------------------------------
-def run_recbole(py: Path, spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
-    """Train and test RecBole's model per ``spec`` in a subprocess of ``py``; returns its JSON."""
+def finished_with(spec_path: Path, out_path: Path, spec: dict[str, Any]) -> bool:
+    """Whether ``out_path`` holds a finished RecBole run of exactly ``spec`` (a 5-minute epoch is worth keeping)."""
+    try:
+        return json.loads(spec_path.read_text()) == spec and "test" in json.loads(out_path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def run_recbole(py: Path, spec: dict[str, Any], work_dir: Path, reuse: bool = True) -> dict[str, Any]:
+    """Train and test RecBole's model per ``spec`` in a subprocess of ``py``; returns its JSON.
+
+    A finished run of the same spec in ``work_dir`` is reused unless ``reuse`` is false, so a long
+    comparison interrupted on our side resumes without retraining RecBole.
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
     spec_path, out_path = work_dir / "spec.json", work_dir / "result.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
+    if reuse and finished_with(spec_path, out_path, spec):
+        log.info("RecBole %s, seed %s: reusing the finished run in %s", spec["model"], spec["seed"], work_dir)
+        return json.loads(out_path.read_text())
     out_path.unlink(missing_ok=True)
+    spec_path.write_text(json.dumps(spec, indent=2))
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PYTHONNOUSERSITE": "1",
            "OMP_NUM_THREADS": str(spec["threads"])}
     env.pop("PYTHONPATH", None)
@@ -381,7 +396,9 @@ def recbole_worker(spec_path: str, out_path: str) -> None:
         "versions": {"recbole": recbole.__version__, "torch": torch.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
     }
-    Path(out_path).write_text(json.dumps(result, indent=2))
+    tmp = Path(out_path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out_path)  # a killed worker never leaves a result that looks finished
 
 
 def _recbole_samples(dataset: Any, loaders: tuple, max_len: int) -> dict[str, Any]:
@@ -623,7 +640,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             cfg = parity_config(args.model, args.config, {**sets, "seed": seed})
             rdir = work / f"recbole-{args.model}-seed{seed}"
             spec = recbole_config(cfg, original.name, inter.parent.parent, rdir, threads)
-            run["recbole"] = run_recbole(py, spec, rdir)
+            run["recbole"] = run_recbole(py, spec, rdir, reuse=not args.rerun)
             problems += data_mismatches(ours_data, run["recbole"]["data"])
         if not args.skip_ours:
             run["ours"] = run_ours(args.model, inter, args.config, sets, seed,
@@ -687,6 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--venv", default=str(DEFAULT_VENV))
     r.add_argument("--skip-ours", action="store_true")
     r.add_argument("--skip-recbole", action="store_true")
+    r.add_argument("--rerun", action="store_true",
+                   help="train RecBole again even where the work dir holds a finished run of the same spec")
 
     rp = sub.add_parser("report", help="redraw the Markdown and the plot from a report JSON")
     rp.add_argument("json")

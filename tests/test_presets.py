@@ -47,3 +47,16 @@ def test_mlsa4rec_defaults_are_the_released_config_and_every_preset_builds() -> 
         assert model.num_parameters() > 0
     stacked = build_config("mlsa4rec", ["mlsa4rec-causal", "mlsa4rec-ablation-no-gate"])
     assert (stacked["variant"], stacked["gate_act"]) == ("causal", "none")
+
+
+def test_bert4rec_presets_hold_the_released_settings() -> None:
+    from mlsa4rec.models import build_model, get_class
+
+    beauty = build_config("bert4rec", ["bert4rec-amazon-beauty"])
+    ml = build_config("bert4rec", ["bert4rec-ml-1m"])
+    assert (beauty["MAX_ITEM_LIST_LENGTH"], beauty["mask_ratio"], beauty["hidden_dropout_prob"]) == (50, 0.6, 0.5)
+    assert (ml["MAX_ITEM_LIST_LENGTH"], ml["mask_ratio"], ml["hidden_dropout_prob"]) == (200, 0.2, 0.2)
+    for c, cap in ((beauty, 30), (ml, 40)):  # max_predictions_per_seq of the released scripts
+        assert c["train_scheme"] == "cloze" and c["attn_dropout_prob"] == 0.2
+        model = build_model(get_class("bert4rec"), 20, c.model_kwargs(), c["MAX_ITEM_LIST_LENGTH"])
+        assert int(model.mask_ratio * model.max_seq_length) == cap

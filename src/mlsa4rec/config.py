@@ -21,7 +21,7 @@ import yaml
 from mlsa4rec.errors import ConfigError
 
 METRIC_NAMES = ("hit", "ndcg", "mrr", "recall", "precision")
-TRAIN_SCHEMES = ("auto", "prefix", "all_positions")
+TRAIN_SCHEMES = ("auto", "prefix", "all_positions", "cloze")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 _INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*$")
 

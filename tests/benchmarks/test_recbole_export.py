@@ -124,3 +124,20 @@ def test_recbole_settings_mirror_ours(tmp_path):
         assert rb[key] == config[key]
     with pytest.raises(SystemExit, match="mamba4rec"):
         rp.parity_config("mamba4rec", [], {})
+
+
+def test_a_finished_recbole_run_is_reused_only_for_the_same_spec(tmp_path):
+    spec = {"model": "GRU4Rec", "seed": 2021, "epochs": 12}
+    spec_path, out_path = tmp_path / "spec.json", tmp_path / "result.json"
+    assert not rp.finished_with(spec_path, out_path, spec)
+    spec_path.write_text(rp.json.dumps(spec))
+    out_path.write_text('{"history": []}')  # interrupted before the test metrics
+    assert not rp.finished_with(spec_path, out_path, spec)
+    out_path.write_text('{"history": [], "test": {"hit@10": 0.04}}')
+    assert rp.finished_with(spec_path, out_path, spec)
+    assert not rp.finished_with(spec_path, out_path, {**spec, "seed": 2020})
+    out_path.write_text('{"test": ')  # torn write
+    assert not rp.finished_with(spec_path, out_path, spec)
+    # reuse returns the stored result without starting RecBole (no interpreter is needed)
+    out_path.write_text('{"history": [], "test": {"hit@10": 0.04}}')
+    assert rp.run_recbole(tmp_path / "no-python", spec, tmp_path)["test"] == {"hit@10": 0.04}

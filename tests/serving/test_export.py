@@ -27,8 +27,9 @@ from mlsa4rec.serving import Recommender
 from mlsa4rec.serving import export as export_module
 from mlsa4rec.serving.export import export_run, scan_for_export
 
-MODELS = {"sasrec": "sasrec", "gru4rec": "gru4rec", "mamba4rec": "mamba4rec", "mlsa4rec": "mlsa4rec-causal"}
-STREAMING = ["gru4rec", "mamba4rec", "mlsa4rec"]
+MODELS = {"sasrec": "sasrec", "gru4rec": "gru4rec", "mamba4rec": "mamba4rec", "mlsa4rec": "mlsa4rec-causal",
+          "bert4rec": "bert4rec", "linrec": "linrec", "performer": "performer", "lrurec": "lrurec"}
+STREAMING = ["gru4rec", "mamba4rec", "mlsa4rec", "linrec", "performer", "lrurec"]
 TOLERANCE = 1e-4
 NEEDS_EXTRA = "the onnx extra is not installed (pip install 'mlsa4rec[onnx]')"
 

@@ -25,6 +25,10 @@ RUNS = {  # name: (model, settings)
     "mlsa4rec": ("mlsa4rec", {**TINY, "epochs": 1, "train_batch_size": 256}),  # faithful: pads to L
     "mlsa4rec-causal": ("mlsa4rec", {**TINY, "epochs": 1, "train_batch_size": 256, "variant": "causal"}),
     "linrec": ("linrec", {**TINY, "epochs": 1, "inner_size": 16, "n_layers": 1, "n_heads": 1}),  # streams up to L
+    "performer": ("performer", {**TINY, "epochs": 1, "inner_size": 16, "n_layers": 1, "n_heads": 1}),
+    "lrurec": ("lrurec", {**TINY, "epochs": 1, "num_layers": 1}),
+    "bert4rec": ("bert4rec", {**TINY, "epochs": 1, "inner_size": 16, "n_layers": 1, "n_heads": 1,
+                              "mask_ratio": 0.25}),  # cloze; its mask is appended inside the encoder
 }
 
 

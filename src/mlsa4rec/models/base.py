@@ -36,6 +36,10 @@ class SequentialRecommender(nn.Module):
       with the ``all_positions`` scheme.
     * ``padding_invariant``: outputs at real positions do not depend on how much padding follows,
       so batches may be trimmed to their longest sequence.
+    * ``cloze``: the model has a mask token (``mask_token``, ``mask_ratio``, ``ft_ratio``) and
+      trains with the ``cloze`` scheme (BERT4Rec).
+    * ``forward_traces``: ``forward`` exports to ONNX as written (the faithful MLSA4Rec's grouped
+      forward does not; its export reads ``encode`` at the last position: the same numbers).
     * ``streams``: ``initial_state`` and ``step`` are available, so serving can keep a
       constant-size state per user and add one event at a cost independent of the history's
       length (a property where it depends on the instance, as for MLSA4Rec's variants).
@@ -62,6 +66,8 @@ class SequentialRecommender(nn.Module):
     causal: bool = False
     padding_invariant: bool = False
     preferred_scheme: str = "prefix"
+    cloze: bool = False
+    forward_traces: bool = True
     streams: bool = False
     stream_limit: int | None = None
 

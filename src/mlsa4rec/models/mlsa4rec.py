@@ -129,6 +129,8 @@ class MambaNormalizationLayer(nn.Module):
 
 @register("mlsa4rec")
 class MLSA4Rec(SequentialRecommender):
+    forward_traces = False  # the grouped forward below; export reads encode at the last position
+
     def __init__(
         self,
         n_items: int,

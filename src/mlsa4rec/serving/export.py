@@ -325,6 +325,8 @@ class _Encoder(nn.Module):
         self.model = model
 
     def forward(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.model.forward_traces:
+            return self.model(item_seq, lengths)
         return gather_last(self.model.encode(item_seq, lengths), lengths)
 
 

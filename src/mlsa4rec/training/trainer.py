@@ -1,7 +1,8 @@
 """The training loop: full-softmax cross-entropy, Adam, early stopping on a validation metric.
 
 The loss of one step is the mean cross-entropy over all of its targets, whichever the scheme:
-one target per sample for ``prefix``, one per real position for ``all_positions``. Logits are
+one target per sample for ``prefix``, one per real position for ``all_positions``, one per
+predicted mask for ``cloze``. Logits are
 taken against the real items only (the padding row of the item table is never a class).
 
 With several ranks (torchrun) every rank draws the same global batches; each computes the rows
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 from mlsa4rec.config import Config
 from mlsa4rec.data.dataset import SequenceData
-from mlsa4rec.data.sampling import Batch, TrainSampler
+from mlsa4rec.data.sampling import Batch, Cloze, TrainSampler
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation import evaluate_split
 from mlsa4rec.models.base import SequentialRecommender
@@ -63,7 +64,18 @@ def resolve_scheme(model: SequentialRecommender, requested: str) -> str:
             f"model {type(model).name!r} is not causal, so it cannot train with train_scheme=all_positions "
             "(its output at a position would see later items); use train_scheme=prefix"
         )
+    if scheme == "cloze" and not model.cloze:
+        raise MLSA4RecError(
+            f"model {type(model).name!r} has no mask token, so it cannot train with train_scheme=cloze "
+            "(BERT4Rec's masked-item task); use train_scheme=prefix or auto"
+        )
     return scheme
+
+
+def cloze_settings(model: SequentialRecommender, scheme: str) -> Cloze | None:
+    if scheme != "cloze":
+        return None
+    return Cloze(mask_token=model.mask_token, mask_ratio=model.mask_ratio, ft_ratio=model.ft_ratio)
 
 
 def cross_entropy(model: SequentialRecommender, batch: Batch, scheme: str, device: torch.device) -> torch.Tensor:
@@ -75,6 +87,8 @@ def cross_entropy(model: SequentialRecommender, batch: Batch, scheme: str, devic
         mask = targets > 0
         hidden = model.encode(seq, lengths)[mask]
         targets = targets[mask]
+        if targets.numel() == 0:  # a cloze batch can draw no target: a zero loss, not 0 / 0
+            return model.item_table().sum() * 0.0
     return full_softmax_cross_entropy(hidden, model.item_table()[1:], targets - 1)
 
 
@@ -144,6 +158,7 @@ class Trainer:
             data, self.scheme, config["MAX_ITEM_LIST_LENGTH"], config["train_batch_size"], config["seed"],
             trim=model.padding_invariant, stride=config["all_positions_stride"],
             bucket_chunks=BUCKET_CHUNKS if config["bucket_batches"] else 1,  # 1: a batch is a uniform draw
+            cloze=cloze_settings(model, self.scheme),
         )
         if self.sampler.n_samples == 0:
             raise MLSA4RecError(f"{data.name} has no training samples after filtering; every user needs at "
@@ -174,7 +189,7 @@ class Trainer:
             return None
         loss = cross_entropy(self.model, self.sampler.batch(shard), self.scheme, self.device)
         if self.group.active:
-            loss = loss * (self.sampler.targets_in(shard) / self.sampler.targets_in(rows))
+            loss = loss * (self.sampler.targets_in(shard) / max(self.sampler.targets_in(rows), 1))
         return loss
 
     def train_step(self, rows: np.ndarray, epoch: int) -> float:
@@ -221,8 +236,9 @@ class Trainer:
     def fit(self) -> FitResult:
         c, p = self.config, self.progress
         key = c["valid_metric"]
-        log.info("training %s with %s samples: %d samples (%d targets) per epoch, %d steps of %d%s",
-                 type(self.model).name, self.scheme, self.sampler.n_samples, self.sampler.n_targets,
+        targets = "masks drawn per batch" if self.sampler.n_targets is None else f"{self.sampler.n_targets} targets"
+        log.info("training %s with %s samples: %d samples (%s) per epoch, %d steps of %d%s",
+                 type(self.model).name, self.scheme, self.sampler.n_samples, targets,
                  len(self.sampler), c["train_batch_size"],
                  f" split over {self.group.world_size} processes" if self.group.active else "")
         while not p.stopped_early and p.epoch <= c["epochs"]:
