@@ -657,7 +657,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         "data": ours_data,
         "data_check": ("identical users, items, interactions and train/valid/test samples" if not problems else
                        "MISMATCH: " + "; ".join(problems)) if py is not None else "not run (--skip-recbole)",
-        "settings": mirrored_settings(config),
+        "settings": {**mirrored_settings(config), "seed": seeds[0] if len(seeds) == 1 else seeds},
         "recbole_config": recbole_config(config, original.name, inter.parent.parent, work, threads),
         "our_config": {k: v for k, v in config.to_dict().items() if k != "dataset"},
         "seeds": seeds,
