@@ -284,3 +284,14 @@ def test_half_precision_keeps_fp32_features_and_sums() -> None:
     assert all(s.sums.dtype == s.shift.dtype == torch.float32 for s in state.layers)
     h, state = m.step(seq[:, 0], state)
     assert h.dtype == torch.bfloat16 and torch.isfinite(h).all()
+
+
+def test_the_export_form_of_the_running_max_is_exact(monkeypatch) -> None:
+    """cummax has no ONNX conversion; the masked max used while exporting gives the same maxima."""
+    from mlsa4rec.layers.linear_attention import running_max
+
+    x = torch.randn(2, 3, 17, dtype=torch.float64)
+    eager = running_max(x)
+    assert torch.equal(eager, x.cummax(-1).values)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert torch.equal(running_max(x), eager)

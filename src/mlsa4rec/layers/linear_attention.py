@@ -81,6 +81,15 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def running_max(x: torch.Tensor) -> torch.Tensor:
+    """max over positions <= t along the last dimension. ``cummax`` has no ONNX conversion, so
+    under export the same maxima come from an L x L masked max (exact: a max does not round)."""
+    if not torch.compiler.is_exporting():
+        return x.cummax(-1).values
+    later = torch.ones(x.shape[-1], x.shape[-1], dtype=torch.bool, device=x.device).triu(1)   # [t, j]: j > t
+    return x.unsqueeze(-2).masked_fill(later, float("-inf")).amax(-1)
+
+
 class CausalLinearAttention(nn.Module):
     """Self-attention with an output projection, dropout, residual and LayerNorm (the parameter
     names of ``MultiHeadAttention``) whose attention is causal linear attention; subclasses define
@@ -264,7 +273,7 @@ class PerformerAttention(CausalLinearAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         qf, lk = self.log_features(q, k)
-        shift = lk.detach().amax(-1).cummax(-1).values                  # c_t, B x H x L
+        shift = running_max(lk.detach().amax(-1))                       # c_t, B x H x L
         kf = torch.exp(lk - shift.unsqueeze(-1)) * self.nb_features ** -0.5
         return causal_linear_attention(qf, kf, v, self.chunk_size, log_scale=shift)
 

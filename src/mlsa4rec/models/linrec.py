@@ -120,7 +120,8 @@ class LinearSASRec(SequentialRecommender):
     def step(self, items: torch.Tensor, state: LinearSASRecState) -> tuple[torch.Tensor, LinearSASRecState]:
         """Feed one item per user (B ids); returns the B x D representation after it and the new state."""
         position, layer_states = state
-        if bool((position >= self.max_seq_length).any()):
+        # (not while exporting: the graph cannot branch on data; export.json states the limit)
+        if not torch.compiler.is_exporting() and bool((position >= self.max_seq_length).any()):
             raise ValueError(f"a history in this state already holds MAX_ITEM_LIST_LENGTH={self.max_seq_length} "
                              f"events, where {self.name}'s learned positions end; re-encode the most recent "
                              f"{self.max_seq_length} events with forward() instead of stepping further")
