@@ -75,9 +75,17 @@ def test_faithful_last_position_skips_the_padding_of_the_normalization_layers_ex
     m = model()
     seq, lengths = padded([20, 1, 7, 3, 12, 1, 20], 20)
     expected = m.encode(seq, lengths)[torch.arange(7), lengths - 1]
-    torch.testing.assert_close(m(seq, lengths, group=3), expected)
+    torch.testing.assert_close(m(seq, lengths), expected)
+
+    def grouped(group: int) -> torch.Tensor:
+        h = m.embed(seq)
+        for layer in m.interaction_layers:
+            h = layer(h, lengths)
+        return m.normalize_last_grouped(h, lengths, group)
+
+    torch.testing.assert_close(grouped(3), expected)
     m.train()  # gradients flow through the grouped path to every parameter
-    (m(seq, lengths, group=2) @ m.item_table().T).logsumexp(-1).sum().backward()
+    (grouped(2) @ m.item_table().T).logsumexp(-1).sum().backward()
     assert all(p.grad is not None for p in m.parameters())
 
 
@@ -165,7 +173,7 @@ def test_causal_lsa_with_a_sequence_softmax_follows_its_definition() -> None:
     exp(s_t,p) / sum_{u<=t} exp(s_u,p), where s_u,p scores query u against the keys pooled over
     positions <= u (each position's own pooling); context_t = sum_p w_t,p V~_t,p."""
     torch.manual_seed(0)
-    lsa = LowRankSelfAttention(8, 2, 3, 0.0, 0.0, mode="causal", softmax="sequence").double().eval()
+    lsa = LowRankSelfAttention(8, 2, 3, 0.0, 0.0, variant="causal", softmax="sequence").double().eval()
     x = torch.randn(2, 6, 8, dtype=torch.double)
     q, k, v = lsa.query(x), lsa.key(x), lsa.value(x)
     d_h = 4
@@ -187,8 +195,8 @@ def test_causal_lsa_with_a_sequence_softmax_follows_its_definition() -> None:
 
 def test_causal_lsa_at_the_last_position_is_the_masked_lsa_over_interests() -> None:
     torch.manual_seed(0)
-    causal = LowRankSelfAttention(8, 2, 3, 0.0, 0.0, mode="causal", softmax="interests").double().eval()
-    masked = LowRankSelfAttention(8, 2, 3, 0.0, 0.0, mode="masked", softmax="interests").double().eval()
+    causal = LowRankSelfAttention(8, 2, 3, 0.0, 0.0, variant="causal", softmax="interests").double().eval()
+    masked = LowRankSelfAttention(8, 2, 3, 0.0, 0.0, variant="masked", softmax="interests").double().eval()
     masked.load_state_dict(causal.state_dict())
     x = torch.randn(2, 7, 8, dtype=torch.double)
     for t in range(7):

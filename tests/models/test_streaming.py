@@ -35,8 +35,8 @@ STREAMING = {
 }
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 # what each registered model declares at its defaults (a new model must be added here)
-STREAMS = {"bert4rec": False, "gru4rec": True, "lightsans": False, "linrec": True, "lrurec": True, "mamba4rec": True, "mlsa4rec": False,
-           "performer": True, "sasrec": False}
+STREAMS = {"bert4rec": False, "gru4rec": True, "lightsans": False, "linrec": True, "lrurec": True, "mamba4rec": True,
+           "mlsa4rec": False, "performer": True, "sasrec": False}
 
 
 def build(case: str, dtype: torch.dtype = torch.float64):

@@ -8,7 +8,7 @@ For X: B x L x D (``MLSA4REC.md`` section 3)::
     W  = softmax_?(Q_h K~_h^T / sqrt(d_h))        B x H x L x P, then attention dropout
     A  = LN(Drop(W V~) + X)              no output projection
 
-``mode`` chooses how the padding and the future are treated:
+``variant`` (the model's) chooses how the padding and the future are treated:
 
 * ``faithful`` - the released code: no mask, so padded positions take part in both softmaxes and
   every output depends on how much padding follows the sequence.
@@ -33,7 +33,7 @@ from torch import nn
 
 from mlsa4rec.layers.dropout import Dropout
 
-MODES = ("faithful", "masked", "causal")
+VARIANTS = ("faithful", "masked", "causal")
 SOFTMAX_AXES = ("sequence", "interests")
 
 
@@ -96,17 +96,17 @@ class LSAState(NamedTuple):
 
 class LowRankSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, k_interests: int, attn_dropout: float, hidden_dropout: float,
-                 mode: str = "faithful", softmax: str = "sequence", eps: float = 1e-12) -> None:
+                 variant: str = "faithful", softmax: str = "sequence", eps: float = 1e-12) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"hidden_size ({d_model}) must be divisible by n_heads ({n_heads})")
-        if mode not in MODES:
-            raise ValueError(f"LSA mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"LSA variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
         if softmax not in SOFTMAX_AXES:
             raise ValueError(f"attention softmax axis must be one of {', '.join(SOFTMAX_AXES)}; got {softmax!r}")
         if k_interests < 1:
             raise ValueError(f"k_interests must be >= 1, got {k_interests}")
-        self.n_heads, self.mode, self.softmax = n_heads, mode, softmax
+        self.n_heads, self.variant, self.softmax = n_heads, variant, softmax
         self.query = nn.Linear(d_model, d_model)
         self.key = nn.Linear(d_model, d_model)
         self.value = nn.Linear(d_model, d_model)
@@ -127,7 +127,7 @@ class LowRankSelfAttention(nn.Module):
         """The attention output W V~ with the heads merged (B x L x D), before dropout and residual."""
         q, k, v = self.query(x), self.key(x), self.value(x)
         scale = 1.0 / math.sqrt(x.shape[-1] // self.n_heads)
-        if self.mode == "causal":
+        if self.variant == "causal":
             k_pool = self._heads(self.attpooling_key.cumulative(k))      # B x L x P x H x d_h
             v_pool = self._heads(self.attpooling_value.cumulative(v))
             scores = torch.einsum("blhd,blphd->bhlp", self._heads(q), k_pool) * scale
@@ -138,7 +138,7 @@ class LowRankSelfAttention(nn.Module):
             context = torch.einsum("bhlp,blphd->blhd", self.attn_dropout(weights), v_pool).flatten(-2)
         else:
             mask = None
-            if self.mode == "masked":
+            if self.variant == "masked":
                 if lengths is None:
                     raise ValueError("the masked LSA needs the sequence lengths")
                 mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]   # B x L
@@ -154,7 +154,7 @@ class LowRankSelfAttention(nn.Module):
             context = (self.attn_dropout(weights) @ v_pool).transpose(1, 2).flatten(-2)
         return context
 
-    # --- streaming (causal mode only) ---------------------------------------------------------
+    # --- streaming (causal variant only) ---------------------------------------------------------
     def initial_state(self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
                       ) -> LSAState:
         device = device or self.query.weight.device
@@ -169,8 +169,8 @@ class LowRankSelfAttention(nn.Module):
 
     def step(self, x_t: torch.Tensor, state: LSAState) -> tuple[torch.Tensor, LSAState]:
         """Output at one new position (B x D) from the state of the positions before it."""
-        if self.mode != "causal":
-            raise RuntimeError(f"only the causal LSA can stream; this one is {self.mode!r}")
+        if self.variant != "causal":
+            raise RuntimeError(f"only the causal LSA can stream; this one is {self.variant!r}")
         k_pool, k_z = self.attpooling_key.step(self.key(x_t), state.key, state.key_z)
         v_pool, v_z = self.attpooling_value.step(self.value(x_t), state.value, state.value_z)
         q = self._heads(self.query(x_t).to(k_pool.dtype))                        # B x H x d_h

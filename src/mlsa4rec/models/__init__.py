@@ -60,5 +60,13 @@ def build_model(cls: type, n_items: int, kwargs: dict[str, Any], max_seq_length:
 
 # --- registered models: one import line each -------------------------------------------------
 from mlsa4rec.models import (  # noqa: E402,F401
-    bert4rec, gru4rec, lightsans, linrec, lrurec, mamba4rec, mlsa4rec, performer, sasrec,
+    bert4rec,
+    gru4rec,
+    lightsans,
+    linrec,
+    lrurec,
+    mamba4rec,
+    mlsa4rec,
+    performer,
+    sasrec,
 )

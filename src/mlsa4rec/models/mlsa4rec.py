@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 
 from mlsa4rec.layers import Dropout, Mamba, MambaState
+from mlsa4rec.layers.absent import NoLSA, NoMamba
 from mlsa4rec.layers.lsa import LowRankSelfAttention, LSAState
 from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender, gather_last
@@ -52,62 +53,88 @@ GATES = {"gelu": F.gelu, "sigmoid": torch.sigmoid}
 
 
 class InteractionState(NamedTuple):
-    mamba: MambaState | None
-    lsa: LSAState | None
+    mamba: MambaState | tuple   # () where an ablation drops the block: a state's leaves are all tensors
+    lsa: LSAState | tuple
+
+
+class Gate(nn.Linear):
+    """W1 with its activation: (A, M) -> act(W1 A) * M, the LSA modulating the Mamba branch."""
+
+    def __init__(self, d_model: int, act: str) -> None:
+        super().__init__(d_model, d_model)
+        self.act = GATES[act]
+
+    def forward(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.act(super().forward(a)) * m
+
+
+class Ungated(nn.Module):
+    """The ablation gate_act=none (and any model without the LSA): G = M."""
+
+    def forward(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return m
+
+
+def _reads_m(h0: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return m
+
+
+def _reads_h0(h0: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return h0
 
 
 class MambaLSAInteraction(nn.Module):
-    """One Mamba-LSA interaction layer: H0 (B x L x D) -> O (B x L x D)."""
+    """One Mamba-LSA interaction layer: H0 (B x L x D) -> O (B x L x D).
+
+    Paper symbols in code: W1 = ``gate``, W2 = ``fuse``, W3 = ``skip``, P = ``k_interests``,
+    Theta = ``lsa.attpooling_key.theta`` / ``lsa.attpooling_value.theta``. The ablations are
+    settled here, when the layer is built (``NoMamba``, ``NoLSA``, ``Ungated``, identity norms, which
+    input the LSA reads), so ``forward`` and ``step`` are the paper's equations without a branch.
+    """
 
     def __init__(self, d_model: int, mamba_kwargs: dict, lsa_kwargs: dict, dropout: float, eps: float,
-                 gate_act: str = "gelu", use_lsa: bool = True, lsa_input: str = "mamba", use_mamba: bool = True
-                 ) -> None:
+                 gate_act: str = "gelu", use_lsa: bool = True, lsa_input: str = "mamba",
+                 interaction_mamba: bool = True) -> None:
         super().__init__()
         if gate_act not in (*GATES, "none"):
             raise ValueError(f"gate_act must be one of {', '.join((*GATES, 'none'))}; got {gate_act!r}")
         if lsa_input not in ("mamba", "embedding"):
             raise ValueError(f"lsa_input must be mamba or embedding; got {lsa_input!r}")
-        self.lsa_input, self.dropout = lsa_input, Dropout(dropout)
-        self.mamba = Mamba(d_model, **mamba_kwargs) if use_mamba else None
-        self.LayerNorm1 = nn.LayerNorm(d_model, eps=eps) if use_mamba else None
-        self.lsa = LowRankSelfAttention(d_model, **lsa_kwargs, hidden_dropout=dropout, eps=eps) if use_lsa else None
         gated = use_lsa and gate_act != "none"
-        self.gate_act = GATES.get(gate_act)
-        self.gate = nn.Linear(d_model, d_model) if gated else None
-        self.LayerNorm2 = nn.LayerNorm(d_model, eps=eps) if gated else None
+        self.dropout = Dropout(dropout)
+        # a dropout of its own for Mamba's output: without the block it is off, so M = H0 exactly
+        # and the random stream of the other dropouts is the one the layer had before
+        self.mamba_dropout = Dropout(dropout if interaction_mamba else 0.0)
+        self.mamba = Mamba(d_model, **mamba_kwargs) if interaction_mamba else NoMamba()
+        self.LayerNorm1 = nn.LayerNorm(d_model, eps=eps) if interaction_mamba else nn.Identity()
+        self.lsa_reads = _reads_m if lsa_input == "mamba" else _reads_h0
+        self.lsa = LowRankSelfAttention(d_model, **lsa_kwargs, hidden_dropout=dropout, eps=eps) if use_lsa else NoLSA()
+        self.gate = Gate(d_model, gate_act) if gated else Ungated()
+        self.LayerNorm2 = nn.LayerNorm(d_model, eps=eps) if gated else nn.Identity()
         self.fuse = nn.Linear(2 * d_model if use_lsa else d_model, d_model)
         self.skip = nn.Linear(d_model, d_model)
         self.LayerNorm3 = nn.LayerNorm(d_model, eps=eps)
 
-    def _combine(self, h0: torch.Tensor, mamba_out: torch.Tensor | None, lsa) -> torch.Tensor:
-        """Everything after the Mamba block; ``lsa`` maps the LSA's input to its output."""
-        m = h0 if mamba_out is None else self.LayerNorm1(self.dropout(mamba_out) + h0)
-        if self.lsa is None:
-            fused = m
-        else:
-            a = lsa(m if self.lsa_input == "mamba" else h0)
-            g = m if self.gate is None else self.LayerNorm2(self.gate_act(self.gate(a)) * m)
-            fused = torch.cat([a, g], dim=-1)
-        return self.LayerNorm3(self.dropout(F.gelu(self.fuse(fused))) + F.gelu(self.skip(h0)))
-
     def forward(self, h0: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self._combine(h0, None if self.mamba is None else self.mamba(h0), lambda x: self.lsa(x, lengths))
-
-    def initial_state(self, batch: int) -> InteractionState:
-        # an absent block (an ablation) holds (), not None: a state's leaves are all tensors
-        return InteractionState(() if self.mamba is None else self.mamba.initial_state(batch),
-                                () if self.lsa is None else self.lsa.initial_state(batch))
+        m = self.LayerNorm1(self.mamba_dropout(self.mamba(h0)) + h0)     # M = LN1(Drop(Mamba(H0)) + H0): B x L x D
+        a = self.lsa(self.lsa_reads(h0, m), lengths)                      # A = LSA(M): B x L x D
+        g = self.LayerNorm2(self.gate(a, m))                              # G = LN2(GELU(W1 A) * M): B x L x D
+        return self.fusion(a, g, h0)                                      # O: B x L x D
 
     def step(self, h0_t: torch.Tensor, state: InteractionState) -> tuple[torch.Tensor, InteractionState]:
-        mamba_out, mamba_state = (None, ()) if self.mamba is None else self.mamba.step(h0_t, state.mamba)
-        lsa_state = [state.lsa]
+        """The same four equations at one position (B x D), carrying the Mamba and LSA states."""
+        y, mamba_state = self.mamba.step(h0_t, state.mamba)
+        m = self.LayerNorm1(self.mamba_dropout(y) + h0_t)
+        a, lsa_state = self.lsa.step(self.lsa_reads(h0_t, m), state.lsa)
+        g = self.LayerNorm2(self.gate(a, m))
+        return self.fusion(a, g, h0_t), InteractionState(mamba_state, lsa_state)
 
-        def lsa(x: torch.Tensor) -> torch.Tensor:
-            out, lsa_state[0] = self.lsa.step(x, state.lsa)
-            return out
+    def fusion(self, a: torch.Tensor, g: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        """O = LN3(Drop(GELU(W2 [A ; G])) + GELU(W3 H0)): the fusion MLP plus an MLP skip."""
+        return self.LayerNorm3(self.dropout(F.gelu(self.fuse(torch.cat([a, g], dim=-1)))) + F.gelu(self.skip(h0)))
 
-        out = self._combine(h0_t, mamba_out, lsa)
-        return out, InteractionState(mamba_state, lsa_state[0])
+    def initial_state(self, batch: int) -> InteractionState:
+        return InteractionState(self.mamba.initial_state(batch), self.lsa.initial_state(batch))
 
 
 class MambaNormalizationLayer(nn.Module):
@@ -176,13 +203,13 @@ class MLSA4Rec(SequentialRecommender):
 
         mamba_kwargs = {"d_state": d_state, "d_conv": d_conv, "expand": expand}
         lsa_kwargs = {"n_heads": n_heads, "k_interests": k_interests, "attn_dropout": attn_dropout_prob,
-                      "mode": variant, "softmax": attn_softmax}
+                      "variant": variant, "softmax": attn_softmax}
         self.item_embedding = nn.Embedding(n_items + 1, hidden_size, padding_idx=0)
         self.dropout = Dropout(dropout_prob)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.interaction_layers = nn.ModuleList(
-            MambaLSAInteraction(hidden_size, mamba_kwargs, lsa_kwargs, dropout_prob, layer_norm_eps, gate_act,
-                                use_lsa, lsa_input, interaction_mamba)
+            MambaLSAInteraction(hidden_size, mamba_kwargs, lsa_kwargs, dropout_prob, layer_norm_eps, gate_act=gate_act,
+                                use_lsa=use_lsa, lsa_input=lsa_input, interaction_mamba=interaction_mamba)
             for _ in range(num_interaction_layers)
         )
         self.mamba_layers = nn.ModuleList(
@@ -205,32 +232,37 @@ class MLSA4Rec(SequentialRecommender):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    def embed(self, items: torch.Tensor) -> torch.Tensor:
+        """H0 = LN0(Drop(Emb(s))), for a sequence (B x L) or one event (B)."""
+        return self.LayerNorm(self.dropout(self.item_embedding(items)))
+
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        h = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))
+        h = self.embed(item_seq)                                          # H0: B x L x D
         for layer in self.interaction_layers:
-            h = layer(h, lengths)
+            h = layer(h, lengths)                                         # O: B x L x D
         for layer in self.mamba_layers:
-            h = layer(h)
+            h = layer(h)                                                  # O = LN(Drop(Mamba(O)) + O)
         return h
 
-    def forward(self, item_seq: torch.Tensor, lengths: torch.Tensor, group: int | None = None) -> torch.Tensor:
-        """The representation at each row's last item, computed without the normalization layers'
-        share of the padding.
-
-        The faithful model must run its interaction layer over all L positions (the padding takes
-        part in the LSA), but the Mamba normalization layers after it are causal: row b needs
-        only its first lengths[b] positions. Rows are taken ``group`` at a time in length order,
-        each group trimmed to its longest row - the same numbers as ``encode`` (tested), with
-        most of the padding skipped when a batch holds mostly short prefixes (Amazon: mean 8 of 50).
-        ``group`` defaults to 128 rows on CPU and to the whole batch (no grouping) on a GPU, where
-        many small kernel launches would cost more than the padding.
-        """
+    def forward(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The representation at each row's last item. The faithful model's interaction layer must
+        run over all L positions (the padding takes part in its LSA), but the normalization layers
+        after it are causal, so ``normalize_last_grouped`` skips their share of the padding: on CPU
+        in groups of 128 rows, on a GPU in one group (there, many small launches cost more than the
+        padding)."""
         if self.padding_invariant or not self.mamba_layers:  # batches are trimmed already
             return super().forward(item_seq, lengths)
-        group = group or (128 if item_seq.device.type == "cpu" else item_seq.shape[0])
-        h = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))
+        h = self.embed(item_seq)
         for layer in self.interaction_layers:
             h = layer(h, lengths)
+        group = 128 if item_seq.device.type == "cpu" else item_seq.shape[0]
+        return self.normalize_last_grouped(h, lengths, group)
+
+    def normalize_last_grouped(self, h: torch.Tensor, lengths: torch.Tensor, group: int) -> torch.Tensor:
+        """The normalization layers on the interaction output ``h`` (B x L x D), read at each row's
+        last item (B x D): rows taken ``group`` at a time in length order, each group trimmed to its
+        longest row. The same numbers as running them on all of ``h`` (tested), with most of the
+        padding skipped when a batch holds mostly short prefixes (Amazon: mean 8 of 50)."""
         out = h.new_empty(h.shape[0], h.shape[2])
         host_lengths = lengths.cpu()  # one device sync, not one per group
         for rows in torch.argsort(host_lengths).split(group):
@@ -250,7 +282,7 @@ class MLSA4Rec(SequentialRecommender):
 
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> list:
         """The state of an empty history for ``batch`` users, on ``device`` (default: the model's):
-        an ``InteractionState`` (``MambaState``, ``LSAState``; ``None`` where an ablation drops the
+        an ``InteractionState`` (``MambaState``, ``LSAState``; ``()`` where an ablation drops the
         block) per interaction layer, then a ``MambaState`` per normalization layer."""
         self._check_streamable()
         state = ([layer.initial_state(batch) for layer in self.interaction_layers]
@@ -263,7 +295,7 @@ class MLSA4Rec(SequentialRecommender):
         Equal to ``forward`` on the whole history (tested), at a cost independent of its length.
         """
         self._check_streamable()
-        h = self.LayerNorm(self.dropout(self.item_embedding(items)))
+        h = self.embed(items)
         new_state = []
         for layer, s in zip([*self.interaction_layers, *self.mamba_layers], state, strict=True):
             h, s = layer.step(h, s)
