@@ -30,9 +30,11 @@ import torch
 from mlsa4rec.data.sampling import Batch, cloze_masks
 from mlsa4rec.models import create
 from mlsa4rec.runtime import cpu_model
+from mlsa4rec.training.losses import full_softmax_cross_entropy
 from mlsa4rec.training.trainer import cross_entropy
 
 LENGTHS = (50, 200, 1000)
+LOSS_LABEL = "(the CE loss alone)"
 N_ITEMS = 12101  # Amazon Beauty after the 5-core filter
 # label: (model, settings)
 MODELS = {
@@ -81,6 +83,23 @@ def time_steps(name: str, settings: dict, batch: int, length: int, warmup: int, 
             "ms_all": [round(1000 * s, 2) for s in times], "parameters": model.num_parameters()}
 
 
+def time_loss(batch: int, length: int, warmup: int, repeats: int, hidden: int = 64) -> dict:
+    """The part of every causal model's step that does not depend on the model: the full-softmax CE
+    of B x L targets against the item table, forward and backward."""
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(batch * length, hidden, generator=g) * 0.1).requires_grad_()
+    table = (torch.randn(N_ITEMS, hidden, generator=g) * 0.02).requires_grad_()
+    targets = torch.randint(0, N_ITEMS, (batch * length,), generator=g)
+    times = []
+    for i in range(warmup + repeats):
+        t = time.perf_counter()
+        full_softmax_cross_entropy(h, table, targets).backward()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return {"model": "loss", "settings": {}, "L": length, "scheme": "all_positions", "targets": batch * length,
+            "ms": 1000 * statistics.median(times), "ms_all": [round(1000 * s, 2) for s in times], "parameters": 0}
+
+
 def markdown(report: dict) -> str:
     lengths = report["lengths"]
     rows = {}
@@ -96,7 +115,8 @@ def markdown(report: dict) -> str:
             ratio = f" ({r['ms'] / base[n]['ms']:.2f}x)" if r and n in base else ""
             cells.append(f"{r['ms']:.1f}{ratio}" if r else "-")
         params = next(iter(by_len.values()))["parameters"]
-        lines.append(f"| {label} | {params:,} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {params:,} | " + " | ".join(cells) + " |" if params else
+                     f"| {label} | - | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -119,6 +139,9 @@ def main() -> None:
             r = {"label": label, **time_steps(name, settings, args.batch, n, args.warmup, args.repeats)}
             print(f"L={n:5d} {label:16s} {r['ms']:9.1f} ms/step ({r['targets']} targets)", file=sys.stderr)
             results.append(r)
+        r = {"label": LOSS_LABEL, **time_loss(args.batch, n, args.warmup, args.repeats)}
+        print(f"L={n:5d} {LOSS_LABEL:16s} {r['ms']:9.1f} ms/step", file=sys.stderr)
+        results.append(r)
     report = {"benchmark": "step_time", "command": shlex.join(["python", "benchmarks/step_time.py", *sys.argv[1:]]),
               "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads()}, "torch": torch.__version__,
               "batch": args.batch, "n_items": N_ITEMS, "lengths": args.lengths, "results": results}

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from mlsa4rec.errors import ConfigError
+from mlsa4rec.errors import ConfigError, check_choice
 
 METRIC_NAMES = ("hit", "ndcg", "mrr", "recall", "precision")
 TRAIN_SCHEMES = ("auto", "prefix", "all_positions", "cloze")
@@ -306,10 +306,8 @@ def _validate(v: dict[str, Any]) -> None:
         raise ConfigError(f"seed must be in [0, 2**32), got {v['seed']!r}")
     for key in ("user_inter_num_interval", "item_inter_num_interval"):
         parse_interval(v[key], key)
-    if v["train_scheme"] not in TRAIN_SCHEMES:
-        raise ConfigError(f"train_scheme must be one of {', '.join(TRAIN_SCHEMES)}; got {v['train_scheme']!r}")
-    if v["lr_scheduler"] not in LR_SCHEDULERS:
-        raise ConfigError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}; got {v['lr_scheduler']!r}")
+    check_choice("train_scheme", v["train_scheme"], TRAIN_SCHEMES, ConfigError)
+    check_choice("lr_scheduler", v["lr_scheduler"], LR_SCHEDULERS, ConfigError)
     if str(v["loss_type"]).upper() != "CE":
         raise ConfigError(f"loss_type {v['loss_type']!r} is not offered; only CE (full softmax) is")
     metrics = [str(m).lower() for m in v["metrics"]]

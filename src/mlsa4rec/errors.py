@@ -6,6 +6,8 @@ every message must name the problem *and* the fix. Anything else that escapes is
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class MLSA4RecError(Exception):
     """Bad input from a person: a file, a dataset name, a config key, a checkpoint."""
@@ -22,3 +24,10 @@ class DataError(MLSA4RecError):
 class PeerFailed(MLSA4RecError):
     """Raised on the other ranks of a distributed run when rank 0 failed at a step only it runs:
     rank 0 prints the message, so the command line shows it once."""
+
+
+def check_choice(key: str, value: object, choices: Iterable[object], error: type[Exception] = ValueError) -> None:
+    """Refuse ``value`` unless it is one of ``choices``, naming them all: ``key must be one of ...``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise error(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")

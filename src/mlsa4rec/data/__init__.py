@@ -6,14 +6,13 @@ import logging
 import os
 from pathlib import Path
 
-from mlsa4rec.data.dataset import SequenceData, cache_dir, load_sequences
+from mlsa4rec.data.dataset import DEFAULT_INTERVAL, SequenceData, cache_dir, load_sequences
 from mlsa4rec.data.readers import READERS, Interactions, detect_format, read_interactions
 from mlsa4rec.data.registry import REGISTRY, DatasetSpec, data_dir_from, get_spec, locate
 from mlsa4rec.errors import DataError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INTERVAL = "[5,inf)"
 
 __all__ = [
     "DEFAULT_INTERVAL", "READERS", "REGISTRY", "DatasetSpec", "Interactions", "SequenceData", "data_dir_from",

@@ -35,6 +35,7 @@ from mlsa4rec.fileio import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
+DEFAULT_INTERVAL = "[5,inf)"  # the protocol's 5-core filter, RecBole's notation
 PROCESSING_VERSION = 1  # bump when the processing below changes what it produces
 
 
@@ -138,8 +139,8 @@ def kcore_filter(user_codes: np.ndarray, item_codes: np.ndarray, user_interval: 
 def build_sequences(
     inter: Interactions,
     name: str,
-    user_interval: str = "[5,inf)",
-    item_interval: str = "[5,inf)",
+    user_interval: str = DEFAULT_INTERVAL,
+    item_interval: str = DEFAULT_INTERVAL,
     fingerprint: str = "",
 ) -> SequenceData:
     """Filter, remap, sort: the whole pipeline from events to per-user sequences (vectorised)."""
@@ -212,8 +213,8 @@ def load_sequences(
     path: str | Path,
     fmt: str,
     name: str,
-    user_interval: str = "[5,inf)",
-    item_interval: str = "[5,inf)",
+    user_interval: str = DEFAULT_INTERVAL,
+    item_interval: str = DEFAULT_INTERVAL,
     use_cache: bool = True,
 ) -> SequenceData:
     """Read ``path`` with reader ``fmt`` and process it, through the checksum-keyed cache."""

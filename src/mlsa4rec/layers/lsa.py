@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from mlsa4rec.errors import check_choice
 from mlsa4rec.layers.dropout import Dropout
 
 VARIANTS = ("faithful", "masked", "causal")
@@ -100,10 +101,8 @@ class LowRankSelfAttention(nn.Module):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"hidden_size ({d_model}) must be divisible by n_heads ({n_heads})")
-        if variant not in VARIANTS:
-            raise ValueError(f"LSA variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
-        if softmax not in SOFTMAX_AXES:
-            raise ValueError(f"attention softmax axis must be one of {', '.join(SOFTMAX_AXES)}; got {softmax!r}")
+        check_choice("the LSA's variant", variant, VARIANTS)
+        check_choice("the attention's softmax axis (attn_softmax)", softmax, SOFTMAX_AXES)
         if k_interests < 1:
             raise ValueError(f"k_interests must be >= 1, got {k_interests}")
         self.n_heads, self.variant, self.softmax = n_heads, variant, softmax

@@ -56,7 +56,7 @@ from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender
 
 
-class FeedForward(nn.Module):
+class LRURecFeedForward(nn.Module):
     """LRURec's position-wise FFN: GELU, dropout inside and after, residual, LayerNorm (eps 1e-5)."""
 
     def __init__(self, d_model: int, inner_size: int, dropout: float) -> None:
@@ -79,7 +79,7 @@ class LRUBlock(nn.Module):
         self.lru = LRU(d_model, d_state, r_min=r_min, r_max=r_max, max_phase=max_phase)
         self.dropout = Dropout(lru_dropout)
         self.layer_norm = nn.LayerNorm(d_model)
-        self.feed_forward = FeedForward(d_model, 4 * d_model, dropout)
+        self.feed_forward = LRURecFeedForward(d_model, 4 * d_model, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.feed_forward(self.layer_norm(self.dropout(self.lru(x)) + x))

@@ -28,7 +28,7 @@ from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender, normal_init
 
 
-class FeedForward(nn.Module):
+class Mamba4RecFeedForward(nn.Module):
     """Mamba4Rec's FFN: GELU, dropout inside and after, residual, LayerNorm."""
 
     def __init__(self, d_model: int, inner_size: int, dropout: float) -> None:
@@ -49,7 +49,7 @@ class MambaLayer(nn.Module):
         self.mamba = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
         self.dropout = Dropout(dropout)
         self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
-        self.ffn = FeedForward(d_model, 4 * d_model, dropout)
+        self.ffn = Mamba4RecFeedForward(d_model, 4 * d_model, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.dropout(self.mamba(x))

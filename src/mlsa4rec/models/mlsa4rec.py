@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
+from mlsa4rec.errors import check_choice
 from mlsa4rec.layers import Dropout, Mamba, MambaState
 from mlsa4rec.layers.absent import NoLSA, NoMamba
 from mlsa4rec.layers.lsa import LowRankSelfAttention, LSAState
@@ -96,10 +97,8 @@ class MambaLSAInteraction(nn.Module):
                  gate_act: str = "gelu", use_lsa: bool = True, lsa_input: str = "mamba",
                  interaction_mamba: bool = True) -> None:
         super().__init__()
-        if gate_act not in (*GATES, "none"):
-            raise ValueError(f"gate_act must be one of {', '.join((*GATES, 'none'))}; got {gate_act!r}")
-        if lsa_input not in ("mamba", "embedding"):
-            raise ValueError(f"lsa_input must be mamba or embedding; got {lsa_input!r}")
+        check_choice("gate_act", gate_act, (*GATES, "none"))
+        check_choice("lsa_input", lsa_input, ("mamba", "embedding"))
         gated = use_lsa and gate_act != "none"
         self.dropout = Dropout(dropout)
         # a dropout of its own for Mamba's output: without the block it is off, so M = H0 exactly
@@ -181,8 +180,7 @@ class MLSA4Rec(SequentialRecommender):
         layer_norm_eps: float = 1e-12,
     ) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+        check_choice("variant", variant, VARIANTS)
         if attn_softmax == "auto":  # the released axis; a causal model normalises over the interests
             attn_softmax = "interests" if variant == "causal" else "sequence"
         if num_layers < 0 or num_interaction_layers < 0:

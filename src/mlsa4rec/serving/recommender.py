@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 
 from mlsa4rec.config import Config, build_config, load_yaml_file
 from mlsa4rec.data.itemmap import ItemMap
-from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.errors import MLSA4RecError, check_choice
 from mlsa4rec.models import build_model, get_class
 from mlsa4rec.training import rundir
 from mlsa4rec.training.run import load_run, load_weights, resolve_device
@@ -112,8 +112,7 @@ class Recommender:
     # --- ids ---------------------------------------------------------------------------------------
     def to_ids(self, history: Iterable[Any], unknown: str = "error") -> list[int]:
         """Model ids of one history of raw ids; unknown ids are an error, or dropped with a warning."""
-        if unknown not in UNKNOWN:
-            raise MLSA4RecError(f"unknown must be one of {', '.join(UNKNOWN)}, got {unknown!r}")
+        check_choice("unknown", unknown, UNKNOWN, MLSA4RecError)
         ids, missing = self.items.ids(history)
         if missing:
             shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
