@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
-from mlsa4rec.errors import ConfigError, check_choice
+from mlsa4rec.errors import ConfigError, MLSA4RecError, check_choice
+from mlsa4rec.metrics import METRICS, parse_metric
 
-METRIC_NAMES = ("hit", "ndcg", "mrr", "recall", "precision")
 TRAIN_SCHEMES = ("auto", "prefix", "all_positions", "cloze")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 _INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*$")
@@ -312,20 +312,23 @@ def _validate(v: dict[str, Any]) -> None:
         raise ConfigError(f"loss_type {v['loss_type']!r} is not offered; only CE (full softmax) is")
     metrics = [str(m).lower() for m in v["metrics"]]
     for m in metrics:
-        if m not in METRIC_NAMES:
-            raise ConfigError(f"metrics: unknown metric {m!r}; choose from {', '.join(METRIC_NAMES)}")
+        if m not in METRICS:
+            raise ConfigError(f"metrics: unknown metric {m!r}; choose from {', '.join(METRICS)}")
     v["metrics"] = metrics
     topk = v["topk"]
     if not topk or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in topk):
         raise ConfigError(f"topk must be a list of positive integers, got {topk!r}")
     v["topk"] = sorted(set(topk))
-    name, _, k = str(v["valid_metric"]).lower().partition("@")
-    if name not in metrics or not k.isdigit() or int(k) not in v["topk"]:
+    try:
+        name, k = parse_metric(str(v["valid_metric"]))
+    except MLSA4RecError:
+        name, k = "", 0
+    if name not in metrics or k not in v["topk"]:
         raise ConfigError(
             f"valid_metric {v['valid_metric']!r} is not computed: it must be METRIC@K with METRIC in "
             f"metrics {metrics} and K in topk {v['topk']}"
         )
-    v["valid_metric"] = f"{name}@{int(k)}"
+    v["valid_metric"] = f"{name}@{k}"
     for key, value in v.items():
         if key.endswith("dropout_prob") and not 0.0 <= value < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {value!r}")
