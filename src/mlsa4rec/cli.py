@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from mlsa4rec.errors import MLSA4RecError, PeerFailed
+from mlsa4rec.runtime import env_rank, launched_by_torchrun
 
 DATASET_HELP = (
     "a registered dataset (ml-1m, amazon-beauty, amazon-video-games) or a data file: .inter (RecBole "
@@ -217,11 +218,6 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rank() -> int:
-    """This process's torchrun rank (0 outside torchrun); read here to keep the CLI's imports light."""
-    return int(os.environ.get("RANK", "0")) if "WORLD_SIZE" in os.environ else 0
-
-
 def _without_nproc(argv: Sequence[str]) -> list[str]:
     """``argv`` minus ``--nproc N`` / ``--nproc=N`` (and argparse's abbreviations of it)."""
     out, skip = [], False
@@ -279,7 +275,6 @@ def _launch(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mlsa4rec.config import parse_set, run_facts
-    from mlsa4rec.training.distributed import launched_by_torchrun
     from mlsa4rec.training.run import format_table, train
 
     if args.model is None or args.dataset is None:  # a finished run's config.yaml names both
@@ -298,7 +293,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return _launch(args)
     results = train(args.model, args.dataset, args.output_dir, args.config, parse_set(args.overrides),
                     args.data_dir, args.overwrite, args.resume)
-    if _rank() != 0:
+    if env_rank() != 0:
         return 0  # rank 0 prints the results
     if args.json:
         print(json.dumps({k: results[k] for k in ("model", "valid", "test", "best_epoch", "epochs_run",
@@ -475,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     quiet = getattr(args, "quiet", False)  # -q before or after the command
-    if quiet or _rank() != 0:  # the console shows warnings only; train.log still gets every line
+    if quiet or env_rank() != 0:  # the console shows warnings only; train.log still gets every line
         for handler in logging.getLogger().handlers:
             handler.setLevel(logging.WARNING)
     if args.command in ("train", "evaluate"):
@@ -486,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = _cmd_data_stats if args.command == "data" else COMMANDS[args.command]
         return handler(args)
     except MLSA4RecError as exc:
-        rank = _rank()
+        rank = env_rank()
         if not isinstance(exc, PeerFailed):  # rank 0 failed and prints the message itself
             print(f"error: {f'[rank {rank}] ' if rank else ''}{exc}", file=sys.stderr)
         return 2

@@ -47,3 +47,14 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def launched_by_torchrun() -> bool:
+    """True inside a process started by torchrun (or another launcher that sets RANK/WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def env_rank() -> int:
+    """This process's global rank from the environment (0 when not launched by torchrun). Torch-free,
+    so the CLI can ask before it imports anything heavy."""
+    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0

@@ -28,18 +28,9 @@ import torch
 import torch.distributed as tdist
 
 from mlsa4rec.errors import MLSA4RecError, PeerFailed
+from mlsa4rec.runtime import env_rank, launched_by_torchrun  # noqa: F401 (env_rank: part of this API)
 
 log = logging.getLogger("mlsa4rec")
-
-
-def launched_by_torchrun() -> bool:
-    """True inside a process started by torchrun (or another launcher that sets RANK/WORLD_SIZE)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def env_rank() -> int:
-    """This process's global rank from the environment (0 when not launched by torchrun)."""
-    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
 
 
 def rank_seed(seed: int, rank: int) -> int:
