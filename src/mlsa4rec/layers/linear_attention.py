@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlsa4rec.layers.dropout import Dropout
+from mlsa4rec.layers.precision import state_dtype
 from mlsa4rec.layers.transformer import FeedForward
 
 
@@ -75,10 +76,6 @@ def causal_linear_attention(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor,
         before = torch.einsum("...nk,...kme->...nme", weights, sums)
         out = within + (qc @ before) * (previous.unsqueeze(-1) - cc).exp().unsqueeze(-1)
     return out.reshape(*lead, c * chunk, v.shape[-1])[..., :n, :]
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def running_max(x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +127,7 @@ class CausalLinearAttention(nn.Module):
         w = self.query.weight
         e = self.head_size + int(self.normalised)
         return torch.zeros(batch, self.n_heads, self.n_features, e, device=device or w.device,
-                           dtype=_work_dtype(dtype or w.dtype))
+                           dtype=state_dtype(dtype or w.dtype))
 
     def attend_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state):
         """One position (B x H x d, B x H x e) -> (B x H x e, the state after it): S += phi_k(k) v^T."""
@@ -141,7 +138,7 @@ class CausalLinearAttention(nn.Module):
     # --- shared -------------------------------------------------------------------------------
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """... x D -> heads ... x H x d (values x e: with a column of ones when normalised)."""
-        work = _work_dtype(x.dtype)
+        work = state_dtype(x.dtype)
         q, k, v = (proj(x).unflatten(-1, (self.n_heads, self.head_size)).to(work)
                    for proj in (self.query, self.key, self.value))
         if self.normalised:

@@ -27,11 +27,8 @@ import math
 import torch
 from torch import nn
 
+from mlsa4rec.layers.precision import state_dtype
 from mlsa4rec.ops.linear_scan import linear_scan, powers
-
-
-def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 class LRU(nn.Module):
@@ -78,7 +75,7 @@ class LRU(nn.Module):
         The scan's channel-major layout (2 x N x B x L) comes out of in_proj computed as W x^T and
         goes into out_proj as h^T W^T, so no large tensor is transposed."""
         batch, length, d = x.shape
-        dtype = _at_least_fp32(x.dtype)
+        dtype = state_dtype(x.dtype)
         nu, theta, gamma = self.eigen(dtype)
         w, b = self._in_weights(dtype, gamma)
         u = torch.addmm(b[:, None], w, x.reshape(batch * length, d).to(dtype).T)     # 2N x BL
@@ -91,7 +88,7 @@ class LRU(nn.Module):
         """h = 0 for ``batch`` sequences: B x 2 x N (real, imaginary), in at least float32."""
         w = self.in_proj.weight
         return torch.zeros(batch, 2, self.d_state, device=device or w.device,
-                           dtype=_at_least_fp32(dtype or w.dtype))
+                           dtype=state_dtype(dtype or w.dtype))
 
     def step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One position: x_t (B x D) and h_(t-1) (B x 2 x N) -> (y_t, B x D; h_t)."""

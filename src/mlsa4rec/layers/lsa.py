@@ -33,6 +33,7 @@ from torch import nn
 
 from mlsa4rec.errors import check_choice
 from mlsa4rec.layers.dropout import Dropout
+from mlsa4rec.layers.precision import state_dtype
 
 VARIANTS = ("faithful", "masked", "causal")
 SOFTMAX_AXES = ("sequence", "interests")
@@ -158,8 +159,7 @@ class LowRankSelfAttention(nn.Module):
                       ) -> LSAState:
         device = device or self.query.weight.device
         dtype = dtype or self.query.weight.dtype
-        if dtype in (torch.float16, torch.bfloat16):  # like Mamba's SSM state: running sums stay in fp32
-            dtype = torch.float32
+        dtype = state_dtype(dtype)  # running sums stay in at least fp32, like Mamba's SSM state
         d, p = self.query.in_features, self.attpooling_key.theta.shape[1]
         empty = torch.full((batch, p), float("-inf"), device=device, dtype=dtype)
         zeros = torch.zeros(batch, p, d, device=device, dtype=dtype)

@@ -25,12 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlsa4rec.layers.precision import at_least_fp32, state_dtype
 from mlsa4rec.ops import selective_scan
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """mamba-ssm keeps A, D and the Delta bias in fp32 under half precision; float64 stays float64."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 class MambaState(NamedTuple):
@@ -113,15 +109,15 @@ class Mamba(nn.Module):
         x, z = self.in_proj(u).transpose(1, 2).chunk(2, dim=1)  # B x d_inner x L each
         x_conv = F.silu(self.conv1d(x)[..., :length])
         dt, B, C = self._ssm_inputs(x_conv.transpose(1, 2))
-        A = -torch.exp(_at_least_fp32(self.A_log))
+        A = -torch.exp(at_least_fp32(self.A_log))
         out = selective_scan(x_conv, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
-                             _at_least_fp32(self.D), z, _at_least_fp32(self.dt_proj.bias), delta_softplus=True,
+                             at_least_fp32(self.D), z, at_least_fp32(self.dt_proj.bias), delta_softplus=True,
                              return_last_state=return_state, impl=self.scan_impl)
         if not return_state:
             return self.out_proj(out.transpose(1, 2))
         y, ssm = out
         conv = F.pad(x, (max(self.d_conv - length, 0), 0))[..., -self.d_conv:]
-        return self.out_proj(y.transpose(1, 2)), MambaState(conv, _at_least_fp32(ssm))
+        return self.out_proj(y.transpose(1, 2)), MambaState(conv, at_least_fp32(ssm))
 
     def initial_state(self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
                       ) -> MambaState:
@@ -131,7 +127,7 @@ class Mamba(nn.Module):
         device, dtype = device or w.device, dtype or w.dtype
         return MambaState(torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=dtype),
                           torch.zeros(batch, self.d_inner, self.d_state, device=device,
-                                      dtype=torch.promote_types(dtype, torch.float32)))
+                                      dtype=state_dtype(dtype)))
 
     def step(self, u_t: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
         """One position: u_t (B x D, or mamba-ssm's B x 1 x D) and the state -> (y_t of the same
@@ -150,8 +146,8 @@ class Mamba(nn.Module):
                    + (self.conv1d.bias if self.conv1d.bias is not None else 0)).to(u_t.dtype)
         dt, B, C = self._ssm_inputs(x)
         dt = F.softplus(dt + self.dt_proj.bias)
-        A = -torch.exp(_at_least_fp32(self.A_log))
+        A = -torch.exp(at_least_fp32(self.A_log))
         ssm = torch.exp(dt[..., None] * A) * state.ssm + (dt * x)[..., None] * B[:, None, :]
         ssm = ssm.to(state.ssm.dtype)
-        y = (ssm * C[:, None, :]).sum(-1) + _at_least_fp32(self.D) * x
+        y = (ssm * C[:, None, :]).sum(-1) + at_least_fp32(self.D) * x
         return self.out_proj((y * F.silu(z)).to(u_t.dtype)), MambaState(conv, ssm)
