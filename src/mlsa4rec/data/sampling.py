@@ -127,8 +127,12 @@ class TrainSampler:
             raise ValueError(f"unknown training scheme {scheme!r}")
         if (scheme == "cloze") != (cloze is not None):
             raise ValueError("the cloze scheme needs its Cloze settings, and only it takes them")
-        self.data, self.scheme, self.max_len, self.batch_size = data, scheme, max_len, batch_size
-        self.trim, self.bucket_chunks = trim, bucket_chunks
+        self.data = data
+        self.scheme = scheme
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.trim = trim
+        self.bucket_chunks = bucket_chunks
         self.cloze = cloze
         self.rng = np.random.default_rng(seed)
         self.n_targets: int | None = None  # cloze: drawn per batch

@@ -99,7 +99,8 @@ class CausalLinearAttention(nn.Module):
         super().__init__()
         if hidden_size % n_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by n_heads ({n_heads})")
-        self.n_heads, self.head_size = n_heads, hidden_size // n_heads
+        self.n_heads = n_heads
+        self.head_size = hidden_size // n_heads
         self.query = nn.Linear(hidden_size, hidden_size)
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)
@@ -234,7 +235,8 @@ class PerformerAttention(CausalLinearAttention):
             raise ValueError(f"nb_features must be >= 1, got {nb_features}")
         if redraw_interval < 0:
             raise ValueError(f"feature_redraw_interval must be >= 0 (0 = never redraw), got {redraw_interval}")
-        self.nb_features, self.redraw_interval = nb_features, redraw_interval
+        self.nb_features = nb_features
+        self.redraw_interval = redraw_interval
         seed = int(torch.randint(0, 2**62, (), device="cpu"))  # explicit CPU: also under a meta device
         self.register_buffer("feature_seed", torch.tensor(seed, dtype=torch.int64))
         self.register_buffer("redraws", torch.tensor(0, dtype=torch.int64))

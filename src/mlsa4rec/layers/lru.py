@@ -41,8 +41,11 @@ class LRU(nn.Module):
             raise ValueError(f"the eigenvalue ring needs 0 < r_min <= r_max < 1, got r_min={r_min}, r_max={r_max}")
         if not max_phase > 0.0:
             raise ValueError(f"max_phase must be > 0, got {max_phase}")
-        self.d_model, self.d_state = d_model, d_state
-        self.r_min, self.r_max, self.max_phase = r_min, r_max, max_phase
+        self.d_model = d_model
+        self.d_state = d_state
+        self.r_min = r_min
+        self.r_max = r_max
+        self.max_phase = max_phase
         self.params_log = nn.Parameter(torch.empty(3, d_state))  # rows: log nu, log theta, log gamma
         self.in_proj = nn.Linear(d_model, 2 * d_state)
         self.out_proj = nn.Linear(2 * d_state, d_model)

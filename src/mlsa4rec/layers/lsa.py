@@ -106,7 +106,9 @@ class LowRankSelfAttention(nn.Module):
         check_choice("the attention's softmax axis (attn_softmax)", softmax, SOFTMAX_AXES)
         if k_interests < 1:
             raise ValueError(f"k_interests must be >= 1, got {k_interests}")
-        self.n_heads, self.variant, self.softmax = n_heads, variant, softmax
+        self.n_heads = n_heads
+        self.variant = variant
+        self.softmax = softmax
         self.query = nn.Linear(d_model, d_model)
         self.key = nn.Linear(d_model, d_model)
         self.value = nn.Linear(d_model, d_model)

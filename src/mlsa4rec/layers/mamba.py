@@ -60,10 +60,14 @@ class Mamba(nn.Module):
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
         factory = {"device": device, "dtype": dtype}
-        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        self.layer_idx, self.scan_impl = layer_idx, scan_impl
+        self.layer_idx = layer_idx
+        self.scan_impl = scan_impl
 
         # built, and random numbers drawn, in mamba-ssm's order: the same seed gives the same weights
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)

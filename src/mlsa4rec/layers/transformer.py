@@ -26,7 +26,8 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, hidden_size: int, n_heads: int, attn_dropout: float, hidden_dropout: float, eps: float) -> None:
         super().__init__()
-        self.n_heads, self.attn_dropout = n_heads, attn_dropout
+        self.n_heads = n_heads
+        self.attn_dropout = attn_dropout
         self.query = nn.Linear(hidden_size, hidden_size)
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)

@@ -34,7 +34,8 @@ class GRU4Rec(SequentialRecommender):
                            ("num_layers", num_layers)):
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
-        self.n_items, self.max_seq_length = n_items, max_seq_length
+        self.n_items = n_items
+        self.max_seq_length = max_seq_length
         self.item_embedding = nn.Embedding(n_items + 1, embedding_size, padding_idx=0)
         self.emb_dropout = Dropout(dropout_prob)
         self.gru_layers = nn.GRU(embedding_size, hidden_size, num_layers=num_layers, bias=False, batch_first=True)

@@ -95,7 +95,9 @@ class LightSANs(SequentialRecommender):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
-        self.n_items, self.max_seq_length, self.initializer_range = n_items, max_seq_length, initializer_range
+        self.n_items = n_items
+        self.max_seq_length = max_seq_length
+        self.initializer_range = initializer_range
         self.item_embedding = nn.Embedding(n_items + 1, hidden_size, padding_idx=0)
         self.position_embedding = nn.Embedding(max_seq_length, hidden_size)
         self.trm_encoder = LightTransformerEncoder(

@@ -105,7 +105,9 @@ class LRURec(SequentialRecommender):
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if hidden_size < 1 or expand < 1:
             raise ValueError(f"hidden_size and expand must be >= 1, got {hidden_size} and {expand}")
-        self.n_items, self.max_seq_length, self.initializer_range = n_items, max_seq_length, initializer_range
+        self.n_items = n_items
+        self.max_seq_length = max_seq_length
+        self.initializer_range = initializer_range
         self.item_embedding = nn.Embedding(n_items + 1, hidden_size, padding_idx=0)
         self.layer_norm = nn.LayerNorm(hidden_size)
         self.dropout = Dropout(dropout_prob)

@@ -74,7 +74,9 @@ class Mamba4Rec(SequentialRecommender):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        self.n_items, self.max_seq_length, self.initializer_range = n_items, max_seq_length, initializer_range
+        self.n_items = n_items
+        self.max_seq_length = max_seq_length
+        self.initializer_range = initializer_range
         self.item_embedding = nn.Embedding(n_items + 1, hidden_size, padding_idx=0)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=1e-12)
         self.dropout = Dropout(dropout_prob)

@@ -187,7 +187,9 @@ class MLSA4Rec(SequentialRecommender):
             raise ValueError("num_layers and num_interaction_layers must be >= 0")
         if num_layers + num_interaction_layers == 0:
             raise ValueError("the model needs at least one interaction or normalization layer")
-        self.n_items, self.max_seq_length, self.variant = n_items, max_seq_length, variant
+        self.n_items = n_items
+        self.max_seq_length = max_seq_length
+        self.variant = variant
         # without any LSA the model is a stack of Mamba blocks, padding-invariant whatever the
         # variant; it keeps the variant's training scheme so that an ablation changes one thing
         no_lsa = not use_lsa or num_interaction_layers == 0

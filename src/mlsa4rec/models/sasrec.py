@@ -46,7 +46,8 @@ class SASRec(SequentialRecommender):
                 raise ValueError(f"{key} must be >= 1, got {value}")
         if hidden_size % n_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by n_heads ({n_heads})")
-        self.n_items, self.max_seq_length = n_items, max_seq_length
+        self.n_items = n_items
+        self.max_seq_length = max_seq_length
         self.item_embedding = nn.Embedding(n_items + 1, hidden_size, padding_idx=0)
         self.position_embedding = nn.Embedding(max_seq_length, hidden_size)
         self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)

@@ -335,7 +335,8 @@ class _Step(nn.Module):
 
     def __init__(self, model: nn.Module, spec: pytree.TreeSpec) -> None:
         super().__init__()
-        self.model, self.spec = model, spec
+        self.model = model
+        self.spec = spec
 
     def forward(self, item: torch.Tensor, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
         user, state = self.model.step(item, pytree.tree_unflatten(list(leaves), self.spec))

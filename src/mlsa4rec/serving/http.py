@@ -180,8 +180,11 @@ class SessionStore:
 
     def __init__(self, cap: int, ttl_s: float, gauge: Gauge, dropped: Counter,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.cap, self.ttl_s, self.clock = cap, ttl_s, clock
-        self._gauge, self._dropped = gauge, dropped
+        self.cap = cap
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._gauge = gauge
+        self._dropped = dropped
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
 
     def __len__(self) -> int:
@@ -253,7 +256,11 @@ class Batcher:
 
     def __init__(self, rec: Recommender, run: Callable[..., Any], window_s: float, max_batch: int,
                  sizes: Histogram) -> None:
-        self.rec, self.run, self.window_s, self.max_batch, self.sizes = rec, run, window_s, max_batch, sizes
+        self.rec = rec
+        self.run = run
+        self.window_s = window_s
+        self.max_batch = max_batch
+        self.sizes = sizes
         self.queue: asyncio.Queue[_Pending] | None = None
         self._full: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -265,7 +272,8 @@ class Batcher:
         return self._task is not None and not self._task.done()
 
     def start(self) -> None:
-        self.queue, self._full = asyncio.Queue(), asyncio.Event()
+        self.queue = asyncio.Queue()
+        self._full = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
@@ -340,7 +348,8 @@ class BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` (declared or streamed) gets 413 unread."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+        self.app = app
+        self.max_bytes = max_bytes
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
@@ -386,7 +395,10 @@ class Metrics:
     """ASGI middleware: requests by endpoint (the route's template), method and status, and latency."""
 
     def __init__(self, app: Any, router: Any, requests: Counter, latency: Histogram) -> None:
-        self.app, self.router, self.requests, self.latency = app, router, requests, latency
+        self.app = app
+        self.router = router
+        self.requests = requests
+        self.latency = latency
 
     def endpoint(self, scope: dict[str, Any]) -> str:
         for route in self.router.routes:

@@ -299,7 +299,9 @@ class Session:
             self.state = pytree.tree_unflatten([t.to(b.device, b.dtype) for t, b in zip(saved, leaves)], spec)
             rep = state["representation"]
             self.representation = None if rep is None else rep.to(self.rec.device)
-        self.length, self.recent, self.seen = int(state["length"]), recent, set(seen)
+        self.length = int(state["length"])
+        self.recent = recent
+        self.seen = set(seen)
 
 
 def _device(name: str, config: Config) -> torch.device:

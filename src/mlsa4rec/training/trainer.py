@@ -151,7 +151,10 @@ class Trainer:
                  device: torch.device, on_improve: Callable[[SequentialRecommender, int], None] | None = None, *,
                  group: DistContext | None = None, on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> None:
-        self.model, self.data, self.config, self.device = model.to(device), data, config, device
+        self.model = model.to(device)
+        self.data = data
+        self.config = config
+        self.device = device
         self.group = group or DistContext()
         self.scheme = resolve_scheme(model, config["train_scheme"])
         self.sampler = TrainSampler(
@@ -173,7 +176,9 @@ class Trainer:
                                           weight_decay=config["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(config["lr_scheduler"], config["epochs"] * len(self.sampler)))
-        self.on_improve, self.on_checkpoint, self.on_step = on_improve, on_checkpoint, on_step
+        self.on_improve = on_improve
+        self.on_checkpoint = on_checkpoint
+        self.on_step = on_step
         self.progress = Progress(sampler_state=self.sampler.rng_state)
         self.best_state: dict[str, torch.Tensor] | None = None
 
