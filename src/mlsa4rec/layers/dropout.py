@@ -23,4 +23,4 @@ class Dropout(nn.Dropout):
     """Drop-in for ``nn.Dropout`` (same ``p``, same state dict) with the faster mask."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
+        return dropout(x, self.p, training=self.training)

@@ -51,7 +51,7 @@ class MultiHeadAttention(nn.Module):
                 n = x.shape[1]
                 future = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
                 scores = scores.masked_fill(future, float("-inf"))
-            ctx = dropout(scores.softmax(-1), self.attn_dropout, True) @ v
+            ctx = dropout(scores.softmax(-1), self.attn_dropout, training=True) @ v
         else:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
         ctx = ctx.transpose(1, 2).reshape(x.shape)

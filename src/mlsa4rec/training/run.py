@@ -154,8 +154,8 @@ def preflight(model: str, dataset: str, output_dir: str | Path, config_files: li
     dataset = _resolve_dataset(dataset)
     config = build_config(model, config_files, overrides, extra={"dataset": str(dataset)})
     device = distributed.device_for(config["device"], 0) if world_size > 1 else resolve_device(config["device"])
-    out = rundir.resolve_output_dir(output_dir, overwrite)
-    _, _, payload = rundir.open_stage(out, overwrite, resume, dry=True)
+    out = rundir.resolve_output_dir(output_dir, overwrite=overwrite)
+    _, _, payload = rundir.open_stage(out, overwrite=overwrite, resume=resume, dry=True)
     data = load_run_data(config, data_dir)
     check_memory(config, data, device)
     if payload:
@@ -199,7 +199,8 @@ def train(
     elif log.getEffectiveLevel() > logging.INFO:  # library use without logging set up: still fill train.log
         log.setLevel(logging.INFO)
     try:
-        results = _train(model, output_dir, config, data_dir, overwrite, resume, on_step, group, device)
+        results = _train(model, output_dir, config, data_dir, overwrite=overwrite, resume=resume, on_step=on_step,
+                         group=group, device=device)
         # every rank leaves together (rank 0 may still be publishing): a rank that tears gloo down
         # while its peer is busy was seen to abort at exit ("terminate called ...") on a loaded machine
         group.barrier()
@@ -209,14 +210,14 @@ def train(
         distributed.destroy(group)
 
 
-def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | Path | None, overwrite: bool,
+def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | Path | None, *, overwrite: bool,
            resume: bool, on_step: Callable[[int, int], None] | None, group: DistContext,
            device: torch.device) -> dict[str, Any]:
     opened: dict[str, Any] = {}
 
     def open_stage() -> bytes:
-        opened["out"] = rundir.resolve_output_dir(output_dir, overwrite)
-        opened["stage"], opened["lock"], payload = rundir.open_stage(opened["out"], overwrite, resume)
+        opened["out"] = rundir.resolve_output_dir(output_dir, overwrite=overwrite)
+        opened["stage"], opened["lock"], payload = rundir.open_stage(opened["out"], overwrite=overwrite, resume=resume)
         return payload
 
     payload = group.run_on_main(open_stage)
@@ -308,7 +309,7 @@ def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | P
     except BaseException as exc:
         exc = as_user_error(exc)
         if stage is not None:
-            _after_failure(exc, stage, lock, training)
+            _after_failure(exc, stage, lock, training=training)
         raise exc from None
     finally:
         if handler is not None:
@@ -317,11 +318,11 @@ def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | P
     if stage is None:
         return results
     # a resumed run replaces what its first command's --overwrite allowed (a run mlsa4rec wrote)
-    results["run_dir"] = str(rundir.publish(stage, out, overwrite or resume, lock))
+    results["run_dir"] = str(rundir.publish(stage, out, overwrite=overwrite or resume, lock=lock))
     return results
 
 
-def _after_failure(exc: BaseException, stage: Path, lock: rundir.StageLock, training: bool) -> None:
+def _after_failure(exc: BaseException, stage: Path, lock: rundir.StageLock, *, training: bool) -> None:
     """Rank 0, when a run fails: keep the staging directory if it holds a checkpoint (and say
     how to resume), otherwise remove it, so that a failure never leaves debris behind."""
     lock.release()

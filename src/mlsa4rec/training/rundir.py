@@ -66,7 +66,7 @@ def _q(path: Path) -> str:
 
 # --- paths -------------------------------------------------------------------------------------
 
-def resolve_output_dir(output_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
+def resolve_output_dir(output_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """The absolute directory a run of ``--output-dir output_dir`` is written to.
 
     A symbolic link is followed to its target (which must exist): renaming the finished run onto
@@ -201,7 +201,7 @@ def _replaceable_problem(out: Path) -> str | None:
     return None
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
+def check_output_dir(out: Path, *, overwrite: bool) -> None:
     """Refuse anything but a missing or empty directory, or (with --overwrite) a run directory
     this tool wrote and nothing else touched."""
     if not out.exists():
@@ -244,7 +244,8 @@ class StageLock:
         self.handle.close()
 
 
-def open_stage(out: Path, overwrite: bool, resume: bool, dry: bool = False) -> tuple[Path, StageLock | None, bytes]:
+def open_stage(out: Path, *, overwrite: bool, resume: bool, dry: bool = False
+               ) -> tuple[Path, StageLock | None, bytes]:
     """Check the output and staging directories, then create or lock the staging directory; with
     ``resume`` also return the verified checkpoint payload. An existing stage is not emptied here:
     a fresh run calls ``clear_stage`` once all its other checks have passed, so a refusal never
@@ -257,7 +258,7 @@ def open_stage(out: Path, overwrite: bool, resume: bool, dry: bool = False) -> t
         raise MLSA4RecError(f"nothing to resume: the run in {_q(out)} has finished (only an interrupted run, "
                             f"kept in {_q(stage)}, can be resumed)")
     # a resumed run may replace what its first command's --overwrite allowed: a run mlsa4rec wrote
-    check_output_dir(out, overwrite or resume)
+    check_output_dir(out, overwrite=overwrite or resume)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -330,7 +331,7 @@ def _free_sibling(out: Path) -> Path:
     return candidate
 
 
-def publish(stage: Path, out: Path, overwrite: bool, lock: StageLock) -> Path:
+def publish(stage: Path, out: Path, *, overwrite: bool, lock: StageLock) -> Path:
     """Turn the finished stage into the run directory ``out``; returns where the run now is.
 
     The manifest is written first, then the stage is renamed onto ``out``. An old run replaced by
@@ -342,7 +343,7 @@ def publish(stage: Path, out: Path, overwrite: bool, lock: StageLock) -> Path:
     (stage / checkpoint.CHECKPOINT).unlink(missing_ok=True)
     lock.release(remove=True)
     try:
-        check_output_dir(out, overwrite)
+        check_output_dir(out, overwrite=overwrite)
     except MLSA4RecError as exc:
         target = _free_sibling(out)
         os.replace(stage, target)
