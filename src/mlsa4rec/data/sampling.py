@@ -1,6 +1,6 @@
 """Batches of (history, length, target) built by vectorised gathers from the flat item array.
 
-Two training schemes (``MLSA4REC.md`` section 5):
+The training schemes (``MLSA4REC.md`` section 5 for the first two):
 
 * **prefix** - the protocol's samples: every training target with the (at most L) items before
   it as input, one sample each. Works for any model.
