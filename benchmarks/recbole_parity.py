@@ -91,10 +91,14 @@ VENV_PINS = (
 )
 NUMPY_ALIASES = {"bool8": "bool_", "float_": "float64", "complex_": "complex128", "unicode_": "str_"}
 
-RECBOLE_MODELS = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "lightsans": "LightSANs"}
+RECBOLE_MODELS = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "lightsans": "LightSANs", "bert4rec": "BERT4Rec"}
 RECBOLE_METRICS = {"hit": "Hit", "ndcg": "NDCG", "mrr": "MRR", "recall": "Recall", "precision": "Precision"}
 PARITY_DEFAULTS = {"train_batch_size": 2048, "device": "cpu"}  # RecBole's default batch of prefix samples
 FORCED = {"train_scheme": "prefix"}                             # RecBole's one sample per prefix
+# BERT4Rec: RecBole's masked-item task on the same prefix histories, and its prediction, which
+# drops the oldest history item (recbole_eval_shift); neither is a RecBole setting
+FORCED_BY_MODEL = {"bert4rec": {"train_scheme": "cloze", "recbole_eval_shift": True}}
+OURS_ONLY = ("recbole_eval_shift",)
 # our settings that RecBole's config takes under the same name
 SHARED_KEYS = ("MAX_ITEM_LIST_LENGTH", "train_batch_size", "eval_batch_size", "learning_rate", "weight_decay",
                "epochs", "stopping_step", "eval_step", "seed", "user_inter_num_interval", "item_inter_num_interval")
@@ -246,13 +250,18 @@ def data_mismatches(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
 
 
 # --- settings ----------------------------------------------------------------------------------
+def forced(model: str) -> dict[str, Any]:
+    """The settings that make our run RecBole's: its training scheme (and BERT4Rec's prediction)."""
+    return FORCED_BY_MODEL.get(model, FORCED)
+
+
 def parity_config(model: str, config_files: list[str], sets: dict[str, Any], dataset: str = "parity") -> Any:
     """Our validated config for both libraries: defaults < files < PARITY_DEFAULTS < --set < FORCED."""
     from mlsa4rec.config import build_config
 
     if model not in RECBOLE_MODELS:
         raise SystemExit(f"error: RecBole 1.2.1 has no {model!r}; choose from {', '.join(RECBOLE_MODELS)}")
-    config = build_config(model, config_files, {**PARITY_DEFAULTS, **sets, **FORCED}, extra={"dataset": dataset})
+    config = build_config(model, config_files, {**PARITY_DEFAULTS, **sets, **forced(model)}, extra={"dataset": dataset})
     if config["lr_scheduler"] != "constant":
         raise SystemExit("error: RecBole keeps the learning rate constant; drop lr_scheduler")
     if config["exclude_history"]:
@@ -289,7 +298,7 @@ def recbole_config(config: Any, name: str, data_path: Path, work_dir: Path, thre
         "threads": threads,  # read by our worker, not by RecBole
     }
     out.update({k: c[k] for k in SHARED_KEYS})
-    out.update({k: c[k] for k in config.model_keys})
+    out.update({k: c[k] for k in config.model_keys if k not in OURS_ONLY})
     return out
 
 
@@ -430,7 +439,7 @@ def run_ours(model: str, inter: Path, config_files: list[str], sets: dict[str, A
     from mlsa4rec.training.run import train
 
     torch.set_num_threads(threads)
-    overrides = {**PARITY_DEFAULTS, **sets, **FORCED, "seed": seed}
+    overrides = {**PARITY_DEFAULTS, **sets, **forced(model), "seed": seed}
     log.info("mlsa4rec %s, seed %s", model, seed)
     results = train(model, str(inter), out_dir, config_files=config_files, overrides=overrides, overwrite=True)
     return {

@@ -141,3 +141,15 @@ def test_a_finished_recbole_run_is_reused_only_for_the_same_spec(tmp_path):
     # reuse returns the stored result without starting RecBole (no interpreter is needed)
     out_path.write_text('{"history": [], "test": {"hit@10": 0.04}}')
     assert rp.run_recbole(tmp_path / "no-python", spec, tmp_path)["test"] == {"hit@10": 0.04}
+
+
+def test_bert4rec_runs_recboles_cloze_and_prediction(tmp_path):
+    config = rp.parity_config("bert4rec", [], {"MAX_ITEM_LIST_LENGTH": 20})
+    assert config["train_scheme"] == "cloze" and config["recbole_eval_shift"] is True
+    rb = rp.recbole_config(config, "beauty", tmp_path, tmp_path / "w", threads=2)
+    assert rb["model"] == "BERT4Rec" and "recbole_eval_shift" not in rb   # not a RecBole setting
+    assert (rb["mask_ratio"], rb["ft_ratio"], rb["hidden_dropout_prob"]) == (0.2, 0.5, 0.2)
+    # the scheme and the prediction are forced: a --set cannot make the comparison unlike RecBole
+    undone = rp.parity_config("bert4rec", [], {"train_scheme": "prefix", "recbole_eval_shift": False})
+    assert (undone["train_scheme"], undone["recbole_eval_shift"]) == ("cloze", True)
+    assert rp.parity_config("sasrec", [], {})["train_scheme"] == "prefix"
