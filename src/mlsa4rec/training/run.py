@@ -34,7 +34,6 @@ from mlsa4rec.data.itemmap import ItemMap
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation import evaluate_split, split_ranks
 from mlsa4rec.evaluation.significance import check_confidence, compare_ranks, holm
-from mlsa4rec.fileio import write_atomic, write_json_atomic, write_yaml_atomic
 from mlsa4rec.metrics import parse_metric
 from mlsa4rec.models import build_model, get_class
 from mlsa4rec.ops.scan import check_environment
@@ -213,18 +212,15 @@ def train(
 def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | Path | None, *, overwrite: bool,
            resume: bool, on_step: Callable[[int, int], None] | None, group: DistContext,
            device: torch.device) -> dict[str, Any]:
-    opened: dict[str, Any] = {}
+    """Check, train, evaluate, publish. Rank 0 holds the ``rundir.Stage`` (None on the others)."""
+    opened: dict[str, rundir.Stage] = {}
 
     def open_stage() -> bytes:
-        opened["out"] = rundir.resolve_output_dir(output_dir, overwrite=overwrite)
-        opened["stage"], opened["lock"], payload = rundir.open_stage(opened["out"], overwrite=overwrite, resume=resume)
+        opened["stage"], payload = rundir.Stage.open(output_dir, overwrite=overwrite, resume=resume)
         return payload
 
     payload = group.run_on_main(open_stage)
-    out: Path | None = opened.get("out")
-    stage: Path | None = opened.get("stage")
-    lock: rundir.StageLock | None = opened.get("lock")
-    handler = None
+    stage = opened.get("stage")
     training = False  # past the resume checks: a failure from here on keeps the checkpoint with a hint
     try:
         t0 = time.perf_counter()
@@ -234,41 +230,29 @@ def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | P
         state = checkpoint.decode_training_state(payload) if resume else None
         changed = []
         if state is not None:
-            where = str(stage / "config.yaml") if stage is not None else "the interrupted run's config.yaml"
+            where = str(stage.path / "config.yaml") if stage is not None else "the interrupted run's config.yaml"
             changed = checkpoint.check_resumable(state, config.to_dict(), data.fingerprint, group.world_size, where)
         check_memory(config, data, device)
-        if stage is not None:  # every check has passed: only now may a fresh run empty its stage
-            if not resume:
-                rundir.clear_stage(stage)
-            handler = logging.FileHandler(stage / "train.log", encoding="utf-8")  # appends on resume
-            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-            log.addHandler(handler)
+        if stage is not None:
+            stage.begin()
         log.info("dataset %s: %d users, %d items, %d interactions (%.2f s)", stats["dataset"], stats["users"],
                  stats["items"], stats["interactions"], data_seconds)
         if state is not None:
-            log.info("resuming the interrupted run in %s%s", stage,
+            log.info("resuming the interrupted run in %s%s", stage.path if stage is not None else "its stage",
                      f" with changed settings: {'; '.join(changed)}" if changed else "")
         if stage is not None:
-            write_yaml_atomic(stage / "config.yaml", config.to_dict())
-            write_json_atomic(stage / rundir.ITEMS, ItemMap.from_data(data).to_json())
+            stage.write_setup(config.to_dict(), ItemMap.from_data(data).to_json())
         net = build_run_model(config, data)
 
         def save_best(m: torch.nn.Module, epoch: int) -> None:
-            blob = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()},
-                                          metadata={"model": model, "epoch": str(epoch)})
-            write_atomic(stage / rundir.WEIGHTS, lambda tmp: tmp.write_bytes(blob))
+            stage.save_weights(safetensors.torch.save(
+                {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()},
+                metadata={"model": model, "epoch": str(epoch)}))
 
-        def save_checkpoint(training_state: dict[str, Any]) -> None:
-            path = stage / checkpoint.CHECKPOINT
-            try:
-                checkpoint.save(path, training_state)
-            except MLSA4RecError as exc:
-                kept = ("the previous checkpoint is intact" if path.is_file()
-                        else "no earlier checkpoint exists, so the run cannot be resumed")
-                raise MLSA4RecError(f"{exc}; {kept}") from None
-
+        # given on every rank (gathering the ranks' random states is collective); called on rank 0
         trainer = Trainer(net, data, config, device, on_improve=save_best, group=group,
-                          on_checkpoint=save_checkpoint, on_step=on_step)
+                          on_checkpoint=lambda training_state: stage.save_checkpoint(training_state),
+                          on_step=on_step)
         if state is not None:
             checkpoint.load_training_state(trainer, state)
             del state, payload
@@ -305,32 +289,24 @@ def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | P
             "history": fit.history,
         }
         if stage is not None:
-            write_json_atomic(stage / "results.json", results)
+            stage.write_results(results)
     except BaseException as exc:
         exc = as_user_error(exc)
-        if stage is not None:
-            _after_failure(exc, stage, lock, training=training)
+        if stage is not None and stage.fail() and training:
+            _add_resume_hint(exc, stage.path)
         raise exc from None
     finally:
-        if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
+        if stage is not None:
+            stage.close_log()
     if stage is None:
         return results
-    # a resumed run replaces what its first command's --overwrite allowed (a run mlsa4rec wrote)
-    results["run_dir"] = str(rundir.publish(stage, out, overwrite=overwrite or resume, lock=lock))
+    results["run_dir"] = str(stage.publish())
     return results
 
 
-def _after_failure(exc: BaseException, stage: Path, lock: rundir.StageLock, *, training: bool) -> None:
-    """Rank 0, when a run fails: keep the staging directory if it holds a checkpoint (and say
-    how to resume), otherwise remove it, so that a failure never leaves debris behind."""
-    lock.release()
-    if not (stage / checkpoint.CHECKPOINT).is_file():
-        rundir.discard_stage(stage)
-        return
-    if not training:
-        return  # the resume checks failed: the interrupted run stays as it was
+def _add_resume_hint(exc: BaseException, stage: Path) -> None:
+    """A run that failed while training kept its checkpoint: say how to go on (the resume checks
+    failing leaves the interrupted run as it was, with no hint)."""
     if isinstance(exc, NonFiniteLoss):
         hint = (f"the last good checkpoint is kept in {str(stage)!r}; resuming unchanged would diverge again: rerun "
                 "with --resume --set clip_grad_norm=1.0 to continue with gradient clipping, or with --overwrite "

@@ -38,7 +38,7 @@ from typing import Any
 
 import mlsa4rec
 from mlsa4rec.errors import MLSA4RecError
-from mlsa4rec.fileio import current_umask, sha256_file, write_json_atomic
+from mlsa4rec.fileio import current_umask, sha256_file, write_atomic, write_json_atomic, write_yaml_atomic
 from mlsa4rec.training import checkpoint
 
 try:
@@ -372,3 +372,81 @@ def _delete_replaced(old: Path) -> None:
         old.rmdir()
     except OSError:
         log.warning("the replaced run's directory %s still holds files mlsa4rec did not write; they were kept", old)
+
+
+# --- one run's stage, start to finish ----------------------------------------------------------
+
+class Stage:
+    """The staging directory of one run on rank 0, from creation to publication.
+
+    ``Stage.open`` checks the output and staging directories and creates (or, to resume, locks)
+    the stage; ``begin`` empties a fresh stage once every other check has passed, starts
+    ``train.log`` and writes ``config.yaml`` and ``items.json``; the ``save_*`` and
+    ``write_results`` methods write the run's files atomically while it trains; ``publish`` makes
+    it the run directory, and ``fail`` decides what a failed run leaves behind.
+    """
+
+    def __init__(self, out: Path, path: Path, lock: StageLock, *, overwrite: bool, resume: bool) -> None:
+        self.out = out
+        self.path = path
+        self.lock = lock
+        self.overwrite = overwrite
+        self.resume = resume
+        self.log_handler: logging.Handler | None = None
+
+    @classmethod
+    def open(cls, output_dir: str | os.PathLike[str], *, overwrite: bool, resume: bool) -> tuple[Stage, bytes]:
+        """The stage of ``--output-dir output_dir``, and the verified checkpoint payload to resume
+        from (empty for a fresh run)."""
+        out = resolve_output_dir(output_dir, overwrite=overwrite)
+        path, lock, payload = open_stage(out, overwrite=overwrite, resume=resume)
+        return cls(out, path, lock, overwrite=overwrite, resume=resume), payload
+
+    def begin(self) -> None:
+        """Called once every check has passed: only now may a fresh run empty its stage. Starts
+        ``train.log`` (a resumed run appends to it)."""
+        if not self.resume:
+            clear_stage(self.path)
+        self.log_handler = logging.FileHandler(self.path / "train.log", encoding="utf-8")
+        self.log_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(self.log_handler)
+
+    def close_log(self) -> None:
+        if self.log_handler is not None:
+            log.removeHandler(self.log_handler)
+            self.log_handler.close()
+            self.log_handler = None
+
+    def write_setup(self, config: dict[str, Any], items: dict[str, Any]) -> None:
+        write_yaml_atomic(self.path / "config.yaml", config)
+        write_json_atomic(self.path / ITEMS, items)
+
+    def save_weights(self, blob: bytes) -> None:
+        """The best model so far (a safetensors blob)."""
+        write_atomic(self.path / WEIGHTS, lambda tmp: tmp.write_bytes(blob))
+
+    def save_checkpoint(self, training_state: dict[str, Any]) -> None:
+        path = self.path / checkpoint.CHECKPOINT
+        try:
+            checkpoint.save(path, training_state)
+        except MLSA4RecError as exc:
+            kept = ("the previous checkpoint is intact" if path.is_file()
+                    else "no earlier checkpoint exists, so the run cannot be resumed")
+            raise MLSA4RecError(f"{exc}; {kept}") from None
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        write_json_atomic(self.path / "results.json", results)
+
+    def publish(self) -> Path:
+        """The finished run in place (see ``publish``); a resumed run replaces what its first
+        command's --overwrite allowed (a run mlsa4rec wrote)."""
+        return publish(self.path, self.out, overwrite=self.overwrite or self.resume, lock=self.lock)
+
+    def fail(self) -> bool:
+        """After a failure: keep the stage if it holds a checkpoint (returns True: the run can be
+        resumed), otherwise remove it, so that a failure never leaves debris behind."""
+        self.lock.release()
+        if (self.path / checkpoint.CHECKPOINT).is_file():
+            return True
+        discard_stage(self.path)
+        return False
