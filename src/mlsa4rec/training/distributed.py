@@ -216,7 +216,7 @@ def init(device_name: str, timeout_s: float) -> tuple[DistContext, torch.device]
     with an error after that long instead of waiting forever.
     """
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
-        return DistContext(), single_device(device_name)
+        return DistContext(), resolve_device(device_name)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = device_for(device_name, local_rank)
@@ -245,7 +245,7 @@ def destroy(ctx: DistContext) -> None:
         tdist.destroy_process_group()
 
 
-def single_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     """The device of a single-process run (``auto``: CUDA if there is one)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

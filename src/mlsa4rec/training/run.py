@@ -45,10 +45,6 @@ log = logging.getLogger("mlsa4rec")
 
 
 
-def resolve_device(name: str) -> torch.device:
-    return distributed.single_device(name)
-
-
 def git_commit() -> str | None:
     """The commit of the source tree this package runs from, with '+dirty' if it has changes."""
     here = Path(mlsa4rec.__file__).resolve().parent
@@ -152,7 +148,8 @@ def preflight(model: str, dataset: str, output_dir: str | Path, config_files: li
     get_class(model)
     dataset = _resolve_dataset(dataset)
     config = build_config(model, config_files, overrides, extra={"dataset": str(dataset)})
-    device = distributed.device_for(config["device"], 0) if world_size > 1 else resolve_device(config["device"])
+    name = config["device"]
+    device = distributed.device_for(name, 0) if world_size > 1 else distributed.resolve_device(name)
     out = rundir.resolve_output_dir(output_dir, overwrite=overwrite)
     _, _, payload = rundir.open_stage(out, overwrite=overwrite, resume=resume, dry=True)
     data = load_run_data(config, data_dir)
@@ -377,7 +374,7 @@ def load_run(run_dir: str | Path, data_dir: str | Path | None = None) -> LoadedR
                             f"on (checksum or filtering differ); {fix}")
     net = build_run_model(config, data)
     load_weights(net, run / rundir.WEIGHTS)
-    device = resolve_device(config["device"])
+    device = distributed.resolve_device(config["device"])
     net.to(device).eval()
     return LoadedRun(run, config, data, net, device)
 
