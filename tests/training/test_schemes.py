@@ -59,3 +59,36 @@ def test_lr_schedules() -> None:
     assert cosine(0) == 1.0 and abs(cosine(5) - 0.5) < 1e-12 and abs(cosine(10)) < 1e-12 and cosine(12) == cosine(10)
     linear = lr_factor("linear", 4)
     assert [linear(s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_a_cloze_batch_without_a_target_is_skipped(successor_file: Path) -> None:
+    """One-item histories never take a cloze loss (position 0 is never a target): a batch of only
+    those is no optimiser step at all (Adam would still move the weights by its momentum), and the
+    epoch's mean loss leaves it out."""
+    data = load_dataset(str(successor_file), None, "[0,inf)", "[0,inf)", use_cache=False)
+    config = build_config("bert4rec", overrides={"MAX_ITEM_LIST_LENGTH": 10, "train_batch_size": 32,
+                                                 "device": "cpu"})
+    torch.manual_seed(0)
+    trainer = Trainer(create("bert4rec", data.n_items, MAX_ITEM_LIST_LENGTH=10), data, config,
+                      torch.device("cpu"))
+    trainer.sampler.epoch_batches()
+    sampler = trainer.sampler
+    singles = (sampler.sample_lengths == 1).nonzero()[0][:32]
+    longer = (sampler.sample_lengths >= 5).nonzero()[0][:32]
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    for coin in (True, False):  # a fine-tuning batch and a masking batch
+        sampler.fine_tune[singles] = coin
+        assert sampler.targets_in(singles) == 0
+        assert trainer.train_step(singles, epoch=1) is None
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in before.items())
+    assert not trainer.optimizer.state  # Adam never stepped
+    sampler.fine_tune[longer] = True
+    assert math.isfinite(trainer.train_step(longer, epoch=1))
+    assert trainer.optimizer.state
+
+    # the epoch mean counts only the steps taken
+    losses = iter([None, 2.0, 4.0])
+    trainer.train_step = lambda rows, epoch: next(losses)
+    trainer.sampler.epoch_batches = lambda: [singles, longer, longer]
+    assert trainer.train_epoch(1) == 3.0
+    assert trainer.progress.empty_steps == 1

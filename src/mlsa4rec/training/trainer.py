@@ -125,6 +125,7 @@ class Progress:
     step: int = 0                       # optimiser steps done in that epoch
     global_step: int = 0                # optimiser steps done in all
     epoch_loss: float = 0.0             # sum of that epoch's step losses so far
+    empty_steps: int = 0                # that epoch's batches without a target (cloze), skipped
     epoch_seconds: float = 0.0          # training seconds of that epoch so far
     sampler_state: dict | None = None   # the shuffling generator at the start of that epoch
     best_score: float = -math.inf
@@ -197,8 +198,13 @@ class Trainer:
             loss = loss * (self.sampler.targets_in(shard) / max(self.sampler.targets_in(rows), 1))
         return loss
 
-    def train_step(self, rows: np.ndarray, epoch: int) -> float:
-        """One optimiser step on the global batch ``rows``; returns its mean loss."""
+    def train_step(self, rows: np.ndarray, epoch: int) -> float | None:
+        """One optimiser step on the global batch ``rows``; returns its mean loss. A cloze batch
+        that drew no target (with length-bucketing: a batch of one-item histories, whose only item
+        is never a target) is skipped, as the same answer on every rank: no gradient to follow,
+        and an Adam step on zero gradients would still move the weights by its momentum."""
+        if self.scheme == "cloze" and self.sampler.targets_in(rows) == 0:
+            return None
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.shard_loss(rows)
         if loss is not None:
@@ -215,7 +221,8 @@ class Trainer:
         return value
 
     def train_epoch(self, epoch: int) -> float:
-        """Train (the rest of) epoch ``epoch``; returns the mean step loss of the whole epoch."""
+        """Train (the rest of) epoch ``epoch``; returns the mean loss of its steps (skipped empty
+        cloze batches do not count)."""
         p = self.progress
         self.model.train()
         self.sampler.rng_state = p.sampler_state  # a no-op, except right after a resume
@@ -225,7 +232,11 @@ class Trainer:
                    disable=None if self.group.is_main else True, dynamic_ncols=True)
         t0, seconds_before = time.perf_counter(), p.epoch_seconds
         for rows in batches[p.step:]:
-            p.epoch_loss += self.train_step(rows, epoch)
+            loss = self.train_step(rows, epoch)
+            if loss is None:
+                p.empty_steps += 1
+            else:
+                p.epoch_loss += loss
             p.step += 1
             p.global_step += 1
             p.epoch_seconds = seconds_before + time.perf_counter() - t0
@@ -234,9 +245,9 @@ class Trainer:
             if self.on_step:
                 self.on_step(epoch, p.step)
             bar.update()
-            bar.set_postfix(loss=f"{p.epoch_loss / p.step:.4f}", refresh=False)
+            bar.set_postfix(loss=f"{p.epoch_loss / max(p.step - p.empty_steps, 1):.4f}", refresh=False)
         bar.close()
-        return p.epoch_loss / max(len(batches), 1)
+        return p.epoch_loss / max(len(batches) - p.empty_steps, 1)
 
     def fit(self) -> FitResult:
         c, p = self.config, self.progress
@@ -280,7 +291,7 @@ class Trainer:
             if not self.group.identical_across_ranks(self.model):
                 log.warning("rank %d: the model weights differ between ranks after epoch %d (a bug: "
                             "please report it)", self.group.rank, epoch)
-            p.epoch, p.step, p.epoch_loss, p.epoch_seconds = epoch + 1, 0, 0.0, 0.0
+            p.epoch, p.step, p.epoch_loss, p.epoch_seconds, p.empty_steps = epoch + 1, 0, 0.0, 0.0, 0
             p.sampler_state = self.sampler.rng_state
             self.checkpoint()
         if self.best_state is not None:
