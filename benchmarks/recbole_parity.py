@@ -630,6 +630,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     threads = args.threads or torch.get_num_threads()
     work = Path(args.work_dir).resolve()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    commit = git_commit()  # the code as the run starts (our side imports part of it later: keep the tree still)
 
     original = _load(args.dataset, args.data_dir, config)
     inter = export_recbole(original, work / "data")
@@ -671,7 +672,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         "our_config": {k: v for k, v in config.to_dict().items() if k != "dataset"},
         "seeds": seeds,
         "command": shlex.join(["python", "benchmarks/recbole_parity.py", *sys.argv[1:]]),
-        "commit": git_commit(), "started": started,
+        "commit": commit, "started": started,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads},
         "versions": {lib: first[lib].get("versions") for lib in ("recbole", "ours") if lib in first},
         "runs": runs,
