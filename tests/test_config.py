@@ -15,7 +15,7 @@ from mlsa4rec.errors import ConfigError
 def test_precedence_defaults_model_file_set(tmp_path: Path) -> None:
     default = build_config("sasrec")
     assert default["learning_rate"] == 0.001 and default["hidden_size"] == 64
-    assert default["hidden_dropout_prob"] == 0.5  # the model's YAML
+    assert default["hidden_dropout_prob"] == 0.5  # the model's config class
     f1 = tmp_path / "a.yaml"
     f1.write_text("learning_rate: 0.01\nhidden_size: 32\n")
     f2 = tmp_path / "b.yaml"

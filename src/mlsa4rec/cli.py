@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list registered models",
                             description="Registered models, their flags and default hyperparameters.")
-    models.add_argument("--config", metavar="MODEL", help="print every setting and default of one model")
+    models.add_argument("--config", metavar="MODEL", help="print every setting of one model with its default and help")
     models.add_argument("--params", action="store_true",
                         help="parameter counts of every model and packaged preset (variants, ablations)")
     models.add_argument("--n-items", type=int, default=12101, metavar="N",
@@ -427,13 +427,17 @@ def _describe(model) -> str:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from mlsa4rec.config import known_keys, model_hyperparameters, presets
+    from mlsa4rec.config import known_keys, model_hyperparameters, presets, setting_help
     from mlsa4rec.models import available, build_model, get_class
 
-    if args.config:
+    if args.config:  # a YAML file of every setting, each with its help as a comment
         get_class(args.config)
-        for key, value in known_keys(args.config).items():
-            print(f"{key}: {json.dumps(value)}")
+        help_lines = setting_help(args.config)
+        lines = [(f"{key}: {json.dumps(value)}", help_lines.get(key, ""))
+                 for key, value in known_keys(args.config).items()]
+        width = max(len(line) for line, _ in lines)
+        for line, comment in lines:
+            print(f"{line:<{width}}  # {comment}" if comment else line)
         return 0
     if args.params:
         if args.n_items < 1:

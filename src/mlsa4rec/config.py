@@ -1,55 +1,59 @@
-"""One configuration system: packaged YAML defaults, then ``--config`` files, then ``--set``.
+"""One configuration system: typed defaults, then ``--config`` files, then ``--set``.
 
-Precedence (later wins): ``configs/overall.yaml`` < ``configs/models/<model>.yaml`` < user YAML
-files < ``key=value`` overrides. Keys are RecBole's where RecBole has one. The *type* of each
-default decides which values are accepted, so a typo or a string where a number belongs fails
-here, before any data is read, with a message that names the key.
+Precedence (later wins): ``TrainConfig`` (``settings.py``) < the model's config class and its
+``train_defaults`` < user YAML files and packaged presets < ``key=value`` overrides. Keys are
+RecBole's where RecBole has one. The *type* of each default decides which values are accepted, so
+a typo or a string where a number belongs fails here, before any data is read, with a message
+that names the key; the config classes then check ranges and combinations.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-import re
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mlsa4rec.errors import ConfigError, MLSA4RecError, check_choice
-from mlsa4rec.metrics import METRICS, parse_metric
+from mlsa4rec.errors import ConfigError
+from mlsa4rec.settings import TrainConfig, defaults_of, help_of, parse_interval
 
-TRAIN_SCHEMES = ("auto", "prefix", "all_positions", "cloze")
-LR_SCHEDULERS = ("constant", "cosine", "linear")
-_INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*$")
+__all__ = ["Config", "build_config", "known_keys", "load_yaml_file", "parse_interval", "parse_set", "presets",
+           "run_facts"]
 
 
 def _load_packaged_text(relpath: str) -> str:
     return resources.files("mlsa4rec.configs").joinpath(relpath).read_text(encoding="utf-8")
 
 
-def _load_packaged(relpath: str) -> dict[str, Any]:
-    return yaml.safe_load(_load_packaged_text(relpath)) or {}
-
-
 def overall_defaults() -> dict[str, Any]:
-    return _load_packaged("overall.yaml")
+    return defaults_of(TrainConfig)
+
+
+def _config_class(model: str) -> type:
+    from mlsa4rec.models import get_class  # the registry imports the models, which import settings only
+
+    return get_class(model).config_class
 
 
 def model_defaults(model: str) -> dict[str, Any]:
-    """The packaged YAML of one model (hyperparameters plus overrides of overall keys)."""
-    try:
-        return _load_packaged(f"models/{model}.yaml")
-    except FileNotFoundError:
-        raise ConfigError(f"model {model!r} has no packaged defaults (configs/models/{model}.yaml)") from None
+    """A model's hyperparameters, then its own defaults of run settings."""
+    cls = _config_class(model)
+    return {**defaults_of(cls), **cls.train_defaults}
 
 
 def model_hyperparameters(model: str) -> dict[str, Any]:
-    """The keys of a model's YAML that are its own (not overrides of overall settings)."""
-    overall = overall_defaults()
-    return {k: v for k, v in model_defaults(model).items() if k not in overall}
+    """The model's own keys with their defaults (not run settings)."""
+    return defaults_of(_config_class(model))
+
+
+def setting_help(model: str) -> dict[str, str]:
+    """One line of help per key of ``known_keys(model)``."""
+    return {**help_of(TrainConfig), **help_of(_config_class(model))}
 
 
 def presets() -> list[str]:
@@ -153,25 +157,6 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             out[key.strip()] = raw
     return out
-
-
-def parse_interval(text: str, key: str = "interval") -> tuple[float, float]:
-    """RecBole's ``"[5,inf)"`` notation, as inclusive integer bounds ``(5, inf)``."""
-    m = _INTERVAL.match(str(text))
-    if not m:
-        raise ConfigError(f"{key}: {text!r} is not an interval like \"[5,inf)\"")
-    lo_b, lo_s, hi_s, hi_b = m.groups()
-    try:
-        lo, hi = float(lo_s), float(hi_s)
-    except ValueError:
-        raise ConfigError(f"{key}: {text!r} is not an interval like \"[5,inf)\"") from None
-    if math.isnan(lo) or math.isnan(hi):
-        raise ConfigError(f"{key}: {text!r} is not an interval like \"[5,inf)\"")
-    lo = lo if lo_b == "[" or math.isinf(lo) else math.floor(lo) + 1
-    hi = hi if hi_b == "]" or math.isinf(hi) else math.ceil(hi) - 1
-    if lo > hi:
-        raise ConfigError(f"{key}: {text!r} is empty")
-    return lo, hi
 
 
 def _number(key: str, value: Any, want: type, default: Any) -> int | float:
@@ -285,55 +270,14 @@ def build_config(
             if key not in defaults:
                 raise _unknown_key(key, defaults, model)
             values[key] = _check_type(key, value, defaults[key])
-    _validate(values)
-    values = {"model": model, **(dict(extra) if extra else {}), **values}
+    train = TrainConfig(**{k: values[k] for k in base})
     model_keys = [k for k in own if k not in base]
-    return Config(values, model_keys)
-
-
-def _validate(v: dict[str, Any]) -> None:
-    def positive(key: str) -> None:
-        if not v[key] > 0:
-            raise ConfigError(f"{key} must be > 0, got {v[key]!r}")
-
-    for key in ("epochs", "train_batch_size", "eval_batch_size", "MAX_ITEM_LIST_LENGTH", "eval_step",
-                "learning_rate", "dist_timeout"):
-        positive(key)
-    for key in ("weight_decay", "clip_grad_norm", "stopping_step", "all_positions_stride", "checkpoint_steps"):
-        if v[key] < 0:
-            raise ConfigError(f"{key} must be >= 0, got {v[key]!r}")
-    if not 0 <= v["seed"] < 2 ** 32:  # the range every generator seeded from it (numpy's) accepts
-        raise ConfigError(f"seed must be in [0, 2**32), got {v['seed']!r}")
-    for key in ("user_inter_num_interval", "item_inter_num_interval"):
-        parse_interval(v[key], key)
-    check_choice("train_scheme", v["train_scheme"], TRAIN_SCHEMES, ConfigError)
-    check_choice("lr_scheduler", v["lr_scheduler"], LR_SCHEDULERS, ConfigError)
-    if str(v["loss_type"]).upper() != "CE":
-        raise ConfigError(f"loss_type {v['loss_type']!r} is not offered; only CE (full softmax) is")
-    metrics = [str(m).lower() for m in v["metrics"]]
-    for m in metrics:
-        if m not in METRICS:
-            raise ConfigError(f"metrics: unknown metric {m!r}; choose from {', '.join(METRICS)}")
-    v["metrics"] = metrics
-    topk = v["topk"]
-    if not topk or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in topk):
-        raise ConfigError(f"topk must be a list of positive integers, got {topk!r}")
-    v["topk"] = sorted(set(topk))
     try:
-        name, k = parse_metric(str(v["valid_metric"]))
-    except MLSA4RecError:
-        name, k = "", 0
-    if name not in metrics or k not in v["topk"]:
-        raise ConfigError(
-            f"valid_metric {v['valid_metric']!r} is not computed: it must be METRIC@K with METRIC in "
-            f"metrics {metrics} and K in topk {v['topk']}"
-        )
-    v["valid_metric"] = f"{name}@{k}"
-    for key, value in v.items():
-        if key.endswith("dropout_prob") and not 0.0 <= value < 1.0:
-            raise ConfigError(f"{key} must be in [0, 1), got {value!r}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(v["device"])):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {v['device']!r}")
+        hyper = _config_class(model)(**{k: values[k] for k in model_keys})
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot build model {model!r}: {exc}") from None
+    values = {"model": model, **(dict(extra) if extra else {}), **asdict(train), **asdict(hyper)}
+    return Config(values, model_keys)
 
 
 def known_keys(model: str) -> dict[str, Any]:

@@ -92,7 +92,9 @@ def from_recbole(state_dict: Mapping[str, torch.Tensor], model: nn.Module, stric
     if set(released) == set(model.state_dict()):
         renamed = dict(released)  # already in our names
     elif name == "mlsa4rec":
-        settings = getattr(model, "settings", {})
+        config = model.config
+        settings = {k: config.softmax if k == "attn_softmax" else getattr(config, k)
+                    for k in RELEASED_MLSA4REC_SETTINGS}
         differ = [f"{k}={settings[k]!r} (released: {v!r})" for k, v in RELEASED_MLSA4REC_SETTINGS.items()
                   if k in settings and settings[k] != v]
         if strict and differ:

@@ -1,8 +1,9 @@
 """Stand-ins for a block an ablation removes, so that a model's equations keep one path.
 
 Each takes the removed block's place with the same call and streaming interface and contributes
-nothing: ``NoMamba`` adds zeros to its residual (M = H0 once its LayerNorm is an identity), and
-``NoLSA`` returns a vector with no features, which concatenation then leaves out.
+nothing: ``NoMamba`` adds zeros to its residual (M = H0 once its LayerNorm is an identity),
+``NoLSA`` returns a vector with no features, which concatenation then leaves out, and ``Ungated``
+passes the gated branch through unchanged.
 """
 
 from __future__ import annotations
@@ -35,3 +36,10 @@ class NoLSA(nn.Module):
 
     def step(self, x_t: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
         return x_t[..., :0], ()
+
+
+class Ungated(nn.Module):
+    """The ablation gate_act=none (and any model without the LSA): G = M, whatever A is."""
+
+    def forward(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return m

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlsa4rec.layers.dropout import Dropout
 from mlsa4rec.layers.precision import at_least_fp32, state_dtype
 from mlsa4rec.ops import selective_scan
 
@@ -155,3 +156,26 @@ class Mamba(nn.Module):
         ssm = ssm.to(state.ssm.dtype)
         y = (ssm * C[:, None, :]).sum(-1) + at_least_fp32(self.D) * x
         return self.out_proj((y * F.silu(z)).to(u_t.dtype)), MambaState(conv, ssm)
+
+
+class MambaResidual(nn.Module):
+    """X -> LN(Drop(Mamba(X)) + X), or LN(Drop(Mamba(X))) with ``residual=False``: MLSA4Rec's Mamba
+    normalization layer, and Mamba4Rec's layer before its feed-forward."""
+
+    def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int, dropout: float, eps: float = 1e-12,
+                 *, residual: bool = True) -> None:
+        super().__init__()
+        self.residual = residual
+        self.mamba = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
+        self.dropout = Dropout(dropout)
+        self.LayerNorm = nn.LayerNorm(d_model, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(self.mamba(x))
+        return self.LayerNorm(h + x if self.residual else h)
+
+    def step(self, x_t: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
+        """``forward`` at one position: x_t (B x D) and the Mamba state -> (B x D, new state)."""
+        h, state = self.mamba.step(x_t, state)
+        h = self.dropout(h)
+        return self.LayerNorm(h + x_t if self.residual else h), state

@@ -1,7 +1,9 @@
 """The model registry: ``create(name, n_items, **overrides)`` builds any registered model.
 
-Default hyperparameters live in ``configs/models/<name>.yaml``; adding a model is one new file
-in this package, its YAML, and one import line at the bottom of this module.
+A model declares its hyperparameters, with their defaults, help and checks, in a ``ModelConfig``
+dataclass (``config_class``) beside it. Adding a model is one new file in this package and one
+import line at the bottom of this module; a model defined elsewhere (a test's toy) needs only
+``register``.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ def create(name: str, n_items: int, **overrides: Any):
 
 
 def build_model(cls: type, n_items: int, kwargs: dict[str, Any], max_seq_length: int):
+    """``cls`` for ``n_items`` items and histories of ``max_seq_length``, its hyperparameters ``kwargs``."""
     try:
-        return cls(n_items=n_items, max_seq_length=max_seq_length, **kwargs)
+        return cls(n_items, max_seq_length, cls.config_class(**kwargs))
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"cannot build model {cls.name!r}: {exc}") from None
 

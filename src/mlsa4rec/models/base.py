@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
 from torch import nn
+
+from mlsa4rec.settings import ModelConfig, setting
 
 
 def gather_last(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -26,11 +29,34 @@ def normal_init(module: nn.Module, std: float) -> None:
         module.bias.data.zero_()
 
 
+@dataclass(frozen=True)
+class TransformerConfig(ModelConfig):
+    """The Transformer stack of RecBole 1.2's SASRec (its keys and defaults), which SASRec, BERT4Rec,
+    LightSANs, LinRec and Performer share; the attention's own settings are in each model's class."""
+
+    n_layers: int = setting(2, "Transformer layers")
+    n_heads: int = setting(2, "attention heads (hidden_size must be divisible by it)")
+    hidden_size: int = setting(64, "D: item embedding and hidden width")
+    inner_size: int = setting(256, "FFN width")
+    hidden_dropout_prob: float = setting(0.5, "dropout on the embeddings, after the attention's output projection "
+                                              "and the FFN")
+    hidden_act: str = setting("gelu", "FFN activation: gelu | relu | swish | silu | tanh | sigmoid")
+    layer_norm_eps: float = setting(1e-12, "LayerNorm epsilon")
+    initializer_range: float = setting(0.02, "std of the N(0, std) init of Linear and Embedding weights")
+
+    def check(self) -> None:
+        self.at_least(1, "hidden_size", "n_layers", "n_heads", "inner_size")
+        if self.hidden_size % self.n_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})")
+
+
 class SequentialRecommender(nn.Module):
     """Next-item model over right-padded item-id sequences with tied item embeddings.
 
-    Subclasses set ``item_embedding`` (``n_items + 1`` rows, row 0 = padding) and implement
-    ``encode`` (B x L x D, one vector per position). Class flags describe what the trainer may do:
+    A subclass is built as ``Model(n_items, max_seq_length, config)``, ``config`` an instance of its
+    ``config_class`` (a ``ModelConfig`` dataclass: hyperparameters, defaults, checks). It sets
+    ``item_embedding`` (``n_items + 1`` rows, row 0 = padding) and implements ``encode`` (B x L x D,
+    one vector per position). Class flags describe what the trainer may do:
 
     * ``causal``: the output at position t depends only on items <= t, so the model can be trained
       with the ``all_positions`` scheme.
@@ -63,6 +89,7 @@ class SequentialRecommender(nn.Module):
     L events instead, which is what the batch path computes for a longer history anyway.
     """
 
+    config_class: type[ModelConfig] = ModelConfig
     causal: bool = False
     padding_invariant: bool = False
     preferred_scheme: str = "prefix"

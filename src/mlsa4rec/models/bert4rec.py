@@ -28,6 +28,8 @@ Departures from RecBole 1.2.1 (``recbole/model/sequential_recommender/bert4rec.p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,31 @@ from torch import nn
 from mlsa4rec.layers import Dropout, TransformerLayer
 from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender, gather_last, normal_init
+from mlsa4rec.models.sasrec import SASRecConfig
+from mlsa4rec.settings import setting
+
+
+@dataclass(frozen=True)
+class BERT4RecConfig(SASRecConfig):
+    """RecBole 1.2's BERT4Rec defaults (recbole/properties/model/BERT4Rec.yaml): SASRec's keys plus the cloze task's."""
+
+    hidden_dropout_prob: float = setting(0.2, "dropout on the embeddings, after the attention's output projection "
+                                              "and the FFN")
+    attn_dropout_prob: float = setting(0.2, "dropout on the attention weights")
+    mask_ratio: float = setting(0.2, "cloze: each history item is masked with this probability; the last "
+                                     "int(mask_ratio * L) masked positions of a sample are its targets")
+    ft_ratio: float = setting(0.5, "cloze: the share of batches whose only mask is the last history item")
+    recbole_eval_shift: bool = setting(False, "true: drop every history's oldest item at prediction, as RecBole "
+                                              "1.2.1 does")
+    # cloze training on RecBole's prefix-sample histories, 2048 per step
+    train_defaults = {"train_scheme": "cloze", "train_batch_size": 2048}
+
+    def check(self) -> None:
+        super().check()
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if not 0 <= self.ft_ratio <= 1:
+            raise ValueError(f"ft_ratio must be in [0, 1], got {self.ft_ratio}")
 
 
 @register("bert4rec")
@@ -44,54 +71,33 @@ class BERT4Rec(SequentialRecommender):
     preferred_scheme = "cloze"
     cloze = True
 
-    def __init__(
-        self,
-        n_items: int,
-        max_seq_length: int,
-        hidden_size: int,
-        n_layers: int,
-        n_heads: int,
-        inner_size: int,
-        hidden_dropout_prob: float,
-        attn_dropout_prob: float,
-        hidden_act: str,
-        layer_norm_eps: float,
-        initializer_range: float,
-        mask_ratio: float,
-        ft_ratio: float,
-        recbole_eval_shift: bool,
-    ) -> None:
+    config_class = BERT4RecConfig
+
+    def __init__(self, n_items: int, max_seq_length: int, config: BERT4RecConfig) -> None:
         super().__init__()
-        for key, value in (("hidden_size", hidden_size), ("n_layers", n_layers), ("n_heads", n_heads),
-                           ("inner_size", inner_size), ("max_seq_length", max_seq_length)):
-            if value < 1:
-                raise ValueError(f"{key} must be >= 1, got {value}")
-        if hidden_size % n_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by n_heads ({n_heads})")
-        if not 0 < mask_ratio < 1 or int(mask_ratio * max_seq_length) < 1:
+        c = self.config = config
+        if int(c.mask_ratio * max_seq_length) < 1:
             raise ValueError(f"mask_ratio must be in (0, 1) with mask_ratio * MAX_ITEM_LIST_LENGTH >= 1 (the "
-                             f"targets kept per sample); got {mask_ratio} with L = {max_seq_length}")
-        if not 0 <= ft_ratio <= 1:
-            raise ValueError(f"ft_ratio must be in [0, 1], got {ft_ratio}")
+                             f"targets kept per sample); got {c.mask_ratio} with L = {max_seq_length}")
         self.n_items = n_items
         self.max_seq_length = max_seq_length
         self.mask_token = n_items + 1
-        self.mask_ratio = mask_ratio
-        self.ft_ratio = ft_ratio
-        self.recbole_eval_shift = recbole_eval_shift
-        self.item_embedding = nn.Embedding(n_items + 2, hidden_size, padding_idx=0)  # last row: [M]
-        self.position_embedding = nn.Embedding(max_seq_length, hidden_size)
-        self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.dropout = Dropout(hidden_dropout_prob)
+        self.mask_ratio = c.mask_ratio
+        self.ft_ratio = c.ft_ratio
+        self.recbole_eval_shift = c.recbole_eval_shift
+        self.item_embedding = nn.Embedding(n_items + 2, c.hidden_size, padding_idx=0)  # last row: [M]
+        self.position_embedding = nn.Embedding(max_seq_length, c.hidden_size)
+        self.layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = Dropout(c.hidden_dropout_prob)
         self.layers = nn.ModuleList(
-            TransformerLayer(hidden_size, n_heads, inner_size, hidden_dropout_prob, attn_dropout_prob,
-                             hidden_act, layer_norm_eps)
-            for _ in range(n_layers)
+            TransformerLayer(c.hidden_size, c.n_heads, c.inner_size, c.hidden_dropout_prob, c.attn_dropout_prob,
+                             c.hidden_act, c.layer_norm_eps)
+            for _ in range(c.n_layers)
         )
-        self.output_dense = nn.Linear(hidden_size, hidden_size)
-        self.output_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.output_dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.output_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.output_bias = nn.Parameter(torch.zeros(n_items + 1))
-        self.apply(lambda module: normal_init(module, initializer_range))
+        self.apply(lambda module: normal_init(module, c.initializer_range))
 
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """B x L x (D + 1): O at every position, with the constant 1 that meets the bias column."""

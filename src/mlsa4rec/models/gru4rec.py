@@ -12,12 +12,30 @@ returns Dense(h_t). The state is the hidden state of every GRU layer, stored bat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from mlsa4rec.layers import Dropout
 from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender
+from mlsa4rec.settings import ModelConfig, setting
+
+
+@dataclass(frozen=True)
+class GRU4RecConfig(ModelConfig):
+    """RecBole 1.2's GRU4Rec defaults (recbole/properties/model/GRU4Rec.yaml)."""
+
+    embedding_size: int = setting(64, "item embedding width (the scores' width too)")
+    hidden_size: int = setting(128, "GRU state width")
+    num_layers: int = setting(1, "stacked GRU layers")
+    dropout_prob: float = setting(0.3, "dropout on the item embeddings")
+    # causal, so all-positions windows (as Mamba4Rec)
+    train_defaults = {"train_scheme": "all_positions", "train_batch_size": 256}
+
+    def check(self) -> None:
+        self.at_least(1, "embedding_size", "hidden_size", "num_layers")
 
 
 @register("gru4rec")
@@ -26,20 +44,17 @@ class GRU4Rec(SequentialRecommender):
     padding_invariant = True
     preferred_scheme = "all_positions"
     streams = True
+    config_class = GRU4RecConfig
 
-    def __init__(self, n_items: int, max_seq_length: int, embedding_size: int, hidden_size: int, num_layers: int,
-                 dropout_prob: float) -> None:
+    def __init__(self, n_items: int, max_seq_length: int, config: GRU4RecConfig) -> None:
         super().__init__()
-        for key, value in (("embedding_size", embedding_size), ("hidden_size", hidden_size),
-                           ("num_layers", num_layers)):
-            if value < 1:
-                raise ValueError(f"{key} must be >= 1, got {value}")
+        c = self.config = config
         self.n_items = n_items
         self.max_seq_length = max_seq_length
-        self.item_embedding = nn.Embedding(n_items + 1, embedding_size, padding_idx=0)
-        self.emb_dropout = Dropout(dropout_prob)
-        self.gru_layers = nn.GRU(embedding_size, hidden_size, num_layers=num_layers, bias=False, batch_first=True)
-        self.dense = nn.Linear(hidden_size, embedding_size)
+        self.item_embedding = nn.Embedding(n_items + 1, c.embedding_size, padding_idx=0)
+        self.emb_dropout = Dropout(c.dropout_prob)
+        self.gru_layers = nn.GRU(c.embedding_size, c.hidden_size, num_layers=c.num_layers, bias=False, batch_first=True)
+        self.dense = nn.Linear(c.hidden_size, c.embedding_size)
         # RecBole's init: xavier-normal embedding, xavier-uniform first GRU layer, default Dense
         nn.init.xavier_normal_(self.item_embedding.weight)
         nn.init.xavier_uniform_(self.gru_layers.weight_hh_l0)

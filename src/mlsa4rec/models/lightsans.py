@@ -19,6 +19,7 @@ except the feed-forward's LayerNorm, which is ``layer_norm`` here as in our SASR
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,6 +29,17 @@ from mlsa4rec.layers.lsa import LowRankSelfAttention
 from mlsa4rec.layers.transformer import FeedForward
 from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender, normal_init
+from mlsa4rec.models.sasrec import SASRecConfig
+from mlsa4rec.settings import setting
+
+
+@dataclass(frozen=True)
+class LightSANsConfig(SASRecConfig):
+    """RecBole 1.2's LightSANs defaults (recbole/properties/model/LightSANs.yaml): SASRec's plus P.
+    Neither causal nor padding-invariant: prefix samples padded to L (train_scheme auto = prefix)."""
+
+    k_interests: int = setting(5, "P, latent interests of the low-rank attention; about 0.1 * L is advised")
+    train_defaults = {}
 
 
 class LightMultiHeadAttention(LowRankSelfAttention):
@@ -77,36 +89,23 @@ class LightTransformerEncoder(nn.Module):
 
 @register("lightsans")
 class LightSANs(SequentialRecommender):
-    def __init__(
-        self,
-        n_items: int,
-        max_seq_length: int,
-        hidden_size: int,
-        n_layers: int,
-        n_heads: int,
-        k_interests: int,
-        inner_size: int,
-        hidden_dropout_prob: float,
-        attn_dropout_prob: float,
-        hidden_act: str,
-        layer_norm_eps: float,
-        initializer_range: float,
-    ) -> None:
+    config_class = LightSANsConfig
+
+    def __init__(self, n_items: int, max_seq_length: int, config: LightSANsConfig) -> None:
         super().__init__()
-        if n_layers < 1:
-            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        c = self.config = config
         self.n_items = n_items
         self.max_seq_length = max_seq_length
-        self.initializer_range = initializer_range
-        self.item_embedding = nn.Embedding(n_items + 1, hidden_size, padding_idx=0)
-        self.position_embedding = nn.Embedding(max_seq_length, hidden_size)
+        self.item_embedding = nn.Embedding(n_items + 1, c.hidden_size, padding_idx=0)
+        self.position_embedding = nn.Embedding(max_seq_length, c.hidden_size)
         self.trm_encoder = LightTransformerEncoder(
-            n_layers, d_model=hidden_size, n_heads=n_heads, k_interests=k_interests, inner_size=inner_size,
-            hidden_dropout=hidden_dropout_prob, attn_dropout=attn_dropout_prob, act=hidden_act, eps=layer_norm_eps)
-        self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.dropout = Dropout(hidden_dropout_prob)
+            c.n_layers, d_model=c.hidden_size, n_heads=c.n_heads, k_interests=c.k_interests, inner_size=c.inner_size,
+            hidden_dropout=c.hidden_dropout_prob, attn_dropout=c.attn_dropout_prob, act=c.hidden_act,
+            eps=c.layer_norm_eps)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = Dropout(c.hidden_dropout_prob)
         # RecBole's init: N(0, 0.02) Linear/Embedding weights, zero biases, LN (1, 0); Theta N(0, 1).
-        self.apply(lambda module: normal_init(module, initializer_range))
+        self.apply(lambda module: normal_init(module, c.initializer_range))
 
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         self.check_length(item_seq)

@@ -36,6 +36,7 @@ one (``ValueError``); re-encode the last L events instead (``forward``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -44,7 +45,7 @@ from torch import nn
 from mlsa4rec.layers import Dropout
 from mlsa4rec.layers.linear_attention import CausalLinearAttention, LinearAttentionLayer, LinRecAttention
 from mlsa4rec.models import register
-from mlsa4rec.models.base import SequentialRecommender, normal_init
+from mlsa4rec.models.base import SequentialRecommender, TransformerConfig, normal_init
 
 
 class LinearSASRecState(NamedTuple):
@@ -64,42 +65,24 @@ class LinearSASRec(SequentialRecommender):
     preferred_scheme = "all_positions"
     streams = True
 
-    def __init__(
-        self,
-        n_items: int,
-        max_seq_length: int,
-        hidden_size: int,
-        n_layers: int,
-        n_heads: int,
-        inner_size: int,
-        hidden_dropout_prob: float,
-        hidden_act: str,
-        layer_norm_eps: float,
-        initializer_range: float,
-        make_attention: Callable[[], CausalLinearAttention],
-    ) -> None:
+    def __init__(self, n_items: int, max_seq_length: int, config: TransformerConfig,
+                 make_attention: Callable[[], CausalLinearAttention]) -> None:
         super().__init__()
-        for key, value in (("hidden_size", hidden_size), ("n_layers", n_layers), ("n_heads", n_heads),
-                           ("inner_size", inner_size), ("max_seq_length", max_seq_length)):
-            if value < 1:
-                raise ValueError(f"{key} must be >= 1, got {value}")
-        if hidden_size % n_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by n_heads ({n_heads})")
+        c = self.config = config
         self.n_items = n_items
         self.max_seq_length = max_seq_length
         self.stream_limit = max_seq_length  # learned positions end there
-        self.item_embedding = nn.Embedding(n_items + 1, hidden_size, padding_idx=0)
-        self.position_embedding = nn.Embedding(max_seq_length, hidden_size)
-        self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.dropout = Dropout(hidden_dropout_prob)
+        self.item_embedding = nn.Embedding(n_items + 1, c.hidden_size, padding_idx=0)
+        self.position_embedding = nn.Embedding(max_seq_length, c.hidden_size)
+        self.layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = Dropout(c.hidden_dropout_prob)
         self.layers = nn.ModuleList(
-            LinearAttentionLayer(make_attention(), hidden_size, inner_size, hidden_dropout_prob, hidden_act,
-                                 layer_norm_eps)
-            for _ in range(n_layers)
+            LinearAttentionLayer(make_attention(), c.hidden_size, c.inner_size, c.hidden_dropout_prob, c.hidden_act,
+                                 c.layer_norm_eps)
+            for _ in range(c.n_layers)
         )
-        self.initializer_range = initializer_range
         # RecBole's init: N(0, 0.02) for Linear/Embedding weights, zero biases, LN = (1, 0).
-        self.apply(lambda module: normal_init(module, initializer_range))
+        self.apply(lambda module: normal_init(module, c.initializer_range))
 
     def _embed(self, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.layer_norm(self.item_embedding(items) + self.position_embedding(positions)))
@@ -134,12 +117,20 @@ class LinearSASRec(SequentialRecommender):
         return h, LinearSASRecState(position + 1, new_states)
 
 
+@dataclass(frozen=True)
+class LinRecConfig(TransformerConfig):
+    """SASRec's defaults (RecBole 1.2), so that the two compare like for like; the authors' released
+    ml-1m settings are the preset linrec-ml-1m. No attn_dropout_prob: linear attention forms no
+    attention matrix to drop (the released layer defines attn_dropout but never applies it)."""
+
+    # causal, so all-positions training, in SASRec's step size
+    train_defaults = {"train_scheme": "all_positions", "train_batch_size": 128}
+
+
 @register("linrec")
 class LinRec(LinearSASRec):
-    def __init__(self, n_items: int, max_seq_length: int, hidden_size: int, n_layers: int, n_heads: int,
-                 inner_size: int, hidden_dropout_prob: float, hidden_act: str, layer_norm_eps: float,
-                 initializer_range: float) -> None:
-        super().__init__(n_items, max_seq_length, hidden_size, n_layers, n_heads, inner_size, hidden_dropout_prob,
-                         hidden_act, layer_norm_eps, initializer_range,
-                         make_attention=lambda: LinRecAttention(hidden_size, n_heads, hidden_dropout_prob,
-                                                                layer_norm_eps))
+    config_class = LinRecConfig
+
+    def __init__(self, n_items: int, max_seq_length: int, config: LinRecConfig) -> None:
+        super().__init__(n_items, max_seq_length, config, make_attention=lambda: LinRecAttention(
+            config.hidden_size, config.n_heads, config.hidden_dropout_prob, config.layer_norm_eps))

@@ -46,6 +46,9 @@ Where the released code differs:
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +57,31 @@ from mlsa4rec.layers import Dropout
 from mlsa4rec.layers.lru import LRU
 from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender
+from mlsa4rec.settings import ModelConfig, setting
+
+
+@dataclass(frozen=True)
+class LRURecConfig(ModelConfig):
+    """The authors' released defaults (yueqirex/LRURec: config.py, model/lru.py); their names in brackets."""
+
+    hidden_size: int = setting(64, "D [bert_hidden_units]")
+    num_layers: int = setting(2, "LRU blocks [bert_num_blocks]")
+    dropout_prob: float = setting(0.2, "after the embedding and inside/after the FFN [bert_dropout]")
+    lru_dropout_prob: float = setting(0.2, "on the LRU's output, before its residual [bert_attn_dropout]")
+    expand: int = setting(2, "complex state channels N = expand * hidden_size (LRULayer: hidden_size = 2 * d_model)")
+    r_min: float = setting(0.8, "eigenvalue ring |lambda| in [r_min, r_max] at init (LRULayer defaults)")
+    r_max: float = setting(0.99, "outer radius of the eigenvalue ring at init")
+    max_phase: float = setting(2 * math.pi, "phases theta uniform in (0, max_phase] at init: 2 pi as released")
+    output_bias: bool = setting(True, "per-item bias added to the scores (LRUModel.bias)")
+    initializer_range: float = setting(0.02, "truncated normal N(0, std) in [-2 std, 2 std] "
+                                             "(LRU.truncated_normal_init)")
+    # L=50 is the Amazon setting (ML-1M: 200, see the presets). Causal, so it trains with
+    # all-positions windows, as released: 128 windows per step, the loss at every position.
+    train_defaults = {"MAX_ITEM_LIST_LENGTH": 50, "train_scheme": "all_positions", "train_batch_size": 128,
+                      "stopping_step": 10}
+
+    def check(self) -> None:
+        self.at_least(1, "num_layers", "hidden_size", "expand")
 
 
 class LRURecFeedForward(nn.Module):
@@ -97,26 +125,23 @@ class LRURec(SequentialRecommender):
     preferred_scheme = "all_positions"
     streams = True
 
-    def __init__(self, n_items: int, max_seq_length: int, hidden_size: int, num_layers: int, dropout_prob: float,
-                 lru_dropout_prob: float, expand: int, r_min: float, r_max: float, max_phase: float,
-                 output_bias: bool = True, initializer_range: float = 0.02) -> None:
+    config_class = LRURecConfig
+
+    def __init__(self, n_items: int, max_seq_length: int, config: LRURecConfig) -> None:
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        if hidden_size < 1 or expand < 1:
-            raise ValueError(f"hidden_size and expand must be >= 1, got {hidden_size} and {expand}")
+        c = self.config = config
         self.n_items = n_items
         self.max_seq_length = max_seq_length
-        self.initializer_range = initializer_range
-        self.item_embedding = nn.Embedding(n_items + 1, hidden_size, padding_idx=0)
-        self.layer_norm = nn.LayerNorm(hidden_size)
-        self.dropout = Dropout(dropout_prob)
+        self.item_embedding = nn.Embedding(n_items + 1, c.hidden_size, padding_idx=0)
+        self.layer_norm = nn.LayerNorm(c.hidden_size)
+        self.dropout = Dropout(c.dropout_prob)
         self.lru_blocks = nn.ModuleList(
-            LRUBlock(hidden_size, expand * hidden_size, r_min, r_max, max_phase, dropout_prob, lru_dropout_prob)
-            for _ in range(num_layers)
+            LRUBlock(c.hidden_size, c.expand * c.hidden_size, c.r_min, c.r_max, c.max_phase, c.dropout_prob,
+                     c.lru_dropout_prob)
+            for _ in range(c.num_layers)
         )
-        self.output_bias = nn.Parameter(torch.zeros(n_items + 1)) if output_bias else None
-        self._released_init(initializer_range)
+        self.output_bias = nn.Parameter(torch.zeros(n_items + 1)) if c.output_bias else None
+        self._released_init(c.initializer_range)
 
     @torch.no_grad()
     def _released_init(self, std: float) -> None:

@@ -19,13 +19,37 @@ the last K convolution inputs, B x d_inner x K, and the SSM state, B x d_inner x
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlsa4rec.layers import Dropout, Mamba, MambaState
+from mlsa4rec.layers import Dropout, MambaResidual, MambaState
 from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender, normal_init
+from mlsa4rec.settings import ModelConfig, setting
+
+
+@dataclass(frozen=True)
+class Mamba4RecConfig(ModelConfig):
+    """The authors' released config (config.yaml of the Mamba4Rec repository)."""
+
+    hidden_size: int = setting(64, "D: item embedding and hidden width")
+    num_layers: int = setting(1, "Mamba layers (one: no residual around the block, as released)")
+    dropout_prob: float = setting(0.2, "dropout on the embeddings, Mamba's output and inside/after the FFN")
+    d_state: int = setting(32, "N: SSM state size per channel")
+    d_conv: int = setting(4, "K: causal convolution width")
+    expand: int = setting(2, "E: d_inner = E * D")
+    initializer_range: float = setting(0.02, "std of the N(0, std) init of Linear and Embedding weights")
+    # L=50 is the Amazon setting (ML-1M: 200, see the presets). Causal, so it trains with
+    # all-positions windows: 256 windows of a mean ~7 targets on Amazon are about as many targets
+    # per step as the released 2048 prefix samples.
+    train_defaults = {"MAX_ITEM_LIST_LENGTH": 50, "train_scheme": "all_positions", "train_batch_size": 256,
+                      "stopping_step": 10}
+
+    def check(self) -> None:
+        self.at_least(1, "num_layers")
 
 
 class Mamba4RecFeedForward(nn.Module):
@@ -42,24 +66,20 @@ class Mamba4RecFeedForward(nn.Module):
         return self.LayerNorm(self.dropout(self.w_2(self.dropout(F.gelu(self.w_1(x))))) + x)
 
 
-class MambaLayer(nn.Module):
+class MambaLayer(MambaResidual):
+    """The Mamba block with dropout, residual (``residual``) and LayerNorm, then the FFN."""
+
     def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int, dropout: float, residual: bool) -> None:
-        super().__init__()
-        self.residual = residual
-        self.mamba = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
-        self.dropout = Dropout(dropout)
-        self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
+        super().__init__(d_model, d_state, d_conv, expand, dropout, residual=residual)
         self.ffn = Mamba4RecFeedForward(d_model, 4 * d_model, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(self.mamba(x))
-        return self.ffn(self.LayerNorm(h + x if self.residual else h))
+        return self.ffn(super().forward(x))
 
     def step(self, x_t: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
         """``forward`` at one position: x_t (B x D) and the Mamba state -> (B x D, new state)."""
-        h, state = self.mamba.step(x_t, state)
-        h = self.dropout(h)
-        return self.ffn(self.LayerNorm(h + x_t if self.residual else h)), state
+        h, state = super().step(x_t, state)
+        return self.ffn(h), state
 
 
 @register("mamba4rec")
@@ -68,25 +88,23 @@ class Mamba4Rec(SequentialRecommender):
     padding_invariant = True
     preferred_scheme = "all_positions"
     streams = True
+    config_class = Mamba4RecConfig
 
-    def __init__(self, n_items: int, max_seq_length: int, hidden_size: int, num_layers: int, dropout_prob: float,
-                 d_state: int, d_conv: int, expand: int, initializer_range: float = 0.02) -> None:
+    def __init__(self, n_items: int, max_seq_length: int, config: Mamba4RecConfig) -> None:
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        c = self.config = config
         self.n_items = n_items
         self.max_seq_length = max_seq_length
-        self.initializer_range = initializer_range
-        self.item_embedding = nn.Embedding(n_items + 1, hidden_size, padding_idx=0)
-        self.LayerNorm = nn.LayerNorm(hidden_size, eps=1e-12)
-        self.dropout = Dropout(dropout_prob)
+        self.item_embedding = nn.Embedding(n_items + 1, c.hidden_size, padding_idx=0)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=1e-12)
+        self.dropout = Dropout(c.dropout_prob)
         self.mamba_layers = nn.ModuleList(
-            MambaLayer(hidden_size, d_state, d_conv, expand, dropout_prob, residual=num_layers > 1)
-            for _ in range(num_layers)
+            MambaLayer(c.hidden_size, c.d_state, c.d_conv, c.expand, c.dropout_prob, residual=c.num_layers > 1)
+            for _ in range(c.num_layers)
         )
         # The released init: N(0, 0.02) Linear/Embedding weights, every Linear bias 0 (dt_proj's
         # too, so Delta starts at softplus(0) = ln 2), LayerNorm (1, 0); conv1d, A_log, D untouched.
-        self.apply(lambda module: normal_init(module, initializer_range))
+        self.apply(lambda module: normal_init(module, c.initializer_range))
 
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         h = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))

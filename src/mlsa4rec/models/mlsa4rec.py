@@ -21,11 +21,8 @@
   interests), which makes the whole model causal: it trains on all positions of a sequence in one
   pass, and ``step`` serves a user by updating a constant-size state per event. Linear in L.
 
-The other knobs are the ones the paper never varied (number of interaction and normalization
-layers, P, heads, gate activation, attention softmax axis) and the ablations: ``use_lsa=false``
-(Mamba only), ``lsa_input=embedding`` (LSA reads H0, not M), ``gate_act=none`` (G = M, plain
-concatenation), ``num_layers=0``, ``interaction_mamba=false`` (M = H0). The packaged presets
-``mlsa4rec-ablation-*`` name them.
+The other settings (``MLSA4RecConfig``, in ``mlsa4rec_config.py``) are the ones the paper never
+varied and the ablations, which the packaged presets ``mlsa4rec-ablation-*`` name.
 
 The released code also builds modules it never calls (a spare Mamba block, LightSANs' position
 branch, an output projection, a feed-forward block); they are left out, and
@@ -42,14 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
-from mlsa4rec.errors import check_choice
-from mlsa4rec.layers import Dropout, Mamba, MambaState
-from mlsa4rec.layers.absent import NoLSA, NoMamba
+from mlsa4rec.layers import Dropout, Mamba, MambaResidual, MambaState
+from mlsa4rec.layers.absent import NoLSA, NoMamba, Ungated
 from mlsa4rec.layers.lsa import LowRankSelfAttention, LSAState
 from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender, gather_last
+from mlsa4rec.models.mlsa4rec_config import MLSA4RecConfig
 
-VARIANTS = ("faithful", "masked", "causal")
 GATES = {"gelu": F.gelu, "sigmoid": torch.sigmoid}
 
 
@@ -69,13 +65,6 @@ class Gate(nn.Linear):
         return self.act(super().forward(a)) * m
 
 
-class Ungated(nn.Module):
-    """The ablation gate_act=none (and any model without the LSA): G = M."""
-
-    def forward(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return m
-
-
 def _reads_m(h0: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return m
 
@@ -93,26 +82,25 @@ class MambaLSAInteraction(nn.Module):
     input the LSA reads), so ``forward`` and ``step`` are the paper's equations without a branch.
     """
 
-    def __init__(self, d_model: int, mamba_kwargs: dict, lsa_kwargs: dict, dropout: float, eps: float,
-                 gate_act: str = "gelu", use_lsa: bool = True, lsa_input: str = "mamba",
-                 interaction_mamba: bool = True) -> None:
+    def __init__(self, c: MLSA4RecConfig) -> None:
         super().__init__()
-        check_choice("gate_act", gate_act, (*GATES, "none"))
-        check_choice("lsa_input", lsa_input, ("mamba", "embedding"))
-        gated = use_lsa and gate_act != "none"
-        self.dropout = Dropout(dropout)
+        d, eps = c.hidden_size, c.layer_norm_eps
+        gated = c.use_lsa and c.gate_act != "none"
+        self.dropout = Dropout(c.dropout_prob)
         # a dropout of its own for Mamba's output: without the block it is off, so M = H0 exactly
         # and the random stream of the other dropouts is the one the layer had before
-        self.mamba_dropout = Dropout(dropout if interaction_mamba else 0.0)
-        self.mamba = Mamba(d_model, **mamba_kwargs) if interaction_mamba else NoMamba()
-        self.LayerNorm1 = nn.LayerNorm(d_model, eps=eps) if interaction_mamba else nn.Identity()
-        self.lsa_reads = _reads_m if lsa_input == "mamba" else _reads_h0
-        self.lsa = LowRankSelfAttention(d_model, **lsa_kwargs, hidden_dropout=dropout, eps=eps) if use_lsa else NoLSA()
-        self.gate = Gate(d_model, gate_act) if gated else Ungated()
-        self.LayerNorm2 = nn.LayerNorm(d_model, eps=eps) if gated else nn.Identity()
-        self.fuse = nn.Linear(2 * d_model if use_lsa else d_model, d_model)
-        self.skip = nn.Linear(d_model, d_model)
-        self.LayerNorm3 = nn.LayerNorm(d_model, eps=eps)
+        self.mamba_dropout = Dropout(c.dropout_prob if c.interaction_mamba else 0.0)
+        self.mamba = Mamba(d, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand) if c.interaction_mamba \
+            else NoMamba()
+        self.LayerNorm1 = nn.LayerNorm(d, eps=eps) if c.interaction_mamba else nn.Identity()
+        self.lsa_reads = _reads_m if c.lsa_input == "mamba" else _reads_h0
+        self.lsa = LowRankSelfAttention(d, c.n_heads, c.k_interests, c.attn_dropout_prob, c.dropout_prob, c.variant,
+                                        c.softmax, eps) if c.use_lsa else NoLSA()
+        self.gate = Gate(d, c.gate_act) if gated else Ungated()
+        self.LayerNorm2 = nn.LayerNorm(d, eps=eps) if gated else nn.Identity()
+        self.fuse = nn.Linear(2 * d if c.use_lsa else d, d)
+        self.skip = nn.Linear(d, d)
+        self.LayerNorm3 = nn.LayerNorm(d, eps=eps)
 
     def forward(self, h0: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         m = self.LayerNorm1(self.mamba_dropout(self.mamba(h0)) + h0)     # M = LN1(Drop(Mamba(H0)) + H0): B x L x D
@@ -136,85 +124,31 @@ class MambaLSAInteraction(nn.Module):
         return InteractionState(self.mamba.initial_state(batch), self.lsa.initial_state(batch))
 
 
-class MambaNormalizationLayer(nn.Module):
-    """O = LN(Drop(Mamba(O)) + O): always residual, no feed-forward."""
-
-    def __init__(self, d_model: int, mamba_kwargs: dict, dropout: float, eps: float) -> None:
-        super().__init__()
-        self.mamba = Mamba(d_model, **mamba_kwargs)
-        self.dropout = Dropout(dropout)
-        self.LayerNorm = nn.LayerNorm(d_model, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.mamba(x)) + x)
-
-    def step(self, x_t: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
-        y, state = self.mamba.step(x_t, state)
-        return self.LayerNorm(self.dropout(y) + x_t), state
-
-
 @register("mlsa4rec")
 class MLSA4Rec(SequentialRecommender):
     forward_traces = False  # the grouped forward below; export reads encode at the last position
 
-    def __init__(
-        self,
-        n_items: int,
-        max_seq_length: int,
-        hidden_size: int,
-        num_layers: int,
-        dropout_prob: float,
-        attn_dropout_prob: float,
-        k_interests: int,
-        n_heads: int,
-        d_state: int,
-        d_conv: int,
-        expand: int,
-        variant: str = "faithful",
-        attn_softmax: str = "auto",
-        num_interaction_layers: int = 1,
-        gate_act: str = "gelu",
-        use_lsa: bool = True,
-        lsa_input: str = "mamba",
-        interaction_mamba: bool = True,
-        layer_norm_eps: float = 1e-12,
-    ) -> None:
+    config_class = MLSA4RecConfig
+
+    def __init__(self, n_items: int, max_seq_length: int, config: MLSA4RecConfig) -> None:
         super().__init__()
-        check_choice("variant", variant, VARIANTS)
-        if attn_softmax == "auto":  # the released axis; a causal model normalises over the interests
-            attn_softmax = "interests" if variant == "causal" else "sequence"
-        if num_layers < 0 or num_interaction_layers < 0:
-            raise ValueError("num_layers and num_interaction_layers must be >= 0")
-        if num_layers + num_interaction_layers == 0:
-            raise ValueError("the model needs at least one interaction or normalization layer")
+        c = self.config = config
         self.n_items = n_items
         self.max_seq_length = max_seq_length
-        self.variant = variant
+        self.variant = c.variant
         # without any LSA the model is a stack of Mamba blocks, padding-invariant whatever the
         # variant; it keeps the variant's training scheme so that an ablation changes one thing
-        no_lsa = not use_lsa or num_interaction_layers == 0
-        self.causal = variant == "causal"
-        self.padding_invariant = variant != "faithful" or no_lsa
+        no_lsa = not c.use_lsa or c.num_interaction_layers == 0
+        self.causal = c.variant == "causal"
+        self.padding_invariant = c.variant != "faithful" or no_lsa
         self.preferred_scheme = "all_positions" if self.causal else "prefix"
-        # what from_recbole checks before promising the released outputs
-        self.settings = {"variant": variant, "attn_softmax": attn_softmax, "gate_act": gate_act, "use_lsa": use_lsa,
-                         "lsa_input": lsa_input, "interaction_mamba": interaction_mamba,
-                         "layer_norm_eps": layer_norm_eps}
-
-        mamba_kwargs = {"d_state": d_state, "d_conv": d_conv, "expand": expand}
-        lsa_kwargs = {"n_heads": n_heads, "k_interests": k_interests, "attn_dropout": attn_dropout_prob,
-                      "variant": variant, "softmax": attn_softmax}
-        self.item_embedding = nn.Embedding(n_items + 1, hidden_size, padding_idx=0)
-        self.dropout = Dropout(dropout_prob)
-        self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.interaction_layers = nn.ModuleList(
-            MambaLSAInteraction(hidden_size, mamba_kwargs, lsa_kwargs, dropout_prob, layer_norm_eps, gate_act=gate_act,
-                                use_lsa=use_lsa, lsa_input=lsa_input, interaction_mamba=interaction_mamba)
-            for _ in range(num_interaction_layers)
-        )
+        self.item_embedding = nn.Embedding(n_items + 1, c.hidden_size, padding_idx=0)
+        self.dropout = Dropout(c.dropout_prob)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.interaction_layers = nn.ModuleList(MambaLSAInteraction(c) for _ in range(c.num_interaction_layers))
         self.mamba_layers = nn.ModuleList(
-            MambaNormalizationLayer(hidden_size, mamba_kwargs, dropout_prob, layer_norm_eps)
-            for _ in range(num_layers)
+            MambaResidual(c.hidden_size, c.d_state, c.d_conv, c.expand, c.dropout_prob, c.layer_norm_eps)
+            for _ in range(c.num_layers)
         )
         self.apply(self._init_weights)
 

@@ -31,21 +31,38 @@ the next one (``ValueError``). ``step`` never redraws the features.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from mlsa4rec.layers.linear_attention import PerformerAttention
 from mlsa4rec.models import register
-from mlsa4rec.models.linrec import LinearSASRec
+from mlsa4rec.models.linrec import LinearSASRec, LinRecConfig
+from mlsa4rec.settings import setting
+
+
+@dataclass(frozen=True)
+class PerformerConfig(LinRecConfig):
+    """SASRec's defaults (RecBole 1.2) plus FAVOR+'s own settings. No authors' configuration for
+    sequential recommendation exists, so there is no preset. No attn_dropout_prob: FAVOR+ forms no
+    attention matrix to drop."""
+
+    nb_features: int = setting(64, "m: random features per head (performer-pytorch's default d ln d would be 110)")
+    feature_redraw_interval: int = setting(1000, "draw new random features every this many training steps; 0 = "
+                                                 "never (performer-pytorch's default 1000)")
+
+    def check(self) -> None:
+        super().check()
+        self.at_least(1, "nb_features")
+        self.at_least(0, "feature_redraw_interval")
 
 
 @register("performer")
 class Performer(LinearSASRec):
-    def __init__(self, n_items: int, max_seq_length: int, hidden_size: int, n_layers: int, n_heads: int,
-                 inner_size: int, hidden_dropout_prob: float, hidden_act: str, layer_norm_eps: float,
-                 initializer_range: float, nb_features: int, feature_redraw_interval: int) -> None:
-        super().__init__(n_items, max_seq_length, hidden_size, n_layers, n_heads, inner_size, hidden_dropout_prob,
-                         hidden_act, layer_norm_eps, initializer_range,
-                         make_attention=lambda: PerformerAttention(hidden_size, n_heads, hidden_dropout_prob,
-                                                                   layer_norm_eps, nb_features,
-                                                                   feature_redraw_interval))
+    config_class = PerformerConfig
+
+    def __init__(self, n_items: int, max_seq_length: int, config: PerformerConfig) -> None:
+        super().__init__(n_items, max_seq_length, config, make_attention=lambda: PerformerAttention(
+            config.hidden_size, config.n_heads, config.hidden_dropout_prob, config.layer_norm_eps, config.nb_features,
+            config.feature_redraw_interval))
 
     def redraw_features(self) -> None:
         """Draw the next random features in every layer now (training does this on its own)."""

@@ -11,12 +11,26 @@ causal and padding-invariant, and trains with the all-positions scheme.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from mlsa4rec.layers import Dropout, TransformerLayer
 from mlsa4rec.models import register
-from mlsa4rec.models.base import SequentialRecommender, normal_init
+from mlsa4rec.models.base import SequentialRecommender, TransformerConfig, normal_init
+from mlsa4rec.settings import setting
+
+
+@dataclass(frozen=True)
+class SASRecConfig(TransformerConfig):
+    """RecBole 1.2's SASRec defaults (recbole/properties/model/SASRec.yaml)."""
+
+    attn_dropout_prob: float = setting(0.5, "dropout on the attention weights")
+    # causal, so it trains with the all-positions scheme; a step holds train_batch_size user
+    # windows of up to L targets each, so the step is far below RecBole's 2048 prefix samples to
+    # keep as many optimiser steps per epoch
+    train_defaults = {"train_scheme": "all_positions", "train_batch_size": 128}
 
 
 @register("sasrec")
@@ -24,42 +38,24 @@ class SASRec(SequentialRecommender):
     causal = True
     padding_invariant = True
     preferred_scheme = "all_positions"
+    config_class = SASRecConfig
 
-    def __init__(
-        self,
-        n_items: int,
-        max_seq_length: int,
-        hidden_size: int,
-        n_layers: int,
-        n_heads: int,
-        inner_size: int,
-        hidden_dropout_prob: float,
-        attn_dropout_prob: float,
-        hidden_act: str,
-        layer_norm_eps: float,
-        initializer_range: float,
-    ) -> None:
+    def __init__(self, n_items: int, max_seq_length: int, config: SASRecConfig) -> None:
         super().__init__()
-        for key, value in (("hidden_size", hidden_size), ("n_layers", n_layers), ("n_heads", n_heads),
-                           ("inner_size", inner_size), ("max_seq_length", max_seq_length)):
-            if value < 1:
-                raise ValueError(f"{key} must be >= 1, got {value}")
-        if hidden_size % n_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by n_heads ({n_heads})")
+        c = self.config = config
         self.n_items = n_items
         self.max_seq_length = max_seq_length
-        self.item_embedding = nn.Embedding(n_items + 1, hidden_size, padding_idx=0)
-        self.position_embedding = nn.Embedding(max_seq_length, hidden_size)
-        self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.dropout = Dropout(hidden_dropout_prob)
+        self.item_embedding = nn.Embedding(n_items + 1, c.hidden_size, padding_idx=0)
+        self.position_embedding = nn.Embedding(max_seq_length, c.hidden_size)
+        self.layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = Dropout(c.hidden_dropout_prob)
         self.layers = nn.ModuleList(
-            TransformerLayer(hidden_size, n_heads, inner_size, hidden_dropout_prob, attn_dropout_prob,
-                             hidden_act, layer_norm_eps)
-            for _ in range(n_layers)
+            TransformerLayer(c.hidden_size, c.n_heads, c.inner_size, c.hidden_dropout_prob, c.attn_dropout_prob,
+                             c.hidden_act, c.layer_norm_eps)
+            for _ in range(c.n_layers)
         )
-        self.initializer_range = initializer_range
         # RecBole's init: N(0, 0.02) for Linear/Embedding weights, zero biases, LN = (1, 0).
-        self.apply(lambda module: normal_init(module, initializer_range))
+        self.apply(lambda module: normal_init(module, c.initializer_range))
 
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         self.check_length(item_seq)

@@ -1,0 +1,165 @@
+"""Every default, declared once: ``TrainConfig`` for a run's settings, a ``ModelConfig`` per model.
+
+A setting is a dataclass field with its default and one line of help (``setting``). The merged,
+validated mapping a run uses (``config.build_config``), the list ``mlsa4rec models --config NAME``
+prints and the values a resumed run falls back to are all read from these classes. Names follow
+RecBole where RecBole has the setting.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar
+
+from mlsa4rec.errors import ConfigError, MLSA4RecError, check_choice
+from mlsa4rec.metrics import METRICS, parse_metric
+
+TRAIN_SCHEMES = ("auto", "prefix", "all_positions", "cloze")
+LR_SCHEDULERS = ("constant", "cosine", "linear")
+_INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*$")
+
+
+def setting(default: Any, help: str) -> Any:
+    """A field with its default and the help line ``mlsa4rec models --config`` prints beside it."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def defaults_of(cls: type) -> dict[str, Any]:
+    """{field: default} of a settings dataclass, in declaration order."""
+    return {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(cls)}
+
+
+def help_of(cls: type) -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def parse_interval(text: str, key: str = "interval") -> tuple[float, float]:
+    """RecBole's ``"[5,inf)"`` notation, as inclusive integer bounds ``(5, inf)``."""
+    m = _INTERVAL.match(str(text))
+    bad = ConfigError(f"{key}: {text!r} is not an interval like \"[5,inf)\"")
+    if not m:
+        raise bad
+    lo_b, lo_s, hi_s, hi_b = m.groups()
+    try:
+        lo, hi = float(lo_s), float(hi_s)
+    except ValueError:
+        raise bad from None
+    if math.isnan(lo) or math.isnan(hi):
+        raise bad
+    lo = lo if lo_b == "[" or math.isinf(lo) else math.floor(lo) + 1
+    hi = hi if hi_b == "]" or math.isinf(hi) else math.ceil(hi) - 1
+    if lo > hi:
+        raise ConfigError(f"{key}: {text!r} is empty")
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model's hyperparameters. Subclasses add fields (``setting``) and checks (``check``).
+
+    ``train_defaults``: the model's own defaults for run settings (e.g. its training scheme and
+    step size), applied over ``TrainConfig``'s. A model without hyperparameters uses this class.
+    """
+
+    train_defaults: ClassVar[Mapping[str, Any]] = {}
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.name.endswith("dropout_prob") and not 0.0 <= getattr(self, f.name) < 1.0:
+                raise ValueError(f"{f.name} must be in [0, 1), got {getattr(self, f.name)!r}")
+        self.check()
+
+    def check(self) -> None:
+        """Refuse values the model cannot be built with (``ValueError`` naming the key)."""
+
+    def at_least(self, minimum: int, *keys: str) -> None:
+        """Refuse any of ``keys`` below ``minimum``: ``key must be >= minimum``."""
+        for key in keys:
+            if getattr(self, key) < minimum:
+                raise ValueError(f"{key} must be >= {minimum}, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The settings shared by every model: data, training, evaluation. Checks in ``__post_init__``."""
+
+    # --- data ----------------------------------------------------------------------------------
+    user_inter_num_interval: str = setting("[5,inf)", "keep users with this many events (iterative k-core)")
+    item_inter_num_interval: str = setting("[5,inf)", "keep items with this many events (iterative k-core)")
+    MAX_ITEM_LIST_LENGTH: int = setting(50, "L: history truncated to the most recent L items")
+    # --- training ------------------------------------------------------------------------------
+    train_scheme: str = setting("auto", "prefix | all_positions | cloze (BERT4Rec) | auto (the model's preferred "
+                                        "scheme)")
+    epochs: int = setting(300, "training epochs at most")
+    train_batch_size: int = setting(2048, "samples per step (prefix, cloze) or user windows per step (all_positions)")
+    all_positions_stride: int = setting(0, "targets per window in all_positions; < L overlaps windows so that every "
+                                           "target sees >= L - stride items of history; 0 = L (no overlap)")
+    bucket_batches: bool = setting(True, "trimmed models: batches of similar-length samples, formed inside chunks of "
+                                         "50 shuffled batches (less padding, faster); false: uniform batches, as "
+                                         "RecBole")
+    learning_rate: float = setting(0.001, "Adam's step size")
+    lr_scheduler: str = setting("constant", "constant (RecBole) | cosine | linear: decay per step to 0 at the last "
+                                            "epoch")
+    weight_decay: float = setting(0.0, "Adam's L2 penalty")
+    clip_grad_norm: float = setting(0.0, "clip the gradient's norm to this; 0 disables clipping")
+    loss_type: str = setting("CE", "full-softmax cross-entropy over all items (the only loss offered)")
+    stopping_step: int = setting(10, "stop after more than this many validations without a better valid_metric "
+                                     "(RecBole's rule: a tie counts as better; 0 stops at the first miss)")
+    eval_step: int = setting(1, "validate every eval_step epochs")
+    seed: int = setting(2020, "seed of every generator (init, dropout, sampling)")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N (under torchrun: cuda = GPU LOCAL_RANK per rank)")
+    checkpoint_steps: int = setting(0, "also checkpoint every this many optimiser steps; 0 = only at the end of each "
+                                       "epoch")
+    dist_timeout: int = setting(1800, "seconds a rank waits in a collective (torchrun runs) before failing instead "
+                                      "of hanging")
+    # --- evaluation ----------------------------------------------------------------------------
+    metrics: list = setting(["hit", "ndcg", "mrr"], "any of hit, ndcg, mrr, recall, precision")
+    topk: list = setting([5, 10], "cut-offs K of every metric")
+    valid_metric: str = setting("ndcg@10", "METRIC@K that early stopping and the best epoch follow")
+    eval_batch_size: int = setting(1024, "users per scoring batch; 4096 measured 2x slower on 2 cores (cache "
+                                         "misses)")
+    exclude_history: bool = setting(False, "rank history items too (RecBole's sequential protocol); true: leave "
+                                           "them out")
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "train_batch_size", "eval_batch_size", "MAX_ITEM_LIST_LENGTH", "eval_step",
+                    "learning_rate", "dist_timeout"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        for key in ("weight_decay", "clip_grad_norm", "stopping_step", "all_positions_stride", "checkpoint_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        if not 0 <= self.seed < 2 ** 32:  # the range every generator seeded from it (numpy's) accepts
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed!r}")
+        for key in ("user_inter_num_interval", "item_inter_num_interval"):
+            parse_interval(getattr(self, key), key)
+        check_choice("train_scheme", self.train_scheme, TRAIN_SCHEMES, ConfigError)
+        check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS, ConfigError)
+        if str(self.loss_type).upper() != "CE":
+            raise ConfigError(f"loss_type {self.loss_type!r} is not offered; only CE (full softmax) is")
+        metrics = [str(m).lower() for m in self.metrics]
+        for m in metrics:
+            if m not in METRICS:
+                raise ConfigError(f"metrics: unknown metric {m!r}; choose from {', '.join(METRICS)}")
+        topk = self.topk
+        if not topk or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in topk):
+            raise ConfigError(f"topk must be a list of positive integers, got {topk!r}")
+        topk = sorted(set(topk))
+        try:
+            name, k = parse_metric(str(self.valid_metric))
+        except MLSA4RecError:
+            name, k = "", 0
+        if name not in metrics or k not in topk:
+            raise ConfigError(f"valid_metric {self.valid_metric!r} is not computed: it must be METRIC@K with METRIC "
+                              f"in metrics {metrics} and K in topk {topk}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(self.device)):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        # the canonical spellings a run directory records
+        object.__setattr__(self, "metrics", metrics)
+        object.__setattr__(self, "topk", topk)
+        object.__setattr__(self, "valid_metric", f"{name}@{k}")
