@@ -275,7 +275,8 @@ def _launch(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mlsa4rec.config import parse_set, run_facts
-    from mlsa4rec.training.run import format_table, train
+    from mlsa4rec.evaluation.runs import format_table
+    from mlsa4rec.training.run import train
 
     if args.model is None or args.dataset is None:  # a finished run's config.yaml names both
         facts = run_facts(args.config, parse_set(args.overrides))
@@ -306,7 +307,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from mlsa4rec.training.run import evaluate_run, format_table
+    from mlsa4rec.evaluation.runs import evaluate_run, format_table
 
     results = evaluate_run(args.run_dir, args.data_dir)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
@@ -397,7 +398,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from mlsa4rec.training.run import compare_runs, format_comparison
+    from mlsa4rec.evaluation.runs import compare_runs, format_comparison
 
     if args.resamples < 100:
         raise MLSA4RecError(f"--resamples must be at least 100, got {args.resamples}")

@@ -13,10 +13,11 @@ from torch import nn
 from mlsa4rec.cli import main
 from mlsa4rec.config import build_config, known_keys
 from mlsa4rec.errors import ConfigError
+from mlsa4rec.evaluation.runs import evaluate_run
 from mlsa4rec.models import _REGISTRY, available, create, register
 from mlsa4rec.models.base import SequentialRecommender
 from mlsa4rec.settings import ModelConfig, TrainConfig, defaults_of, help_of, setting
-from mlsa4rec.training.run import evaluate_run, train
+from mlsa4rec.training.run import train
 
 
 class LastItem(SequentialRecommender):

@@ -14,9 +14,9 @@ from tiny_runs import tiny_run
 from mlsa4rec.cli import main
 from mlsa4rec.data.sampling import eval_batches
 from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.evaluation.runs import load_run
 from mlsa4rec.serving import Recommender
 from mlsa4rec.serving.batch import recommend_lines
-from mlsa4rec.training.run import load_run
 
 MODELS = ["sasrec", "gru4rec", "mamba4rec", "mlsa4rec"]
 

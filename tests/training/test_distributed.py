@@ -28,10 +28,11 @@ from mlsa4rec.data.sampling import TrainSampler
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation import split_ranks
 from mlsa4rec.evaluation.evaluator import merge_round_robin
+from mlsa4rec.evaluation.runs import evaluate_run
 from mlsa4rec.models import create
 from mlsa4rec.training import Trainer, checkpoint
 from mlsa4rec.training.distributed import DistContext, pack_gradients, shard_rows, unpack_gradients
-from mlsa4rec.training.run import evaluate_run, train
+from mlsa4rec.training.run import train
 from mlsa4rec.training.rundir import staging_dir
 
 HERE = Path(__file__).resolve().parent

@@ -17,8 +17,9 @@ import torch
 
 from mlsa4rec.cli import main
 from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.evaluation.runs import compare_runs, evaluate_run
 from mlsa4rec.training import checkpoint
-from mlsa4rec.training.run import compare_runs, evaluate_run, train
+from mlsa4rec.training.run import train
 from mlsa4rec.training.rundir import MANIFEST, staging_dir
 
 SMALL = {"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 8,

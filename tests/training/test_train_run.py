@@ -14,9 +14,10 @@ import yaml
 from mlsa4rec.config import build_config
 from mlsa4rec.data import load_dataset
 from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.evaluation.runs import evaluate_run
 from mlsa4rec.models import create
 from mlsa4rec.training import Trainer
-from mlsa4rec.training.run import evaluate_run, train
+from mlsa4rec.training.run import train
 
 SMALL = {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "hidden_dropout_prob": 0.0,
          "attn_dropout_prob": 0.0, "MAX_ITEM_LIST_LENGTH": 8, "learning_rate": 0.01, "epochs": 30,
@@ -136,8 +137,8 @@ def test_no_training_samples_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_comparison_table_shows_an_undefined_row() -> None:
     """A metric the baseline never scores (0 on every user) is one 'undefined' row, not a refused table."""
+    from mlsa4rec.evaluation.runs import format_comparison
     from mlsa4rec.evaluation.significance import compare_ranks, holm
-    from mlsa4rec.training.run import format_comparison
 
     base, run = np.full(40, 50), np.where(np.arange(40) % 4 == 0, 1, 50)
     rows = holm([compare_ranks(base, run, m) for m in ("hit@10", "hit@100")])

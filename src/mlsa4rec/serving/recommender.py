@@ -28,10 +28,10 @@ from torch.utils import _pytree as pytree
 from mlsa4rec.config import Config, build_config, load_yaml_file
 from mlsa4rec.data.itemmap import ItemMap
 from mlsa4rec.errors import MLSA4RecError, check_choice
+from mlsa4rec.evaluation.runs import load_run, load_weights
 from mlsa4rec.models import build_model, get_class
 from mlsa4rec.training import rundir
 from mlsa4rec.training.distributed import resolve_device
-from mlsa4rec.training.run import load_run, load_weights
 
 log = logging.getLogger("mlsa4rec")
 

@@ -1,0 +1,180 @@
+"""Finished runs loaded back: rebuilt, re-evaluated on valid and test, compared user by user.
+
+A run directory (written by ``training/run.py`` through ``training/rundir.py``) is checked against
+its manifest, its data against the fingerprint the run recorded, and its model rebuilt from
+``config.yaml`` exactly as training built it (``build_run_model``, the one place both use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from mlsa4rec.config import Config, build_config, load_yaml_file
+from mlsa4rec.data import REGISTRY, SequenceData, data_dir_from, load_dataset
+from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.evaluation.evaluator import evaluate_split, split_ranks
+from mlsa4rec.evaluation.significance import check_confidence, compare_ranks, holm
+from mlsa4rec.metrics import parse_metric
+from mlsa4rec.models import build_model, get_class
+from mlsa4rec.ops.scan import check_environment
+from mlsa4rec.training import rundir
+from mlsa4rec.training.distributed import resolve_device
+from mlsa4rec.training.trainer import set_seed
+
+
+def build_run_model(config: Config, data: SequenceData, device: torch.device | str | None = None):
+    """The run's model, seeded; on the ``meta`` device it costs nothing (for size estimates)."""
+    set_seed(config["seed"])
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return build_model(get_class(config["model"]), data.n_items, config.model_kwargs(),
+                           config["MAX_ITEM_LIST_LENGTH"])
+
+
+def load_run_data(config: Config, data_dir: str | Path | None) -> SequenceData:
+    return load_dataset(config["dataset"], data_dir, config["user_inter_num_interval"],
+                        config["item_inter_num_interval"])
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise MLSA4RecError(f"weights file {str(path)!r} is missing; is this a finished run directory?")
+    try:
+        state = safetensors.torch.load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for truncated or foreign files
+        raise MLSA4RecError(f"weights file {str(path)!r} is corrupt or not safetensors ({exc}); retrain or "
+                            "restore the file") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise MLSA4RecError(f"weights in {str(path)!r} do not fit the model in config.yaml: {first}") from None
+
+
+@dataclass
+class LoadedRun:
+    """A finished run directory rebuilt: its config, its data and its model with the saved weights."""
+
+    path: Path
+    config: Config
+    data: SequenceData
+    model: torch.nn.Module
+    device: torch.device
+
+
+def load_run(run_dir: str | Path, data_dir: str | Path | None = None) -> LoadedRun:
+    """Rebuild a run directory's data and model (weights loaded, on the run's device, in eval mode),
+    after checking its files against its manifest and refusing data that differs from what the
+    run was trained on."""
+    check_environment()
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise MLSA4RecError(f"{str(run)!r} is not a run directory (no config.yaml); pass the --output-dir of a "
+                            "finished `mlsa4rec train`")
+    rundir.verify_run(run)
+    saved = load_yaml_file(run / "config.yaml")
+    if "model" not in saved or "dataset" not in saved:
+        raise MLSA4RecError(f"{str(run / 'config.yaml')!r} lacks the model or dataset entry")
+    get_class(str(saved["model"]))
+    config = build_config(saved["model"], [run / "config.yaml"], extra={"dataset": saved["dataset"]})
+    try:
+        recorded = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        recorded = {}
+    if not isinstance(recorded, dict):
+        recorded = {}
+    if data_dir_from(data_dir) is None and recorded.get("data_dir"):
+        data_dir = recorded["data_dir"]  # where the run found its data
+    data = load_run_data(config, data_dir)
+    if recorded.get("data_fingerprint") not in (None, data.fingerprint):
+        fix = ("restore the original file (its checksum is recorded in results.json)"
+               if config["dataset"] not in REGISTRY else "point --data-dir at the original files")
+        raise MLSA4RecError(f"the data found for {config['dataset']!r} differs from the data this run was trained "
+                            f"on (checksum or filtering differ); {fix}")
+    net = build_run_model(config, data)
+    load_weights(net, run / rundir.WEIGHTS)
+    device = resolve_device(config["device"])
+    net.to(device).eval()
+    return LoadedRun(run, config, data, net, device)
+
+
+def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[str, Any]:
+    """Re-evaluate a run directory's saved weights on valid and test."""
+    run = load_run(run_dir, data_dir)
+    return {"model": run.config["model"], "dataset": run.config["dataset"],
+            **{split: evaluate_split(run.model, run.data, split, run.config, run.device)
+               for split in ("valid", "test")}}
+
+
+def run_ranks(run: LoadedRun, split: str = "test") -> np.ndarray:
+    """The target rank of every user of ``split``, in user order, exactly as the run's evaluation
+    ranks them (same L, padding, batch size and history rule)."""
+    c = run.config
+    return split_ranks(run.model, run.data, split, c["MAX_ITEM_LIST_LENGTH"], c["eval_batch_size"],
+                       c["exclude_history"], run.device)
+
+
+def compare_runs(run_dirs: list[str | Path], split: str = "test",
+                 metrics: tuple[str, ...] = ("hit@10", "ndcg@10", "mrr@10"), data_dir: str | Path | None = None,
+                 confidence: float = 0.95, n_resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Every run after the first against the first (the baseline), paired over the users of ``split``:
+    relative difference, bootstrap interval, t-test p-value, Holm-adjusted over all rows."""
+    if len(run_dirs) < 2:
+        raise MLSA4RecError("compare needs a baseline run directory and at least one more")
+    for metric in metrics:  # bad settings fail before minutes of scoring, not after
+        parse_metric(metric)
+    check_confidence(confidence)
+    runs, ranks = [], []
+    for path in run_dirs:
+        run = load_run(path, data_dir)
+        if runs and run.data.fingerprint != runs[0].data.fingerprint:
+            raise MLSA4RecError(f"{str(path)!r} was trained on other data than {str(runs[0].path)!r} (dataset, file "
+                                "or filtering differ); a paired comparison needs the same users")
+        ranks.append(run_ranks(run, split))
+        run.model.cpu()  # free an accelerator for the next run
+        runs.append(run)
+    rows = holm([compare_ranks(ranks[0], r, m, confidence, n_resamples, seed) for r in ranks[1:] for m in metrics])
+    describe = [{"run": str(r.path), "model": r.config["model"], "variant": r.config.to_dict().get("variant")}
+                for r in runs]
+    return {"dataset": runs[0].config["dataset"], "split": split, "users": len(ranks[0]), "baseline": describe[0],
+            "comparisons": [{**describe[1 + i // len(metrics)], **row.to_dict()} for i, row in enumerate(rows)]}
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    """``compare_runs``' result as an aligned text table."""
+    def label(r: dict[str, Any]) -> str:
+        return r["run"] + f" ({r['model']}{', ' + r['variant'] if r['variant'] else ''})"
+
+    base = result["baseline"]
+    ci_head = f"{result['comparisons'][0]['confidence']:.0%} CI"
+    lines = [f"{result['split']} split of {result['dataset']}, {result['users']:,} users; baseline: {label(base)}",
+             f"{'metric':<9} {'baseline':>9} {'run':>9} {'rel. diff':>9}  {ci_head:<18} "
+             f"{'p (t-test)':>10} {'p (Holm)':>9}"]
+    current = None
+    for row in result["comparisons"]:
+        if row["run"] != current:
+            current = row["run"]
+            lines.append(label(row))
+        # a baseline of 0 leaves the relative difference (and so its interval) undefined
+        relative = "undefined" if row["relative"] is None else f"{row['relative']:+.1%}"
+        ci = "undefined" if row["ci_low"] is None else f"[{row['ci_low']:+.1%}, {row['ci_high']:+.1%}]"
+        lines.append(f"{row['metric']:<9} {row['baseline']:>9.4f} {row['candidate']:>9.4f} {relative:>9}  "
+                     f"{ci:<18} {row['p_value']:>10.2g} {row['p_holm']:>9.2g}")
+    return "\n".join(lines)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Valid and test metrics as an aligned text table."""
+    keys = list(results["test"])
+    width = max(len(k) for k in keys) + 2
+    lines = ["split".ljust(8) + "".join(k.rjust(width) for k in keys)]
+    for split in ("valid", "test"):
+        lines.append(split.ljust(8) + "".join(f"{results[split][k]:.4f}".rjust(width) for k in keys))
+    return "\n".join(lines)
