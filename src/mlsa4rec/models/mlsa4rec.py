@@ -127,7 +127,6 @@ class MambaLSAInteraction(nn.Module):
 @register("mlsa4rec")
 class MLSA4Rec(SequentialRecommender):
     forward_traces = False  # the grouped forward below; export reads encode at the last position
-
     config_class = MLSA4RecConfig
 
     def __init__(self, n_items: int, max_seq_length: int, config: MLSA4RecConfig) -> None:
