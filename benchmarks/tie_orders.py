@@ -19,6 +19,11 @@ Train on one with ``--dataset PATH`` (a user-line file is read like the register
     mlsa4rec train --model sasrec --dataset runs/tie-orders/beauty-reversed.txt.gz \\
         --config configs/sasrec-beauty.yaml --output-dir runs/ties/sasrec-reversed
 
+For ML-1M, whose timestamps the shared data has for users 1-2,999 only (``ml-1m/extra``), it
+writes ``ml-1m-users1-2999.txt.gz``: those users in the shared file's order. Beside the partial
+``ratings.dat`` itself (read with a stable sort by time, i.e. RecBole's order inside ties), it
+gives the same users, items and events in two tie orders.
+
 It prints, per variant, the share of users whose validation or test target differs from ICLRec's
 and the median and mean training popularity of the test targets (a popular target is easier).
 The files are derived from the shared data and must not be committed (``runs/`` is ignored).
@@ -108,6 +113,27 @@ def target_popularity(seqs: dict[int, list[int]]) -> tuple[float, float]:
     return float(pops[len(pops) // 2]), sum(pops) / len(pops)
 
 
+PARTIAL = "ratings.users1-2999.partial.dat.gz"
+
+
+def write_ml1m_half(ml1m: Path, out: Path) -> None:
+    """The shared ML-1M order for the users of the partial ratings.dat, and how often it differs."""
+    with gzip.open(ml1m / "extra" / PARTIAL, "rt") as f:
+        rows = [line.split("::") for line in f if line.strip()]
+    events: dict[int, list[tuple[int, int]]] = {}
+    for i, (u, item, _, t) in enumerate(rows):
+        events.setdefault(int(u), []).append((int(t), i, int(item)))  # (time, file position): a stable sort
+    recbole = {u: [item for _, _, item in sorted(ev)] for u, ev in events.items()}
+    shared = {u: seq for u, seq in read_lines(ml1m / "ml-1m.seq.txt.gz").items() if u in recbole}
+    if any(sorted(shared[u]) != sorted(recbole[u]) for u in recbole):
+        raise ValueError("the partial ratings.dat and ml-1m.seq.txt.gz disagree on a user's items")
+    path = out / "ml-1m-users1-2999.txt.gz"
+    write_lines(path, shared)
+    v, t = changed_targets(recbole, shared)
+    print(f"{path}: users 1-2,999 in the shared file's order; against ratings.dat's order (RecBole's) the "
+          f"validation target differs for {v:.1%} of users, the test target for {t:.1%}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", default="../shared/data")
@@ -140,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         median, mean = target_popularity(seqs)
         print(f"{path}: validation target differs for {v:.1%} of users, test target for {t:.1%}; test targets' "
               f"popularity median {median:.0f}, mean {mean:.1f}")
+    ml1m = Path(args.data_dir) / "ml-1m"
+    if (ml1m / "ml-1m.seq.txt.gz").is_file() and (ml1m / "extra" / PARTIAL).is_file():
+        write_ml1m_half(ml1m, out)
     tiicsrec = read_lines(data / "Beauty_item.tiicsrec.txt.gz")
     path = out / "beauty-tiicsrec.txt.gz"
     write_lines(path, tiicsrec)

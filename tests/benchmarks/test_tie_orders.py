@@ -63,3 +63,16 @@ def test_missing_data_is_one_error_line(tmp_path: Path, capsys) -> None:
     assert to.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_ml1m_half_keeps_the_shared_order_and_counts_changed_targets(tmp_path: Path, capsys) -> None:
+    ml1m = tmp_path / "ml-1m"
+    (ml1m / "extra").mkdir(parents=True)
+    _write(ml1m / "ml-1m.seq.txt.gz", {1: [10, 30, 20], 2: [40, 50], 7: [60]})  # user 7: not in the partial file
+    lines = ["1::20::5::100", "1::10::3::50", "1::30::4::100", "2::40::1::7", "2::50::2::8"]
+    with gzip.open(ml1m / "extra" / to.PARTIAL, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    to.write_ml1m_half(ml1m, tmp_path)
+    assert to.read_lines(tmp_path / "ml-1m-users1-2999.txt.gz") == {1: [10, 30, 20], 2: [40, 50]}
+    # ratings.dat's stable order for user 1 is 10, 20, 30: both of its targets differ, user 2's do not
+    assert "validation target differs for 50.0% of users, the test target for 50.0%" in capsys.readouterr().out
