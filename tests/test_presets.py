@@ -60,3 +60,13 @@ def test_bert4rec_presets_hold_the_released_settings() -> None:
         assert c["train_scheme"] == "cloze" and c["attn_dropout_prob"] == 0.2
         model = build_model(get_class("bert4rec"), 20, c.model_kwargs(), c["MAX_ITEM_LIST_LENGTH"])
         assert int(model.mask_ratio * model.max_seq_length) == cap
+
+
+def test_sasrec_presets_hold_the_measured_recipes() -> None:
+    beauty = build_config("sasrec", ["sasrec-amazon-beauty"])
+    assert (beauty["train_scheme"], beauty["train_batch_size"], beauty["learning_rate"], beauty["stopping_step"],
+            beauty["hidden_dropout_prob"], beauty["MAX_ITEM_LIST_LENGTH"]) == ("prefix", 2048, 1e-3, 10, 0.5, 50)
+    ml = build_config("sasrec", ["sasrec-ml-1m"])
+    assert (ml["train_scheme"], ml["train_batch_size"], ml["learning_rate"], ml["lr_scheduler"], ml["epochs"],
+            ml["hidden_dropout_prob"], ml["MAX_ITEM_LIST_LENGTH"]) == ("all_positions", 32, 2e-3, "cosine", 60, 0.2,
+                                                                       200)
