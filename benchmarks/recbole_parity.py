@@ -24,7 +24,10 @@ Settings are ours (packaged defaults < ``--config`` files < ``--set key=value``)
 ``train_scheme=prefix``, ``device=cpu`` and RecBole's default ``train_batch_size=2048`` unless
 ``--set`` says otherwise; they are translated key by key into RecBole's config (the names are
 RecBole's already). A setting RecBole cannot mirror (``lr_scheduler`` other than constant,
-``exclude_history``) is refused. Models: ``sasrec``, ``gru4rec``, ``lightsans``.
+``exclude_history``) is refused. Models: ``sasrec``, ``gru4rec``, ``lightsans``, ``bert4rec`` (RecBole's own)
+and ``mamba4rec``: RecBole has none, so ``recbole_mamba4rec.py`` restates the authors' RecBole model
+file with our Mamba block in place of mamba-ssm's (CUDA-only), and RecBole's data, trainer and
+evaluator drive it.
 
 The export (``export_recbole``) writes each user's events in our chronological order with
 ``timestamp`` = the event's position in the user's sequence (1..n), so there are no ties for
@@ -88,10 +91,14 @@ VENV_PINS = (
     "tqdm==4.70.1",
     "PyYAML==6.0.3",
     "matplotlib==3.10.9",        # the plot, where the project's venv has no matplotlib
+    "numba==0.68.1",             # our Mamba block's CPU scan, for mamba4rec (recbole_mamba4rec.py)
 )
 NUMPY_ALIASES = {"bool8": "bool_", "float_": "float64", "complex_": "complex128", "unicode_": "str_"}
 
-RECBOLE_MODELS = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "lightsans": "LightSANs", "bert4rec": "BERT4Rec"}
+RECBOLE_MODELS = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "lightsans": "LightSANs", "bert4rec": "BERT4Rec",
+                  "mamba4rec": "Mamba4Rec"}
+# models RecBole lacks: class name -> the module beside this script that defines it for RecBole
+OUTSIDE_RECBOLE = {"Mamba4Rec": "recbole_mamba4rec"}
 RECBOLE_METRICS = {"hit": "Hit", "ndcg": "NDCG", "mrr": "MRR", "recall": "Recall", "precision": "Precision"}
 PARITY_DEFAULTS = {"train_batch_size": 2048, "device": "cpu"}  # RecBole's default batch of prefix samples
 FORCED = {"train_scheme": "prefix"}                             # RecBole's one sample per prefix
@@ -348,6 +355,8 @@ def recbole_worker(spec_path: str, out_path: str) -> None:
     for alias, target in NUMPY_ALIASES.items():  # before RecBole (and tensorboard) are imported
         if not hasattr(np, alias):
             setattr(np, alias, getattr(np, target))
+    import importlib
+
     import torch
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
@@ -357,7 +366,12 @@ def recbole_worker(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(int(spec.pop("threads")))
     model_name, dataset_name = spec.pop("model"), spec.pop("dataset")
-    config = Config(model=model_name, dataset=dataset_name, config_dict=spec)
+    if model_name in OUTSIDE_RECBOLE:  # restated for RecBole beside this script; it imports from src/
+        sys.path.insert(0, str(REPO / "src"))
+        model_class = getattr(importlib.import_module(OUTSIDE_RECBOLE[model_name]), model_name)
+    else:
+        model_class = get_model(model_name)
+    config = Config(model=model_class, dataset=dataset_name, config_dict=spec)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     t0 = time.perf_counter()
@@ -368,7 +382,7 @@ def recbole_worker(spec_path: str, out_path: str) -> None:
     data.update(_recbole_samples(dataset, (train_data, valid_data, test_data), config["MAX_ITEM_LIST_LENGTH"]))
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model = model_class(config, train_data._dataset).to(config["device"])
     flops = get_flops(model, dataset, config["device"], logging.getLogger(), construct_transform(config))
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
 
@@ -499,6 +513,17 @@ def batch_note(settings: dict[str, Any]) -> str:
             "longest history where the model ignores trailing padding, which changes no number.")
 
 
+def model_notes(report: dict[str, Any]) -> list[str]:
+    """What "RecBole" means in this report where RecBole has no such model."""
+    if report.get("recbole_model") not in OUTSIDE_RECBOLE:
+        return []
+    module = OUTSIDE_RECBOLE[report["recbole_model"]]
+    return [f"RecBole 1.2.1 has no {report['recbole_model']}: its column is RecBole's data, sampler, trainer and "
+            f"evaluator driving `benchmarks/{module}.py`, the authors' RecBole model file restated with our Mamba "
+            "block in place of mamba-ssm's (CUDA-only). It shows whether our pipeline trains the same model to "
+            "the same numbers; it is not the authors' kernels."]
+
+
 def markdown(report: dict[str, Any]) -> str:
     key = report["settings"]["valid_metric"]
     hit = key.replace(key.split("@")[0], "hit")
@@ -514,7 +539,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"* data: {d['users']:,} users, {d['items']:,} items, {d['interactions']:,} interactions; samples "
         + ", ".join(f"{s} {d['samples'][s]['count']:,}" for s in SPLITS),
         f"* RecBole sees the same data: **{report['data_check']}**",
-        "", "## Notes", "", *(f"* {n}" for n in (*NOTES, batch_note(report.get("our_config", {})))),
+        "", "## Notes", "",
+        *(f"* {n}" for n in (*NOTES, *model_notes(report), batch_note(report.get("our_config", {})))),
         "", "## Settings (both libraries)", "", "| key | value |", "|---|---|",
         *(f"| {k} | {v} |" for k, v in report["settings"].items()),
     ]

@@ -122,8 +122,18 @@ def test_recbole_settings_mirror_ours(tmp_path):
     for key in ("learning_rate", "epochs", "stopping_step", "seed", "n_layers", "n_heads", "hidden_size",
                 "inner_size", "attn_dropout_prob"):
         assert rb[key] == config[key]
-    with pytest.raises(SystemExit, match="mamba4rec"):
-        rp.parity_config("mamba4rec", [], {})
+    with pytest.raises(SystemExit, match="lrurec"):
+        rp.parity_config("lrurec", [], {})
+
+
+def test_mamba4rec_runs_the_restated_model_with_the_released_settings(tmp_path):
+    config = rp.parity_config("mamba4rec", [], {})
+    assert (config["train_scheme"], config["train_batch_size"]) == ("prefix", 2048)  # not our all-positions default
+    rb = rp.recbole_config(config, "beauty", tmp_path, tmp_path / "w", threads=1)
+    assert rb["model"] == "Mamba4Rec" and rb["model"] in rp.OUTSIDE_RECBOLE
+    assert (rb["hidden_size"], rb["num_layers"], rb["dropout_prob"], rb["d_state"], rb["d_conv"], rb["expand"],
+            rb["initializer_range"]) == (64, 1, 0.2, 32, 4, 2, 0.02)
+    assert (REPO / "benchmarks" / f"{rp.OUTSIDE_RECBOLE['Mamba4Rec']}.py").is_file()
 
 
 def test_a_finished_recbole_run_is_reused_only_for_the_same_spec(tmp_path):
