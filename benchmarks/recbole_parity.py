@@ -271,6 +271,8 @@ def parity_config(model: str, config_files: list[str], sets: dict[str, Any], dat
     config = build_config(model, config_files, {**PARITY_DEFAULTS, **sets, **forced(model)}, extra={"dataset": dataset})
     if config["lr_scheduler"] != "constant":
         raise SystemExit("error: RecBole keeps the learning rate constant; drop lr_scheduler")
+    if config.get("similarity", "dot") != "dot":
+        raise SystemExit("error: RecBole's SASRec scores by dot product; drop similarity")
     if config["exclude_history"]:
         raise SystemExit("error: RecBole's sequential evaluation ranks history items too; drop exclude_history")
     return config

@@ -124,6 +124,8 @@ def test_recbole_settings_mirror_ours(tmp_path):
         assert rb[key] == config[key]
     with pytest.raises(SystemExit, match="lrurec"):
         rp.parity_config("lrurec", [], {})
+    with pytest.raises(SystemExit, match="similarity"):  # HSTU's head, not RecBole's
+        rp.parity_config("sasrec", [], {"similarity": "cosine", "temperature": 0.05})
 
 
 def test_mamba4rec_runs_the_restated_model_with_the_released_settings(tmp_path):

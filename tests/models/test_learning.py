@@ -22,6 +22,8 @@ SMALL = {  # causal models: all-positions training
     "mamba4rec": ("mamba4rec", {"hidden_size": 16, "d_state": 8, "dropout_prob": 0.0}),
     "gru4rec": ("gru4rec", {"embedding_size": 16, "hidden_size": 32, "dropout_prob": 0.0}),
     "mlsa4rec-causal": ("mlsa4rec", {**MLSA4REC_SMALL, "variant": "causal"}),
+    "sasrec-cosine": ("sasrec", {"hidden_size": 16, "inner_size": 32, "n_heads": 1, "hidden_dropout_prob": 0.0,
+                                 "attn_dropout_prob": 0.0, "similarity": "cosine", "temperature": 0.05}),
 }
 PREFIX = {  # non-causal models: prefix samples
     "mlsa4rec-faithful": ("mlsa4rec", MLSA4REC_SMALL),

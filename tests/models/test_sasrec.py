@@ -67,3 +67,25 @@ def test_init_is_recbole() -> None:
     w = m.item_embedding.weight.detach()
     assert abs(float(w.std()) - 0.02) < 0.002
     assert float(m.layers[0].attention.query.bias.detach().abs().max()) == 0.0
+
+
+def test_cosine_head_scores_are_cosines_over_the_temperature() -> None:
+    seq = torch.tensor([[3, 4, 5, 0, 0], [7, 0, 0, 0, 0]])
+    lengths = torch.tensor([3, 1])
+    dot, cosine = model(), model(similarity="cosine", temperature=0.05)  # same seed: the same weights
+    h, table = dot(seq, lengths), dot.item_embedding.weight
+    want = torch.nn.functional.cosine_similarity(h[:, None, :], table[None, 1:, :], dim=-1) / 0.05
+    scores = cosine.full_sort_scores(seq, lengths)
+    torch.testing.assert_close(scores[:, 1:], want, rtol=1e-5, atol=1e-5)
+    assert torch.isinf(scores[:, 0]).all() and float(scores[:, 1:].detach().abs().max()) <= 20.0 + 1e-4
+    # every position of encode is a unit vector (the all-positions loss reads them all)
+    torch.testing.assert_close(cosine.encode(seq, lengths).norm(dim=-1), torch.ones(2, 5))
+    assert dot.config.similarity == "dot"  # RecBole's head stays the default
+    torch.testing.assert_close(dot.full_sort_scores(seq, lengths)[:, 1:], h @ table[1:].t())
+
+
+def test_cosine_head_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="similarity must be one of dot, cosine"):
+        create("sasrec", 10, similarity="euclidean")
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        create("sasrec", 10, similarity="cosine", temperature=0.0)

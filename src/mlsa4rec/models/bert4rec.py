@@ -37,12 +37,12 @@ from torch import nn
 from mlsa4rec.layers import Dropout, TransformerLayer
 from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender, gather_last, normal_init
-from mlsa4rec.models.sasrec import SASRecConfig
+from mlsa4rec.models.sasrec import SelfAttentionConfig
 from mlsa4rec.settings import setting
 
 
 @dataclass(frozen=True)
-class BERT4RecConfig(SASRecConfig):
+class BERT4RecConfig(SelfAttentionConfig):
     """RecBole 1.2's BERT4Rec defaults (recbole/properties/model/BERT4Rec.yaml): SASRec's keys plus the cloze task's."""
 
     hidden_dropout_prob: float = setting(0.2, "dropout on the embeddings, after the attention's output projection "

@@ -29,12 +29,12 @@ from mlsa4rec.layers.lsa import LowRankSelfAttention
 from mlsa4rec.layers.transformer import FeedForward
 from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender, normal_init
-from mlsa4rec.models.sasrec import SASRecConfig
+from mlsa4rec.models.sasrec import SelfAttentionConfig
 from mlsa4rec.settings import setting
 
 
 @dataclass(frozen=True)
-class LightSANsConfig(SASRecConfig):
+class LightSANsConfig(SelfAttentionConfig):
     """RecBole 1.2's LightSANs defaults (recbole/properties/model/LightSANs.yaml): SASRec's plus P.
     Neither causal nor padding-invariant: prefix samples padded to L (train_scheme auto = prefix)."""
 

@@ -3,6 +3,13 @@
     E   = Drop(LN(Emb(s) + PosEmb(0..L-1)))                 learned absolute positions
     H_l = FFN(MHA_causal(H_{l-1}))                          post-LN layers, GELU FFN
     h   = H_n[len - 1];  scores = h . Emb^T                 tied item table
+    (similarity = cosine:  scores = (h / |h|) . (Emb / |Emb|)^T / tau)
+
+``similarity: cosine`` is the output head of the SASRec row in HSTU's public tables
+(generative-recommenders, ``configs/*/sasrec-*-final.gin``: ``user_embedding_norm = l2_norm``,
+``item_l2_norm``, ``temperature = 0.05``): both vectors are l2-normalised (eps 1e-6) and the
+cosine is divided by a temperature. Every consumer of scores (the loss, evaluation, serving, the
+ONNX export) reads ``encode``/``forward`` and ``item_table``, so the normalisation lives there.
 
 Right padding plus a causal mask means real positions never attend to padding, so masking the
 padded keys (as RecBole also does) would change nothing at the positions we read: the model is
@@ -14,23 +21,43 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from mlsa4rec.errors import check_choice
 from mlsa4rec.layers import Dropout, TransformerLayer
 from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender, TransformerConfig, normal_init
 from mlsa4rec.settings import setting
 
+SIMILARITIES = ("dot", "cosine")
+L2_EPS = 1e-6  # HSTU's l2_norm_eps
+
 
 @dataclass(frozen=True)
-class SASRecConfig(TransformerConfig):
-    """RecBole 1.2's SASRec defaults (recbole/properties/model/SASRec.yaml)."""
+class SelfAttentionConfig(TransformerConfig):
+    """RecBole 1.2's SASRec stack with its attention dropout; BERT4Rec and LightSANs build on it."""
 
     attn_dropout_prob: float = setting(0.5, "dropout on the attention weights")
+
+
+@dataclass(frozen=True)
+class SASRecConfig(SelfAttentionConfig):
+    """RecBole 1.2's SASRec defaults (recbole/properties/model/SASRec.yaml), and its output head."""
+
+    similarity: str = setting("dot", "score of a user vector and an item: dot (RecBole) | cosine (HSTU's SASRec: "
+                                     "both l2-normalised, divided by temperature)")
+    temperature: float = setting(1.0, "cosine scores are divided by it (HSTU's SASRec: 0.05); unused with dot")
     # causal, so it trains with the all-positions scheme; a step holds train_batch_size user
     # windows of up to L targets each, so the step is far below RecBole's 2048 prefix samples to
     # keep as many optimiser steps per epoch
     train_defaults = {"train_scheme": "all_positions", "train_batch_size": 128}
+
+    def check(self) -> None:
+        super().check()
+        check_choice("similarity", self.similarity, SIMILARITIES)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
 
 
 @register("sasrec")
@@ -63,4 +90,12 @@ class SASRec(SequentialRecommender):
         h = self.dropout(self.layer_norm(self.item_embedding(item_seq) + self.position_embedding(positions)))
         for layer in self.layers:
             h = layer(h, causal=True)
-        return h
+        return self.normalized(h)
+
+    def item_table(self) -> torch.Tensor:
+        """(n_items + 1) x D output table: the input embedding, or for cosine its rows / |row| / tau."""
+        return self.normalized(self.item_embedding.weight) / self.config.temperature
+
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """x / |x| along the last axis for the cosine head; x itself for the dot product."""
+        return F.normalize(x, dim=-1, eps=L2_EPS) if self.config.similarity == "cosine" else x
