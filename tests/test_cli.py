@@ -55,7 +55,14 @@ def test_train_then_evaluate(capsys, successor_file: Path, tmp_path: Path) -> No
                        str(out_dir), "--set", "epochs=2", "--set", "hidden_size=16", "--set", "n_heads=1")
     assert code == 0 and "ndcg@10" in out and "test" in out
     code, out2, _ = run(capsys, "evaluate", "--run-dir", str(out_dir), "--json")
-    assert code == 0 and set(json.loads(out2)) == {"model", "dataset", "valid", "test"}
+    default = json.loads(out2)
+    assert code == 0 and set(default) == {"model", "dataset", "exclude_history", "valid", "test"}
+    ranked, excluded = (json.loads(run(capsys, "evaluate", "--run-dir", str(out_dir), "--json", "--history", rule)[1])
+                        for rule in ("ranked", "excluded"))
+    assert default == ranked and default["exclude_history"] is False and excluded["exclude_history"] is True
+    for split in ("valid", "test"):  # leaving history items out only removes competitors of the target
+        assert all(excluded[split][m] >= ranked[split][m] for m in ranked[split])
+        assert excluded[split]["hit@5"] > ranked[split]["hit@5"]
 
 
 def test_compare_runs(capsys, successor_file: Path, tmp_path: Path) -> None:

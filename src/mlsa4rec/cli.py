@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="re-evaluate the saved weights of a run directory",
                         description="Rebuild the run's data and model and evaluate the saved weights.")
     _add_run_dir(ev)
+    ev.add_argument("--history", choices=["ranked", "excluded"],
+                    help="rank the user's history items (RecBole's rule) or leave them out (HSTU's, SASRec's "
+                         "authors'); default: the rule the run was trained with")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_data_args(ev)
     _add_quiet(ev)
@@ -309,7 +312,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mlsa4rec.evaluation.runs import evaluate_run, format_table
 
-    results = evaluate_run(args.run_dir, args.data_dir)
+    exclude = None if args.history is None else args.history == "excluded"
+    results = evaluate_run(args.run_dir, args.data_dir, exclude_history=exclude)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return 0
 
