@@ -89,3 +89,7 @@ def test_cosine_head_settings_are_checked() -> None:
         create("sasrec", 10, similarity="euclidean")
     with pytest.raises(ConfigError, match="temperature must be > 0"):
         create("sasrec", 10, similarity="cosine", temperature=0.0)
+    with pytest.raises(ConfigError, match="temperature applies to similarity: cosine only"):
+        create("sasrec", 10, temperature=0.05)  # would be silently ignored by the dot product
+    dot = create("sasrec", 10)
+    assert dot.item_table() is dot.item_embedding.weight  # RecBole's tied table itself, no copy

@@ -47,7 +47,7 @@ class SASRecConfig(SelfAttentionConfig):
 
     similarity: str = setting("dot", "score of a user vector and an item: dot (RecBole) | cosine (HSTU's SASRec: "
                                      "both l2-normalised, divided by temperature)")
-    temperature: float = setting(1.0, "cosine scores are divided by it (HSTU's SASRec: 0.05); unused with dot")
+    temperature: float = setting(1.0, "cosine scores are divided by it (HSTU's SASRec: 0.05); cosine only")
     # causal, so it trains with the all-positions scheme; a step holds train_batch_size user
     # windows of up to L targets each, so the step is far below RecBole's 2048 prefix samples to
     # keep as many optimiser steps per epoch
@@ -58,6 +58,8 @@ class SASRecConfig(SelfAttentionConfig):
         check_choice("similarity", self.similarity, SIMILARITIES)
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.similarity == "dot" and self.temperature != 1.0:
+            raise ValueError("temperature applies to similarity: cosine only; set similarity=cosine or drop it")
 
 
 @register("sasrec")
@@ -90,12 +92,10 @@ class SASRec(SequentialRecommender):
         h = self.dropout(self.layer_norm(self.item_embedding(item_seq) + self.position_embedding(positions)))
         for layer in self.layers:
             h = layer(h, causal=True)
-        return self.normalized(h)
+        return F.normalize(h, dim=-1, eps=L2_EPS) if self.config.similarity == "cosine" else h
 
     def item_table(self) -> torch.Tensor:
         """(n_items + 1) x D output table: the input embedding, or for cosine its rows / |row| / tau."""
-        return self.normalized(self.item_embedding.weight) / self.config.temperature
-
-    def normalized(self, x: torch.Tensor) -> torch.Tensor:
-        """x / |x| along the last axis for the cosine head; x itself for the dot product."""
-        return F.normalize(x, dim=-1, eps=L2_EPS) if self.config.similarity == "cosine" else x
+        if self.config.similarity == "dot":
+            return self.item_embedding.weight
+        return F.normalize(self.item_embedding.weight, dim=-1, eps=L2_EPS) / self.config.temperature
