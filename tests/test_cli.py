@@ -65,6 +65,24 @@ def test_train_then_evaluate(capsys, successor_file: Path, tmp_path: Path) -> No
         assert excluded[split]["hit@5"] > ranked[split]["hit@5"]
 
 
+def test_compare_scores_every_run_under_one_history_rule(capsys, successor_file: Path, tmp_path: Path) -> None:
+    tiny = ["--model", "gru4rec", "--dataset", str(successor_file), "--set", "epochs=1", "--set", "hidden_size=16"]
+    ranked, excluded = tmp_path / "ranked", tmp_path / "excluded"
+    assert run(capsys, "train", *tiny, "--output-dir", str(ranked))[0] == 0
+    assert run(capsys, "train", *tiny, "--set", "exclude_history=true", "--output-dir", str(excluded))[0] == 0
+    code, _, err = run(capsys, "compare", str(ranked), str(excluded), "--resamples", "100")
+    assert code == 2 and "different history rules" in err and "--history" in err
+    for rule in ("ranked", "excluded"):
+        code, out, _ = run(capsys, "compare", str(ranked), str(excluded), "--resamples", "100", "--json",
+                           "--history", rule)
+        result = json.loads(out)
+        assert code == 0 and result["exclude_history"] is (rule == "excluded")
+        want = json.loads(run(capsys, "evaluate", "--run-dir", str(ranked), "--json", "--history", rule)[1])["test"]
+        assert result["comparisons"][0]["baseline"] == pytest.approx(want["hit@10"])
+        # the same weights (one seed, one epoch) under one rule: no difference at all
+        assert all(row["candidate"] == pytest.approx(row["baseline"]) for row in result["comparisons"])
+
+
 def test_compare_runs(capsys, successor_file: Path, tmp_path: Path) -> None:
     tiny = ["--set", "epochs=1", "--set", "hidden_size=16", "--dataset"]
     runs = {m: tmp_path / m for m in ("gru4rec", "sasrec")}

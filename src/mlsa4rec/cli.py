@@ -42,6 +42,17 @@ def _add_run_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="a directory written by `mlsa4rec train`")
 
 
+def _add_history(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--history", choices=["ranked", "excluded"],
+                   help="rank the user's history items (RecBole's rule) or leave them out (HSTU's, SASRec's "
+                        f"authors'); published tables differ, so compare under one rule. Default: {default}")
+
+
+def _exclude_history(args: argparse.Namespace) -> bool | None:
+    """``--history`` as ``exclude_history``; None keeps the runs' own rule."""
+    return None if args.history is None else args.history == "excluded"
+
+
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (the run's device), cpu, cuda or cuda:N")
 
@@ -104,9 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="re-evaluate the saved weights of a run directory",
                         description="Rebuild the run's data and model and evaluate the saved weights.")
     _add_run_dir(ev)
-    ev.add_argument("--history", choices=["ranked", "excluded"],
-                    help="rank the user's history items (RecBole's rule) or leave them out (HSTU's, SASRec's "
-                         "authors'); default: the rule the run was trained with")
+    _add_history(ev, "the rule the run was trained with")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_data_args(ev)
     _add_quiet(ev)
@@ -122,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--confidence", type=float, default=0.95, help="of the bootstrap interval (default 0.95)")
     cmp.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     cmp.add_argument("--seed", type=int, default=0, help="of the bootstrap (default 0)")
+    _add_history(cmp, "the rule the runs share (runs trained under different rules are refused)")
     cmp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_data_args(cmp)
     _add_quiet(cmp)
@@ -312,8 +322,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mlsa4rec.evaluation.runs import evaluate_run, format_table
 
-    exclude = None if args.history is None else args.history == "excluded"
-    results = evaluate_run(args.run_dir, args.data_dir, exclude_history=exclude)
+    results = evaluate_run(args.run_dir, args.data_dir, exclude_history=_exclude_history(args))
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return 0
 
@@ -407,7 +416,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.resamples < 100:
         raise MLSA4RecError(f"--resamples must be at least 100, got {args.resamples}")
     result = compare_runs(args.run_dirs, args.split, tuple(args.metrics), args.data_dir, args.confidence,
-                          args.resamples, args.seed)
+                          args.resamples, args.seed, exclude_history=_exclude_history(args))
     print(json.dumps(result, indent=2) if args.json else format_comparison(result))
     return 0
 

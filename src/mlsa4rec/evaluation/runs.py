@@ -124,37 +124,49 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
                for split in ("valid", "test")}}
 
 
-def run_ranks(run: LoadedRun, split: str = "test") -> np.ndarray:
+def run_ranks(run: LoadedRun, split: str = "test", exclude_history: bool | None = None) -> np.ndarray:
     """The target rank of every user of ``split``, in user order, exactly as the run's evaluation
-    ranks them (same L, padding, batch size and history rule)."""
+    ranks them (same L, padding, batch size and history rule, unless ``exclude_history`` is given)."""
     c = run.config
-    return split_ranks(run.model, run.data, split, c["MAX_ITEM_LIST_LENGTH"], c["eval_batch_size"],
-                       c["exclude_history"], run.device)
+    exclude = c["exclude_history"] if exclude_history is None else exclude_history
+    return split_ranks(run.model, run.data, split, c["MAX_ITEM_LIST_LENGTH"], c["eval_batch_size"], exclude,
+                       run.device)
 
 
 def compare_runs(run_dirs: list[str | Path], split: str = "test",
                  metrics: tuple[str, ...] = ("hit@10", "ndcg@10", "mrr@10"), data_dir: str | Path | None = None,
-                 confidence: float = 0.95, n_resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+                 confidence: float = 0.95, n_resamples: int = 10_000, seed: int = 0,
+                 exclude_history: bool | None = None) -> dict[str, Any]:
     """Every run after the first against the first (the baseline), paired over the users of ``split``:
-    relative difference, bootstrap interval, t-test p-value, Holm-adjusted over all rows."""
+    relative difference, bootstrap interval, t-test p-value, Holm-adjusted over all rows.
+
+    All runs are scored under one history rule: ``exclude_history``, or else the rule they share;
+    runs trained under different rules are refused rather than compared across rules.
+    """
     if len(run_dirs) < 2:
         raise MLSA4RecError("compare needs a baseline run directory and at least one more")
     for metric in metrics:  # bad settings fail before minutes of scoring, not after
         parse_metric(metric)
     check_confidence(confidence)
-    runs, ranks = [], []
-    for path in run_dirs:
-        run = load_run(path, data_dir)
-        if runs and run.data.fingerprint != runs[0].data.fingerprint:
+    runs = [load_run(path, data_dir) for path in run_dirs]
+    for path, run in zip(run_dirs[1:], runs[1:]):
+        if run.data.fingerprint != runs[0].data.fingerprint:
             raise MLSA4RecError(f"{str(path)!r} was trained on other data than {str(runs[0].path)!r} (dataset, file "
                                 "or filtering differ); a paired comparison needs the same users")
-        ranks.append(run_ranks(run, split))
+    rules = {bool(run.config["exclude_history"]) for run in runs}
+    if exclude_history is None and len(rules) > 1:
+        raise MLSA4RecError("the runs were evaluated under different history rules (exclude_history differs); "
+                            "pass --history ranked or --history excluded to score them all under one")
+    exclude = rules.pop() if exclude_history is None else exclude_history
+    ranks = []
+    for run in runs:
+        ranks.append(run_ranks(run, split, exclude))
         run.model.cpu()  # free an accelerator for the next run
-        runs.append(run)
     rows = holm([compare_ranks(ranks[0], r, m, confidence, n_resamples, seed) for r in ranks[1:] for m in metrics])
     describe = [{"run": str(r.path), "model": r.config["model"], "variant": r.config.to_dict().get("variant")}
                 for r in runs]
-    return {"dataset": runs[0].config["dataset"], "split": split, "users": len(ranks[0]), "baseline": describe[0],
+    return {"dataset": runs[0].config["dataset"], "split": split, "users": len(ranks[0]), "exclude_history": exclude,
+            "baseline": describe[0],
             "comparisons": [{**describe[1 + i // len(metrics)], **row.to_dict()} for i, row in enumerate(rows)]}
 
 
