@@ -54,7 +54,8 @@ def markdown(report: dict[str, Any]) -> str:
              "|---|---|---|---|" + "---|---|" * len(SHOWN)]
     for r in report["runs"]:
         cells = " | ".join(f"{r['ranked']['test'][m]:.4f} | {r['excluded']['test'][m]:.4f}" for m in SHOWN)
-        lines.append(f"| `{r['run']}` | {r['model']} | {r['dataset']} | {r['trained_with']} | {cells} |")
+        dataset = Path(r["dataset"]).name  # a file's name, not this machine's path (the JSON keeps it)
+        lines.append(f"| `{r['run']}` | {r['model']} | {dataset} | {r['trained_with']} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
