@@ -28,16 +28,14 @@ SHOWN = ("hit@10", "ndcg@10", "mrr@10")
 
 def rescore(run_dir: str, data_dir: str | None) -> dict[str, Any]:
     """One run's valid and test metrics under each rule, with the rule it was trained under."""
-    from mlsa4rec.config import load_yaml_file
-    from mlsa4rec.evaluation.runs import evaluate_run
+    from mlsa4rec.evaluation.runs import evaluate_loaded, load_run
 
-    out: dict[str, Any] = {"run": Path(run_dir).name}
+    run = load_run(run_dir, data_dir)  # data and weights once, scored under each rule
+    out: dict[str, Any] = {"run": Path(run_dir).name, "model": run.config["model"], "dataset": run.config["dataset"],
+                           "trained_with": "excluded" if run.config["exclude_history"] else "ranked"}
     for rule, exclude in RULES.items():
-        result = evaluate_run(run_dir, data_dir, exclude_history=exclude)
-        out.update(model=result["model"], dataset=result["dataset"])
+        result = evaluate_loaded(run, exclude)
         out[rule] = {split: result[split] for split in ("valid", "test")}
-    trained = load_yaml_file(Path(run_dir) / "config.yaml").get("exclude_history", False)  # older runs: ranked
-    out["trained_with"] = "excluded" if trained else "ranked"
     return out
 
 
