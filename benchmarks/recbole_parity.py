@@ -16,6 +16,10 @@ Not part of CI (it trains two models); the export is tested in ``tests/benchmark
     python benchmarks/recbole_parity.py run --model sasrec --dataset amazon-beauty \\
         --data-dir ../shared/data --set epochs=1 --skip-ours --out /tmp/beauty-recbole
 
+    # a long run in parts: stop after an epoch that leaves < 1 h, rerun the same command to continue
+    python benchmarks/recbole_parity.py run --model mamba4rec --dataset amazon-beauty \\
+        --data-dir ../shared/data --set epochs=300 --skip-ours --time-budget 3600
+
     # only the export (what both libraries read), or a report redrawn from its JSON
     python benchmarks/recbole_parity.py export --dataset amazon-beauty --data-dir ../shared/data --out runs/x
     python benchmarks/recbole_parity.py report docs/results/recbole_parity.json
@@ -37,6 +41,13 @@ our intervals (a no-op on filtered data), ``eval_args`` LS ``valid_and_test`` wi
 run checks that RecBole's users, items, interactions and every train/valid/test sample (user,
 history truncated to L, target) equal ours, by a digest of the samples in token space, and fails
 if not.
+
+A RecBole run can be stopped and continued: after every epoch the worker saves the model,
+optimiser, trainer counters, best weights, random states (global, and the train loader's
+shuffling generator) and curve so far in its run dir. A run killed, or paused by ``--time-budget``
+or ``--pause-after`` (exit 75), continues from its last finished epoch when the same command is
+run again, on any machine (threads and paths may differ; every setting must not), and ends where
+an uninterrupted run ends (tested); ``--rerun`` starts it over.
 
 RecBole runs in a subprocess of the venv's Python, through its data/model/trainer objects exactly
 as ``recbole.quick_start.run_recbole`` does (including the FLOPs count, whose forward pass draws
@@ -110,6 +121,12 @@ OURS_ONLY = ("recbole_eval_shift",)
 SHARED_KEYS = ("MAX_ITEM_LIST_LENGTH", "train_batch_size", "eval_batch_size", "learning_rate", "weight_decay",
                "epochs", "stopping_step", "eval_step", "seed", "user_inter_num_interval", "item_inter_num_interval")
 SPLITS = ("train", "valid", "test")
+# A RecBole run saves its whole state after every epoch, so a stopped one continues where it was
+# (across sessions, or across 10-minute device commands): RESUME_FILE holds the model, optimiser,
+# trainer counters, best weights, random states and curve so far; PROGRESS_FILE the curve as JSON.
+RESUME_FILE, PROGRESS_FILE = "resume.pt", "progress.json"
+PAUSED_EXIT = 75   # the worker stopped early on request (EX_TEMPFAIL): rerun the same command
+MACHINE_KEYS = ("threads", "data_path", "checkpoint_dir")  # may differ between the parts of one resumed run
 
 log = logging.getLogger("recbole_parity")
 
@@ -327,31 +344,85 @@ def finished_with(spec_path: Path, out_path: Path, spec: dict[str, Any]) -> bool
         return False
 
 
-def run_recbole(py: Path, spec: dict[str, Any], work_dir: Path, reuse: bool = True) -> dict[str, Any]:
+def resume_key(spec: dict[str, Any]) -> dict[str, Any]:
+    """What must not change between the parts of a resumed run: every setting, not the machine's paths."""
+    return {k: v for k, v in spec.items() if k not in MACHINE_KEYS}
+
+
+def resumable(spec_path: Path, spec: dict[str, Any]) -> bool:
+    """Whether the stopped run in ``spec_path``'s folder was started with the same settings as ``spec``."""
+    try:
+        return resume_key(json.loads(spec_path.read_text())) == resume_key(spec)
+    except (OSError, ValueError):
+        return False
+
+
+class RecBolePaused(Exception):
+    """The worker stopped after an epoch on request; its state is saved and the same command continues it."""
+
+    def __init__(self, progress: dict[str, Any]) -> None:
+        super().__init__(f"stopped after epoch {progress.get('epoch')}")
+        self.progress = progress
+
+
+def run_recbole(py: Path, spec: dict[str, Any], work_dir: Path, reuse: bool = True,
+                time_budget: float | None = None, pause_after: int | None = None) -> dict[str, Any]:
     """Train and test RecBole's model per ``spec`` in a subprocess of ``py``; returns its JSON.
 
-    A finished run of the same spec in ``work_dir`` is reused unless ``reuse`` is false, so a long
-    comparison interrupted on our side resumes without retraining RecBole.
+    A finished run of the same spec in ``work_dir`` is reused, and a stopped one (killed, or paused
+    by ``time_budget`` seconds or ``pause_after`` epochs) continues from its last epoch, unless
+    ``reuse`` is false. A pause raises ``RecBolePaused``.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     spec_path, out_path = work_dir / "spec.json", work_dir / "result.json"
+    state_path, progress_path = work_dir / RESUME_FILE, work_dir / PROGRESS_FILE
     if reuse and finished_with(spec_path, out_path, spec):
         log.info("RecBole %s, seed %s: reusing the finished run in %s", spec["model"], spec["seed"], work_dir)
         return json.loads(out_path.read_text())
+    if state_path.exists() and not (reuse and resumable(spec_path, spec)):
+        log.info("RecBole %s, seed %s: discarding the stopped run in %s (%s)", spec["model"], spec["seed"],
+                 work_dir, "--rerun" if not reuse else "other settings")
+        state_path.unlink()
+        progress_path.unlink(missing_ok=True)
     out_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec, indent=2))
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PYTHONNOUSERSITE": "1",
            "OMP_NUM_THREADS": str(spec["threads"])}
     env.pop("PYTHONPATH", None)
     cmd = [str(py), str(Path(__file__).resolve()), "_recbole-worker", str(spec_path), str(out_path)]
+    if time_budget is not None:
+        cmd += ["--time-budget", str(time_budget)]
+    if pause_after is not None:
+        cmd += ["--pause-after", str(pause_after)]
     log.info("RecBole %s, seed %s: %s", spec["model"], spec["seed"], shlex.join(cmd))
-    subprocess.run(cmd, cwd=work_dir, env=env, check=True)
+    rc = subprocess.run(cmd, cwd=work_dir, env=env).returncode
+    if rc == PAUSED_EXIT:
+        raise RecBolePaused(json.loads(progress_path.read_text()))
+    if rc:
+        raise subprocess.CalledProcessError(rc, cmd)
     return json.loads(out_path.read_text())
 
 
-def recbole_worker(spec_path: str, out_path: str) -> None:
-    """Inside RecBole's venv: ``run_recbole`` step by step, recording every epoch."""
+def _atomic_write(path: Path, write: Any) -> None:
+    """``write(tmp)`` then rename over ``path``: a kill leaves the old file or the new, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def recbole_worker(spec_path: str, out_path: str, time_budget: float | None = None,
+                   pause_after: int | None = None) -> None:
+    """Inside RecBole's venv: ``run_recbole`` step by step, recording every epoch.
+
+    After every epoch the whole state goes to ``RESUME_FILE`` beside ``out_path`` (see
+    ``_resume_state``), and a worker started where that file exists continues from it. It stops
+    with ``PAUSED_EXIT`` after ``pause_after`` epochs, or when another epoch (and the test) would
+    not fit in ``time_budget`` seconds from its start.
+    """
+    started = time.perf_counter()
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    import random
+
     import numpy as np
 
     for alias, target in NUMPY_ALIASES.items():  # before RecBole (and tensorboard) are imported
@@ -366,6 +437,7 @@ def recbole_worker(spec_path: str, out_path: str) -> None:
     from recbole.utils import get_flops, get_model, get_trainer, init_logger, init_seed
 
     spec = json.loads(Path(spec_path).read_text())
+    key = resume_key(spec)
     torch.set_num_threads(int(spec.pop("threads")))
     model_name, dataset_name = spec.pop("model"), spec.pop("dataset")
     if model_name in OUTSIDE_RECBOLE:  # restated for RecBole beside this script; it imports from src/
@@ -407,8 +479,60 @@ def recbole_worker(spec_path: str, out_path: str) -> None:
                            eval_seconds=round(time.perf_counter() - t, 3))
         return score, result
 
+    state_path = Path(out_path).with_name(RESUME_FILE)
+    progress_path = Path(out_path).with_name(PROGRESS_FILE)
+    generator = train_data.generator  # the train loader's shuffling draws from it, once an epoch
+    resumed_at: list[int] = []
+    best: dict[str, Any] = {}
+    if state_path.exists():
+        state = torch.load(state_path, map_location=config["device"], weights_only=False)
+        if state["spec"] != key:
+            raise SystemExit(f"error: {state_path} was saved with other settings; delete it or pass --rerun")
+        model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.start_epoch = state["epoch"]  # 0-based index of the next epoch = epochs done
+        trainer.cur_step, trainer.best_valid_score = state["cur_step"], state["best_valid_score"]
+        trainer.best_valid_result = state["best_valid_result"]
+        history[:], best, resumed_at = state["history"], state["best"], [*state["resumed_at"], state["epoch"] + 1]
+        torch.set_rng_state(state["rng"]["torch"])
+        generator.set_state(state["rng"]["generator"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        # RecBole's test reloads its best checkpoint from this trainer's (new) file name
+        torch.save({"config": config, "epoch": best["epoch"] - 1, "cur_step": 0,
+                    "best_valid_score": trainer.best_valid_score, "state_dict": best["state_dict"],
+                    "other_parameter": model.other_parameter(), "optimizer": {}}, trainer.saved_model_file)
+        logging.getLogger().info("resumed from %s after epoch %d", state_path, state["epoch"])
+
+    def after_epoch(epoch_idx: int, valid_score: float) -> None:
+        """RecBole's end-of-epoch callback (after early stopping's bookkeeping): save, then maybe pause."""
+        if trainer.cur_step == 0:  # this epoch is the new best
+            best.update(epoch=epoch_idx + 1, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
+        state = {"spec": key, "epoch": epoch_idx + 1, "cur_step": trainer.cur_step,
+                 "best_valid_score": trainer.best_valid_score, "best_valid_result": trainer.best_valid_result,
+                 "model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(), "best": best,
+                 "history": history, "resumed_at": resumed_at,
+                 "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+                         "numpy": np.random.get_state(), "python": random.getstate(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+        _atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+        progress = {"epoch": epoch_idx + 1, "best_epoch": best["epoch"], "resumed_at": resumed_at,
+                    "history": history}
+        _atomic_write(progress_path, lambda tmp: tmp.write_text(json.dumps(progress, indent=2)))
+        finishing = trainer.cur_step > trainer.stopping_step or epoch_idx + 1 >= trainer.epochs
+        last = history[-1]
+        needed = last["train_seconds"] + 2 * last.get("eval_seconds", 0.0)  # one more epoch, then the test
+        if not finishing and (
+                (pause_after is not None and len(history) - (resumed_at[-1] - 1 if resumed_at else 0) >= pause_after)
+                or (time_budget is not None and time.perf_counter() - started + needed > time_budget)):
+            logging.getLogger().info("pausing after epoch %d; the same command continues the run", epoch_idx + 1)
+            sys.exit(PAUSED_EXIT)
+
     trainer._train_epoch, trainer._valid_epoch = timed_train, timed_valid
-    best_score, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+    best_score, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False,
+                                         callback_fn=after_epoch)
     test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
     import recbole
 
@@ -420,10 +544,11 @@ def recbole_worker(spec_path: str, out_path: str) -> None:
         "parameters": sum(p.numel() for p in model.parameters()),
         "versions": {"recbole": recbole.__version__, "torch": torch.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
+        "resumed_at": resumed_at,  # the epochs a new worker started from saved state (empty: one go)
     }
-    tmp = Path(out_path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out_path)  # a killed worker never leaves a result that looks finished
+    # a killed worker never leaves a result that looks finished
+    _atomic_write(Path(out_path), lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    state_path.unlink(missing_ok=True)  # the run is finished: result.json is what is reused now
 
 
 def _recbole_samples(dataset: Any, loaders: tuple, max_len: int) -> dict[str, Any]:
@@ -678,7 +803,14 @@ def cmd_run(args: argparse.Namespace) -> None:
             cfg = parity_config(args.model, args.config, {**sets, "seed": seed})
             rdir = work / f"recbole-{args.model}-seed{seed}"
             spec = recbole_config(cfg, original.name, inter.parent.parent, rdir, threads)
-            run["recbole"] = run_recbole(py, spec, rdir, reuse=not args.rerun)
+            try:
+                run["recbole"] = run_recbole(py, spec, rdir, reuse=not args.rerun, time_budget=args.time_budget,
+                                             pause_after=args.pause_after)
+            except RecBolePaused as paused:
+                print(f"paused: RecBole {args.model}, seed {seed}, stopped after epoch {paused.progress['epoch']} "
+                      f"(best so far: epoch {paused.progress['best_epoch']}); its state is in {rdir}. "
+                      "Run the same command again to continue it; the report is written when every run is done.")
+                raise SystemExit(PAUSED_EXIT) from None
             problems += data_mismatches(ours_data, run["recbole"]["data"])
         if not args.skip_ours:
             run["ours"] = run_ours(args.model, inter, args.config, sets, seed,
@@ -743,7 +875,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--skip-ours", action="store_true")
     r.add_argument("--skip-recbole", action="store_true")
     r.add_argument("--rerun", action="store_true",
-                   help="train RecBole again even where the work dir holds a finished run of the same spec")
+                   help="train RecBole again even where the work dir holds a finished or stopped run of the same spec")
+    r.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="stop RecBole after the epoch past which another epoch and the test would not fit in "
+                        f"SECONDS (exit {PAUSED_EXIT}); the same command continues it")
+    r.add_argument("--pause-after", type=int, metavar="EPOCHS",
+                   help=f"stop RecBole after this many epochs of this invocation (exit {PAUSED_EXIT}); "
+                        "the same command continues it")
 
     rp = sub.add_parser("report", help="redraw the Markdown and the plot from a report JSON")
     rp.add_argument("json")
@@ -752,6 +890,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("_recbole-worker", help=argparse.SUPPRESS)
     w.add_argument("spec")
     w.add_argument("out")
+    w.add_argument("--time-budget", type=float)
+    w.add_argument("--pause-after", type=int)
     pl = sub.add_parser("_plot", help=argparse.SUPPRESS)
     pl.add_argument("json")
     pl.add_argument("png")
@@ -762,7 +902,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.command == "_recbole-worker":
-        recbole_worker(args.spec, args.out)
+        recbole_worker(args.spec, args.out, args.time_budget, args.pause_after)
     elif args.command == "_plot":
         plot(json.loads(Path(args.json).read_text()), Path(args.png))
     elif args.command == "setup":
@@ -772,6 +912,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "run":
         if args.skip_ours and args.skip_recbole:
             raise SystemExit("error: --skip-ours and --skip-recbole leave nothing to run")
+        for flag in ("time_budget", "pause_after"):
+            value = getattr(args, flag)
+            if value is not None and value <= 0:
+                raise SystemExit(f"error: --{flag.replace('_', '-')} must be positive, got {value}")
         cmd_run(args)
     elif args.command == "report":
         path = Path(args.json)
