@@ -485,7 +485,8 @@ def recbole_worker(spec_path: str, out_path: str, time_budget: float | None = No
     resumed_at: list[int] = []
     best: dict[str, Any] = {}
     if state_path.exists():
-        state = torch.load(state_path, map_location=config["device"], weights_only=False)
+        # on the CPU: random states must stay CPU tensors; weights and moments are copied to the model's device
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
         if state["spec"] != key:
             raise SystemExit(f"error: {state_path} was saved with other settings; delete it or pass --rerun")
         model.load_state_dict(state["model"])
