@@ -483,6 +483,7 @@ def recbole_worker(spec_path: str, out_path: str, time_budget: float | None = No
     progress_path = Path(out_path).with_name(PROGRESS_FILE)
     generator = train_data.generator  # the train loader's shuffling draws from it, once an epoch
     resumed_at: list[int] = []
+    parts = [{"first_epoch": 1, "threads": torch.get_num_threads()}]  # one per worker that trained
     best: dict[str, Any] = {}
     if state_path.exists():
         # on the CPU: random states must stay CPU tensors; weights and moments are copied to the model's device
@@ -495,6 +496,8 @@ def recbole_worker(spec_path: str, out_path: str, time_budget: float | None = No
         trainer.cur_step, trainer.best_valid_score = state["cur_step"], state["best_valid_score"]
         trainer.best_valid_result = state["best_valid_result"]
         history[:], best, resumed_at = state["history"], state["best"], [*state["resumed_at"], state["epoch"] + 1]
+        parts = [*state.get("parts", [{"first_epoch": 1, "threads": None}]),
+                 {"first_epoch": state["epoch"] + 1, "threads": torch.get_num_threads()}]
         torch.set_rng_state(state["rng"]["torch"])
         generator.set_state(state["rng"]["generator"])
         np.random.set_state(state["rng"]["numpy"])
@@ -514,7 +517,7 @@ def recbole_worker(spec_path: str, out_path: str, time_budget: float | None = No
         state = {"spec": key, "epoch": epoch_idx + 1, "cur_step": trainer.cur_step,
                  "best_valid_score": trainer.best_valid_score, "best_valid_result": trainer.best_valid_result,
                  "model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(), "best": best,
-                 "history": history, "resumed_at": resumed_at,
+                 "history": history, "resumed_at": resumed_at, "parts": parts,
                  "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
                          "numpy": np.random.get_state(), "python": random.getstate(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
@@ -546,6 +549,7 @@ def recbole_worker(spec_path: str, out_path: str, time_budget: float | None = No
         "versions": {"recbole": recbole.__version__, "torch": torch.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
         "resumed_at": resumed_at,  # the epochs a new worker started from saved state (empty: one go)
+        "parts": parts,            # each worker's first epoch and torch threads
     }
     # a killed worker never leaves a result that looks finished
     _atomic_write(Path(out_path), lambda tmp: tmp.write_text(json.dumps(result, indent=2)))

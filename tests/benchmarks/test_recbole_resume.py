@@ -124,6 +124,7 @@ def test_a_paused_and_continued_run_equals_one_run_to_the_epoch(successor_file, 
     a = json.loads((tmp_path / "whole.json").read_text())["runs"][0]["recbole"]
     b = json.loads((tmp_path / "parts.json").read_text())["runs"][0]["recbole"]
     assert (a["resumed_at"], b["resumed_at"]) == ([], [3])
+    assert b["parts"] == [{"first_epoch": 1, "threads": 1}, {"first_epoch": 3, "threads": 1}]
     assert len(a["history"]) == len(b["history"]) == 4
     for x, y in zip(a["history"], b["history"]):
         assert (x["epoch"], x["loss_sum"], x["valid"]) == (y["epoch"], y["loss_sum"], y["valid"])
