@@ -598,6 +598,43 @@ def run_ours(model: str, inter: Path, config_files: list[str], sets: dict[str, A
     }
 
 
+def recorded_ours(run_dir: Path, model: str, config: Any, data: Any) -> dict[str, Any]:
+    """Our side from a finished ``mlsa4rec train`` run instead of training it again (hours of CPU are
+    not thrown away), after checking it ran exactly ``config`` on exactly ``data`` (its fingerprint:
+    the source file's checksum and the processing settings)."""
+    import yaml
+
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+        recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {run_dir} holds no finished run ({exc}); pass the --output-dir of a finished "
+                         "`mlsa4rec train`") from None
+    if results.get("model") != model:
+        raise SystemExit(f"error: {run_dir} trained {results.get('model')!r}, not {model!r}")
+    if results.get("data_fingerprint") != data.fingerprint:
+        raise SystemExit(f"error: {run_dir} was trained on other data than {data.source}; pass a run of the same "
+                         "--dataset and --data-dir")
+    wanted = config.to_dict()
+    differ = sorted(k for k in set(wanted) | set(recorded)
+                    if k not in ("dataset", "device") and wanted.get(k) != recorded.get(k))
+    if differ or results.get("device") != wanted["device"]:
+        shown = [f"{k}={recorded.get(k)!r} (parity: {wanted.get(k)!r})" for k in differ]
+        if results.get("device") != wanted["device"]:
+            shown.append(f"device={results.get('device')!r} (parity: {wanted['device']!r})")
+        raise SystemExit(f"error: {run_dir} ran other settings than this comparison: {', '.join(shown)}")
+    return {
+        "library": "mlsa4rec", "model": model, "seed": recorded["seed"], "train_scheme": results["train_scheme"],
+        "data": {k: results["dataset"][k] for k in ("users", "items", "interactions")},
+        "data_seconds": results.get("data_seconds"), "threads": results.get("threads"),
+        "history": results["history"], "best_valid": results["valid"], "test": results["test"],
+        "parameters": results.get("parameters"), "versions": results.get("versions"),
+        "run_dir": _shown(run_dir), "recorded_run": {"commit": results.get("git_commit"),
+                                                     "started": results.get("started"),
+                                                     "resumed": bool(results.get("resumed"))},
+    }
+
+
 # --- the report ---------------------------------------------------------------------------------
 def curve_summary(history: list[dict[str, Any]], key: str) -> dict[str, Any]:
     """Best epoch (a tie counts as better, as in both libraries), epochs run, seconds per epoch."""
@@ -656,6 +693,27 @@ def model_notes(report: dict[str, Any]) -> list[str]:
             "the same numbers; it is not the authors' kernels."]
 
 
+def provenance_notes(report: dict[str, Any]) -> list[str]:
+    """Where a side was not trained in one go by this command: a recorded run of ours, a resumed RecBole."""
+    notes = []
+    for run in report["runs"]:
+        ours, rb = run.get("ours") or {}, run.get("recbole") or {}
+        if "recorded_run" in ours:
+            rec = ours["recorded_run"]
+            notes.append(f"Seed {run['seed']}, ours: the finished run `{ours['run_dir']}` (commit "
+                         f"`{(rec.get('commit') or '?')[:7]}`, started {rec.get('started')}"
+                         f"{', continued with --resume' if rec.get('resumed') else ''}; {ours.get('threads')} "
+                         "torch threads), checked to have every setting of this comparison and the data's "
+                         "fingerprint; this command did not train it.")
+        if len(rb.get("parts", [])) > 1:
+            ends = [p["first_epoch"] - 1 for p in rb["parts"][1:]] + [len(rb.get("history", []))]
+            spans = ", ".join(f"epochs {p['first_epoch']}-{end} on {p['threads'] or 'an unrecorded number of'} "
+                              "threads" for p, end in zip(rb["parts"], ends))
+            notes.append(f"Seed {run['seed']}, RecBole: stopped and continued from its saved state "
+                         f"({len(rb['parts'])} parts: {spans}).")
+    return notes
+
+
 def markdown(report: dict[str, Any]) -> str:
     key = report["settings"]["valid_metric"]
     hit = key.replace(key.split("@")[0], "hit")
@@ -672,7 +730,8 @@ def markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"{s} {d['samples'][s]['count']:,}" for s in SPLITS),
         f"* RecBole sees the same data: **{report['data_check']}**",
         "", "## Notes", "",
-        *(f"* {n}" for n in (*NOTES, *model_notes(report), batch_note(report.get("our_config", {})))),
+        *(f"* {n}" for n in (*NOTES, *model_notes(report), batch_note(report.get("our_config", {})),
+                             *provenance_notes(report))),
         "", "## Settings (both libraries)", "", "| key | value |", "|---|---|",
         *(f"| {k} | {v} |" for k, v in report["settings"].items()),
     ]
@@ -817,7 +876,10 @@ def cmd_run(args: argparse.Namespace) -> None:
                       "Run the same command again to continue it; the report is written when every run is done.")
                 raise SystemExit(PAUSED_EXIT) from None
             problems += data_mismatches(ours_data, run["recbole"]["data"])
-        if not args.skip_ours:
+        if args.ours_run:
+            cfg = parity_config(args.model, args.config, {**sets, "seed": seed})
+            run["ours"] = recorded_ours(Path(args.ours_run[seeds.index(seed)]), args.model, cfg, original)
+        elif not args.skip_ours:
             run["ours"] = run_ours(args.model, inter, args.config, sets, seed,
                                    work / f"ours-{args.model}-seed{seed}", threads)
         for lib in ("recbole", "ours"):
@@ -878,6 +940,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--work-dir", default=str(DEFAULT_WORK), help="export, logs and run dirs (git-ignored)")
     r.add_argument("--venv", default=str(DEFAULT_VENV))
     r.add_argument("--skip-ours", action="store_true")
+    r.add_argument("--ours-run", nargs="+", metavar="RUN_DIR",
+                   help="our side from these finished `mlsa4rec train` runs (one per seed, in --seeds order) "
+                        "instead of training it; refused unless each ran exactly these settings on this data")
     r.add_argument("--skip-recbole", action="store_true")
     r.add_argument("--rerun", action="store_true",
                    help="train RecBole again even where the work dir holds a finished or stopped run of the same spec")
@@ -917,6 +982,11 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "run":
         if args.skip_ours and args.skip_recbole:
             raise SystemExit("error: --skip-ours and --skip-recbole leave nothing to run")
+        if args.ours_run and args.skip_ours:
+            raise SystemExit("error: --ours-run and --skip-ours contradict each other; drop one")
+        if args.ours_run and len(args.ours_run) != len(args.seeds or [None]):
+            raise SystemExit(f"error: --ours-run names {len(args.ours_run)} runs for {len(args.seeds or [None])} "
+                             "seeds; give one run per seed of --seeds")
         for flag in ("time_budget", "pause_after"):
             value = getattr(args, flag)
             if value is not None and value <= 0:

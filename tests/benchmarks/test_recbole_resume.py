@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import successor_sequences, write_user_lines
+
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("recbole_parity", REPO / "benchmarks" / "recbole_parity.py")
 rp = importlib.util.module_from_spec(_spec)
@@ -130,3 +132,56 @@ def test_a_paused_and_continued_run_equals_one_run_to_the_epoch(successor_file, 
         assert (x["epoch"], x["loss_sum"], x["valid"]) == (y["epoch"], y["loss_sum"], y["valid"])
     assert a["best_valid"] == b["best_valid"] and a["test"] == b["test"]
     assert not (tmp_path / "w2" / "recbole-sasrec-seed2020" / rp.RESUME_FILE).exists()  # finished: state gone
+
+
+# --- our side from a finished run (--ours-run) -------------------------------------------------
+TINY_SETS = {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 10,
+             "epochs": 2, "train_batch_size": 256, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished two-epoch SASRec run of exactly the parity settings TINY_SETS, and its data file."""
+    from mlsa4rec.training.run import train
+
+    root = tmp_path_factory.mktemp("ours")
+    data = write_user_lines(root / "succ.txt", successor_sequences(300, 30, seed=1))
+    overrides = {**rp.PARITY_DEFAULTS, **TINY_SETS, **rp.forced("sasrec")}
+    train("sasrec", str(data), root / "run", overrides=overrides, overwrite=True)
+    return root / "run", data
+
+
+def _recorded(run_dir: Path, data: Path, **change):
+    config = rp.parity_config("sasrec", [], {**TINY_SETS, **change})
+    return rp.recorded_ours(run_dir, "sasrec", config, rp._load(str(data), None, config))
+
+
+def test_a_finished_run_of_the_same_settings_is_taken_as_is(finished_run):
+    run_dir, data = finished_run
+    results = json.loads((run_dir / "results.json").read_text())
+    ours = _recorded(run_dir, data)
+    assert ours["history"] == results["history"] and len(ours["history"]) == 2
+    assert ours["test"] == results["test"] and ours["seed"] == 7
+    assert ours["recorded_run"]["commit"] == results["git_commit"]
+
+
+def test_a_run_of_other_settings_is_refused_by_name(finished_run):
+    run_dir, data = finished_run
+    with pytest.raises(SystemExit, match=r"ran other settings than this comparison: learning_rate=0.001 "
+                                         r"\(parity: 0.002\)"):
+        _recorded(run_dir, data, learning_rate=0.002)
+    gru = rp.parity_config("gru4rec", [], {})
+    with pytest.raises(SystemExit, match="trained 'sasrec', not 'gru4rec'"):
+        rp.recorded_ours(run_dir, "gru4rec", gru, rp._load(str(data), None, gru))
+
+
+def test_a_run_on_other_data_is_refused(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    other = write_user_lines(tmp_path / "succ.txt", successor_sequences(300, 30, seed=2))
+    with pytest.raises(SystemExit, match="trained on other data"):
+        _recorded(run_dir, other)
+
+
+def test_not_a_run_is_an_error(finished_run, tmp_path):
+    with pytest.raises(SystemExit, match="holds no finished run"):
+        _recorded(tmp_path, finished_run[1])
