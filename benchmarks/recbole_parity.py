@@ -700,10 +700,10 @@ def provenance_notes(report: dict[str, Any]) -> list[str]:
         ours, rb = run.get("ours") or {}, run.get("recbole") or {}
         if "recorded_run" in ours:
             rec = ours["recorded_run"]
+            started = "its last part (--resume) started" if rec.get("resumed") else "started"
             notes.append(f"Seed {run['seed']}, ours: the finished run `{ours['run_dir']}` (commit "
-                         f"`{(rec.get('commit') or '?')[:7]}`, started {rec.get('started')}"
-                         f"{', continued with --resume' if rec.get('resumed') else ''}; {ours.get('threads')} "
-                         "torch threads), checked to have every setting of this comparison and the data's "
+                         f"`{(rec.get('commit') or '?')[:7]}`, {started} {rec.get('started')}; torch threads: "
+                         f"{ours.get('threads')}), checked to have every setting of this comparison and the data's "
                          "fingerprint; this command did not train it.")
         if len(rb.get("parts", [])) > 1:
             ends = [p["first_epoch"] - 1 for p in rb["parts"][1:]] + [len(rb.get("history", []))]

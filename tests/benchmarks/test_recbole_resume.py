@@ -185,3 +185,18 @@ def test_a_run_on_other_data_is_refused(finished_run, tmp_path):
 def test_not_a_run_is_an_error(finished_run, tmp_path):
     with pytest.raises(SystemExit, match="holds no finished run"):
         _recorded(tmp_path, finished_run[1])
+
+
+def test_reports_say_which_side_was_recorded_or_resumed():
+    report = {"runs": [{"seed": 2020,
+                        "recbole": {"history": [{}] * 37, "parts": [{"first_epoch": 1, "threads": None},
+                                                                    {"first_epoch": 10, "threads": 2}]},
+                        "ours": {"run_dir": "runs/x", "threads": 1,
+                                 "recorded_run": {"commit": "0a78ef6abc", "started": "T", "resumed": True}}},
+                       {"seed": 2021, "recbole": {"history": [{}] * 5, "parts": [{"first_epoch": 1, "threads": 2}]},
+                        "ours": {"history": []}}]}
+    notes = rp.provenance_notes(report)
+    assert len(notes) == 2  # seed 2021 ran in one go on both sides: nothing to say
+    assert notes[0].startswith("Seed 2020, ours: the finished run `runs/x` (commit `0a78ef6`, its last part")
+    assert notes[1] == ("Seed 2020, RecBole: stopped and continued from its saved state (2 parts: epochs 1-9 on "
+                        "an unrecorded number of threads, epochs 10-37 on 2 threads).")
