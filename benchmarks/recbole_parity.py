@@ -615,9 +615,14 @@ def recorded_ours(run_dir: Path, model: str, config: Any, data: Any) -> dict[str
     if results.get("data_fingerprint") != data.fingerprint:
         raise SystemExit(f"error: {run_dir} was trained on other data than {data.source}; pass a run of the same "
                          "--dataset and --data-dir")
-    wanted = config.to_dict()
+    from mlsa4rec.config import build_config
+
+    wanted, defaults = config.to_dict(), build_config(model).to_dict()
+    # a setting added after the run was made is absent from its config.yaml: accepted at its default
+    # (new settings default to the behaviour that came before them), and named in the report
+    predates = sorted(k for k in wanted if k not in recorded and wanted[k] == defaults.get(k))
     differ = sorted(k for k in set(wanted) | set(recorded)
-                    if k not in ("dataset", "device") and wanted.get(k) != recorded.get(k))
+                    if k not in ("dataset", "device", *predates) and wanted.get(k) != recorded.get(k))
     if differ or results.get("device") != wanted["device"]:
         shown = [f"{k}={recorded.get(k)!r} (parity: {wanted.get(k)!r})" for k in differ]
         if results.get("device") != wanted["device"]:
@@ -631,7 +636,8 @@ def recorded_ours(run_dir: Path, model: str, config: Any, data: Any) -> dict[str
         "parameters": results.get("parameters"), "versions": results.get("versions"),
         "run_dir": _shown(run_dir), "recorded_run": {"commit": results.get("git_commit"),
                                                      "started": results.get("started"),
-                                                     "resumed": bool(results.get("resumed"))},
+                                                     "resumed": bool(results.get("resumed")),
+                                                     "predates": {k: wanted[k] for k in predates}},
     }
 
 
@@ -704,7 +710,10 @@ def provenance_notes(report: dict[str, Any]) -> list[str]:
             notes.append(f"Seed {run['seed']}, ours: the finished run `{ours['run_dir']}` (commit "
                          f"`{(rec.get('commit') or '?')[:7]}`, {started} {rec.get('started')}; torch threads: "
                          f"{ours.get('threads')}), checked to have every setting of this comparison and the data's "
-                         "fingerprint; this command did not train it.")
+                         "fingerprint; this command did not train it."
+                         + (" Settings added after it was made, taken at their defaults: "
+                            + ", ".join(f"{k}={v!r}" for k, v in rec["predates"].items()) + "."
+                            if rec.get("predates") else ""))
         if len(rb.get("parts", [])) > 1:
             ends = [p["first_epoch"] - 1 for p in rb["parts"][1:]] + [len(rb.get("history", []))]
             spans = ", ".join(f"epochs {p['first_epoch']}-{end} on {p['threads'] or 'an unrecorded number of'} "

@@ -200,3 +200,21 @@ def test_reports_say_which_side_was_recorded_or_resumed():
     assert notes[0].startswith("Seed 2020, ours: the finished run `runs/x` (commit `0a78ef6`, its last part")
     assert notes[1] == ("Seed 2020, RecBole: stopped and continued from its saved state (2 parts: epochs 1-9 on "
                         "an unrecorded number of threads, epochs 10-37 on 2 threads).")
+
+
+def test_a_setting_the_run_predates_is_taken_at_its_default_and_named(finished_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    run_dir, data = finished_run
+    old = tmp_path / "old-run"
+    shutil.copytree(run_dir, old)
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    del config["similarity"], config["temperature"]          # as a run made before SASRec's cosine head
+    del config["attn_dropout_prob"]
+    (old / "config.yaml").write_text(yaml.safe_dump(config))
+    ours = _recorded(old, data)
+    assert ours["recorded_run"]["predates"] == {"similarity": "dot", "temperature": 1.0, "attn_dropout_prob": 0.5}
+    with pytest.raises(SystemExit, match=r"attn_dropout_prob=None \(parity: 0.2\)"):
+        _recorded(old, data, attn_dropout_prob=0.2)           # not the default: the run cannot have had it
