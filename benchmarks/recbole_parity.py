@@ -415,7 +415,7 @@ def recbole_worker(spec_path: str, out_path: str, time_budget: float | None = No
     """Inside RecBole's venv: ``run_recbole`` step by step, recording every epoch.
 
     After every epoch the whole state goes to ``RESUME_FILE`` beside ``out_path`` (see
-    ``_resume_state``), and a worker started where that file exists continues from it. It stops
+    ``after_epoch``), and a worker started where that file exists continues from it. It stops
     with ``PAUSED_EXIT`` after ``pause_after`` epochs, or when another epoch (and the test) would
     not fit in ``time_budget`` seconds from its start.
     """
@@ -868,6 +868,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     log.info("exported %s: %d users, %d items, %d interactions", inter, ours_data["users"], ours_data["items"],
              ours_data["interactions"])
 
+    # our recorded runs are checked before RecBole trains for hours, not after
+    recorded = {seed: recorded_ours(Path(run_dir), args.model, parity_config(args.model, args.config,
+                                                                              {**sets, "seed": seed}), original)
+                for seed, run_dir in zip(seeds, args.ours_run or [])}
     py = setup_venv(Path(args.venv)) if not args.skip_recbole else None
     runs, problems = [], []
     for seed in seeds:
@@ -885,9 +889,8 @@ def cmd_run(args: argparse.Namespace) -> None:
                       "Run the same command again to continue it; the report is written when every run is done.")
                 raise SystemExit(PAUSED_EXIT) from None
             problems += data_mismatches(ours_data, run["recbole"]["data"])
-        if args.ours_run:
-            cfg = parity_config(args.model, args.config, {**sets, "seed": seed})
-            run["ours"] = recorded_ours(Path(args.ours_run[seeds.index(seed)]), args.model, cfg, original)
+        if seed in recorded:
+            run["ours"] = recorded[seed]
         elif not args.skip_ours:
             run["ours"] = run_ours(args.model, inter, args.config, sets, seed,
                                    work / f"ours-{args.model}-seed{seed}", threads)

@@ -218,3 +218,13 @@ def test_a_setting_the_run_predates_is_taken_at_its_default_and_named(finished_r
     assert ours["recorded_run"]["predates"] == {"similarity": "dot", "temperature": 1.0, "attn_dropout_prob": 0.5}
     with pytest.raises(SystemExit, match=r"attn_dropout_prob=None \(parity: 0.2\)"):
         _recorded(old, data, attn_dropout_prob=0.2)           # not the default: the run cannot have had it
+
+
+def test_the_command_refuses_a_mismatched_run_before_recbole_starts(finished_run, tmp_path):
+    run_dir, data = finished_run
+    sets = [x for k, v in {**TINY_SETS, "learning_rate": 0.002}.items() for x in ("--set", f"{k}={v}")]
+    no_venv = tmp_path / "no-venv"                         # RecBole would be set up here, after the check
+    with pytest.raises(SystemExit, match="learning_rate=0.001 \\(parity: 0.002\\)"):
+        rp.main(["run", "--model", "sasrec", "--dataset", str(data), *sets, "--ours-run", str(run_dir),
+                 "--work-dir", str(tmp_path / "work"), "--venv", str(no_venv), "--out", str(tmp_path / "r")])
+    assert not no_venv.exists() and not (tmp_path / "r.json").exists()
