@@ -1,4 +1,5 @@
-"""A stopped RecBole oracle run continues where it was, and ends where an uninterrupted one ends.
+"""A stopped RecBole oracle run continues where it was, and ends where an uninterrupted one ends;
+our side is taken from a finished run (``--ours-run``) only where it ran the same settings and data.
 
 The bookkeeping (which saved state is kept, what a pause returns) is tested with a stand-in for
 RecBole's interpreter; the end-to-end check needs RecBole's own venv (``recbole_parity.py setup``)
