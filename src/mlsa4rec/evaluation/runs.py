@@ -152,20 +152,23 @@ def compare_runs(run_dirs: list[str | Path], split: str = "test",
     for metric in metrics:  # bad settings fail before minutes of scoring, not after
         parse_metric(metric)
     check_confidence(confidence)
-    runs = [load_run(path, data_dir) for path in run_dirs]
-    for path, run in zip(run_dirs[1:], runs[1:]):
-        if run.data.fingerprint != runs[0].data.fingerprint:
-            raise MLSA4RecError(f"{str(path)!r} was trained on other data than {str(runs[0].path)!r} (dataset, file "
-                                "or filtering differ); a paired comparison needs the same users")
-    rules = {bool(run.config["exclude_history"]) for run in runs}
+    # the rule is read from each config.yaml before any data or weights are loaded (a missing file
+    # is refused by load_run below, with its own message, so exclude stays None only on that path)
+    configs = [Path(path) / "config.yaml" for path in run_dirs]
+    rules = {bool(load_yaml_file(c).get("exclude_history", False)) for c in configs if c.is_file()}
     if exclude_history is None and len(rules) > 1:
         raise MLSA4RecError("the runs were evaluated under different history rules (exclude_history differs); "
                             "pass --history ranked or --history excluded to score them all under one")
-    exclude = rules.pop() if exclude_history is None else exclude_history
-    ranks = []
-    for run in runs:
+    exclude = exclude_history if exclude_history is not None else rules.pop() if rules else None
+    runs, ranks = [], []
+    for path in run_dirs:
+        run = load_run(path, data_dir)
+        if runs and run.data.fingerprint != runs[0].data.fingerprint:
+            raise MLSA4RecError(f"{str(path)!r} was trained on other data than {str(runs[0].path)!r} (dataset, file "
+                                "or filtering differ); a paired comparison needs the same users")
         ranks.append(run_ranks(run, split, exclude))
         run.model.cpu()  # free an accelerator for the next run
+        runs.append(run)
     rows = holm([compare_ranks(ranks[0], r, m, confidence, n_resamples, seed) for r in ranks[1:] for m in metrics])
     describe = [{"run": str(r.path), "model": r.config["model"], "variant": r.config.to_dict().get("variant")}
                 for r in runs]
