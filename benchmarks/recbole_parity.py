@@ -588,13 +588,18 @@ def run_ours(model: str, inter: Path, config_files: list[str], sets: dict[str, A
     overrides = {**PARITY_DEFAULTS, **sets, **forced(model), "seed": seed}
     log.info("mlsa4rec %s, seed %s", model, seed)
     results = train(model, str(inter), out_dir, config_files=config_files, overrides=overrides, overwrite=True)
+    return _our_side(results, model, seed, results.get("run_dir"), results.get("threads", torch.get_num_threads()))
+
+
+def _our_side(results: dict[str, Any], model: str, seed: int, run_dir: str | None, threads: int | None
+              ) -> dict[str, Any]:
+    """The report's fields of our side, from a run's ``results.json``."""
     return {
         "library": "mlsa4rec", "model": model, "seed": seed, "train_scheme": results["train_scheme"],
         "data": {k: results["dataset"][k] for k in ("users", "items", "interactions")},
-        "data_seconds": results.get("data_seconds"), "threads": results.get("threads", torch.get_num_threads()),
+        "data_seconds": results.get("data_seconds"), "threads": threads,
         "history": results["history"], "best_valid": results["valid"], "test": results["test"],
-        "parameters": results.get("parameters"), "versions": results.get("versions"),
-        "run_dir": results.get("run_dir"),
+        "parameters": results.get("parameters"), "versions": results.get("versions"), "run_dir": run_dir,
     }
 
 
@@ -628,17 +633,9 @@ def recorded_ours(run_dir: Path, model: str, config: Any, data: Any) -> dict[str
         if results.get("device") != wanted["device"]:
             shown.append(f"device={results.get('device')!r} (parity: {wanted['device']!r})")
         raise SystemExit(f"error: {run_dir} ran other settings than this comparison: {', '.join(shown)}")
-    return {
-        "library": "mlsa4rec", "model": model, "seed": recorded["seed"], "train_scheme": results["train_scheme"],
-        "data": {k: results["dataset"][k] for k in ("users", "items", "interactions")},
-        "data_seconds": results.get("data_seconds"), "threads": results.get("threads"),
-        "history": results["history"], "best_valid": results["valid"], "test": results["test"],
-        "parameters": results.get("parameters"), "versions": results.get("versions"),
-        "run_dir": _shown(run_dir), "recorded_run": {"commit": results.get("git_commit"),
-                                                     "started": results.get("started"),
-                                                     "resumed": bool(results.get("resumed")),
-                                                     "predates": {k: wanted[k] for k in predates}},
-    }
+    return {**_our_side(results, model, recorded["seed"], _shown(run_dir), results.get("threads")),
+            "recorded_run": {"commit": results.get("git_commit"), "started": results.get("started"),
+                             "resumed": bool(results.get("resumed")), "predates": {k: wanted[k] for k in predates}}}
 
 
 # --- the report ---------------------------------------------------------------------------------
