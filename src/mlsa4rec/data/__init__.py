@@ -6,7 +6,14 @@ import logging
 import os
 from pathlib import Path
 
-from mlsa4rec.data.dataset import DEFAULT_INTERVAL, SequenceData, cache_dir, load_sequences
+from mlsa4rec.data.dataset import (
+    DEFAULT_INTERVAL,
+    DUPLICATE_RULES,
+    SequenceData,
+    cache_dir,
+    duplicates_mismatch,
+    load_sequences,
+)
 from mlsa4rec.data.readers import READERS, Interactions, detect_format, read_interactions
 from mlsa4rec.data.registry import REGISTRY, DatasetSpec, data_dir_from, get_spec, locate
 from mlsa4rec.errors import DataError
@@ -15,8 +22,8 @@ log = logging.getLogger(__name__)
 
 
 __all__ = [
-    "DEFAULT_INTERVAL", "READERS", "REGISTRY", "DatasetSpec", "Interactions", "SequenceData", "data_dir_from",
-    "detect_format", "load_dataset", "read_interactions", "resolve",
+    "DEFAULT_INTERVAL", "DUPLICATE_RULES", "READERS", "REGISTRY", "DatasetSpec", "Interactions", "SequenceData",
+    "data_dir_from", "detect_format", "duplicates_mismatch", "load_dataset", "read_interactions", "resolve",
 ]
 
 
@@ -42,10 +49,12 @@ def load_dataset(
     user_inter_num_interval: str = DEFAULT_INTERVAL,
     item_inter_num_interval: str = DEFAULT_INTERVAL,
     use_cache: bool = True,
+    duplicate_events: str = "drop",
 ) -> SequenceData:
-    """A registered dataset name or a data file path, filtered, remapped and sorted."""
+    """A registered dataset name or a data file path, deduplicated, filtered, remapped and sorted."""
     name, path, fmt, spec = resolve(dataset, data_dir)
-    data = load_sequences(path, fmt, name, user_inter_num_interval, item_inter_num_interval, use_cache)
+    data = load_sequences(path, fmt, name, user_inter_num_interval, item_inter_num_interval, use_cache,
+                          duplicate_events)
     if spec is not None and (user_inter_num_interval, item_inter_num_interval) == (DEFAULT_INTERVAL,) * 2:
         got = (data.n_users, data.n_items, data.n_interactions)
         if got != spec.expected:

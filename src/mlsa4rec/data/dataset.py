@@ -11,14 +11,21 @@ Steps, as in RecBole 1.2's sequential pipeline (``MLSA4REC.md`` section 5):
    validation, the rest train; with only 2 samples there is no validation target, with 1 sample
    it is a training sample.
 
+Before step 1, exact duplicate events (same user, item and timestamp) are dropped, keeping the
+first: a duplicated file would otherwise put each test target right after itself in the history
+and report near-perfect metrics. ``duplicate_events: keep`` keeps them where they are real.
+
 Everything is stored as one flat array of item ids (users' sequences back to back) plus offsets,
 so that every sample is "the items before flat index t" and batches are built by vectorised
-gathers. The processed arrays are cached on disk, keyed by the file's checksum and the settings.
+gathers. The processed arrays are cached on disk, keyed by the file's checksum and the settings;
+a cached file is used only after its arrays match the SHA-256 recorded when it was written and the
+key stored inside it matches the key it was looked up by (else it is rebuilt, with a warning).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -30,13 +37,15 @@ import pandas as pd
 
 from mlsa4rec.config import parse_interval
 from mlsa4rec.data.readers import Interactions, read_interactions
-from mlsa4rec.errors import DataError
+from mlsa4rec.errors import DataError, check_choice
 from mlsa4rec.fileio import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = "[5,inf)"  # the protocol's 5-core filter, RecBole's notation
 PROCESSING_VERSION = 1  # bump when the processing below changes what it produces
+CACHE_FORMAT = 2  # 2: arrays carry their SHA-256 and the cache its lookup key
+DUPLICATE_RULES = ("drop", "keep")
 
 
 @dataclass
@@ -50,6 +59,10 @@ class SequenceData:
     user_tokens: np.ndarray  # raw token of each user index
     fingerprint: str         # checksum of the source file + processing settings
     source: str = ""         # the file it was read from and its reader (set on load, not cached)
+    duplicate_events: int = 0   # exact duplicates (user, item, timestamp) found in the file
+    duplicates_dropped: bool = False  # whether they were dropped (the default) or kept
+    timed: bool = True       # the file has timestamps (else duplicates cannot be told from repeats)
+    fingerprint_kept: str = ""  # the fingerprint with duplicates kept (what mlsa4rec <= 0.2 computed)
 
     @property
     def n_users(self) -> int:
@@ -80,7 +93,18 @@ class SequenceData:
             "min_length": int(lengths.min()),
             "max_length": int(lengths.max()),
             "density": round(self.n_interactions / (self.n_users * self.n_items), 6),
+            "duplicate_events": self.duplicate_events if self.timed else "n/a (no timestamps)",
+            "duplicates": ("n/a" if not self.timed else "none" if not self.duplicate_events
+                           else "dropped" if self.duplicates_dropped else "kept"),
+            "repeated_items": self.repeated_items(),
         }
+
+    def repeated_items(self) -> int:
+        """Events whose item the same user had before (repeat consumption, or duplicates in a file
+        without timestamps, which cannot be told apart and are reported, not dropped)."""
+        users = np.repeat(np.arange(self.n_users, dtype=np.int64), self.lengths)
+        pairs = users * (self.n_items + 1) + self.items
+        return int(pairs.shape[0] - np.unique(pairs).shape[0])
 
     # --- leave-one-out split -------------------------------------------------------------------
     def _split_counts(self) -> tuple[np.ndarray, np.ndarray]:
@@ -136,18 +160,46 @@ def kcore_filter(user_codes: np.ndarray, item_codes: np.ndarray, user_interval: 
         keep = new_keep
 
 
+def duplicate_mask(user_codes: np.ndarray, item_codes: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """True for every event equal in user, item and time to an earlier event of the file (the
+    first of each group stays False, so dropping the mask keeps file order among the rest)."""
+    order = np.lexsort((np.arange(user_codes.shape[0]), times, item_codes, user_codes))
+    u, i, t = user_codes[order], item_codes[order], times[order]
+    same = (u[1:] == u[:-1]) & (i[1:] == i[:-1]) & (t[1:] == t[:-1])
+    mask = np.zeros(user_codes.shape[0], dtype=bool)
+    mask[order[1:][same]] = True
+    return mask
+
+
 def build_sequences(
     inter: Interactions,
     name: str,
     user_interval: str = DEFAULT_INTERVAL,
     item_interval: str = DEFAULT_INTERVAL,
     fingerprint: str = "",
+    duplicate_events: str = "drop",
 ) -> SequenceData:
-    """Filter, remap, sort: the whole pipeline from events to per-user sequences (vectorised)."""
+    """Drop duplicates, filter, remap, sort: the whole pipeline from events to per-user sequences
+    (vectorised). ``fingerprint`` is that of the data with duplicates kept; when some are dropped
+    the result's fingerprint is derived from it, so runs trained on the duplicated data are refused."""
+    check_choice("duplicate_events", duplicate_events, DUPLICATE_RULES, DataError)
     if len(inter) == 0:
         raise DataError(f"{name}: the file holds no interactions")
     user_codes, _ = pd.factorize(inter.user)
     item_codes, _ = pd.factorize(inter.item)
+    n_dup, dropped, result_fingerprint = 0, False, fingerprint
+    if inter.timed:
+        dup = duplicate_mask(user_codes, item_codes, inter.time)
+        n_dup = int(dup.sum())
+        if n_dup and duplicate_events == "drop":
+            log.warning("%s: dropped %d duplicate events (same user, item and timestamp as an earlier line); they "
+                        "would put test targets in their own history. --set duplicate_events=keep keeps them",
+                        name, n_dup)
+            keep_rows = ~dup
+            inter = Interactions(inter.user[keep_rows], inter.item[keep_rows], inter.time[keep_rows], inter.timed)
+            user_codes, item_codes = user_codes[keep_rows], item_codes[keep_rows]
+            dropped = True
+            result_fingerprint = _derive(fingerprint, "duplicates-dropped") if fingerprint else ""
     keep = kcore_filter(user_codes, item_codes, user_interval, item_interval)
     if not keep.any():
         raise DataError(
@@ -170,8 +222,27 @@ def build_sequences(
         offsets=offsets,
         item_tokens=np.concatenate([pad, item_tok]),
         user_tokens=user_tok,
-        fingerprint=fingerprint,
+        fingerprint=result_fingerprint,
+        duplicate_events=n_dup,
+        duplicates_dropped=dropped,
+        timed=inter.timed,
+        fingerprint_kept=fingerprint,
     )
+
+
+def _derive(fingerprint: str, tag: str) -> str:
+    return hashlib.sha256(f"{fingerprint}-{tag}".encode()).hexdigest()[:20]
+
+
+def duplicates_mismatch(data: SequenceData, recorded: str | None, what: str) -> str | None:
+    """Why ``what`` (a run, a checkpoint) recorded another fingerprint, when the reason is that it
+    was trained with this file's duplicate events kept (before they were dropped by default)."""
+    if not data.duplicates_dropped or recorded is None or recorded != data.fingerprint_kept:
+        return None
+    return (f"{what} was trained on {data.name!r} with its {data.duplicate_events} duplicate events (same user, item "
+            "and timestamp) kept, which inflates its metrics (a test target can repeat the last history item); "
+            "retrain it (the same `mlsa4rec train` command with --overwrite drops them), or, if the repeated events "
+            "are real, retrain with --set duplicate_events=keep")
 
 
 # --- on-disk cache ---------------------------------------------------------------------------
@@ -186,27 +257,84 @@ def _token_array(a: np.ndarray) -> np.ndarray:
     return a.astype(np.int64) if a.dtype.kind in "iu" else a.astype(str)
 
 
-def save_cached(data: SequenceData, path: Path) -> None:
+_ARRAYS = ("items", "offsets", "item_tokens", "user_tokens")
+
+
+def array_digest(a: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and bytes (about 2 GB/s here; a memory map reads in place)."""
+    digest = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    a = np.ascontiguousarray(a)
+    if a.dtype.kind == "U":
+        digest.update(a.tobytes())
+    else:
+        digest.update(memoryview(a).cast("B"))
+    return digest.hexdigest()
+
+
+def save_cached(data: SequenceData, path: Path, key: str) -> None:
+    """Write the arrays with their checksums and the ``key`` the cache is looked up by."""
+    arrays = {name: getattr(data, name) for name in _ARRAYS}
+    meta = {
+        "format": CACHE_FORMAT, "key": key, "name": data.name, "fingerprint": data.fingerprint,
+        "fingerprint_kept": data.fingerprint_kept, "duplicate_events": data.duplicate_events,
+        "duplicates_dropped": data.duplicates_dropped, "timed": data.timed,
+        "sha256": {name: array_digest(a) for name, a in arrays.items()},
+    }
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(
-                fh, items=data.items, offsets=data.offsets,
-                item_tokens=data.item_tokens, user_tokens=data.user_tokens,
-                meta=np.array([data.name, data.fingerprint]),
-            )
+            np.savez(fh, **arrays, meta=np.array(json.dumps(meta)))
 
 
-def load_cached(path: Path) -> SequenceData | None:
-    """The cached dataset, or None if it is missing or unreadable (it is then rebuilt)."""
+class CacheInvalid(Exception):
+    """A cached dataset that must not be used: the message says why."""
+
+
+def _check_structure(data: SequenceData) -> None:
+    """Cheap O(events) checks that the arrays are a dataset at all (a forged or foreign file)."""
+    items, offsets = data.items, data.offsets
+    if items.dtype != np.int64 or offsets.dtype != np.int64 or items.ndim != 1 or offsets.ndim != 1:
+        raise CacheInvalid("its arrays have the wrong type or shape")
+    n = items.shape[0]
+    if offsets.shape[0] < 2 or offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) <= 0):
+        raise CacheInvalid("its user offsets are inconsistent")
+    if data.user_tokens.shape[0] != offsets.shape[0] - 1:
+        raise CacheInvalid("it has a different number of users and user ids")
+    if n and (items.min() < 1 or items.max() > data.item_tokens.shape[0] - 1):
+        raise CacheInvalid("it holds item ids outside its catalog")
+
+
+def load_cached(path: Path, key: str, name: str) -> SequenceData | None:
+    """The cached dataset, or None if it is missing or fails a check (it is then rebuilt).
+
+    Checked before use: the key stored in the file equals ``key`` (a cache copied or renamed over
+    another dataset's is refused) and every array's SHA-256 equals the one recorded at write time
+    (an edited array is refused). A failure is one warning line; the caller rebuilds and rewrites."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            name, fingerprint = (str(x) for x in z["meta"])
-            return SequenceData(name, z["items"], z["offsets"], z["item_tokens"], z["user_tokens"], fingerprint)
+            meta = json.loads(str(z["meta"][()])) if z["meta"].ndim == 0 else None
+            if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+                raise CacheInvalid("it was written by an older mlsa4rec, without checksums")
+            if meta.get("key") != key or meta.get("name") != name:
+                raise CacheInvalid("it holds other data than its name says (a cache file copied or renamed)")
+            arrays = {a: z[a] for a in _ARRAYS}
+        for a, arr in arrays.items():
+            if array_digest(arr) != meta["sha256"][a]:
+                raise CacheInvalid(f"its {a!r} array differs from what was written (checksum mismatch)")
+        data = SequenceData(
+            name, **arrays, fingerprint=str(meta["fingerprint"]),
+            duplicate_events=int(meta["duplicate_events"]), duplicates_dropped=bool(meta["duplicates_dropped"]),
+            timed=bool(meta["timed"]), fingerprint_kept=str(meta["fingerprint_kept"]),
+        )
+        _check_structure(data)
+        return data
+    except CacheInvalid as exc:
+        log.warning("dataset cache %s cannot be trusted: %s; rebuilding it from the data file", path, exc)
     except Exception as exc:  # a corrupt cache is not the user's problem: rebuild it
-        log.warning("ignoring unreadable dataset cache %s (%s); rebuilding", path, exc)
-        return None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.warning("dataset cache %s is unreadable (%s); rebuilding it from the data file", path, reason)
+    return None
 
 
 def load_sequences(
@@ -216,25 +344,30 @@ def load_sequences(
     user_interval: str = DEFAULT_INTERVAL,
     item_interval: str = DEFAULT_INTERVAL,
     use_cache: bool = True,
+    duplicate_events: str = "drop",
 ) -> SequenceData:
-    """Read ``path`` with reader ``fmt`` and process it, through the checksum-keyed cache."""
+    """Read ``path`` with reader ``fmt`` and process it, through the checksum-keyed, verified cache."""
+    check_choice("duplicate_events", duplicate_events, DUPLICATE_RULES, DataError)
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
     t0 = time.perf_counter()
     digest = sha256_file(path)
+    # the fingerprint of a file without duplicates is the one mlsa4rec <= 0.2 computed: its runs still load
     key = f"v{PROCESSING_VERSION}-{fmt}-{digest}-{user_interval}-{item_interval}"
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:20]
-    cache_file = cache_dir() / "processed" / f"{name}-{fingerprint}.npz"
-    if use_cache and (cached := load_cached(cache_file)) is not None:
+    lookup = _derive(fingerprint, f"duplicates-{duplicate_events}")
+    cache_file = cache_dir() / "processed" / f"{name}-{lookup}.npz"
+    if use_cache and (cached := load_cached(cache_file, lookup, name)) is not None:
         log.info("loaded %s from cache %s in %.2f s", name, cache_file, time.perf_counter() - t0)
         cached.source = f"{path.resolve()} ({fmt})"
         return cached
-    data = build_sequences(read_interactions(path, fmt), name, user_interval, item_interval, fingerprint)
+    data = build_sequences(read_interactions(path, fmt), name, user_interval, item_interval, fingerprint,
+                           duplicate_events)
     data.source = f"{path.resolve()} ({fmt})"
     if use_cache:
         try:
-            save_cached(data, cache_file)
+            save_cached(data, cache_file, lookup)
         except OSError as exc:
             log.warning("could not write dataset cache %s (%s); continuing without it", cache_file, exc)
     log.info("built %s from %s in %.2f s", name, path, time.perf_counter() - t0)

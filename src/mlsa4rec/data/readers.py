@@ -27,11 +27,15 @@ log = logging.getLogger("mlsa4rec")
 
 @dataclass
 class Interactions:
-    """Raw events in file order. ``user``/``item`` hold tokens (int64 or str), ``time`` float64."""
+    """Raw events in file order. ``user``/``item`` hold tokens (int64 or str), ``time`` float64.
+
+    ``timed`` says whether ``time`` came from a timestamp column: without one, two events can
+    never be told apart as exact duplicates (their times are their positions in the file)."""
 
     user: np.ndarray
     item: np.ndarray
     time: np.ndarray
+    timed: bool = True
 
     def __len__(self) -> int:
         return int(self.user.shape[0])
@@ -80,7 +84,7 @@ def read_user_lines(path: str | Path) -> Interactions:
     is_user[starts] = True
     users = np.repeat(ids[starts], counts - 1)
     items = ids[~is_user]
-    return Interactions(users, items, np.arange(items.shape[0], dtype=np.float64))
+    return Interactions(users, items, np.arange(items.shape[0], dtype=np.float64), timed=False)
 
 
 def _column(df: pd.DataFrame, name: str, path: Path, first_line: int, numeric: bool) -> np.ndarray:
@@ -148,8 +152,9 @@ def read_inter(path: str | Path) -> Interactions:
         raise DataError(f"{str(path)!r} holds no interactions")
     user = _column(df, "user_id", path, 2, numeric=False)
     item = _column(df, "item_id", path, 2, numeric=False)
-    time = _column(df, "timestamp", path, 2, numeric=True) if "timestamp" in fields else _file_order(path, len(df))
-    return Interactions(_ids(user), _ids(item), time)
+    timed = "timestamp" in fields
+    time = _column(df, "timestamp", path, 2, numeric=True) if timed else _file_order(path, len(df))
+    return Interactions(_ids(user), _ids(item), time, timed)
 
 
 def read_ratings_dat(path: str | Path) -> Interactions:
@@ -197,11 +202,9 @@ def read_csv(path: str | Path) -> Interactions:
     first_line = 2 if has_header else 1
     user = _column(df, "user", path, first_line, numeric=False)
     item = _column(df, "item", path, first_line, numeric=False)
-    if "timestamp" in names:
-        time = _column(df, "timestamp", path, first_line, numeric=True)
-    else:
-        time = _file_order(path, len(df))
-    return Interactions(_ids(user), _ids(item), time)
+    timed = "timestamp" in names
+    time = _column(df, "timestamp", path, first_line, numeric=True) if timed else _file_order(path, len(df))
+    return Interactions(_ids(user), _ids(item), time, timed)
 
 
 def read_amazon_json(path: str | Path) -> Interactions:

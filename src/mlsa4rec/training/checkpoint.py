@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mlsa4rec.config import known_keys
-from mlsa4rec.data import REGISTRY
+from mlsa4rec.data import REGISTRY, SequenceData, duplicates_mismatch
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.fileio import write_atomic
 
@@ -190,12 +190,15 @@ def _show(value: Any) -> str:
 
 
 def check_resumable(state: dict[str, Any], config: dict[str, Any], fingerprint: str, world_size: int,
-                    where: str) -> list[str]:
-    """Raise if ``state`` cannot continue as a run with ``config`` on this data and world size;
+                    where: str, data: SequenceData | None = None) -> list[str]:
+    """Raise if ``state`` cannot continue as a run with ``config`` on the data of ``fingerprint``
+    (``data``, when given, explains a mismatch due to dropped duplicates) and this world size;
     returns the changed resumable settings, as 'key old -> new' strings, for the log."""
     meta = json.loads(state["meta"])
     if meta["world_size"] != world_size:
         raise MLSA4RecError(world_size_message(meta["world_size"], world_size))
+    if data is not None and (why := duplicates_mismatch(data, meta["data_fingerprint"], "the interrupted run")):
+        raise MLSA4RecError(why)
     if meta["data_fingerprint"] != fingerprint:
         fix = ("point --data-dir at the original files" if config.get("dataset") in REGISTRY
                else "restore the original data file")

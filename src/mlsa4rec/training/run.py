@@ -139,7 +139,7 @@ def preflight(model: str, dataset: str, output_dir: str | Path, config_files: li
     if payload:
         state = checkpoint.decode_training_state(payload)
         checkpoint.check_resumable(state, config.to_dict(), data.fingerprint, world_size,
-                                   str(rundir.staging_dir(out) / "config.yaml"))
+                                   str(rundir.staging_dir(out) / "config.yaml"), data=data)
 
 
 def _resolve_dataset(dataset: str) -> str:
@@ -261,7 +261,8 @@ def _prepare(config: Config, data_dir: str | Path | None, payload: bytes | None,
     changed = []
     if state is not None:
         where = str(stage.path / "config.yaml") if stage is not None else "the interrupted run's config.yaml"
-        changed = checkpoint.check_resumable(state, config.to_dict(), data.fingerprint, group.world_size, where)
+        changed = checkpoint.check_resumable(state, config.to_dict(), data.fingerprint, group.world_size, where,
+                                             data=data)
     check_memory(config, data, device)
     if stage is not None:
         stage.begin()
