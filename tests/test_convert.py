@@ -35,6 +35,32 @@ RELEASED = {
 }
 
 
+def trained(name: str, n_items: int, seed: int):
+    """A model whose every tensor is its own: at init the LayerNorms, the biases, A_log and D of
+    any two models coincide, so weights loaded into the wrong one of them would go unseen."""
+    torch.manual_seed(seed)
+    m = create(name, n_items).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def assert_loaded(fresh, source) -> None:
+    """``fresh`` now holds ``source``'s weights, each under its own name."""
+    ours, theirs = fresh.state_dict(), source.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+
+
+def assert_all_distinct(model) -> None:
+    tensors = list(model.state_dict().items())
+    for i, (a, x) in enumerate(tensors):
+        for b, y in tensors[i + 1:]:
+            assert x.shape != y.shape or not torch.equal(x, y), (a, b)
+
+
 def released_checkpoint(model) -> dict:
     """A RecBole checkpoint as the released code writes it, holding ``model``'s weights."""
     ours = model.state_dict()
@@ -45,25 +71,30 @@ def released_checkpoint(model) -> dict:
 
 
 def test_released_mlsa4rec_weights_give_identical_outputs() -> None:
-    torch.manual_seed(1)
-    trained = create("mlsa4rec", 50).eval()
-    checkpoint = released_checkpoint(trained)
-    assert set(RELEASED.values()) - {None} == set(trained.state_dict())  # the list above is complete
-    torch.manual_seed(2)
-    fresh = create("mlsa4rec", 50).eval()
+    source = trained("mlsa4rec", 50, seed=1)
+    assert_all_distinct(source)
+    checkpoint = released_checkpoint(source)
+    assert set(RELEASED.values()) - {None} == set(source.state_dict())  # the list above is complete
+    fresh = trained("mlsa4rec", 50, seed=2)
     fresh.load_state_dict(from_recbole(checkpoint, fresh))
-    seq = torch.randint(1, 51, (4, 50))
+    assert_loaded(fresh, source)
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(1, 51, (4, 50), generator=g)
     lengths = torch.tensor([50, 20, 3, 1])
-    assert torch.equal(fresh.full_sort_scores(seq, lengths), trained.full_sort_scores(seq, lengths))
+    scores = fresh.full_sort_scores(seq, lengths)
+    assert torch.equal(scores, source.full_sort_scores(seq, lengths))
+    assert not torch.equal(scores, trained("mlsa4rec", 50, seed=2).full_sort_scores(seq, lengths))
 
 
 def test_mamba4rec_weights_pass_through() -> None:
-    torch.manual_seed(1)
-    trained = create("mamba4rec", 40).eval()
-    fresh = create("mamba4rec", 40).eval()
-    fresh.load_state_dict(from_recbole({"state_dict": trained.state_dict()}, fresh))
-    seq, lengths = torch.randint(1, 41, (2, 9)), torch.tensor([9, 4])
-    assert torch.equal(fresh(seq, lengths), trained(seq, lengths))
+    source = trained("mamba4rec", 40, seed=1)
+    assert_all_distinct(source)
+    fresh = trained("mamba4rec", 40, seed=2)
+    fresh.load_state_dict(from_recbole({"state_dict": source.state_dict()}, fresh))
+    assert_loaded(fresh, source)
+    g = torch.Generator().manual_seed(0)
+    seq, lengths = torch.randint(1, 41, (2, 9), generator=g), torch.tensor([9, 4])
+    assert torch.equal(fresh(seq, lengths), source(seq, lengths))
 
 
 def test_mismatches_are_named() -> None:
@@ -83,8 +114,7 @@ def test_mismatches_are_named() -> None:
 
 
 def test_settings_that_change_outputs_are_refused_unless_not_strict() -> None:
-    torch.manual_seed(1)
-    checkpoint = released_checkpoint(create("mlsa4rec", 50))
+    checkpoint = released_checkpoint(trained("mlsa4rec", 50, seed=1))
     differ = r"attn_softmax='interests' \(released: 'sequence'\), gate_act='sigmoid' \(released: 'gelu'\)"
     with pytest.raises(ConversionError, match=differ):
         from_recbole(checkpoint, create("mlsa4rec", 50, gate_act="sigmoid", attn_softmax="interests"))

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mlsa4rec.data import load_dataset
 from mlsa4rec.training.run import train
 
 pytestmark = pytest.mark.realdata
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_ml1m_builds_fast_and_is_cached(shared_data: Path) -> None:
@@ -25,9 +29,19 @@ def test_ml1m_builds_fast_and_is_cached(shared_data: Path) -> None:
 
 
 def test_sasrec_one_epoch_on_beauty(shared_data: Path, tmp_path: Path) -> None:
+    """The first epoch of the recorded run docs/results/sasrec-beauty.json (configs/sasrec-beauty.yaml,
+    seed 2020), ~25 s. It reached valid NDCG@10 0.01358 there, and here (the same number to the last
+    digit on the 2-core CPU) test HR@10 0.0207 / NDCG@10 0.0102. The floors sit 5 % under: a causal
+    mask that lets each position see the next item in training (its target) reaches 0.0117 / 0.0175 /
+    0.0083 after the same epoch, and fails them; so would a model that learns less per epoch."""
+    recorded = json.loads((REPO / "docs" / "results" / "sasrec-beauty.json").read_text())
+    assert recorded["config"]["seed"] == 2020 and recorded["config"]["train_batch_size"] == 128
+    first_epoch = recorded["valid_curve"][0]
+    assert first_epoch == pytest.approx(0.01358, abs=1e-5)
     results = train("sasrec", "amazon-beauty", tmp_path / "run", data_dir=shared_data,
-                    overrides={"epochs": 1, "train_batch_size": 256, "learning_rate": 0.002})
-    # one epoch is far from converged, but already ~20x better than chance (10 / 12101 = 0.0008)
+                    config_files=[REPO / "configs" / "sasrec-beauty.yaml"], overrides={"epochs": 1})
     assert results["dataset"]["users"] == 22_363
-    assert results["test"]["hit@10"] > 0.015, results["test"]
-    assert results["valid"]["ndcg@10"] > 0.007, results["valid"]
+    assert yaml.safe_load((Path(results["run_dir"]) / "config.yaml").read_text())["seed"] == 2020
+    assert results["valid"]["ndcg@10"] > 0.95 * first_epoch, results["valid"]
+    assert results["test"]["hit@10"] > 0.95 * 0.0207, results["test"]
+    assert results["test"]["ndcg@10"] > 0.95 * 0.0102, results["test"]

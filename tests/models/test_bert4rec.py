@@ -26,12 +26,14 @@ def model(dtype=torch.float64, **kw):
     return m
 
 
-def transcription(m, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """The module docstring's equations, one row and one head at a time: B x L x D (no constant 1)."""
+def transcription(m, seq: torch.Tensor, lengths: torch.Tensor, drop=None) -> torch.Tensor:
+    """The module docstring's equations, one row and one head at a time: B x L x D (no constant 1).
+    ``drop``: the dropouts, as an ``equations.Replay`` of the model's masks (replayed row by row)."""
     out = []
-    for row, n in zip(seq, lengths.tolist()):
+    for b, (row, n) in enumerate(zip(seq, lengths.tolist())):
         width = row.shape[0]
-        x = ln(m.layer_norm, m.item_embedding.weight[row] + m.position_embedding.weight[:width])
+        dr = (lambda x: x) if drop is None else drop.row(b)
+        x = dr(ln(m.layer_norm, m.item_embedding.weight[row] + m.position_embedding.weight[:width]))
         for layer in m.layers:
             att = layer.attention
             d = x.shape[-1] // att.n_heads
@@ -40,10 +42,11 @@ def transcription(m, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
             for h in range(att.n_heads):
                 c = slice(h * d, (h + 1) * d)
                 weights = softmax(q[:, c] @ k[:n, c].T / math.sqrt(d), dim=-1)     # every real key, both sides
-                context[:, c] = weights @ v[:n, c]
-            a = ln(att.layer_norm, lin(att.dense, context) + x)
+                weights = F.pad(weights, (0, width - n))                            # 0 for the padded keys
+                context[:, c] = dr(weights) @ v[:, c]
+            a = ln(att.layer_norm, dr(lin(att.dense, context)) + x)
             ff = layer.feed_forward
-            x = ln(ff.layer_norm, lin(ff.dense_2, F.gelu(lin(ff.dense_1, a))) + a)
+            x = ln(ff.layer_norm, dr(lin(ff.dense_2, F.gelu(lin(ff.dense_1, a)))) + a)
         out.append(ln(m.output_norm, F.gelu(lin(m.output_dense, x))))
     return torch.stack(out)
 

@@ -49,11 +49,12 @@ def lsa_reference(mod, x, n_heads, drop):
     return ln(mod.LayerNorm, drop(context) + x)
 
 
-def transcription(m, seq, n_heads=8, drop=lambda x: x):
+def transcription(m, seq, n_heads=8, drop=lambda x: x, lsa=lsa_reference):
+    """Sections 2-3 with the released LSA, or ``lsa(mod, x, n_heads, drop)`` (another variant's)."""
     h0 = ln(m.LayerNorm, drop(m.item_embedding.weight[seq]))
     layer = m.interaction_layers[0]
     mm = ln(layer.LayerNorm1, drop(layer.mamba(h0)) + h0)
-    a = lsa_reference(layer.lsa, mm, n_heads, drop)
+    a = lsa(layer.lsa, mm, n_heads, drop)
     g = ln(layer.LayerNorm2, F.gelu(lin(layer.gate, a)) * mm)
     o = ln(layer.LayerNorm3, drop(F.gelu(lin(layer.fuse, torch.cat([a, g], -1)))) + F.gelu(lin(layer.skip, h0)))
     for norm in m.mamba_layers:

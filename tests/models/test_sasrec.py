@@ -1,9 +1,11 @@
-"""SASRec: the model API contract, causality, padding invariance and parameter count."""
+"""SASRec: its equations (RecBole 1.2.1, ``equations.sasrec``) in eval and training mode, the model
+API contract, causality, padding invariance and parameter count."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from equations import Replay, gather_last, recorded_dropout, sasrec
 
 from mlsa4rec.errors import ConfigError
 from mlsa4rec.models import available, create
@@ -93,3 +95,58 @@ def test_cosine_head_settings_are_checked() -> None:
         create("sasrec", 10, temperature=0.05)  # would be silently ignored by the dot product
     dot = create("sasrec", 10)
     assert dot.item_table() is dot.item_embedding.weight  # RecBole's tied table itself, no copy
+
+
+def float64_model(**kw):
+    torch.manual_seed(0)
+    m = create("sasrec", 50, MAX_ITEM_LIST_LENGTH=12, **kw).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # off the init: zero biases would hide a missing term
+    return m
+
+
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    seq = torch.randint(1, 51, (4, 11), generator=g)
+    lengths = torch.tensor([11, 7, 3, 1])
+    for b, n in enumerate(lengths.tolist()):
+        seq[b, n:] = 0
+    return seq, lengths
+
+
+@pytest.mark.parametrize("layers, heads", [(2, 2), (3, 4)])
+@torch.no_grad()
+def test_encode_forward_and_scores_are_recboles_sasrec_in_float64(layers, heads) -> None:
+    m = float64_model(n_layers=layers, n_heads=heads).eval()
+    seq, lengths = padded_batch()
+    want = sasrec(m, seq)
+    got = m.encode(seq, lengths)
+    for b, n in enumerate(lengths.tolist()):  # RecBole masks padded keys: the padded positions differ
+        torch.testing.assert_close(got[b, :n], want[b, :n], rtol=1e-10, atol=1e-10)
+    user = gather_last(want, lengths)
+    torch.testing.assert_close(m(seq, lengths), user, rtol=1e-10, atol=1e-10)
+    scores = m.full_sort_scores(seq, lengths)
+    torch.testing.assert_close(scores[:, 1:], user @ m.item_embedding.weight[1:].T, rtol=1e-10, atol=1e-10)
+    assert torch.isneginf(scores[:, 0]).all()
+
+
+@pytest.mark.parametrize("layers, heads", [(2, 2), (3, 4)])
+def test_training_mode_is_recboles_sasrec_with_the_same_dropout_masks(layers, heads) -> None:
+    """Dropout on (hidden 0.3, attention 0.2, so a mask drawn at the wrong rate fails): the masks
+    the model draws, replayed in the transcription, give its outputs; a dropout missing, extra, moved
+    or at the wrong rate, or any other difference of the training path (its attention is written out
+    rather than SDPA's), fails."""
+    m = float64_model(n_layers=layers, n_heads=heads, hidden_dropout_prob=0.3, attn_dropout_prob=0.2).train()
+    seq, lengths = padded_batch()
+    torch.manual_seed(1)
+    with recorded_dropout() as masks:
+        got = m(seq, lengths)
+    assert len(masks) == 1 + 3 * layers  # embeddings; per layer the attention weights, its output, the FFN's
+    replay = Replay(masks)
+    with torch.no_grad():
+        want = gather_last(sasrec(m, seq, drop=replay.expect(0.3), drop_attn=replay.expect(0.2)), lengths)
+    assert replay.exhausted
+    torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        assert float((m.eval()(seq, lengths) - want).abs().max()) > 1e-2  # the masks did change the output
