@@ -230,6 +230,50 @@ def test_export_json_describes_the_files(runs: dict[str, Path], exports: dict[st
     assert {s["initial"] for s in causal} == {0.0, "-Infinity"}  # the LSA's empty log-sums
 
 
+def _unused_initializers(graph) -> list[str]:
+    """Initializers of ``graph`` and its subgraphs that no node (of it or a subgraph) reads."""
+    import onnx
+
+    def subgraphs(g):
+        for node in g.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    yield attribute.g
+                elif attribute.type == onnx.AttributeProto.GRAPHS:
+                    yield from attribute.graphs
+
+    def read(g) -> set[str]:
+        names = {o.name for o in g.output}
+        for node in g.node:
+            names.update(node.input)
+        for sub in subgraphs(g):
+            names |= read(sub)
+        return names
+
+    used = read(graph)
+    return [i.name for i in graph.initializer if i.name not in used] + [
+        name for sub in subgraphs(graph) for name in _unused_initializers(sub)]
+
+
+def test_the_graphs_load_without_onnxruntime_warnings(exports: dict[str, Path], capfd) -> None:
+    """No constant is left unused: onnxruntime warned "Removing initializer 'val_10_2'. It is not used by
+    any node and should be removed from the model" on every load of the Mamba4Rec and causal MLSA4Rec
+    encoders."""
+    import onnx
+
+    ort = _require_extra()
+    capfd.readouterr()
+    for model, export in exports.items():
+        for graph in sorted(export.glob("*.onnx")):
+            assert _unused_initializers(onnx.load(str(graph)).graph) == [], (model, graph.name)
+            options = ort.SessionOptions()
+            options.log_severity_level = 2  # warnings (onnxruntime's default)
+            options.intra_op_num_threads = options.inter_op_num_threads = 1
+            ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    err = capfd.readouterr().err
+    assert "Removing initializer" not in err and "[W:onnxruntime" not in err, err
+
+
 def test_an_existing_directory_is_never_clobbered(runs: dict[str, Path], exports: dict[str, Path],
                                                   tmp_path: Path) -> None:
     run = runs["sasrec"]

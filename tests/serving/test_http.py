@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +30,7 @@ from tiny_runs import tiny_run  # noqa: E402
 from mlsa4rec.cli import main  # noqa: E402
 from mlsa4rec.errors import MLSA4RecError  # noqa: E402
 from mlsa4rec.serving import Recommender  # noqa: E402
+from mlsa4rec.serving import http as serving_http  # noqa: E402
 from mlsa4rec.serving.http import DEFAULTS, INTERNAL, create_app, listen  # noqa: E402
 
 LIMITS = {"max_histories": 4, "max_history_length": 20, "max_k": 20, "max_body_bytes": 4096, "max_sessions": 3,
@@ -138,7 +143,7 @@ def test_recommend_answers_as_the_recommender(server, rec: Recommender) -> None:
     for answer, expected in zip(got.json()["recommendations"], rec.recommend(histories, k=5)):
         assert same(answer, plain(expected))
     single = client.post("/recommend", json={"histories": [["i4", "i5"]], "k": 7, "exclude_seen": True,
-                                             "exclude": ["i6", "nope"]}).json()["recommendations"][0]
+                                             "exclude": ["i6"]}).json()["recommendations"][0]
     assert same(single, plain(rec.recommend([["i4", "i5"]], 7, exclude_seen=True, exclude=["i6"])[0]))
     assert {r["item"] for r in single}.isdisjoint({"i4", "i5", "i6"})
     dropped = client.post("/recommend", json={"histories": [["i4", "zz"]], "k": 3, "unknown": "drop"}).json()
@@ -242,6 +247,57 @@ def test_unknown_ids_bad_json_and_oversized_bodies(server) -> None:
     assert answer.status_code == 413
     assert client.get("/nowhere").status_code == 404 and client.put("/recommend").status_code == 405
     assert client.get("/health").status_code == 200  # the server is still fine
+
+
+def test_every_post_needs_a_json_content_type(server) -> None:
+    """Without Content-Type: application/json a POST is a 415 naming the header, not a 422 about the body."""
+    client, _ = server
+    posts = [path for path, methods in client.get("/openapi.json").json()["paths"].items() if "post" in methods]
+    assert posts == ["/recommend", "/sessions/{session_id}/events"]
+    bodies = {"/recommend": b'{"histories": [["i1"]]}', "/sessions/{session_id}/events": b'{"items": ["i1"]}'}
+    for path in posts:
+        url, body = path.replace("{session_id}", "ctype"), bodies[path]
+        for headers in ({}, {"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"},
+                        {"content-type": "application/jsonx"}):
+            answer = client.post(url, content=body, headers=headers)
+            assert answer.status_code == 415, (url, headers, answer.text)
+            assert "Content-Type: application/json" in answer.json()["error"]
+        for good in ("application/json; charset=utf-8", "APPLICATION/JSON", "application/vnd.api+json"):
+            assert client.post(url, content=body, headers={"content-type": good}).status_code == 200, good
+    spec = client.get("/openapi.json").json()["paths"]
+    assert all("415" in spec[path]["post"]["responses"] for path in posts)
+
+
+def test_an_unreadable_body_is_a_400_saying_why(server) -> None:
+    client, _ = server
+    for raw in (b"\xff\xfe\x00", b'{"histories": [["\xff"]]}', b"[" * 3000):  # under the 4096-byte limit
+        answer = client.post("/recommend", content=raw, headers={"content-type": "application/json"})
+        assert answer.status_code == 400
+        assert answer.json()["error"] == ("the body cannot be read as JSON (it is not UTF-8 text, or it is nested too "
+                                          "deeply); send a JSON object")
+
+
+def test_exclusions_over_http_follow_the_unknown_rule(server, rec: Recommender) -> None:
+    client, _ = server
+    for histories in ([["i4", "i5"]], [["i4"], ["i5"]]):  # the merged single-history path and the direct one
+        refused = client.post("/recommend", json={"histories": histories, "exclude": ["i6", "nope"]})
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert error.startswith("unknown item id(s) in \"exclude\" 'nope'") and 'pass "unknown": "drop"' in error
+        kept = client.post("/recommend", json={"histories": histories, "exclude": ["i6", "nope"], "unknown": "drop"})
+        assert kept.status_code == 200
+        for got, expected in zip(kept.json()["recommendations"], rec.recommend(histories, 10, exclude=["i6"])):
+            assert same(got, plain(expected))
+    string = client.post("/recommend", json={"histories": [["i1"]], "exclude": "i1"})
+    assert string.status_code == 422 and string.json()["detail"][0]["field"] == "exclude"
+    assert client.post("/sessions/ex/events", json={"items": ["i3"]}).status_code == 200
+    refused = client.get("/sessions/ex/recommendations", params={"exclude": ["i6", "nope"]})
+    assert refused.status_code == 422 and "'nope'" in refused.json()["error"]
+    assert "pass unknown=drop" in refused.json()["error"]
+    kept = client.get("/sessions/ex/recommendations", params={"exclude": ["i6", "nope"], "unknown": "drop"})
+    local = rec.session()
+    local.add("i3")
+    assert kept.status_code == 200 and same(kept.json()["recommendations"], plain(local.recommend(exclude=["i6"])))
 
 
 # --- sessions --------------------------------------------------------------------------------------
@@ -430,6 +486,7 @@ def test_cli_serve(capsys, monkeypatch, runs: dict[str, Path], tmp_path: Path) -
 
     def fake_run(self, sockets=None):  # stands in for serving forever
         served["app"], served["port"] = self.config.app, sockets[0].getsockname()[1]
+        served["grace"] = self.config.timeout_graceful_shutdown
 
     monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     code = main(["serve", "--run-dir", str(runs["sasrec"]), "--port", "0", "--max-k", "7", "--session-ttl", "60",
@@ -437,12 +494,94 @@ def test_cli_serve(capsys, monkeypatch, runs: dict[str, Path], tmp_path: Path) -
     out = capsys.readouterr().out
     assert code == 0 and f"http://127.0.0.1:{served['port']}" in out
     assert served["app"].state.limits == {**DEFAULTS, "max_k": 7, "session_ttl_s": 60.0, "batch_window_ms": 0.0}
+    # SIGTERM waits a bounded time for the requests in flight
+    assert served["grace"] == getattr(serving_http, "SHUTDOWN_GRACE_S", None) == 10.0
     with socket.create_server(("127.0.0.1", 0)) as taken:
         code = main(["serve", "--run-dir", str(runs["sasrec"]), "--port", str(taken.getsockname()[1])])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: cannot listen on 127.0.0.1:")
     assert main(["serve", "--run-dir", str(runs["sasrec"]), "--max-k", "0"]) == 2
-    assert "max_k must be at least 1" in capsys.readouterr().err
+    assert "error: --max-k must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--run-dir", str(runs["sasrec"]), "--session-ttl", "0"]) == 2
+    assert "error: --session-ttl must be at least" in capsys.readouterr().err
+
+
+def test_sigterm_answers_the_requests_in_flight_then_exits_0(runs: dict[str, Path], tmp_path: Path) -> None:
+    """``mlsa4rec serve`` under load gets SIGTERM: new connections are refused, the requests in flight
+    (bodies half sent when the signal came) are answered with 200, one that never finishes is cut off
+    after the grace period, and the process exits 0 within that bound."""
+    grace = 3.0
+    code = ("import sys; from mlsa4rec.serving import http; http.SHUTDOWN_GRACE_S = float(sys.argv[1]); "
+            "from mlsa4rec.cli import main; sys.exit(main(sys.argv[2:]))")
+    err = (tmp_path / "serve.err").open("w")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(grace), "serve", "--run-dir", str(runs["sasrec"]),
+                             "--port", "0", "--no-access-log", "--batch-window-ms", "1"],
+                            stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)", proc.stdout.readline()).group(1))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        body = json.dumps({"histories": [["i1", "i2"]], "k": 3}).encode()
+        head = (f"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        in_flight = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(4)]
+        stuck = socket.create_connection(("127.0.0.1", port), timeout=20)
+        for sock in [*in_flight, stuck]:
+            sock.sendall(head + body[:10])
+        statuses: list[int | str] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(base_url=url, timeout=20) as client:
+                while not stop.is_set():
+                    try:
+                        statuses.append(client.post("/recommend", json={"histories": [["i3"]], "k": 2}).status_code)
+                    except httpx.TransportError:  # closed or refused once the server is shutting down
+                        statuses.append("closed")
+                        time.sleep(0.01)
+
+        workers = [threading.Thread(target=load) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        time.sleep(0.5)
+        with pytest.raises(OSError):  # no longer accepting
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        for sock in in_flight:  # the rest of each body, then its answer
+            sock.sendall(body[10:])
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            sock.close()
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+            assert len(json.loads(answer.split(b"\r\n\r\n", 1)[1])["recommendations"][0]) == 3
+        stop.set()
+        for worker in workers:
+            worker.join(20)
+        code = proc.wait(timeout=grace + 20)
+        took = time.monotonic() - signalled
+        cut_off = stuck.recv(65536)
+        stuck.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        err.close()
+    log = (tmp_path / "serve.err").read_text()
+    assert code == 0, log
+    assert took < grace + 5, took  # the stuck request is cut off after the grace period...
+    assert cut_off.startswith(b"HTTP/1.1 503 ") and b"shutting down" in cut_off, cut_off  # ...with a 503
+    assert statuses.count(200) >= 4 and set(statuses) <= {200, "closed"}, statuses
+    assert "Traceback" not in log and "POST /recommend was cut off by the shutdown" in log, log
 
 
 def test_cli_help_shows_the_defaults() -> None:

@@ -457,6 +457,7 @@ def _onnx_export(module: nn.Module, args: tuple, path: Path, input_names: list[s
         program = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
                                     dynamic_shapes=dynamic_shapes, opset_version=opset, external_data=False,
                                     verbose=False, optimize=True)
+    _drop_unused_initializers(program.model)
     program.save(str(path), external_data=_too_big_for_one_file(module))
     graph = onnx.load(str(path), load_external_data=False)
     shapes = {value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
@@ -466,6 +467,29 @@ def _onnx_export(module: nn.Module, args: tuple, path: Path, input_names: list[s
         raise RuntimeError(f"the exported graph lacks the input(s) {', '.join(missing)}")
     opset_used = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
     return opset_used, shapes
+
+
+def _drop_unused_initializers(model: Any) -> None:
+    """Remove the constants no node reads (the optimiser leaves some behind, e.g. beside a ``Scan``),
+    in the graph and its subgraphs: onnxruntime warns "Removing initializer ..." on every load of a
+    graph that has them."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(model)
+    for node in model.graph.all_nodes():  # subgraphs (Scan, Loop, If bodies) keep their own constants
+        for attribute in node.attributes.values():
+            if attribute.type == ir.AttributeType.GRAPH:
+                graphs = [attribute.as_graph()]
+            elif attribute.type == ir.AttributeType.GRAPHS:
+                graphs = list(attribute.as_graphs())
+            else:
+                continue
+            for graph in graphs:
+                unused = [name for name, value in graph.initializers.items()
+                          if not value.uses() and value not in graph.outputs and value not in graph.inputs]
+                for name in unused:
+                    del graph.initializers[name]
 
 
 def _require_dynamic_batch(shapes: dict[str, list[int | str]], names: list[str]) -> None:

@@ -13,7 +13,8 @@ Endpoints (item ids are always the data file's own ids; the OpenAPI docs are at 
 
 Every error is JSON ``{"error": "one line"}`` (validation errors add ``detail``, one entry per
 field): 422 for a body or parameter that cannot be used (naming the field, or the unknown item
-ids), 400 for a body that is not JSON, 404 for an unknown session, 413 for a body over the limit.
+ids), 400 for a body that is not JSON, 415 for a POST without ``Content-Type: application/json``,
+404 for an unknown session, 413 for a body over the limit.
 An unexpected failure is a 500 ``{"error": "internal error ..."}``, never a traceback (that goes
 to the server log).
 
@@ -25,9 +26,14 @@ as the previous batch held, while a lone request never waits (see ``Batcher``);
 ``batch_window_ms=0`` scores every request alone. Sessions live in memory,
 at most ``max_sessions`` (the least recently used is dropped first) and each for
 ``session_ttl_s`` after its last use (checked on every access and by a periodic sweep).
+
+On SIGTERM (``mlsa4rec serve``) the server stops accepting connections, answers the requests in
+flight, and exits 0; requests still unanswered after ``SHUTDOWN_GRACE_S`` are cancelled.
 """
 
 import asyncio
+import contextlib
+import contextvars
 import functools
 import logging
 import socket
@@ -39,7 +45,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -49,7 +55,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from mlsa4rec.errors import MLSA4RecError
-from mlsa4rec.serving.recommender import Recommendation, Recommender, Session
+from mlsa4rec.serving.recommender import Recommendation, Recommender, Session, flag, option_style
 
 log = logging.getLogger("mlsa4rec")
 
@@ -64,10 +70,13 @@ DEFAULTS: dict[str, Any] = {
     "batch_window_ms": 2.0,        # under load, how long a merged model call waits for more requests; 0: off
     "max_batch": 64,               # histories in one merged model call
 }
+SHUTDOWN_GRACE_S = 10.0  # on SIGTERM, how long `mlsa4rec serve` waits for the requests in flight
 MAX_ID_CHARS = 256  # the longest item id (string) a request may carry
 SESSION_ID = r"^[A-Za-z0-9._~:@-]{1,128}$"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 INTERNAL = "internal error; the server log has the details"
+FASTAPI_UNREADABLE = "There was an error parsing the body"
+UNREADABLE = "the body cannot be read as JSON (it is not UTF-8 text, or it is nested too deeply); send a JSON object"
 
 
 def _item_id(value: Any) -> str | int:
@@ -135,7 +144,19 @@ class ErrorBody(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in (
         (400, "the body is not JSON"), (413, "the body is over the size limit"),
+        (415, "the Content-Type header is not application/json"),
         (422, "a field, parameter or item id that cannot be used"))}
+
+
+async def json_body(request: Request) -> None:
+    """A POST body must say it is JSON: anything else is a 415 naming the header (rather than a 422
+    about a body FastAPI then does not read)."""
+    given = request.headers.get("content-type")
+    main, _, sub = (given or "").split(";")[0].strip().lower().partition("/")
+    if main != "application" or not (sub == "json" or sub.endswith("+json")):
+        got = f"got {given!r:.80}" if given is not None else "it is missing"
+        raise StarletteHTTPException(415, f"the request needs the header Content-Type: application/json ({got}), "
+                                          "with a JSON body")
 
 
 def _request_models(limits: dict[str, Any], n_items: int) -> tuple[type[BaseModel], type[BaseModel]]:
@@ -391,6 +412,21 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class JsonSpelling:
+    """ASGI middleware: while a request runs, messages name settings as JSON fields
+    (``"unknown": "drop"``), as the request writes them, rather than as Python keywords."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        with option_style("json"):
+            await self.app(scope, receive, send)
+
+
 class Metrics:
     """ASGI middleware: requests by endpoint (the route's template), method and status, and latency."""
 
@@ -411,16 +447,24 @@ class Metrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start, status = time.perf_counter(), 500
+        start, status, started = time.perf_counter(), 500, False
 
         async def sending(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         try:
             await self.app(scope, receive, sending)
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs when its graceful shutdown times out (SIGTERM): the client
+            # gets a 503 if nothing was sent yet, and the log one line rather than a traceback
+            log.warning("%s %s was cut off by the shutdown", scope["method"], scope.get("path", ""))
+            if not started:
+                status = 503
+                with contextlib.suppress(Exception):
+                    await _send_json(send, 503, {"error": "the server is shutting down; send the request again"})
         finally:
             endpoint = self.endpoint(scope)
             self.requests.labels(endpoint, scope["method"], str(status)).inc()
@@ -432,10 +476,10 @@ def _check_limits(limits: dict[str, Any]) -> None:
     for name, value in limits.items():
         whole = name not in ("session_ttl_s", "batch_window_ms")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and not isinstance(value, int)):
-            raise MLSA4RecError(f"{name} must be a {'whole ' if whole else ''}number, got {value!r}")
+            raise MLSA4RecError(f"{flag(name)} must be a {'whole ' if whole else ''}number, got {value!r}")
         least = 0 if name == "batch_window_ms" else 1 if whole else 0.001
         if not value >= least or value == float("inf"):
-            raise MLSA4RecError(f"{name} must be at least {least} (and finite), got {value!r}")
+            raise MLSA4RecError(f"{flag(name)} must be at least {least} (and finite), got {value!r}")
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -484,8 +528,9 @@ def create_app(recommender: Recommender, *, max_body_bytes: int = DEFAULTS["max_
         return worker["pool"]
 
     async def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn`` on the model's one worker thread."""
-        return await asyncio.get_running_loop().run_in_executor(pool(), functools.partial(fn, *args, **kwargs))
+        """``fn`` on the model's one worker thread (in the caller's context: its messages' spelling)."""
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(pool(), call)
 
     batcher = Batcher(rec, run, batch_window_ms / 1000, max_batch, sizes) if batch_window_ms > 0 else None
 
@@ -540,7 +585,10 @@ def create_app(recommender: Recommender, *, max_body_bytes: int = DEFAULTS["max_
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        detail = str(exc.detail)
+        if exc.status_code == 400 and detail == FASTAPI_UNREADABLE:  # FastAPI's words for any decoding failure
+            detail = UNREADABLE
+        return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
@@ -552,21 +600,23 @@ def create_app(recommender: Recommender, *, max_body_bytes: int = DEFAULTS["max_
     K = Annotated[int, Query(ge=1, le=k_limit, description="how many items")]  # noqa: N806
     default_k = min(10, k_limit)  # a run with fewer than 10 items answers with all of them
 
-    @app.post("/recommend", response_model=RecommendResponse, responses=ERRORS, summary="top-k items per history")
+    @app.post("/recommend", response_model=RecommendResponse, responses=ERRORS, summary="top-k items per history",
+              dependencies=[Depends(json_body)])
     async def recommend(body: RecommendRequest) -> dict[str, Any]:  # type: ignore[valid-type]
         """The ``k`` best items for each history (item ids of the data file, oldest first), scored as
         the evaluation scores a test user (the last L items)."""
         if batcher is not None and batcher.running and len(body.histories) == 1:
             ids = rec.to_ids(body.histories[0], body.unknown)
-            if ids:
-                answer = await batcher.submit(ids, body.k, body.exclude_seen, list(body.exclude))
+            if ids:  # exclusions are checked here, so a bad one never fails the merged model call
+                exclude = [rec.items.token(i) for i in rec.exclude_ids(body.exclude, body.unknown)]
+                answer = await batcher.submit(ids, body.k, body.exclude_seen, exclude)
                 return {"recommendations": [_recommendations(answer)]}
         answers = await run(rec.recommend, body.histories, body.k, body.exclude_seen, body.exclude, body.unknown,
                             body.fallback)
         return {"recommendations": [_recommendations(a) for a in answers]}
 
     @app.post("/sessions/{session_id}/events", response_model=EventsResponse, responses=ERRORS,
-              summary="add events to a session (created on first use)")
+              summary="add events to a session (created on first use)", dependencies=[Depends(json_body)])
     async def add_events(session_id: SessionId, body: EventsRequest) -> dict[str, Any]:  # type: ignore[valid-type]
         known, missing = rec.items.ids(body.items)
         if missing and body.unknown == "error":
@@ -581,8 +631,7 @@ def create_app(recommender: Recommender, *, max_body_bytes: int = DEFAULTS["max_
                 sessions.put(session_id, session)
 
         def add() -> int:
-            for item_id in known:
-                session.add(rec.items.token(item_id))
+            session.add_ids(known)
             return session.length
 
         length = await run(add)
@@ -597,11 +646,15 @@ def create_app(recommender: Recommender, *, max_body_bytes: int = DEFAULTS["max_
             exclude: Annotated[list[str], Query(max_length=max_history_length,
                                                 description="item ids never to recommend (repeatable)")] = [],  # noqa: B006
             fallback: Annotated[Literal["popular"] | None, Query(
-                description="answer a session without events with the most popular items")] = None) -> dict[str, Any]:
+                description="answer a session without events with the most popular items")] = None,
+            unknown: Annotated[Literal["error", "drop"], Query(
+                description="an excluded item id the run never saw: a 422 naming it, or dropped")] = "error",
+    ) -> dict[str, Any]:
         session = sessions.get(session_id)
         if session is None:
             raise StarletteHTTPException(404, f"no session {session_id!r} (never created, deleted or expired)")
-        answer = await run(session.recommend, k, exclude_seen, exclude, fallback)
+        with option_style("query"):
+            answer = await run(session.recommend, k, exclude_seen, exclude, fallback, unknown)
         return {"session": session_id, "length": session.length, "recommendations": _recommendations(answer)}
 
     @app.delete("/sessions/{session_id}", response_model=Deleted,
@@ -624,6 +677,7 @@ def create_app(recommender: Recommender, *, max_body_bytes: int = DEFAULTS["max_
         """Requests by endpoint and status, a latency histogram, live and dropped sessions, batch sizes."""
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(JsonSpelling)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(Metrics, router=app.router, requests=requests, latency=latency)  # outermost: counts 413s
     return app

@@ -15,9 +15,14 @@ last L events.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import hashlib
 import json
 import logging
-from collections.abc import Iterable, Sequence
+import numbers
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,6 +42,75 @@ log = logging.getLogger("mlsa4rec")
 
 UNKNOWN = ("error", "drop")
 FALLBACKS = (None, "popular")
+
+# How messages spell a setting for whoever reads them: Python keywords (``unknown='drop'``), command
+# line flags (``--unknown drop``: ``mlsa4rec recommend``/``serve`` set "cli"), JSON fields
+# (``"unknown": "drop"``: the HTTP service sets "json" for bodies) or query parameters (``unknown=drop``).
+STYLES = ("python", "cli", "json", "query")
+_STYLE: contextvars.ContextVar[str] = contextvars.ContextVar("mlsa4rec_option_style", default="python")
+_CLI_FLAGS = {"k": "-k", "session_ttl_s": "--session-ttl"}  # the rest: --name-with-dashes
+
+
+@contextlib.contextmanager
+def option_style(style: str) -> Iterator[None]:
+    """Within this block, messages name settings as ``style`` (one of ``STYLES``) spells them."""
+    check_choice("style", style, STYLES)
+    token = _STYLE.set(style)
+    try:
+        yield
+    finally:
+        _STYLE.reset(token)
+
+
+def flag(name: str) -> str:
+    """The setting ``name`` as the reader writes it: ``k``, ``-k`` or ``"k"``."""
+    style = _STYLE.get()
+    if style == "cli":
+        return _CLI_FLAGS.get(name, "--" + name.replace("_", "-"))
+    return f'"{name}"' if style == "json" else name
+
+
+def option(name: str, value: Any) -> str:
+    """The setting ``name`` set to ``value`` as the reader writes it: ``unknown='drop'``,
+    ``--unknown drop``, ``"unknown": "drop"`` or ``unknown=drop``."""
+    style = _STYLE.get()
+    if style == "cli":
+        return f"{flag(name)} {value}"
+    if style == "query":
+        return f"{name}={value}"
+    return f"{flag(name)}: {json.dumps(value)}" if style == "json" else f"{name}={value!r}"
+
+
+def _is_id(value: Any) -> bool:
+    """An item id is a string or an integer (numpy's included), never a bool, float or container."""
+    return isinstance(value, (str, numbers.Integral)) and not isinstance(value, bool)
+
+
+def _kind(value: Any) -> str:
+    """``None``, ``a list``, ``an int``: what a value is, for messages."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _id_list(values: Any, what: str) -> list[Any]:
+    """``values`` as a list of item ids, or the error that names ``what`` and the mistake."""
+    if isinstance(values, (str, bytes)):
+        raise MLSA4RecError(f"{what} must be a list of item ids, not one string ({values!r:.60}); for one id "
+                            f"write [{values!r:.60}]")
+    if isinstance(values, Mapping) or not isinstance(values, Iterable):
+        raise MLSA4RecError(f"{what} must be a list of item ids, got {_kind(values)}")
+    items = list(values)
+    for value in items:
+        if not _is_id(value):
+            shown = "" if value is None else f" ({value!r:.60})"
+            raise MLSA4RecError(f"{what} holds {_kind(value)}{shown}; an item id is a string or an integer")
+    return items
+
+
+def _shown(ids: Sequence[Any]) -> str:
+    return ", ".join(repr(m) for m in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
 
 
 class Recommendation(NamedTuple):
@@ -111,18 +185,37 @@ class Recommender:
         return cls(model, config, items, _device(device, config), run)
 
     # --- ids ---------------------------------------------------------------------------------------
-    def to_ids(self, history: Iterable[Any], unknown: str = "error") -> list[int]:
-        """Model ids of one history of raw ids; unknown ids are an error, or dropped with a warning."""
-        check_choice("unknown", unknown, UNKNOWN, MLSA4RecError)
-        ids, missing = self.items.ids(history)
+    def to_ids(self, history: Iterable[Any], unknown: str = "error", what: str = "a history") -> list[int]:
+        """Model ids of one history of raw ids; unknown ids are an error, or dropped with a warning.
+        ``what`` names the list in messages."""
+        check_choice(flag("unknown"), unknown, UNKNOWN, MLSA4RecError)
+        ids, missing = self.items.ids(_id_list(history, what))
         if missing:
-            shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
-                                                              else "")
+            where = "" if what == "a history" else f" in {what}"
             if unknown == "error":
-                raise MLSA4RecError(f"unknown item id(s) {shown}: the run was not trained on them; pass "
-                                    "unknown='drop' to ignore them")
-            log.warning("dropped unknown item id(s) %s", shown)
+                raise MLSA4RecError(f"unknown item id(s){where} {_shown(missing)}: the run was not trained on them; "
+                                    f"pass {option('unknown', 'drop')} to ignore them")
+            log.warning("dropped unknown item id(s)%s %s", where, _shown(missing))
         return ids
+
+    def exclude_ids(self, exclude: Iterable[Any] | None, unknown: str = "error") -> list[int]:
+        """Model ids of the raw ids ``exclude`` (None: none), under the same ``unknown`` rule as a
+        history: an id the run never saw is an error naming it, or dropped with a warning."""
+        return [] if exclude is None else self.to_ids(exclude, unknown, what=flag("exclude"))
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The identity of this run: SHA-256 of the model's name, L, the item ids and every
+        weight, so a session state saved by another run (or another training of it) is told apart.
+        Computed once, on first use (the weights of a served run do not change)."""
+        digest = hashlib.sha256(json.dumps([str(self.config["model"]), self.max_length,
+                                            [str(t) for t in self.items.tokens]]).encode())
+        with torch.no_grad():
+            for name, tensor in sorted(self.model.state_dict().items()):
+                flat = tensor.detach().cpu().contiguous().reshape(-1)
+                digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+                digest.update(flat.view(torch.uint8).numpy())
+        return digest.hexdigest()
 
     # --- scoring -----------------------------------------------------------------------------------
     def batch(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +223,7 @@ class Recommender:
         trimmed to the longest history for a padding-invariant model, the full L otherwise."""
         tails = [list(h)[-self.max_length:] for h in histories]
         if any(not t for t in tails):
-            raise MLSA4RecError("a history is empty; give at least one item, or use fallback='popular'")
+            raise MLSA4RecError(f"a history is empty; give at least one item, or use {option('fallback', 'popular')}")
         lengths = [len(t) for t in tails]
         width = max(lengths) if getattr(self.model, "padding_invariant", False) else self.max_length
         seq = np.zeros((len(tails), width), dtype=np.int64)
@@ -152,11 +245,16 @@ class Recommender:
         return scores
 
     def top_k(self, scores: torch.Tensor, k: int, seen: Sequence[Iterable[int]] | None = None,
-              exclude: Iterable[Any] = ()) -> list[list[Recommendation]]:
-        """The ``k`` best items of each row, minus the row's ``seen`` ids and the raw ids ``exclude``."""
-        # a NaN is never a recommendation; infinities stay (the padding column is -inf); a copy
-        scores = torch.nan_to_num(scores, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-        banned = [i for i in (self.items.id_of(x) for x in exclude) if i is not None]
+              exclude: Iterable[Any] | None = (), unknown: str = "error") -> list[list[Recommendation]]:
+        """The ``k`` best items of each row, minus the row's ``seen`` ids and the raw ids ``exclude``
+        (an id the run never saw is an error, or dropped with ``unknown='drop'``)."""
+        banned = self.exclude_ids(exclude, unknown)
+        broken = torch.isnan(scores[:, 1:]) | torch.isposinf(scores[:, 1:])
+        if bool(broken.any()):  # never an empty or arbitrary list in their place
+            row = int(broken.any(dim=1).nonzero()[0])
+            raise MLSA4RecError(f"the model scored history {row} with NaN or infinite values: its weights or the "
+                                "session state it was given are broken; reload the run (and the session) or retrain it")
+        scores = scores.clone()  # the padding column is -inf already; exclusions below write into a copy
         if banned:
             scores[:, banned] = float("-inf")
         for row, ids in enumerate(seen or []):
@@ -167,15 +265,20 @@ class Recommender:
         return [[Recommendation(self.items.token(int(i)), float(v)) for v, i in zip(vs, ix) if v > float("-inf")]
                 for vs, ix in zip(values.tolist(), index.tolist())]
 
-    def popular(self, k: int, skip: Iterable[int] = (), exclude: Iterable[Any] = ()) -> list[Recommendation]:
-        banned = set(skip) | {i for i in (self.items.id_of(x) for x in exclude) if i is not None}
+    def popular(self, k: int, skip: Iterable[int] = (), exclude: Iterable[Any] | None = (),
+                unknown: str = "error") -> list[Recommendation]:
+        """The ``k`` items with the most training events, minus the model ids ``skip`` and the raw ids
+        ``exclude`` (under the ``unknown`` rule); their score is that count."""
+        banned = set(skip) | set(self.exclude_ids(exclude, unknown))
         return [Recommendation(self.items.token(i), float(self.items.counts[i - 1]))
                 for i in self.items.most_popular(k, sorted(banned))]
 
-    def check_k(self, k: int) -> None:
+    def check_k(self, k: int, name: str | None = None) -> None:
+        """Refuse a ``k`` that is not a whole number from 1 to the items the run knows; ``name``
+        names it in the message (default: the ``k`` setting, as the reader spells it)."""
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.items.n_items:
-            raise MLSA4RecError(f"k must be a whole number from 1 to {self.items.n_items} (the items this run "
-                                f"knows), got {k!r}")
+            raise MLSA4RecError(f"{name or flag('k')} must be a whole number from 1 to {self.items.n_items} (the "
+                                f"items this run knows), got {k!r:.40}")
 
     def recommend(self, histories: Sequence[Sequence[Any]], k: int = 10, exclude_seen: bool = False,
                   exclude: Iterable[Any] | None = None, unknown: str = "error",
@@ -188,19 +291,21 @@ class Recommender:
         """
         self.check_k(k)
         if fallback not in FALLBACKS:
-            raise MLSA4RecError(f"fallback must be None or 'popular', got {fallback!r}")
-        if isinstance(histories, (str, bytes)) or not all(
-                isinstance(h, Sequence) and not isinstance(h, (str, bytes)) for h in histories):
+            raise MLSA4RecError(f"{flag('fallback')} must be None or 'popular', got {fallback!r}")
+        if isinstance(histories, (str, bytes, Mapping)) or not isinstance(histories, Iterable):
             raise MLSA4RecError("histories must be a list of lists of item ids")
-        exclude = list(exclude or ())
+        histories = list(histories)
+        if not all(isinstance(h, Sequence) and not isinstance(h, (str, bytes)) for h in histories):
+            raise MLSA4RecError("histories must be a list of lists of item ids")
         ids = [self.to_ids(h, unknown) for h in histories]
+        exclude = [self.items.token(i) for i in self.exclude_ids(exclude, unknown)]  # checked (and warned) once
         out: list[list[Recommendation]] = [[] for _ in ids]
         filled = [i for i, h in enumerate(ids) if h]
         for i, h in enumerate(ids):
             if not h:
                 if fallback != "popular":
                     raise MLSA4RecError(f"history {i} is empty{' after dropping unknown ids' if histories[i] else ''}"
-                                        "; give at least one item, or use fallback='popular'")
+                                        f"; give at least one item, or use {option('fallback', 'popular')}")
                 out[i] = self.popular(k, exclude=exclude)
         if filled:
             scored = self.top_k(self.scores([ids[i] for i in filled]), k,
@@ -224,7 +329,7 @@ class Session:
     for ``exclude_seen``.
     """
 
-    _FORMAT = 1
+    _FORMAT = 2  # 2 adds "run", the fingerprint of the run that saved it; 1 (mlsa4rec 0.2.0) is still read
 
     def __init__(self, rec: Recommender) -> None:
         self.rec = rec
@@ -236,9 +341,20 @@ class Session:
 
     def add(self, item: Any, unknown: str = "error") -> bool:
         """Add one event (a raw id); False when ``unknown='drop'`` dropped it."""
+        if not _is_id(item):
+            several = isinstance(item, Iterable) and not isinstance(item, (str, bytes, Mapping))
+            raise MLSA4RecError(f"Session.add takes one item id (a string or an integer), got {_kind(item)}"
+                                + ("; for several events use Session.add_many(items)" if several else ""))
         ids = self.rec.to_ids([item], unknown)
         self.add_ids(ids)
         return bool(ids)
+
+    def add_many(self, items: Iterable[Any], unknown: str = "error") -> int:
+        """Add several events (raw ids, oldest first); returns how many were added (``unknown='drop'``
+        drops the ids the run never saw, with a warning). Nothing is added when an id is refused."""
+        ids = self.rec.to_ids(items, unknown, what="Session.add_many's items")
+        self.add_ids(ids)
+        return len(ids)
 
     @torch.inference_mode()
     def add_ids(self, item_ids: Iterable[int]) -> None:
@@ -258,51 +374,124 @@ class Session:
     def scores(self) -> torch.Tensor:
         """1 x (n_items + 1) scores after the events so far."""
         if not self.length:
-            raise MLSA4RecError("the session has no events yet; add one first, or use fallback='popular'")
+            raise MLSA4RecError(f"the session has no events yet; add one first, or use {option('fallback', 'popular')}")
         if self.representation is not None:
             return self.rec.scores_from_state(self.representation)
         return self.rec.scores([self.recent])
 
     def recommend(self, k: int = 10, exclude_seen: bool = False, exclude: Iterable[Any] | None = None,
-                  fallback: str | None = None) -> list[Recommendation]:
+                  fallback: str | None = None, unknown: str = "error") -> list[Recommendation]:
+        """The ``k`` best next items; ``exclude`` raw ids follow the ``unknown`` rule (an error naming an
+        id the run never saw, or dropped with ``unknown='drop'``), as histories do."""
         self.rec.check_k(k)
+        if fallback not in FALLBACKS:
+            raise MLSA4RecError(f"{flag('fallback')} must be None or 'popular', got {fallback!r}")
+        exclude = [self.rec.items.token(i) for i in self.rec.exclude_ids(exclude, unknown)]
         if not self.length and fallback == "popular":
-            return self.rec.popular(k, exclude=exclude or ())
-        return self.rec.top_k(self.scores(), k, [self.seen] if exclude_seen else None, exclude or ())[0]
+            return self.rec.popular(k, exclude=exclude)
+        return self.rec.top_k(self.scores(), k, [self.seen] if exclude_seen else None, exclude)[0]
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this session after a restart: plain values and tensors
-        (save it with ``torch.save`` and load it with ``torch.load(weights_only=True)``)."""
+        (save it with ``torch.save`` and load it with ``torch.load(weights_only=True)``). ``run`` is
+        the fingerprint of the run (``Recommender.fingerprint``), checked when it is loaded."""
         leaves = pytree.tree_leaves(self.state) if self.state is not None else []
-        return {"format": self._FORMAT, "model": self.rec.config["model"], "length": self.length,
+        return {"format": self._FORMAT, "run": self.rec.fingerprint, "model": self.rec.config["model"],
+                "length": self.length,
                 "recent": [self.rec.items.token(i) for i in self.recent],
                 "seen": [self.rec.items.token(i) for i in sorted(self.seen)],
                 "state": [t.detach().cpu() for t in leaves],
                 "representation": None if self.representation is None else self.representation.detach().cpu()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue the session saved by ``state_dict`` (from the same run's model)."""
-        keys = ("model", "length", "recent", "seen", "state", "representation")
-        if not isinstance(state, dict) or state.get("format") != self._FORMAT or any(k not in state for k in keys):
-            raise MLSA4RecError(f"not a session state saved by mlsa4rec (format 1 with {', '.join(keys)})")
-        if state.get("model") != self.rec.config["model"]:
-            raise MLSA4RecError(f"the session was saved by a {state.get('model')!r} model, not "
-                                f"{self.rec.config['model']!r}")
-        recent, seen = self.rec.to_ids(state["recent"]), self.rec.to_ids(state["seen"])
-        fresh = self.rec.model.initial_state(1, device=self.rec.device) if self.rec.streams else None
-        if fresh is not None and not state["state"]:  # saved past the model's stream_limit: re-encoding
-            self.state = self.representation = None
-        elif fresh is not None:
-            leaves, spec = pytree.tree_flatten(fresh)
-            saved = state["state"]
-            if len(saved) != len(leaves) or any(a.shape != b.shape for a, b in zip(saved, leaves)):
-                raise MLSA4RecError("the saved session state does not fit this model (another run's session?)")
-            self.state = pytree.tree_unflatten([t.to(b.device, b.dtype) for t, b in zip(saved, leaves)], spec)
-            rep = state["representation"]
-            self.representation = None if rep is None else rep.to(self.rec.device)
-        self.length = int(state["length"])
+        """Continue the session saved by ``state_dict`` of the same run. Everything is checked before
+        the session changes: a state of another run or model, or one whose values, tensor shapes,
+        dtypes or numbers (NaN) do not fit, is an ``MLSA4RecError`` naming what is wrong."""
+        rec = self.rec
+        if not isinstance(state, Mapping):
+            raise _bad_state(f"it is {_kind(state)}, not a dict")
+        version = state.get("format")
+        if type(version) is not int or version not in (1, self._FORMAT):
+            raise _bad_state(f"its format is {version!r:.40}; this mlsa4rec reads formats 1 and {self._FORMAT}")
+        keys = ["run", "model", "length", "recent", "seen", "state", "representation"][version == 1:]
+        missing = [key for key in keys if key not in state]
+        if missing:
+            raise _bad_state(f"it lacks {', '.join(missing)}")
+        if not isinstance(state["model"], str) or state["model"] != rec.config["model"]:
+            raise MLSA4RecError(f"the session was saved by a {state['model']!r:.60} model, not "
+                                f"{rec.config['model']!r}; load it into a Recommender of the run that saved it")
+        if version == 1:
+            log.warning("the session state was saved by mlsa4rec 0.2.0, without its run's fingerprint: its form is "
+                        "checked, not that this run saved it")
+        elif not isinstance(state["run"], str) or state["run"] != rec.fingerprint:
+            raise MLSA4RecError("the session was saved by another run (its weights or items differ from this one's); "
+                                "load it into a Recommender of the run that saved it")
+        length = state["length"]
+        if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < 0:
+            raise _bad_state(f"'length' must be a whole number of at least 0, got {length!r:.40}")
+        length = int(length)
+        recent, seen = self._saved_ids(state["recent"], "recent"), self._saved_ids(state["seen"], "seen")
+        if len(recent) != min(length, rec.max_length) or len(set(seen)) != len(seen) or len(seen) > length \
+                or not set(recent) <= set(seen):
+            raise _bad_state(f"its {length} events, {len(recent)} recent and {len(seen)} seen items do not agree")
+        new_state, representation = self._saved_model_state(state["state"], state["representation"], length)
+        self.state, self.representation = new_state, representation
+        self.length = length
         self.recent = recent
         self.seen = set(seen)
+
+    def _saved_ids(self, values: Any, key: str) -> list[int]:
+        items = _id_list(values, f"the session state's {key!r}")
+        ids, missing = self.rec.items.ids(items)
+        if missing:
+            raise MLSA4RecError(f"the session state's {key!r} names item id(s) {_shown(missing)} that this run does "
+                                "not know; load it into a Recommender of the run that saved it")
+        return ids
+
+    def _saved_model_state(self, saved: Any, representation: Any, length: int) -> tuple[Any, torch.Tensor | None]:
+        """The streaming state and representation to continue from, checked against a fresh state."""
+        rec = self.rec
+        if not isinstance(saved, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in saved):
+            raise _bad_state(f"'state' must be a list of tensors, got {_kind(saved)}")
+        if representation is not None and not isinstance(representation, torch.Tensor):
+            raise _bad_state(f"'representation' must be a tensor or None, got {_kind(representation)}")
+        limit = getattr(rec.model, "stream_limit", None)
+        if not rec.streams or (limit is not None and length > limit):  # re-encodes: no model state
+            if saved or representation is not None:
+                raise _bad_state("it holds a model state, but this model re-encodes " + (
+                    "its sessions" if not rec.streams else f"a session past {limit} events"))
+            return None, None
+        fresh = rec.model.initial_state(1, device=rec.device)
+        leaves, spec = pytree.tree_flatten(fresh)
+        if len(saved) != len(leaves):
+            raise _bad_state(f"its model state has {len(saved)} tensors, this model's {len(leaves)}")
+        restored = []
+        for i, (tensor, like) in enumerate(zip(saved, leaves)):
+            if tensor.shape != like.shape or tensor.dtype != like.dtype:
+                raise _bad_state(f"state tensor {i} is {tuple(tensor.shape)} {tensor.dtype}, this model's "
+                                 f"{tuple(like.shape)} {like.dtype}")
+            if (tensor.is_complex() and not bool(torch.isfinite(tensor).all())) or (tensor.is_floating_point() and bool(
+                    (torch.isnan(tensor) | torch.isposinf(tensor)).any())):  # -inf is an empty running log-sum
+                raise _bad_state(f"state tensor {i} holds NaN or infinite numbers")
+            restored.append(tensor.detach().to(device=like.device, copy=True))
+        if length == 0:
+            if representation is not None:
+                raise _bad_state("it has a representation but no events")
+            return pytree.tree_unflatten(restored, spec), None
+        with torch.no_grad():
+            table = rec.model.item_table()
+        if representation is None or representation.shape != (1, table.shape[1]) \
+                or representation.dtype != table.dtype:
+            got = "None" if representation is None else f"{tuple(representation.shape)} {representation.dtype}"
+            raise _bad_state(f"its representation is {got}, this model's (1, {table.shape[1]}) {table.dtype}")
+        if not bool(torch.isfinite(representation).all()):
+            raise _bad_state("its representation holds NaN or infinite numbers")
+        return pytree.tree_unflatten(restored, spec), representation.detach().to(device=rec.device, copy=True)
+
+
+def _bad_state(reason: str) -> MLSA4RecError:
+    return MLSA4RecError(f"the session state cannot be used: {reason}; load only what Session.state_dict() of this "
+                         "run returned (torch.load(f, weights_only=True))")
 
 
 def _device(name: str, config: Config) -> torch.device:
