@@ -10,10 +10,15 @@ created, changed or deleted.
 
 from __future__ import annotations
 
+import errno
 import gzip
+import io
 import os
 import random
 import shutil
+import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -28,8 +33,11 @@ TINY = ["--set", "epochs=1", "--set", "hidden_size=8", "--set", "inner_size=8", 
 SCALE = int(os.environ.get("MLSA4REC_FUZZ_SCALE", "1"))
 SEED = int(os.environ.get("MLSA4REC_FUZZ_SEED", "0"))
 N_DATA, N_YAML, N_SET, N_RUNDIR = 60 * SCALE, 40 * SCALE, 60 * SCALE, 20 * SCALE
+N_CACHE = 12 * SCALE
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# a numpy warning raised in mlsa4rec's own code (an invalid cast, an overflow) means a value went
+# silently wrong: an error here, so the fuzz cases find it
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("error::RuntimeWarning:mlsa4rec")]
 
 HOSTILE_TOKENS = ["", " ", "nan", "NaN", "inf", "-inf", "1e400", "-1", "0", "1.5", "abc", "\x00", "\t", ",", "::",
                   "9" * 40, "é", "\ufeff", "None", "[1]", "{a: 1}", "'", '"', "\\", "-", "1_0", "0x1f", "\r"]
@@ -91,10 +99,14 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
 
 
-def check_case(capsys, work: Path, argv: list[str], label: str, out: Path | None = None) -> int:
-    """Run one command; assert the promise; return its exit code."""
+def check_case(capsys, work: Path, argv: list[str], label: str, out: Path | None = None,
+               around: Callable[[], AbstractContextManager] = nullcontext, created: Path | None = None) -> int:
+    """Run one command (inside ``around()``: a hostile machine); assert the promise; return its exit
+    code. ``created``: the outermost directory a successful run made or replaced (default ``out``),
+    removed after."""
     before = snapshot(work)
-    code = main(argv)
+    with around():
+        code = main(argv)
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
     context = f"{label}: {argv}\n{captured.err[-2000:]}"
@@ -108,8 +120,11 @@ def check_case(capsys, work: Path, argv: list[str], label: str, out: Path | None
         assert not errors, context
         if out is not None:
             assert (out / "manifest.json").is_file(), context
-            shutil.rmtree(out)  # the test's own clean-up, so the next case starts from the same tree
+            shutil.rmtree(created or out)  # the test's own clean-up, so the next case starts from the same tree
             after = snapshot(work)
+            if created is not None:  # it may have held a run that --overwrite replaced
+                gone = str(created.relative_to(work))
+                before = {k: v for k, v in before.items() if k != gone and not k.startswith(gone + os.sep)}
         assert after == before, context
     return code
 
@@ -217,3 +232,282 @@ def test_fuzz_run_directories(capsys, tmp_path: Path, successor_file: Path) -> N
         if changed and victim.name in ("config.yaml", "results.json", "model.safetensors", "items.json"):
             assert code == 2, (case, victim.name, action)  # every file a load reads is verified
         shutil.rmtree(run)
+
+
+# --- a hostile machine: unreadable files, missing devices, long names, odd CSVs, broken output -------
+
+N_PERM, N_DEVICE, N_NAMES, N_CSV, N_STREAM = 24 * SCALE, 30 * SCALE, 12 * SCALE, 30 * SCALE, 24 * SCALE
+
+
+def finished_run(capsys, data: Path, out: Path, *extra: str) -> Path:
+    assert main(train_argv(data, out, *extra)) == 0
+    capsys.readouterr()
+    return out
+
+
+def test_fuzz_unreadable_files(capsys, tmp_path: Path, successor_file: Path) -> None:
+    """A file the user may not read (``open`` refuses it, as it does for root too): every command that
+    reads it ends in one error line, every other command is unaffected."""
+    from test_environment_errors import deny_reading
+
+    rng = random.Random(1105 + SEED)
+    work = tmp_path / "work"
+    work.mkdir()
+    data = work / "succ.txt"
+    shutil.copy(successor_file, data)
+    run = finished_run(capsys, data, work / "run")
+    config = work / "c.yaml"
+    config.write_text("epochs: 1\n")
+    victims = [data, config, *[run / name for name in ("config.yaml", "results.json", "model.safetensors",
+                                                       "items.json", "manifest.json", "train.log")]]
+    commands = [["data", "stats", str(data)], train_argv(data, tmp_path / "out", "--config", str(config)),
+                ["evaluate", "--run-dir", str(run)], ["recommend", "--run-dir", str(run), "--history", "1 2"],
+                ["compare", str(run), str(run), "--resamples", "100"]]
+
+    for case in range(N_PERM):
+        chosen = rng.sample(victims, rng.randint(1, 2))
+        argv = rng.choice(commands)
+
+        @contextmanager
+        def refused(chosen=chosen):
+            with pytest.MonkeyPatch.context() as mp:
+                deny_reading(mp, chosen)
+                yield
+
+        code = check_case(capsys, work, argv, f"unreadable case {case} ({[p.name for p in chosen]})",
+                          tmp_path / "out" if argv[0] == "train" else None, around=refused)
+        reads = {"data": {data}, "train": {data, config}, "evaluate": {data, *victims[2:7]},
+                 "recommend": set(victims[2:7]), "compare": {data, *victims[2:7]}}[argv[0]]
+        if reads & set(chosen):
+            assert code == 2, (case, argv, chosen)
+
+
+def test_fuzz_devices(capsys, tmp_path: Path, successor_file: Path) -> None:
+    """Every --device / --set device= a person might type: refused in one line before any work unless
+    this machine has it."""
+    import torch
+    import yaml
+
+    from mlsa4rec.training.distributed import available_devices
+
+    rng = random.Random(1106 + SEED)
+    work = tmp_path / "work"
+    work.mkdir()
+    run = finished_run(capsys, successor_file, tmp_path / "run")
+    usable = {"auto", *available_devices()}
+    pool = ["mps", "tpu", "meta", "CPU", "Cpu", "", " ", "cuda", "cuda:0", "cuda:7", "cuda:-1", "cuda:1e3", "gpu",
+            "cpu:0", "cpu ", " cpu", "xla", "vulkan", "auto", "AUTO", "cpu", "cuda:", ":0", "\x00", "é", "cuda:99999"]
+    for case in range(N_DEVICE):
+        device = rng.choice(pool) if rng.random() < 0.8 else "cuda:" + str(rng.randrange(-2, 10 ** rng.randint(1, 30)))
+        command = rng.choice(["train", "recommend", "serve"]) if device not in usable else rng.choice(
+            ["train", "recommend"])  # a usable device would start serving
+        if command == "serve" and device.strip() in usable:
+            command = "recommend"
+        if command == "train":
+            argv = train_argv(successor_file, tmp_path / "out", "--set", f"device={device}")
+        elif command == "recommend":
+            argv = ["recommend", "--run-dir", str(run), "--history", "1 2", "--device", device]
+        else:
+            argv = ["serve", "--run-dir", str(run), "--device", device, "--port", "0"]
+        code = check_case(capsys, work, argv, f"device case {case} ({device!r})",
+                          tmp_path / "out" if command == "train" else None)
+        given = device
+        if command == "train":  # --set values are read as YAML: "cpu " is cpu
+            try:
+                given = yaml.safe_load(device)
+                given = given if isinstance(given, str) else None
+            except yaml.YAMLError:
+                given = None
+        assert code == (0 if given in usable else 2), (device, command)
+        if given not in usable and not torch.cuda.is_available():
+            assert not (tmp_path / "out").exists()
+
+
+def test_fuzz_output_directory_names(capsys, tmp_path: Path, successor_file: Path, monkeypatch) -> None:
+    """Output names near the file system's limits (in bytes: multi-byte characters count more), deep
+    paths, --overwrite of an existing run: a run that cannot be published is refused before training."""
+    rng = random.Random(1107 + SEED)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    source = finished_run(capsys, successor_file, tmp_path / "source")
+    name_max = os.pathconf(work, "PC_NAME_MAX")
+    codes = []
+    for case in range(N_NAMES):
+        size = rng.randint(name_max - 40, name_max + 3)
+        alphabet = rng.choice(["a", "aé", "日x", "a b", "a.b-"])
+        name = ""
+        while len((name + alphabet[0]).encode()) <= size:
+            name += rng.choice(alphabet)
+        parents = [rng.choice("pq") * rng.randint(1, 250) for _ in range(rng.choice([0, 0, 1, 3, 17]))]
+        out = Path(*parents, name) if parents else Path(name)
+        extra = []
+        if rng.random() < 0.3:
+            extra = ["--overwrite"]
+            try:
+                shutil.copytree(source, out)  # an existing run of that name, which --overwrite replaces
+            except OSError:
+                pass  # the name cannot exist on this file system: there is nothing to replace
+        before_created = Path(parents[0]) if parents else out
+        codes.append(check_case(capsys, work, train_argv(successor_file, out, *extra), f"name case {case} "
+                                f"({len(str(out).encode())} bytes)", work / out, created=work / before_created))
+        shutil.rmtree(work / before_created, ignore_errors=True)
+        assert sorted(work.iterdir()) == [], case
+    assert 0 in codes and 2 in codes  # names on both sides of the limit
+
+
+def csv_text(rng: random.Random, seqs: list[list[int]]) -> tuple[str, bool]:
+    """A CSV of ``seqs`` in one of the spellings people's tools write; the flag says it is valid."""
+    rows = [(u + 1, item, 100 * u + t) for u, s in enumerate(seqs) for t, item in enumerate(s)]
+    quote = rng.choice(["", '"', "'"])
+    names = [rng.choice(["user", "user_id", "userID", "User"]), rng.choice(["item", "item_id", "ItemID", "ITEM"]),
+             rng.choice(["timestamp", "time", "Timestamp"])]
+    sep = rng.choice([",", ", ", " ,"])
+    header = sep.join(f"{quote}{n}{quote}" for n in names) if rng.random() < 0.8 else None
+    value_quote = rng.choice(["", '"'])
+    body = [sep.join(f"{value_quote}{v}{value_quote}" for v in row) for row in rows]
+    lines = ([header] if header is not None else []) + body
+    newline = rng.choice(["\n", "\r\n"])
+    text = rng.choice(["", "\ufeff"]) + newline.join(lines) + rng.choice(["", newline, newline * 2])
+    valid = True
+    if rng.random() < 0.35:  # hostile: an absurd id, a quote left open, an empty line inside, a cut line
+        i = rng.randrange(len(lines))
+        kind = rng.randrange(4)
+        if kind == 0:
+            lines[i] = lines[i].replace(str(rows[max(i - 1, 0)][1]), "x" * rng.choice([256, 257, 5000, 10 ** 5]), 1)
+        elif kind == 1:
+            lines[i] = '"' + lines[i]
+        elif kind == 2:
+            lines.insert(i, "")
+        else:
+            lines[i] = lines[i][: rng.randrange(len(lines[i]) + 1)]
+        text = newline.join(lines) + newline
+        valid = False
+    return text, valid
+
+
+def test_fuzz_csv_spellings(capsys, tmp_path: Path) -> None:
+    """Byte-order marks, quoted and differently spelled headers, quoted values, CRLF: read as the same
+    data; damaged ones are one error line."""
+    rng = random.Random(1108 + SEED)
+    work = tmp_path / "work"
+    work.mkdir()
+    for case in range(N_CSV):
+        text, valid = csv_text(rng, sequences(rng))
+        data = work / f"case{case}.csv"
+        data.write_bytes(text.encode("utf-8"))
+        argv = ["data", "stats", str(data), "--json"] if rng.random() < 0.7 else train_argv(data, tmp_path / "out")
+        code = check_case(capsys, work, argv, f"csv case {case}: {text[:80]!r}",
+                          tmp_path / "out" if argv[0] == "train" else None)
+        if valid:
+            assert code == 0, (case, text[:200])
+
+
+class BrokenStream(io.StringIO):
+    """A standard output that fails after ``after`` characters: a closed pipe, a full or failing disk."""
+
+    def __init__(self, exc: OSError, after: int) -> None:
+        super().__init__()
+        self.exc, self.after = exc, after
+
+    def write(self, text: str) -> int:
+        if self.tell() + len(text) > self.after:
+            raise self.exc
+        return super().write(text)
+
+    def flush(self) -> None:
+        if self.tell() > self.after:
+            raise self.exc
+
+
+def test_fuzz_broken_output_streams(capsys, tmp_path: Path, successor_file: Path) -> None:
+    """Output into a closed pipe ends quietly (exit 0, like `| head`); into a full or failing disk it is
+    one error line (exit 2); never a traceback."""
+    rng = random.Random(1109 + SEED)
+    work = tmp_path / "work"
+    work.mkdir()
+    run = finished_run(capsys, successor_file, work / "run")
+    commands = [["models"], ["data", "stats", str(successor_file)], ["data", "stats", str(successor_file), "--json"],
+                ["evaluate", "--run-dir", str(run)], ["evaluate", "--run-dir", str(run), "--json"],
+                ["recommend", "--run-dir", str(run), "--history", "1 2 3"],
+                ["recommend", "--run-dir", str(run), "--history", "1 2", "--json"],
+                ["compare", str(run), str(run), "--resamples", "100"], ["models", "--config", "sasrec"]]
+    failures = [BrokenPipeError(errno.EPIPE, "Broken pipe"), OSError(errno.EIO, "Input/output error"),
+                OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EDQUOT, "Disk quota exceeded")]
+    for case in range(N_STREAM):
+        exc = rng.choice(failures)
+        argv = rng.choice(commands)
+        after = rng.choice([0, 1, 10, 100, 1000])
+
+        @contextmanager
+        def broken(exc=exc, after=after):
+            real = sys.stdout
+            sys.stdout = BrokenStream(exc, after)
+            try:
+                yield
+            finally:
+                sys.stdout = real
+
+        code = check_case(capsys, work, argv, f"stream case {case} ({exc})", around=broken)
+        assert code in ((0,) if isinstance(exc, BrokenPipeError) else (0, 2)), (case, argv, exc)
+
+
+def test_fuzz_dataset_cache(capsys, tmp_path: Path, successor_file: Path) -> None:
+    """Damage the processed-dataset cache behind a finished run, validly or not: `evaluate` and
+    `data stats` must print the clean numbers every time (the cache is verified and rebuilt)."""
+    import numpy as np
+
+    from mlsa4rec.data.dataset import cache_dir
+
+    rng = random.Random(1105 + SEED)
+    run = tmp_path / "run"
+    assert main(train_argv(successor_file, run)) == 0
+    other = tmp_path / "other.txt"
+    other.write_text(render([[(i * 7 + k) % 12 + 1 for k in range(8)] for i in range(40)], "txt"))
+    capsys.readouterr()
+    assert main(["data", "stats", str(other)]) == 0 and main(["data", "stats", str(successor_file), "--json"]) == 0
+    stats_clean = capsys.readouterr().out.split("{", 1)[1]
+    assert main(["evaluate", "--run-dir", str(run)]) == 0
+    eval_clean = capsys.readouterr().out
+    caches = {p.name.split("-", 1)[0]: p for p in (cache_dir() / "processed").glob("*.npz")}
+    mine, theirs = caches[successor_file.name.split(".")[0]], caches["other"]
+    pristine = mine.read_bytes()
+    for case in range(N_CACHE):
+        with np.load(mine, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        action = rng.randrange(6)
+        name = rng.choice(["items", "offsets", "item_tokens", "user_tokens"])
+        if action == 0:  # one value changed, saved validly
+            a = arrays[name].copy()
+            a.flat[rng.randrange(a.size)] = a.flat[rng.randrange(a.size)] if a.size > 1 else 0
+            if np.array_equal(a, arrays[name]):
+                a = a[::-1].copy()
+            arrays[name] = a
+        elif action == 1:  # an array cut short or dropped
+            arrays[name] = arrays[name][: rng.randrange(arrays[name].size)]
+        elif action == 2:
+            del arrays[rng.choice(list(arrays))]
+        elif action == 3:  # another dataset's cache under this name
+            mine.write_bytes(theirs.read_bytes())
+        if action in (0, 1, 2):
+            with open(mine, "wb") as fh:
+                np.savez(fh, **arrays)
+        elif action == 4:  # bytes cut or flipped
+            raw = bytearray(pristine)
+            if rng.random() < 0.5:
+                raw = raw[: rng.randrange(len(raw))]
+            else:
+                raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+            mine.write_bytes(bytes(raw))
+        else:
+            mine.write_bytes(rng.choice([b"", b"PK", b"not a cache"]))
+        argv = ["evaluate", "--run-dir", str(run)] if case % 2 else ["data", "stats", str(successor_file), "--json"]
+        code = main(argv)
+        captured = capsys.readouterr()
+        context = f"cache case {case} (action {action}, {name}): {argv}\n{captured.err[-2000:]}"
+        assert code == 0 and "Traceback" not in captured.err, context
+        if case % 2:
+            assert captured.out == eval_clean, context
+        else:
+            assert captured.out.split("{", 1)[1] == stats_clean, context
+        mine.write_bytes(pristine)

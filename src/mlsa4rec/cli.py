@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -31,6 +32,18 @@ DATA_DIR_HELP = ("folder laid out like shared/data holding the registered datase
 
 
 QUIET_HELP = "only print results and errors"
+
+
+class UsageError(MLSA4RecError):
+    """A command line argparse refuses: shown as one ``error:`` line like every other bad input."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (and, through ``add_subparsers``, every subcommand's), whose errors are
+    one ``error: ...`` line naming the command's ``--help`` instead of the usage block."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (`{self.prog} --help` lists the options)")
 
 
 def _add_quiet(p: argparse.ArgumentParser) -> None:
@@ -70,7 +83,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mlsa4rec",
         description="Train, evaluate and compare sequential recommenders under the RecBole protocol "
                     "(5-core, chronological leave-one-out, full ranking).",
@@ -213,13 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
     from mlsa4rec.config import parse_interval, parse_set
-    from mlsa4rec.data import DEFAULT_INTERVAL, load_dataset
+    from mlsa4rec.data import DEFAULT_INTERVAL, DUPLICATE_RULES, load_dataset
+    from mlsa4rec.errors import check_choice
 
-    filters = {"user_inter_num_interval": DEFAULT_INTERVAL, "item_inter_num_interval": DEFAULT_INTERVAL}
+    filters = {"user_inter_num_interval": DEFAULT_INTERVAL, "item_inter_num_interval": DEFAULT_INTERVAL,
+               "duplicate_events": "drop"}
     for key, value in parse_set(args.overrides).items():
         if key not in filters:
-            raise MLSA4RecError(f"data stats accepts only {sorted(filters)} in --set, not {key!r}")
-        parse_interval(value, key)
+            raise MLSA4RecError(f"data stats accepts only {', '.join(filters)} in --set, not {key!r}")
+        if key == "duplicate_events":
+            check_choice("--set duplicate_events", value, DUPLICATE_RULES, MLSA4RecError)
+        else:
+            parse_interval(value, key)
         filters[key] = str(value)
     data = load_dataset(args.dataset, args.data_dir, **filters)
     stats = data.stats()
@@ -328,35 +346,45 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
-    from mlsa4rec.serving import Recommender
+    from mlsa4rec.serving.recommender import Recommender, option_style
 
-    rec = Recommender.from_run(args.run_dir, device=args.device, data_dir=args.data_dir)
-    options = {"exclude_seen": args.exclude_seen, "unknown": args.unknown, "fallback": args.fallback}
-    if args.history is not None:
-        (answer,) = rec.recommend([args.history.split()], args.k, **options)
-        if args.json:
-            print(json.dumps([r._asdict() for r in answer]))
-        else:
-            for rank, r in enumerate(answer, 1):
-                print(f"{rank:>4}  {r.item!s:<20} {r.score:.4f}")
-        return 0
-    from mlsa4rec.serving.batch import recommend_lines
+    with option_style("cli"):  # messages name the flags: --unknown drop, -k, --fallback popular
+        rec = Recommender.from_run(args.run_dir, device=args.device, data_dir=args.data_dir)
+        options = {"exclude_seen": args.exclude_seen, "unknown": args.unknown, "fallback": args.fallback}
+        if args.history is not None:
+            history = args.history.split()
+            if not history and args.fallback != "popular":
+                raise MLSA4RecError("--history is empty; give at least one item id ('ID ID ...'), or use "
+                                    "--fallback popular")
+            (answer,) = rec.recommend([history], args.k, **options)
+            if args.json:  # the shape of an --input answer line
+                print(json.dumps({"recommendations": [r._asdict() for r in answer]}))
+            else:
+                for rank, r in enumerate(answer, 1):
+                    print(f"{rank:>4}  {r.item!s:<20} {r.score:.4f}")
+            return 0
+        from mlsa4rec.serving.batch import recommend_lines
 
-    stream = sys.stdin if args.input == "-" else _open_input(args.input)
-    try:
-        failed, total = recommend_lines(rec, stream, sys.stdout, args.k, **options)
-    finally:
-        if stream is not sys.stdin:
-            stream.close()
+        stdin = getattr(sys.stdin, "buffer", sys.stdin)  # bytes: a line that is not UTF-8 fails alone
+        stream = stdin if args.input == "-" else _open_input(args.input)
+        try:
+            failed, total = recommend_lines(rec, stream, sys.stdout, args.k, **options)
+        finally:
+            if stream is not stdin:
+                stream.close()
     if failed:
         raise MLSA4RecError(f"{failed} of {total} input lines failed; their answers hold an \"error\" field "
                             "naming the problem")
+    if not total:
+        logging.getLogger("mlsa4rec").warning("--input %s holds no requests (it is empty or every line is blank)",
+                                              "- (stdin)" if args.input == "-" else repr(args.input))
     return 0
 
 
 def _open_input(path: str):
+    """``--input`` in binary mode: each line is decoded on its own, so bad bytes fail that line only."""
     try:
-        return open(path, encoding="utf-8")  # noqa: SIM115 - closed by the caller
+        return open(path, "rb")  # noqa: SIM115 - closed by the caller
     except OSError as exc:
         raise MLSA4RecError(f"cannot read --input {path!r}: {exc.strerror}") from None
 
@@ -370,18 +398,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
+        from mlsa4rec.serving import http as serving_http
         from mlsa4rec.serving.http import create_app, listen
     except ImportError as exc:
         raise MLSA4RecError(f"mlsa4rec serve needs the serve extra ({exc.name} is missing): pip install "
                             "'mlsa4rec[serve]'") from None
-    from mlsa4rec.serving import Recommender
+    import signal
+
+    from mlsa4rec.serving.recommender import Recommender, option_style
 
     if not 0 <= args.port <= 65535:
         raise MLSA4RecError(f"--port must be from 0 to 65535, got {args.port}")
     rec = Recommender.from_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     if args.compile_step:
         rec.compile_step()
-    app = create_app(rec, **{name: getattr(args, flag) for flag, name in SERVE_LIMITS.items() if hasattr(args, flag)})
+    with option_style("cli"):  # a bad limit is named as its flag: --max-k
+        app = create_app(rec, **{name: getattr(args, flag) for flag, name in SERVE_LIMITS.items()
+                                 if hasattr(args, flag)})
     try:  # bound here, so a taken port is one error line rather than uvicorn's exit
         sock = listen(args.host, args.port)
     except (OSError, OverflowError) as exc:
@@ -392,12 +425,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {rec.config['model']} ({args.run_dir}) on http://{host}:{port} (docs: http://{host}:{port}/docs)",
           flush=True)
     quiet = getattr(args, "quiet", False)
+    # SIGTERM: stop accepting, answer what is in flight (for at most SHUTDOWN_GRACE_S), shut the app down
     config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not args.no_access_log,
-                            lifespan="on")
+                            lifespan="on", timeout_graceful_shutdown=serving_http.SHUTDOWN_GRACE_S)
+
+    def terminated(signum, frame):  # uvicorn raises SIGTERM again once it has shut down: exit 0 then
+        raise SystemExit(0)
+
+    try:
+        restore = (signal.signal(signal.SIGTERM, terminated),)
+    except ValueError:  # not the main thread: uvicorn installs no handlers there either
+        restore = ()
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
+        for handler in restore:
+            signal.signal(signal.SIGTERM, handler)
     return 0
 
 
@@ -482,9 +526,56 @@ COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "compare": _cmd_comp
             "serve": _cmd_serve, "models": _cmd_models, "export": _cmd_export}
 
 
+# what a person can do about an operating-system error met on a file or stream; an errno not
+# listed here is a bug, and keeps its traceback
+_OS_FIXES = {
+    errno.EACCES: "check its permissions (ls -l) or run as a user allowed to use it",
+    errno.EPERM: "check its permissions (ls -l) or run as a user allowed to use it",
+    errno.EROFS: "the file system is read-only; choose a place you can write",
+    errno.ENOSPC: "free disk space and run the command again",
+    errno.EDQUOT: "free space within your disk quota and run the command again",
+    errno.EFBIG: "the file is larger than the file system allows; choose another place",
+    errno.EIO: "the disk or file system reported an input/output error; check the device, then run again",
+    errno.EISDIR: "it is a directory; pass a file",
+    errno.ENOTDIR: "a part of the path is not a directory; check the path",
+    errno.ENOENT: "it does not exist; check the path",
+    errno.ENAMETOOLONG: "the name is too long for the file system; use a shorter path",
+    errno.ELOOP: "it is a loop of symbolic links; check the path",
+    errno.EMFILE: "too many files are open; raise the limit (ulimit -n)",
+    errno.ENFILE: "too many files are open on this machine; retry later",
+    errno.ENXIO: "the device behind it is gone; check the path",
+}
+
+
+def os_error_message(exc: OSError) -> str | None:
+    """One line for an operating-system error a person can act on (None for any other: a bug)."""
+    fix = _OS_FIXES.get(exc.errno)
+    if fix is None:
+        return None
+    reason = exc.strerror or os.strerror(exc.errno)
+    if exc.filename is None:  # a stream: the command's output (a file or pipe it was redirected to)
+        return f"cannot write the output: {reason}; {fix}"
+    name = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes, os.PathLike)) else str(exc.filename)
+    shown = repr(name if len(name) <= 200 else name[:100] + "..." + name[-60:])
+    return f"cannot use {shown}: {reason}; {fix}"
+
+
+def _check_device_flag(args: argparse.Namespace) -> None:
+    """A ``--device`` this machine lacks is refused before any file is read."""
+    device = getattr(args, "device", "auto")
+    if device != "auto":
+        from mlsa4rec.training.distributed import check_device
+
+        check_device(device, "--device ")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     quiet = getattr(args, "quiet", False)  # -q before or after the command
@@ -496,8 +587,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         tune_allocator()
     try:
+        _check_device_flag(args)
         handler = _cmd_data_stats if args.command == "data" else COMMANDS[args.command]
-        return handler(args)
+        code = handler(args)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # a full disk or closed pipe behind stdout fails here, not at exit
+        return code
     except MLSA4RecError as exc:
         rank = env_rank()
         if not isinstance(exc, PeerFailed):  # rank 0 failed and prints the message itself
@@ -507,5 +602,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like: not an error worth a traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 0
+    except OSError as exc:  # a file or stream the machine refused (permissions, a full disk, ...)
+        message = os_error_message(exc)
+        if message is None:
+            raise
+        if exc.filename is None:
+            _silence_stdout()  # the output is broken: nothing more may be written there, even at exit
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's final flush of what is still buffered cannot
+    fail again at exit (the documented cure for a closed pipe)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, AttributeError, ValueError):  # no real file descriptor (a test's capture)
+        pass

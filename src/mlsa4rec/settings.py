@@ -91,6 +91,8 @@ class TrainConfig:
     # --- data ----------------------------------------------------------------------------------
     user_inter_num_interval: str = setting("[5,inf)", "keep users with this many events (iterative k-core)")
     item_inter_num_interval: str = setting("[5,inf)", "keep items with this many events (iterative k-core)")
+    duplicate_events: str = setting("drop", "drop | keep: events equal to an earlier one in user, item and timestamp "
+                                            "(they put test targets in their own history); keep where they are real")
     MAX_ITEM_LIST_LENGTH: int = setting(50, "L: history truncated to the most recent L items")
     # --- training ------------------------------------------------------------------------------
     train_scheme: str = setting("auto", "prefix | all_positions | cloze (BERT4Rec) | auto (the model's preferred "
@@ -138,6 +140,7 @@ class TrainConfig:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed!r}")
         for key in ("user_inter_num_interval", "item_inter_num_interval"):
             parse_interval(getattr(self, key), key)
+        check_choice("duplicate_events", self.duplicate_events, ("drop", "keep"), ConfigError)
         check_choice("train_scheme", self.train_scheme, TRAIN_SCHEMES, ConfigError)
         check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS, ConfigError)
         if str(self.loss_type).upper() != "CE":
@@ -158,7 +161,10 @@ class TrainConfig:
             raise ConfigError(f"valid_metric {self.valid_metric!r} is not computed: it must be METRIC@K with METRIC "
                               f"in metrics {metrics} and K in topk {topk}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(self.device)):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+            from mlsa4rec.training.distributed import available_devices  # torch: imported only when needed
+
+            raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps (this machine has "
+                              f"{', '.join(available_devices())}); got {self.device!r}")
         # the canonical spellings a run directory records
         object.__setattr__(self, "metrics", metrics)
         object.__setattr__(self, "topk", topk)

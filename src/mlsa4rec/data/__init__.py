@@ -14,7 +14,7 @@ from mlsa4rec.data.dataset import (
     duplicates_mismatch,
     load_sequences,
 )
-from mlsa4rec.data.readers import READERS, Interactions, detect_format, read_interactions
+from mlsa4rec.data.readers import READERS, Interactions, detect_format, read_error, read_interactions
 from mlsa4rec.data.registry import REGISTRY, DatasetSpec, data_dir_from, get_spec, locate
 from mlsa4rec.errors import DataError
 
@@ -34,6 +34,9 @@ def resolve(dataset: str, data_dir: str | Path | None = None) -> tuple[str, Path
         path, fmt = locate(spec, data_dir_from(data_dir), cache_dir())
         return spec.name, path, fmt, spec
     path = Path(dataset)
+    if path.is_dir():
+        raise DataError(f"--dataset {dataset!r} is a directory, not a data file; pass the file inside it (.inter, "
+                        "ratings.dat, .csv or .txt[.gz]), or a registered name with --data-dir pointing at it")
     if path.is_file():
         name = path.name.split(".")[0] or "dataset"
         return name, path, detect_format(path), None
@@ -53,8 +56,11 @@ def load_dataset(
 ) -> SequenceData:
     """A registered dataset name or a data file path, deduplicated, filtered, remapped and sorted."""
     name, path, fmt, spec = resolve(dataset, data_dir)
-    data = load_sequences(path, fmt, name, user_inter_num_interval, item_inter_num_interval, use_cache,
-                          duplicate_events)
+    try:
+        data = load_sequences(path, fmt, name, user_inter_num_interval, item_inter_num_interval, use_cache,
+                              duplicate_events)
+    except OSError as exc:  # the file is there but may not be read (permissions, a disk error)
+        raise read_error(Path(exc.filename) if exc.filename else path, exc) from None
     if spec is not None and (user_inter_num_interval, item_inter_num_interval) == (DEFAULT_INTERVAL,) * 2:
         got = (data.n_users, data.n_items, data.n_interactions)
         if got != spec.expected:

@@ -59,6 +59,7 @@ class SequenceData:
     user_tokens: np.ndarray  # raw token of each user index
     fingerprint: str         # checksum of the source file + processing settings
     source: str = ""         # the file it was read from and its reader (set on load, not cached)
+    file_sha256: str = ""    # the SHA-256 of that file (set on load, not cached)
     duplicate_events: int = 0   # exact duplicates (user, item, timestamp) found in the file
     duplicates_dropped: bool = False  # whether they were dropped (the default) or kept
     timed: bool = True       # the file has timestamps (else duplicates cannot be told from repeats)
@@ -360,11 +361,11 @@ def load_sequences(
     cache_file = cache_dir() / "processed" / f"{name}-{lookup}.npz"
     if use_cache and (cached := load_cached(cache_file, lookup, name)) is not None:
         log.info("loaded %s from cache %s in %.2f s", name, cache_file, time.perf_counter() - t0)
-        cached.source = f"{path.resolve()} ({fmt})"
+        cached.source, cached.file_sha256 = f"{path.resolve()} ({fmt})", digest
         return cached
     data = build_sequences(read_interactions(path, fmt), name, user_interval, item_interval, fingerprint,
                            duplicate_events)
-    data.source = f"{path.resolve()} ({fmt})"
+    data.source, data.file_sha256 = f"{path.resolve()} ({fmt})", digest
     if use_cache:
         try:
             save_cached(data, cache_file, lookup)

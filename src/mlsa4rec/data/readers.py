@@ -13,6 +13,7 @@ import gzip
 import io
 import itertools
 import logging
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,18 +42,53 @@ class Interactions:
         return int(self.user.shape[0])
 
 
+# the longest user or item id a file may hold: ids are kept as fixed-width text, so one absurd id
+# (a separator or quote gone wrong can make a whole file one field) would cost its width per item
+MAX_ID_CHARS = 256
+
+
+def _show(token: object, width: int = 40) -> str:
+    """A token for a message: its repr, cut to ``width`` characters (a line holds the message)."""
+    text = str(token)
+    return repr(text) if len(text) <= width else repr(text[:width]) + f"... ({len(text):,} characters)"
+
+
+def read_error(path: Path, exc: OSError) -> DataError:
+    """A data file the operating system will not let us read, as one line saying why and what to do."""
+    if isinstance(exc, FileNotFoundError):
+        return DataError(f"data file {str(path)!r} does not exist")
+    if isinstance(exc, IsADirectoryError):
+        return DataError(f"{str(path)!r} is a directory, not a data file; pass the file inside it")
+    fix = ("check its permissions (ls -l) or run as a user allowed to read it"
+           if isinstance(exc, PermissionError) else "check the disk and the file, then run again")
+    return DataError(f"cannot read data file {str(path)!r}: {exc.strerror or exc}; {fix}")
+
+
 def _open_text(path: Path) -> str:
     try:
         raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
+    except OSError as exc:
+        raise read_error(path, exc) from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
             raw = gzip.decompress(raw)
-        return raw.decode("utf-8")
-    except FileNotFoundError:
-        raise DataError(f"data file {str(path)!r} does not exist") from None
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"cannot read {str(path)!r}: {exc} (is the gzip file complete?)") from None
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"cannot read {str(path)!r}: it is a damaged or incomplete gzip file ({exc}); copy or "
+                            "download it again") from None
+    if not raw.strip():
+        raise DataError(f"data file {str(path)!r} is empty{' (0 bytes)' if not raw else ''}; is it the right file?")
+    try:
+        return raw.decode("utf-8-sig")  # -sig: the byte-order mark some programs put first is not data
     except UnicodeDecodeError:
         raise DataError(f"{str(path)!r} is not UTF-8 text; is it the right file?") from None
+
+
+def _check_id_lengths(path: Path, lengths: np.ndarray, name: str, first_line: int) -> None:
+    """Refuse an id longer than ``MAX_ID_CHARS``, naming its line."""
+    if lengths.size and int(lengths.max()) > MAX_ID_CHARS:
+        i = int(np.argmax(lengths > MAX_ID_CHARS))
+        raise DataError(f"{str(path)!r} line {first_line + i}: the {name} is {int(lengths[i]):,} characters long; ids "
+                        f"may have at most {MAX_ID_CHARS} (is the separator right, or a quote left open?)")
 
 
 def read_user_lines(path: str | Path) -> Interactions:
@@ -64,21 +100,13 @@ def read_user_lines(path: str | Path) -> Interactions:
     if not rows:
         raise DataError(f"{str(path)!r} holds no interactions")
     counts = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-    tokens = np.array(list(itertools.chain.from_iterable(rows)))
+    flat = list(itertools.chain.from_iterable(rows))
+    if max(map(len, flat)) > 20:  # longer than any 64-bit integer: said before a text array that wide is made
+        _refuse_txt_ids(path, line_numbers, rows)
     try:
-        ids = tokens.astype(np.int64)
-    except OverflowError:
-        raise DataError(f"{str(path)!r}: an id does not fit in 64 bits") from None
-    except ValueError:
-        for lineno, row in zip(line_numbers, rows):
-            for tok in row:
-                if not tok.lstrip("-").isdigit():
-                    raise DataError(
-                        f"{str(path)!r} line {lineno}: {tok!r} is not an integer id; the .txt format takes integer "
-                        "user and item ids only ('user item item ...'); put other ids in a .csv or .inter file"
-                    ) from None
-        raise DataError(f"{str(path)!r}: the .txt format takes integer user and item ids only; put other ids in "
-                        "a .csv or .inter file") from None
+        ids = np.array(flat).astype(np.int64)
+    except (OverflowError, ValueError):
+        _refuse_txt_ids(path, line_numbers, rows)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     is_user = np.zeros(ids.shape[0], dtype=bool)
     is_user[starts] = True
@@ -87,20 +115,38 @@ def read_user_lines(path: str | Path) -> Interactions:
     return Interactions(users, items, np.arange(items.shape[0], dtype=np.float64), timed=False)
 
 
+def _refuse_txt_ids(path: Path, line_numbers: np.ndarray, rows: list[list[str]]) -> None:
+    """Raise naming the first token of a ``.txt`` file that is not a 64-bit integer id, and its line."""
+    for lineno, row in zip(line_numbers, rows):
+        for tok in row:
+            digits = tok[1:] if tok.startswith("-") else tok
+            if not (digits.isascii() and digits.isdigit()):
+                raise DataError(
+                    f"{str(path)!r} line {lineno}: {_show(tok)} is not an integer id; the .txt format takes integer "
+                    "user and item ids only ('user item item ...'); put other ids in a .csv or .inter file")
+            if len(digits) > 19 or not -2 ** 63 <= int(tok) < 2 ** 63:
+                raise DataError(f"{str(path)!r} line {lineno}: the id {_show(tok)} does not fit in 64 bits; the .txt "
+                                "format takes 64-bit integer ids; put other ids in a .csv or .inter file")
+    raise DataError(f"{str(path)!r}: the .txt format takes integer user and item ids only; put other ids in "
+                    "a .csv or .inter file")
+
+
 def _column(df: pd.DataFrame, name: str, path: Path, first_line: int, numeric: bool) -> np.ndarray:
     col = df[name]
-    empty = (col.str.len() == 0).to_numpy()
+    lengths = col.str.len().to_numpy()
+    empty = lengths == 0
     if empty.any():
         line = first_line + int(np.argmax(empty))
         raise DataError(f"{str(path)!r} line {line}: missing {name!r} value")
     if not numeric:
+        _check_id_lengths(path, lengths, f"{name} id", first_line)
         return col.to_numpy()
     values = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(values)  # inf would sort after every real time (or hash as an id): refuse it like nan
     if bad.any():
         i = int(np.argmax(bad))
         what = "a number" if np.isnan(values[i]) else "a finite number"
-        raise DataError(f"{str(path)!r} line {first_line + i}: {name} {col.iloc[i]!r} is not {what}; fix or "
+        raise DataError(f"{str(path)!r} line {first_line + i}: {name} {_show(col.iloc[i])} is not {what}; fix or "
                         "remove the line")
     return values
 
@@ -113,12 +159,19 @@ def _file_order(path: Path, n: int) -> np.ndarray:
     return np.arange(n, dtype=np.float64)
 
 
-def _read_table(path: Path, text: str, sep: str, header: int | None, names: list[str] | None) -> pd.DataFrame:
+def _read_table(path: Path, text: str, sep: str, header: int | None, names: list[str] | None,
+                spaced: bool = False) -> pd.DataFrame:
+    """The table as text columns; ``spaced``: spaces around a value are not part of it (CSV written
+    as ``1, 2, 3`` or ``"1", "2", "3"``)."""
     try:
-        return pd.read_csv(
+        df = pd.read_csv(
             io.StringIO(text), sep=sep, header=header, names=names, dtype=str,
-            keep_default_na=False, engine="c", skip_blank_lines=True,
+            keep_default_na=False, engine="c", skip_blank_lines=True, skipinitialspace=spaced,
         )
+        if spaced:
+            for column in df.columns:
+                df[column] = df[column].str.strip()
+        return df
     except pd.errors.ParserError as exc:
         raise DataError(f"{str(path)!r} is malformed: {str(exc).strip()}") from None
     except pd.errors.EmptyDataError:
@@ -169,7 +222,11 @@ def read_ratings_dat(path: str | Path) -> Interactions:
         values = _column(df, name, path, 1, numeric=True)
         if name != "timestamp" and not np.all(values == np.floor(values)):
             i = int(np.argmax(values != np.floor(values)))
-            raise DataError(f"{str(path)!r} line {i + 1}: {name} id {df[name].iloc[i]!r} is not an integer")
+            raise DataError(f"{str(path)!r} line {i + 1}: {name} id {_show(df[name].iloc[i])} is not an integer")
+        if name != "timestamp" and np.any(np.abs(values) >= 2 ** 53):  # past it, distinct ids would merge
+            i = int(np.argmax(np.abs(values) >= 2 ** 53))
+            raise DataError(f"{str(path)!r} line {i + 1}: {name} id {_show(df[name].iloc[i])} is too large for "
+                            f"ratings.dat (ids must be below {2 ** 53:,}); put larger ids in a .csv or .inter file")
         out.append(values)
     return Interactions(out[0].astype(np.int64), out[1].astype(np.int64), out[2])
 
@@ -178,14 +235,22 @@ _CSV_ALIASES = {"user": "user", "user_id": "user", "userid": "user", "item": "it
                 "itemid": "item", "rating": "rating", "timestamp": "timestamp", "time": "timestamp"}
 
 
+def _header_field(field: str) -> str:
+    """A CSV header name as written, in any case, with spaces or quotes around it: ``"User_ID"``."""
+    field = field.strip()
+    if len(field) >= 2 and field[0] == field[-1] and field[0] in "\"'":
+        field = field[1:-1].strip()
+    return field.lower()
+
+
 def read_csv(path: str | Path) -> Interactions:
     """Plain CSV ``user,item[,rating],timestamp``, with or without a header line."""
     path = Path(path)
     text = _open_text(path)
-    first = text.partition("\n")[0].rstrip("\r").split(",")
-    has_header = all(f.strip().lower() in _CSV_ALIASES for f in first)
+    first = [_header_field(f) for f in text.partition("\n")[0].rstrip("\r").split(",")]
+    has_header = all(f in _CSV_ALIASES for f in first)
     if has_header:
-        names = [_CSV_ALIASES[f.strip().lower()] for f in first]
+        names = [_CSV_ALIASES[f] for f in first]
         if "user" not in names or "item" not in names:
             raise DataError(f"{str(path)!r}: the CSV header must name user and item columns")
     elif len(first) in (3, 4):
@@ -194,7 +259,7 @@ def read_csv(path: str | Path) -> Interactions:
         raise DataError(
             f"{str(path)!r}: expected CSV rows user,item[,rating],timestamp; line 1 has {len(first)} fields"
         )
-    df = _read_table(path, text, ",", 0 if has_header else None, None if has_header else names)
+    df = _read_table(path, text, ",", 0 if has_header else None, None if has_header else names, spaced=True)
     if has_header:
         df.columns = names
     if len(df) == 0:
@@ -211,9 +276,15 @@ def read_amazon_json(path: str | Path) -> Interactions:
     """McAuley's 2014 review dumps: one JSON object per line with reviewerID, asin, unixReviewTime."""
     path = Path(path)
     try:
+        if path.stat().st_size == 0:
+            raise DataError(f"data file {str(path)!r} is empty (0 bytes); is it the right file?")
         df = pd.read_json(path, lines=True, compression="infer", dtype=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"{str(path)!r} is not a JSON-lines review file: {exc}") from None
+    except (OSError, EOFError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise read_error(path, exc) from None
+        raise DataError(f"{str(path)!r} is a damaged or incomplete file: {exc}; copy or download it again") from None
+    except ValueError as exc:
+        raise DataError(f"{str(path)!r} is not a JSON-lines review file: {str(exc)[:200]}") from None
     missing = {"reviewerID", "asin", "unixReviewTime"} - set(df.columns)
     if missing:
         raise DataError(f"{str(path)!r}: review records lack {sorted(missing)}")
@@ -224,9 +295,12 @@ def read_amazon_json(path: str | Path) -> Interactions:
         # read_json skips blank lines: map the record back to its line for the message
         lines = [n + 1 for n, line in enumerate(_open_text(path).splitlines()) if line.strip()]
         where = f"line {lines[i]}" if i < len(lines) else f"record {i + 1}"
-        raise DataError(f"{str(path)!r} {where}: unixReviewTime {df['unixReviewTime'].iloc[i]!r} is not a "
+        raise DataError(f"{str(path)!r} {where}: unixReviewTime {_show(df['unixReviewTime'].iloc[i])} is not a "
                         "finite number of seconds; fix or remove the record")
-    return Interactions(df["reviewerID"].astype(str).to_numpy(), df["asin"].astype(str).to_numpy(), time)
+    users, items = df["reviewerID"].astype(str), df["asin"].astype(str)
+    for name, col in (("reviewerID", users), ("asin", items)):
+        _check_id_lengths(path, col.str.len().to_numpy(), name, 1)  # record numbers: blank lines are not counted
+    return Interactions(users.to_numpy(), items.to_numpy(), time)
 
 
 READERS: dict[str, Callable[[str | Path], Interactions]] = {
@@ -261,6 +335,8 @@ def detect_format(path: str | Path) -> str:
 
 def read_interactions(path: str | Path, fmt: str | None = None) -> Interactions:
     fmt = fmt or detect_format(path)
+    if Path(path).is_dir():
+        raise DataError(f"{str(path)!r} is a directory, not a data file; pass the file inside it")
     if not Path(path).is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
     return READERS[fmt](path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +20,19 @@ import safetensors.torch
 import torch
 
 from mlsa4rec.config import Config, build_config, load_yaml_file
-from mlsa4rec.data import REGISTRY, SequenceData, data_dir_from, load_dataset
+from mlsa4rec.data import REGISTRY, SequenceData, data_dir_from, duplicates_mismatch, load_dataset, resolve
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation.evaluator import evaluate_split, split_ranks
 from mlsa4rec.evaluation.significance import check_confidence, compare_ranks, holm
+from mlsa4rec.fileio import sha256_file
 from mlsa4rec.metrics import parse_metric
 from mlsa4rec.models import build_model, get_class
 from mlsa4rec.ops.scan import check_environment
 from mlsa4rec.training import rundir
 from mlsa4rec.training.distributed import resolve_device
 from mlsa4rec.training.trainer import set_seed
+
+log = logging.getLogger("mlsa4rec")
 
 
 def build_run_model(config: Config, data: SequenceData, device: torch.device | str | None = None):
@@ -41,7 +45,7 @@ def build_run_model(config: Config, data: SequenceData, device: torch.device | s
 
 def load_run_data(config: Config, data_dir: str | Path | None) -> SequenceData:
     return load_dataset(config["dataset"], data_dir, config["user_inter_num_interval"],
-                        config["item_inter_num_interval"])
+                        config["item_inter_num_interval"], duplicate_events=config["duplicate_events"])
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -77,6 +81,7 @@ def load_run(run_dir: str | Path, data_dir: str | Path | None = None) -> LoadedR
     check_environment()
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
+        rundir.warn_replaced_leftovers(run)  # an interrupted --overwrite may have left the old run hidden
         raise MLSA4RecError(f"{str(run)!r} is not a run directory (no config.yaml); pass the --output-dir of a "
                             "finished `mlsa4rec train`")
     rundir.verify_run(run)
@@ -85,6 +90,7 @@ def load_run(run_dir: str | Path, data_dir: str | Path | None = None) -> LoadedR
         raise MLSA4RecError(f"{str(run / 'config.yaml')!r} lacks the model or dataset entry")
     get_class(str(saved["model"]))
     config = build_config(saved["model"], [run / "config.yaml"], extra={"dataset": saved["dataset"]})
+    device = run_device(config, run)
     try:
         recorded = json.loads((run / "results.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -94,16 +100,57 @@ def load_run(run_dir: str | Path, data_dir: str | Path | None = None) -> LoadedR
     if data_dir_from(data_dir) is None and recorded.get("data_dir"):
         data_dir = recorded["data_dir"]  # where the run found its data
     data = load_run_data(config, data_dir)
+    if why := duplicates_mismatch(data, recorded.get("data_fingerprint"), f"run {str(run)!r}"):
+        raise MLSA4RecError(why)
     if recorded.get("data_fingerprint") not in (None, data.fingerprint):
-        fix = ("restore the original file (its checksum is recorded in results.json)"
-               if config["dataset"] not in REGISTRY else "point --data-dir at the original files")
-        raise MLSA4RecError(f"the data found for {config['dataset']!r} differs from the data this run was trained "
-                            f"on (checksum or filtering differ); {fix}")
+        raise MLSA4RecError(data_mismatch_message(config, data_dir, recorded))
     net = build_run_model(config, data)
     load_weights(net, run / rundir.WEIGHTS)
-    device = resolve_device(config["device"])
     net.to(device).eval()
     return LoadedRun(run, config, data, net, device)
+
+
+def data_file_checksum(dataset: str, data_dir: str | Path | None) -> tuple[Path, str]:
+    """The file ``dataset`` (a registered name or a path) is read from, and its SHA-256: what
+    results.json records as ``data_sha256`` (its ``data_source`` names the file)."""
+    path = resolve(dataset, data_dir)[1]
+    return path, sha256_file(path)
+
+
+def data_mismatch_message(config: Config, data_dir: str | Path | None, recorded: Mapping[str, Any]) -> str:
+    """Why the data found for a run is not the data it was trained on, and what to do. Runs since
+    0.2 record the data file's SHA-256 (``data_sha256`` in results.json); older ones record only
+    a fingerprint of file and filtering together, so the two causes cannot be told apart."""
+    dataset = config["dataset"]
+    where = ("point --data-dir at the original files" if dataset in REGISTRY
+             else f"restore the original file at {dataset!r}")
+    path, digest = data_file_checksum(dataset, data_dir)
+    trained_on = recorded.get("data_sha256")
+    if not isinstance(trained_on, str):
+        return (f"the data found for {dataset!r} ({str(path)!r}) differs from the data this run was trained on "
+                "(its file or filtering differ; the run's results.json predates data_sha256, so it records no "
+                f"checksum of the file itself); {where}")
+    if digest != trained_on:
+        return (f"the data file {str(path)!r} differs from the data this run was trained on: its SHA-256 is "
+                f"{digest[:16]}..., results.json records data_sha256 {trained_on[:16]}...; {where} (any file with "
+                "that SHA-256 will do)")
+    versions = recorded.get("versions")
+    version = versions.get("mlsa4rec") if isinstance(versions, dict) else None
+    return (f"the data file {str(path)!r} is the one this run was trained on (same SHA-256), but it is now "
+            "processed differently (this mlsa4rec version's reader or filtering changed); evaluate the run with "
+            f"the mlsa4rec version that trained it ({version or 'see results.json'})")
+
+
+def run_device(config: Config, run: Path) -> torch.device:
+    """Where a finished run is scored: the device it trained with, or, on a machine without that
+    device (a run trained on a GPU, scored on a laptop), the best one here, with a warning."""
+    try:
+        return resolve_device(config["device"])
+    except MLSA4RecError:
+        device = resolve_device("auto")
+        log.warning("%s was trained with device=%s, which this machine does not have; it is scored on %s", run,
+                    config["device"], device)
+        return device
 
 
 def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,

@@ -33,7 +33,7 @@ from torch.utils import _pytree as pytree
 from mlsa4rec.config import Config, build_config, load_yaml_file
 from mlsa4rec.data.itemmap import ItemMap
 from mlsa4rec.errors import MLSA4RecError, check_choice
-from mlsa4rec.evaluation.runs import load_run, load_weights
+from mlsa4rec.evaluation.runs import load_run, load_weights, run_device
 from mlsa4rec.models import build_model, get_class
 from mlsa4rec.training import rundir
 from mlsa4rec.training.distributed import resolve_device
@@ -168,7 +168,7 @@ class Recommender:
         if not (run / rundir.ITEMS).is_file():
             loaded = load_run(run, data_dir)
             items = ItemMap.from_data(loaded.data)
-            return cls(loaded.model, loaded.config, items, _device(device, loaded.config), run)
+            return cls(loaded.model, loaded.config, items, _device(device, loaded.config, run), run)
         rundir.verify_run(run)
         saved = load_yaml_file(run / "config.yaml")
         if "model" not in saved or "dataset" not in saved:
@@ -182,7 +182,7 @@ class Recommender:
         model = build_model(get_class(config["model"]), items.n_items, config.model_kwargs(),
                             config["MAX_ITEM_LIST_LENGTH"])
         load_weights(model, run / rundir.WEIGHTS)
-        return cls(model, config, items, _device(device, config), run)
+        return cls(model, config, items, _device(device, config, run), run)
 
     # --- ids ---------------------------------------------------------------------------------------
     def to_ids(self, history: Iterable[Any], unknown: str = "error", what: str = "a history") -> list[int]:
@@ -494,5 +494,6 @@ def _bad_state(reason: str) -> MLSA4RecError:
                          "run returned (torch.load(f, weights_only=True))")
 
 
-def _device(name: str, config: Config) -> torch.device:
-    return resolve_device(config["device"] if name == "auto" else name)
+def _device(name: str, config: Config, run: Path) -> torch.device:
+    """``auto``: the run's own device, or the best one here when this machine lacks it (as ``evaluate``)."""
+    return run_device(config, run) if name == "auto" else resolve_device(name)

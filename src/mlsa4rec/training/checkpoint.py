@@ -72,7 +72,8 @@ def verified_payload(path: str | os.PathLike[str]) -> bytes:
     except FileNotFoundError:
         raise MLSA4RecError(f"checkpoint {str(path)!r} does not exist") from None
     except OSError as exc:
-        raise MLSA4RecError(f"cannot read checkpoint {str(path)!r}: {exc.strerror}") from None
+        raise MLSA4RecError(f"cannot read checkpoint {str(path)!r}: {exc.strerror or exc}; check its permissions "
+                            "(ls -l) or run as a user allowed to read it") from None
     match = _HEADER.match(data[:200])
     if not match:
         raise MLSA4RecError(f"checkpoint {str(path)!r} is damaged (its header is not an mlsa4rec checkpoint "

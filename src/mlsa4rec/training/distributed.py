@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from mlsa4rec.errors import MLSA4RecError, PeerFailed
+from mlsa4rec.errors import ConfigError, MLSA4RecError, PeerFailed
 from mlsa4rec.runtime import env_rank, launched_by_torchrun  # noqa: F401 (env_rank: part of this API)
 
 log = logging.getLogger("mlsa4rec")
@@ -198,12 +199,11 @@ def device_for(name: str, local_rank: int) -> torch.device:
     """The device of one rank: with CUDA, rank r on a node uses GPU ``LOCAL_RANK``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(name)
     if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise MLSA4RecError(f"device {name!r} was asked for but CUDA is not available; use device=cpu")
         if ":" in name:
-            raise MLSA4RecError(f"device {name!r} would put every rank on one GPU; under torchrun use "
-                                "device=cuda (rank r then uses GPU LOCAL_RANK) or CUDA_VISIBLE_DEVICES")
+            raise MLSA4RecError(f"--set device={name} would put every rank on one GPU; under torchrun use "
+                                "--set device=cuda (rank r then uses GPU LOCAL_RANK) or CUDA_VISIBLE_DEVICES")
         return torch.device("cuda", local_rank)
     return torch.device(name)
 
@@ -222,7 +222,7 @@ def init(device_name: str, timeout_s: float) -> tuple[DistContext, torch.device]
     device = device_for(device_name, local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type not in ("cpu", "cuda"):
-        raise MLSA4RecError(f"distributed training runs on cpu or cuda, not {device.type}; set device=cpu")
+        raise MLSA4RecError(f"distributed training runs on cpu or cuda, not {device.type}; use --set device=cpu")
     owns = not tdist.is_initialized()
     if owns:
         if device.type == "cuda":
@@ -245,10 +245,39 @@ def destroy(ctx: DistContext) -> None:
         tdist.destroy_process_group()
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device of a single-process run (``auto``: CUDA if there is one)."""
+def available_devices() -> list[str]:
+    """The device names this machine can run on: cpu, then cuda and cuda:N per GPU, then mps."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    return names
+
+
+def check_device(name: object, flag: str = "--set device=") -> None:
+    """Refuse a device name this machine cannot use, naming the ones it can. ``flag`` is how the
+    user gave it: ``"--device "`` on the command line, ``"--set device="`` for a run's setting."""
+    usable = available_devices()
+    if name == "auto" or name in usable:
+        return
+    shown = f"{flag}{name}" if isinstance(name, str) and name.strip() and " " not in name else f"{flag}{name!r}"
+    if isinstance(name, str) and re.fullmatch(r"cuda(:\d+)?", name):
+        why = ("CUDA is not available here (no GPU, or a PyTorch built without CUDA)" if not torch.cuda.is_available()
+               else f"this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    elif isinstance(name, str) and name.lower() in usable:
+        why = "device names are lower case"
+    else:
+        why = "it is not a device this machine has"
+    raise ConfigError(f"{shown} cannot be used: {why}; use {flag}auto (the best device here) or one of the devices "
+                      f"this machine has: {', '.join(usable)}")
+
+
+def resolve_device(name: str, flag: str = "--set device=") -> torch.device:
+    """The device of a single-process run (``auto``: CUDA if there is one); a device this
+    machine lacks is one clear error (see ``check_device``)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MLSA4RecError(f"device {name!r} was asked for but CUDA is not available; use device=cpu")
+    check_device(name, flag)
     return torch.device(name)

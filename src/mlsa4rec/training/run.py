@@ -87,7 +87,8 @@ def check_memory(config: Config, data: SequenceData, device: torch.device) -> No
         net = build_run_model(config, data, device="meta")
     except RuntimeError as exc:  # sizes whose byte count overflows 64 bits
         raise MLSA4RecError(f"this run's model is larger than any amount of memory ({str(exc).splitlines()[0]}); "
-                            "lower hidden_size, MAX_ITEM_LIST_LENGTH or train_batch_size") from None
+                            "lower hidden_size, MAX_ITEM_LIST_LENGTH or train_batch_size with --set KEY=VALUE"
+                            ) from None
     param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     scheme = config["train_scheme"] if config["train_scheme"] != "auto" else net.preferred_scheme
     length = config["MAX_ITEM_LIST_LENGTH"]
@@ -105,7 +106,8 @@ def check_memory(config: Config, data: SequenceData, device: torch.device) -> No
         raise MLSA4RecError(
             f"this run needs at least {_gib(need)} of memory on {device} (parameters, gradients and Adam state "
             f"{_gib(4 * param_bytes)}, one batch {_gib(step_bytes)}) but {_gib(free)} is available; lower "
-            "hidden_size, MAX_ITEM_LIST_LENGTH, train_batch_size or eval_batch_size")
+            "hidden_size, MAX_ITEM_LIST_LENGTH, train_batch_size or eval_batch_size with --set, e.g. --set "
+            f"train_batch_size={max(1, batch // 2)}")
 
 
 _OOM_MARKS = ("can't allocate memory", "not enough memory", "out of memory")
@@ -117,7 +119,7 @@ def as_user_error(exc: BaseException) -> BaseException:
                                         and any(m in str(exc).lower() for m in _OOM_MARKS)):
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         return MLSA4RecError(f"ran out of memory ({first}); lower train_batch_size, eval_batch_size, hidden_size "
-                             "or MAX_ITEM_LIST_LENGTH")
+                             "or MAX_ITEM_LIST_LENGTH with --set KEY=VALUE")
     return exc
 
 
@@ -196,6 +198,7 @@ def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | P
     training = False  # past the resume checks: a failure from here on keeps the checkpoint with a hint
     try:
         data, data_seconds, state = _prepare(config, data_dir, payload if resume else None, stage, group, device)
+        data_sha256 = data.file_sha256  # what `evaluate` checks against
         net = build_run_model(config, data)
 
         def save_best(m: torch.nn.Module, epoch: int) -> None:
@@ -215,7 +218,7 @@ def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | P
         commit = git_commit()  # the code that trains, not whatever HEAD is when the run ends
         fit = trainer.fit()
         results = {
-            "model": model, **_data_record(data, data_dir, data_seconds), "train_scheme": trainer.scheme,
+            "model": model, **_data_record(data, data_dir, data_seconds, data_sha256), "train_scheme": trainer.scheme,
             "valid": trainer.evaluate("valid"), "test": trainer.evaluate("test"),
             **_fit_record(fit, net, device, group), "resumed": bool(resume), "started": started,
             "versions": versions(), "git_commit": commit, "history": fit.history,
@@ -277,9 +280,11 @@ def _prepare(config: Config, data_dir: str | Path | None, payload: bytes | None,
     return data, data_seconds, state
 
 
-def _data_record(data: SequenceData, data_dir: str | Path | None, data_seconds: float) -> dict[str, Any]:
-    """What results.json says about the data: its statistics, checksum, file and directory."""
-    return {"dataset": data.stats(), "data_fingerprint": data.fingerprint,
+def _data_record(data: SequenceData, data_dir: str | Path | None, data_seconds: float,
+                 data_sha256: str) -> dict[str, Any]:
+    """What results.json says about the data: its statistics, the data file's SHA-256, the
+    fingerprint of file and processing together, the file and the directory."""
+    return {"dataset": data.stats(), "data_sha256": data_sha256, "data_fingerprint": data.fingerprint,
             "data_dir": str(Path(d).resolve()) if (d := data_dir_from(data_dir)) else None,
             "data_source": data.source, "data_seconds": round(data_seconds, 3)}
 
@@ -299,7 +304,7 @@ def _add_resume_hint(exc: BaseException, stage: Path) -> None:
     if isinstance(exc, NonFiniteLoss):
         hint = (f"the last good checkpoint is kept in {str(stage)!r}; resuming unchanged would diverge again: rerun "
                 "with --resume --set clip_grad_norm=1.0 to continue with gradient clipping, or with --overwrite "
-                "and a lower learning_rate to start over")
+                "and a lower learning_rate (--set learning_rate=...) to start over")
     else:
         hint = (f"the last checkpoint is kept in {str(stage)!r}: rerun the same command with --resume to continue "
                 "from it, or with --overwrite to start over")

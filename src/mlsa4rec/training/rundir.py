@@ -31,7 +31,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,7 @@ def resolve_output_dir(output_dir: str | os.PathLike[str], *, overwrite: bool = 
     publishing replaces the output directory as a whole.
     """
     given = Path(output_dir).expanduser()
+    _check_components(given)  # before the first system call on it: a name too long fails every one
     if given.is_symlink():
         target = given.resolve()
         if not target.exists():
@@ -90,7 +93,107 @@ def resolve_output_dir(output_dir: str | os.PathLike[str], *, overwrite: bool = 
         what = "the working directory" if out == here else "a parent of the working directory"
         raise MLSA4RecError(f"--output-dir {_q(given)} is {what}; a run directory is created and replaced whole, "
                             "so name a new directory, e.g. --output-dir runs/NAME")
+    check_name_lengths(out, given)
     return out
+
+
+# a Linux pid stays below 2**22 = 4194304: 7 digits, the most a replaced run's hidden name holds
+_PID_DIGITS = 7
+_TEMP_SUFFIX = ".xxxxxxxx.tmp"  # fileio.atomic_path's temporary files: .NAME + 8 random characters + .tmp
+
+
+def replaced_name(out: Path, pid: int | None = None, token: str | None = None) -> str:
+    """The hidden sibling an old run is moved to while ``--overwrite`` replaces it with a new one."""
+    return f".{out.name}.{os.getpid() if pid is None else pid}.{token or secrets.token_hex(4)}.replaced"
+
+
+_REPLACED = r"\.{name}\.\d+\.[0-9a-f]{{8}}\.replaced"
+
+
+def _fs_limits(path: Path) -> tuple[int, int]:
+    """NAME_MAX and PATH_MAX, in bytes, of the file system that holds (or will hold) ``path``."""
+    probe = str(path)
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    limits = []
+    for key, default in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)):
+        try:
+            value = os.pathconf(probe, key)
+        except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or an unknown key
+            value = default
+        limits.append(value if value > 0 else default)
+    return limits[0], limits[1]
+
+
+def _short(name: str) -> str:
+    return repr(name if len(name) <= 60 else name[:40] + "..." + name[-12:])
+
+
+def _check_components(given: Path) -> None:
+    """Every name in ``--output-dir`` fits the file system (one that does not fails every call)."""
+    absolute = os.path.abspath(given)
+    name_max, path_max = _fs_limits(Path(absolute))
+    for part in given.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise MLSA4RecError(f"--output-dir holds the name {_short(part)} of {len(os.fsencode(part))} bytes; this "
+                                f"file system allows at most {name_max} (NAME_MAX); choose a shorter name")
+    if len(os.fsencode(absolute)) >= path_max:
+        raise MLSA4RecError(f"--output-dir {_short(str(given))} is a path of {len(os.fsencode(absolute))} bytes; this "
+                            f"file system allows at most {path_max - 1} (PATH_MAX); choose a shorter path")
+
+
+def check_name_lengths(out: Path, given: Path | str | None = None) -> None:
+    """Refuse, before any work, an output directory whose derived names would not fit the file
+    system: the stage ``.NAME.partial``, a replaced run's ``.NAME.PID.TOKEN.replaced``, a
+    ``NAME-1`` beside it, and the temporary files written inside them (NAME_MAX and PATH_MAX)."""
+    name_max, path_max = _fs_limits(out.parent)
+    size = len(os.fsencode(out.name))
+    derived = [out.name, staging_dir(out).name, f"{out.name}-99",
+               replaced_name(out, 10 ** _PID_DIGITS - 1, "f" * 8)]
+    longest = max(len(os.fsencode(name)) for name in derived)
+    shown = _short(str(given if given is not None else out))
+    if longest > name_max:
+        room = name_max - (longest - size)
+        raise MLSA4RecError(
+            f"--output-dir {shown} ends in a name of {size} bytes; a run also needs '.NAME.partial' beside it while "
+            "it trains and '.NAME.PID.TOKEN.replaced' while --overwrite replaces it, so on this file system "
+            f"(NAME_MAX {name_max}) the name may have at most {room} bytes; choose a shorter name")
+    inner = max(len(os.fsencode(f".{name}{_TEMP_SUFFIX}")) for name in (*RUN_FILES, MANIFEST, checkpoint.CHECKPOINT))
+    deepest = len(os.fsencode(str(out.parent))) + 1 + longest + 1 + inner + 1  # + the terminating NUL
+    if deepest > path_max:
+        raise MLSA4RecError(
+            f"--output-dir {shown} is a path of {len(os.fsencode(str(out)))} bytes; the files a run writes in and "
+            f"beside it would need paths of {deepest} bytes, more than this file system allows (PATH_MAX "
+            f"{path_max}); choose a shorter path")
+
+
+def warn_replaced_leftovers(out: Path) -> None:
+    """Say where an old run lies hidden beside ``out`` as ``.NAME.PID.TOKEN.replaced``: left there
+    when a process was killed while ``--overwrite`` published the new run, or holding files
+    mlsa4rec did not write, which it kept."""
+    try:
+        out = Path(os.path.abspath(out))
+        pattern = re.compile(_REPLACED.format(name=re.escape(out.name)))
+        with os.scandir(out.parent) as entries:
+            found = sorted(Path(e.path) for e in entries
+                           if pattern.fullmatch(e.name) and e.is_dir(follow_symlinks=False))
+    except (OSError, ValueError):  # a parent we may not list: nothing to say
+        return
+    for old in found:
+        try:
+            manifest = read_manifest(old)
+            complete = manifest is not None and all((old / name).is_file() for name in manifest["files"])
+        except (MLSA4RecError, OSError):
+            complete = False
+        quoted = shlex.quote(str(old))
+        if complete:
+            log.warning("an earlier run of %s, replaced by --overwrite, is still hidden in %s (the process publishing "
+                        "the new run was stopped before deleting it); keep it by renaming it (mv %s %s) or delete "
+                        "it (rm -r %s)", out, old, quoted, shlex.quote(f"{out}-old"), quoted)
+        else:
+            log.warning("%s holds what is left of an earlier run of %s that --overwrite replaced (files mlsa4rec did "
+                        "not write, or a deletion that was cut short); look inside, then move what you want to keep "
+                        "and delete it (rm -r %s)", old, out, quoted)
 
 
 def staging_dir(out: Path) -> Path:
@@ -128,8 +231,12 @@ def read_manifest(run: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise unreadable(path, exc) from None
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MLSA4RecError(f"{_q(path)} is damaged ({type(exc).__name__}); restore the run directory from a "
                             "backup or train it again") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
@@ -144,10 +251,18 @@ def read_manifest(run: Path) -> dict[str, Any] | None:
     return manifest
 
 
+def unreadable(path: Path, exc: OSError) -> MLSA4RecError:
+    """A run file the operating system will not let us read (permissions, a disk error): not damaged."""
+    return MLSA4RecError(f"{_q(path)} cannot be read: {exc.strerror or exc}; check the permissions of the file and "
+                         "of the run directory (ls -l), or run as a user allowed to read them")
+
+
 def verify_run(run: Path) -> None:
     """Check a finished run directory before any of its files is read: it has a manifest (or is
     a run written before manifests, with a warning), it is not an unfinished stage, and every
-    file a load reads matches its recorded SHA-256."""
+    file a load reads matches its recorded SHA-256. An old run hidden beside it by an interrupted
+    ``--overwrite`` is named in a warning."""
+    warn_replaced_leftovers(run)
     if is_stage(run) or (run / checkpoint.CHECKPOINT).exists():
         raise MLSA4RecError(f"{_q(run)} is the staging directory of a run that has not finished; continue it "
                             "with `mlsa4rec train ... --resume`, or wait for it to finish and use its --output-dir")
@@ -168,7 +283,11 @@ def verify_run(run: Path) -> None:
         path = run / name
         if not path.is_file():
             raise MLSA4RecError(f"{_q(path)} is missing; restore it from a backup or train the run again")
-        if path.stat().st_size != entry.get("bytes", -1) or sha256_file(path) != entry["sha256"]:
+        try:
+            same = path.stat().st_size == entry.get("bytes", -1) and sha256_file(path) == entry["sha256"]
+        except OSError as exc:
+            raise unreadable(path, exc) from None
+        if not same:
             raise MLSA4RecError(f"{_q(path)} does not match the checksum in {MANIFEST} (damaged or changed since "
                                 "the run finished); restore it from a backup or train the run again")
 
@@ -352,7 +471,7 @@ def publish(stage: Path, out: Path, *, overwrite: bool, lock: StageLock) -> Path
         return target
     old = None
     if out.exists() and any(out.iterdir()):  # a replaceable run (checked just above)
-        old = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.replaced"  # never in the way
+        old = out.parent / replaced_name(out)  # never in the way
         os.replace(out, old)
     elif out.exists():
         out.rmdir()  # empty: the rename below needs the name free on every platform
@@ -399,6 +518,7 @@ class Stage:
         """The stage of ``--output-dir output_dir``, and the verified checkpoint payload to resume
         from (empty for a fresh run)."""
         out = resolve_output_dir(output_dir, overwrite=overwrite)
+        warn_replaced_leftovers(out)
         path, lock, payload = open_stage(out, overwrite=overwrite, resume=resume)
         return cls(out, path, lock, overwrite=overwrite, resume=resume), payload
 
