@@ -252,3 +252,18 @@ def test_data_stats_reports_duplicates(tmp_path: Path, capsys) -> None:
     kept = json.loads(capsys.readouterr().out)
     assert kept["duplicates"] == "kept" and kept["interactions"] == 2 * stats["interactions"]
     shutil.rmtree(cache_dir() / "processed", ignore_errors=True)
+
+
+@pytest.mark.parametrize("spelling", ["spaces", "bom"])
+def test_a_csv_now_read_differently_changes_its_fingerprint(tmp_path: Path, spelling: str) -> None:
+    """Earlier versions kept a byte-order mark and spaces around fields as part of the ids; reading
+    the same file cleanly is other data, so runs trained on the old reading must not match it."""
+    seqs = successor_sequences(40, 20, seed=3)
+    clean = load_dataset(str(write_csv(tmp_path / "clean.csv", seqs)))
+    path = tmp_path / "odd.csv"
+    text = write_csv(tmp_path / "x.csv", seqs).read_text()
+    path.write_bytes(("\ufeff" + text).encode() if spelling == "bom" else text.replace(",", ", ").encode())
+    odd = load_dataset(str(path))
+    assert np.array_equal(odd.items, clean.items) and np.array_equal(odd.user_tokens, clean.user_tokens)
+    old_key = f"v1-csv-{sha256_file(path)}-[5,inf)-[5,inf)"
+    assert odd.fingerprint != hashlib.sha256(old_key.encode()).hexdigest()[:20]

@@ -188,6 +188,8 @@ def build_sequences(
         raise DataError(f"{name}: the file holds no interactions")
     user_codes, _ = pd.factorize(inter.user)
     item_codes, _ = pd.factorize(inter.item)
+    if inter.normalised and fingerprint:  # read differently from earlier versions: not their data
+        fingerprint = _derive(fingerprint, "normalised")
     n_dup, dropped, result_fingerprint = 0, False, fingerprint
     if inter.timed:
         dup = duplicate_mask(user_codes, item_codes, inter.time)

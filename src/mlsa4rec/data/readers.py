@@ -37,6 +37,9 @@ class Interactions:
     item: np.ndarray
     time: np.ndarray
     timed: bool = True
+    # the reader cleaned what earlier versions read as part of an id (a byte-order mark, spaces
+    # around CSV fields): the same file is then processed differently, so its fingerprint changes
+    normalised: bool = False
 
     def __len__(self) -> int:
         return int(self.user.shape[0])
@@ -65,6 +68,11 @@ def read_error(path: Path, exc: OSError) -> DataError:
 
 
 def _open_text(path: Path) -> str:
+    return _open_text_bom(path)[0]
+
+
+def _open_text_bom(path: Path) -> tuple[str, bool]:
+    """The file's text (gunzipped, UTF-8), and whether it began with a byte-order mark (dropped)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -78,7 +86,7 @@ def _open_text(path: Path) -> str:
     if not raw.strip():
         raise DataError(f"data file {str(path)!r} is empty{' (0 bytes)' if not raw else ''}; is it the right file?")
     try:
-        return raw.decode("utf-8-sig")  # -sig: the byte-order mark some programs put first is not data
+        return raw.decode("utf-8-sig"), raw.startswith(b"\xef\xbb\xbf")  # the mark some programs write is not data
     except UnicodeDecodeError:
         raise DataError(f"{str(path)!r} is not UTF-8 text; is it the right file?") from None
 
@@ -246,7 +254,7 @@ def _header_field(field: str) -> str:
 def read_csv(path: str | Path) -> Interactions:
     """Plain CSV ``user,item[,rating],timestamp``, with or without a header line."""
     path = Path(path)
-    text = _open_text(path)
+    text, bom = _open_text_bom(path)
     first = [_header_field(f) for f in text.partition("\n")[0].rstrip("\r").split(",")]
     has_header = all(f in _CSV_ALIASES for f in first)
     if has_header:
@@ -269,7 +277,15 @@ def read_csv(path: str | Path) -> Interactions:
     item = _column(df, "item", path, first_line, numeric=False)
     timed = "timestamp" in names
     time = _column(df, "timestamp", path, first_line, numeric=True) if timed else _file_order(path, len(df))
-    return Interactions(_ids(user), _ids(item), time, timed)
+    # mlsa4rec <= 0.2 kept a leading mark and spaces around fields as part of the ids
+    normalised = bom or _has_spaced_field(text)
+    return Interactions(_ids(user), _ids(item), time, timed, normalised)
+
+
+def _has_spaced_field(text: str) -> bool:
+    """Whether a CSV field starts or ends with a space or tab (substring scans: fast on big files)."""
+    edges = [f"{a}{b}" for a in ",\n" for b in " \t"] + [f"{b}{a}" for a in (",", "\n", "\r\n") for b in " \t"]
+    return text[:1] in (" ", "\t") or text.rstrip("\r\n")[-1:] in (" ", "\t") or any(e in text for e in edges)
 
 
 def read_amazon_json(path: str | Path) -> Interactions:
