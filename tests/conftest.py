@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Iterator
@@ -68,3 +69,19 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+class BrokenStream(io.StringIO):
+    """A standard output that fails after ``after`` characters: a closed pipe, a full or failing disk."""
+
+    def __init__(self, exc: OSError, after: int) -> None:
+        super().__init__()
+        self.exc, self.after = exc, after
+
+    def write(self, text: str) -> int:
+        if self.tell() + len(text) > self.after:
+            raise self.exc
+        return super().write(text)
+
+    def flush(self) -> None:
+        if self.tell() > self.after:
+            raise self.exc

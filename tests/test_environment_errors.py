@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import BrokenStream
 from mlsa4rec.cli import main
 from mlsa4rec.data.readers import MAX_ID_CHARS, read_csv, read_inter
 from mlsa4rec.errors import MLSA4RecError
@@ -368,21 +369,10 @@ def test_a_closed_pipe_or_a_full_disk_behind_stdout_is_no_traceback(tmp_path: Pa
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
 
 
-class FailingStream(io.StringIO):
-    """Standard output on a disk that fails: every write (after ``after`` characters) raises."""
-
-    def __init__(self, exc: OSError, after: int = 0) -> None:
-        super().__init__()
-        self.exc, self.after = exc, after
-
-    def write(self, text: str) -> int:
-        if self.tell() + len(text) > self.after:
-            raise self.exc
-        return super().write(text)
 
 
 def test_an_input_output_error_on_stdout_is_one_error_line(capsys, monkeypatch) -> None:
-    monkeypatch.setattr(sys, "stdout", FailingStream(OSError(errno.EIO, "Input/output error")))
+    monkeypatch.setattr(sys, "stdout", BrokenStream(OSError(errno.EIO, "Input/output error"), 0))
     code = main(["models"])
     err = capsys.readouterr().err
     one_error(code, err, "cannot write the output: Input/output error")

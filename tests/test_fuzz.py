@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import gzip
-import io
 import os
 import random
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import BrokenStream
 from mlsa4rec.cli import main
 from mlsa4rec.config import known_keys
 
@@ -402,22 +402,6 @@ def test_fuzz_csv_spellings(capsys, tmp_path: Path) -> None:
         if valid:
             assert code == 0, (case, text[:200])
 
-
-class BrokenStream(io.StringIO):
-    """A standard output that fails after ``after`` characters: a closed pipe, a full or failing disk."""
-
-    def __init__(self, exc: OSError, after: int) -> None:
-        super().__init__()
-        self.exc, self.after = exc, after
-
-    def write(self, text: str) -> int:
-        if self.tell() + len(text) > self.after:
-            raise self.exc
-        return super().write(text)
-
-    def flush(self) -> None:
-        if self.tell() > self.after:
-            raise self.exc
 
 
 def test_fuzz_broken_output_streams(capsys, tmp_path: Path, successor_file: Path) -> None:
