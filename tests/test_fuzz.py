@@ -1,4 +1,6 @@
-"""Fuzzing the command line: hostile data files, YAML config files, --set values and run directories.
+"""Fuzzing every entry point: hostile data files, YAML config files, --set values, run directories, a
+hostile machine (unreadable files, devices, long names, broken output streams), the dataset cache,
+`recommend --input` files, session states and `serve` flags.
 
 Every case is drawn from a seeded generator (the same cases on every run) and bounded in number,
 so the module runs in well under a minute. For each case the promise checked is the one in
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import json
 import os
 import random
 import shutil
@@ -21,10 +24,18 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
+import torch
+import uvicorn
 
 from conftest import BrokenStream
+
+sys.path.insert(0, str(Path(__file__).parent / "serving"))  # the serving tests' tiny trained runs
+from tiny_runs import tiny_run  # noqa: E402
+
 from mlsa4rec.cli import main
 from mlsa4rec.config import known_keys
+from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.serving import Recommender
 
 TINY = ["--set", "epochs=1", "--set", "hidden_size=8", "--set", "inner_size=8", "--set", "n_heads=1",
         "--set", "n_layers=1", "--set", "MAX_ITEM_LIST_LENGTH=6", "--set", "train_batch_size=64",
@@ -495,3 +506,114 @@ def test_fuzz_dataset_cache(capsys, tmp_path: Path, successor_file: Path) -> Non
         else:
             assert captured.out.split("{", 1)[1] == stats_clean, context
         mine.write_bytes(pristine)
+
+
+# --- serving entry points: recommend files, session states, serve arguments --------------------------
+N_REQUEST_FILES, N_STATES, N_SERVE = 10 * SCALE, 60 * SCALE, 30 * SCALE
+HOSTILE_JSON = [None, True, 0, -1, 1.5, 10 ** 30, "", "i1", "zz", "9480", [], ["i1"], ["i1", "zz"], [["i1"]], {},
+                {"a": 1}, [None], [1.5], ["i1"] * 2000, "é" * 300]
+
+
+def hostile_request_line(rng: random.Random) -> bytes:
+    """One line of a `recommend --input` file: a valid request, one with a hostile field, or bytes
+    that are not a request at all."""
+    request = {"history": rng.choice([["i1", "i2"], ["i3"], ["i5", "i6", "i7"]]), "k": rng.choice([1, 5, 10]),
+               "id": rng.choice(["a", 7, "x" * 20])}
+    kind = rng.randrange(5)
+    if kind == 1:
+        request[rng.choice(["history", "k", "exclude", "exclude_seen", "unknown", "fallback", "id", "extra"])] = \
+            rng.choice(HOSTILE_JSON)
+    elif kind == 2:
+        del request[rng.choice(list(request))]
+    line = json.dumps(request).encode()
+    if kind == 3:
+        line = rng.choice([b"[" * 5000 + b"]" * 5000, b'{"history": ["i1"], "id": NaN}', b"\xff\xfe{}", b"{",
+                           b'"just a string"', b"null", b'{"history": ["i1\x00"]}', line[: rng.randrange(len(line))],
+                           b"\xef\xbb\xbf" + line, line + b" trailing"])
+    return line
+
+
+def test_fuzz_recommend_input_files(capsys, tmp_path: Path) -> None:
+    """`recommend --input`: every line is answered (its answer or its error, with its id), bad lines
+    fail alone, and the command exits 0 or 2 with one error line, never a traceback."""
+    rng = random.Random(1106 + SEED)
+    run = tiny_run("sasrec")
+    work = tmp_path / "work"
+    work.mkdir()
+    for case in range(N_REQUEST_FILES):
+        lines = [hostile_request_line(rng) for _ in range(rng.randint(1, 12))]
+        path = work / f"r{case}.jsonl"
+        path.write_bytes(b"\n".join(lines) + rng.choice([b"", b"\n", b"\r\n"]))
+        argv = ["recommend", "--run-dir", str(run), "--input", str(path), "-k", str(rng.choice([1, 3, 10]))]
+        code = main(argv)
+        captured = capsys.readouterr()
+        context = f"request file {case}: {lines}\n{captured.err[-2000:]}"
+        assert code in (0, 2) and "Traceback" not in captured.err, context
+        answers = [json.loads(a) for a in captured.out.splitlines()]
+        assert len(answers) == len([line for line in lines if line.strip()]), context
+        assert all(("recommendations" in a) != ("error" in a) for a in answers), context
+        errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+        assert (code == 2) == any("error" in a for a in answers) and len(errors) == (code == 2), context
+
+
+def test_fuzz_session_states(tmp_path: Path) -> None:
+    """`Session.load_state_dict` with damaged states: either the state loads and the session goes on,
+    or one MLSA4RecError, and the session is left exactly as it was."""
+    rng = random.Random(1107 + SEED)
+    recs = {name: Recommender.from_run(tiny_run(name)) for name in ("mamba4rec", "sasrec")}
+    for case in range(N_STATES):
+        rec = recs[rng.choice(list(recs))]
+        source = rec.session()
+        source.add_many(["i1", "i2", "i3"][: rng.randint(1, 3)])
+        state = source.state_dict()
+        key = rng.choice(list(state))
+        action = rng.randrange(5)
+        if action == 0:
+            del state[key]
+        elif action == 1:
+            state[key] = rng.choice(HOSTILE_JSON + [torch.zeros(3), torch.full((1, 2), float("nan"))])
+        elif action == 2 and state["state"]:
+            i = rng.randrange(len(state["state"]))
+            t = state["state"][i]
+            state["state"][i] = rng.choice([t.double(), t[..., :1], t * float("nan"), t.unsqueeze(0),
+                                            t.to(torch.int64)])
+        elif action == 3 and state["representation"] is not None:
+            r = state["representation"]
+            state["representation"] = rng.choice([r * float("inf"), r[..., :-1], r.half(), r.tolist()])
+        elif action == 4:
+            state = rng.choice([None, [], "state", {"format": 2}, {**state, "format": 99}])
+        target = rec.session()
+        target.add("i4")
+        before = target.state_dict()
+        expected = target.recommend(k=5)
+        try:
+            target.load_state_dict(state)
+        except MLSA4RecError:
+            after = target.state_dict()
+            assert after.keys() == before.keys() and after["recent"] == before["recent"], case
+            assert target.recommend(k=5) == expected, case  # refused: nothing changed
+        except Exception as exc:  # anything else is a bug
+            raise AssertionError(f"state case {case} (action {action}, {key}): {type(exc).__name__}: {exc}") from None
+        else:
+            assert [r.item for r in target.recommend(k=5)] == [r.item for r in source.recommend(k=5)], case
+
+
+def test_fuzz_serve_arguments(capsys, tmp_path: Path, monkeypatch) -> None:
+    """`serve` with hostile flags: one error line and exit 2 before anything listens, or a server
+    that would start (its run loop is replaced here, so the case returns at once)."""
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    rng = random.Random(1108 + SEED)
+    run = tiny_run("gru4rec")
+    work = tmp_path / "work"
+    work.mkdir()
+    flags = ["--port", "--host", "--device", "--max-body-bytes", "--max-histories", "--max-history-length",
+             "--max-k", "--max-sessions", "--session-ttl", "--batch-window-ms", "--max-batch"]
+    values = ["0", "-1", "65536", "99999999999999999999", "1.5", "nan", "inf", "-inf", "", "abc", "1e3", "0x10",
+              "cpu", "cuda", "mps", "256.0.0.1", "localhost", "::1", "é", "1000000000000", "-0"]
+    codes = []
+    for case in range(N_SERVE):
+        argv = ["serve", "--run-dir", str(run), "--port", "0"]
+        for _ in range(rng.randint(1, 3)):
+            argv += [rng.choice(flags), rng.choice(values)]
+        codes.append(check_case(capsys, work, argv, f"serve case {case}"))
+    assert codes.count(2) >= N_SERVE // 2
