@@ -200,9 +200,11 @@ def test_a_device_this_machine_lacks_is_refused_before_any_work(capsys, tmp_path
                                                                 gpus: int) -> None:
     """train (--set device=), recommend and serve (--device): one line listing the devices that exist,
     before a data file or a run directory is even looked at (both are missing here)."""
-    if gpus:  # a machine with one GPU, simulated: cuda and cuda:0 pass the check, cuda:7 does not
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    # the machine is simulated either way (no GPU, or one), and never has Apple's mps
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(gpus))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    if getattr(torch.backends, "mps", None) is not None:
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     have = "cpu, cuda, cuda:0" if gpus else "cpu"
     missing_run = str(tmp_path / "no-run")
     for device in BAD_DEVICES:
@@ -365,7 +367,7 @@ def test_a_closed_pipe_or_a_full_disk_behind_stdout_is_no_traceback(tmp_path: Pa
     assert proc.wait(timeout=120) == 0 and err == "", err
     with open("/dev/full", "w") as full:
         done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
-    assert done.returncode == 2 and done.stderr.startswith("error: cannot write the output: No space left on device")
+    assert done.returncode == 2 and done.stderr.startswith("error: No space left on device; free disk space")
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
 
 
@@ -375,7 +377,7 @@ def test_an_input_output_error_on_stdout_is_one_error_line(capsys, monkeypatch) 
     monkeypatch.setattr(sys, "stdout", BrokenStream(OSError(errno.EIO, "Input/output error"), 0))
     code = main(["models"])
     err = capsys.readouterr().err
-    one_error(code, err, "cannot write the output: Input/output error")
+    one_error(code, err, "Input/output error; the disk or file system reported")
 
 
 def test_ratings_dat_ids_too_large_to_keep_apart_are_refused(tmp_path: Path) -> None:

@@ -403,8 +403,13 @@ def test_fuzz_csv_spellings(capsys, tmp_path: Path) -> None:
     rng = random.Random(1108 + SEED)
     work = tmp_path / "work"
     work.mkdir()
+    def stats(path: Path) -> dict:
+        assert main(["data", "stats", str(path), "--json"]) == 0
+        return {k: v for k, v in json.loads(capsys.readouterr().out).items() if k != "dataset"}
+
     for case in range(N_CSV):
-        text, valid = csv_text(rng, sequences(rng))
+        seqs = sequences(rng)
+        text, valid = csv_text(rng, seqs)
         data = work / f"case{case}.csv"
         data.write_bytes(text.encode("utf-8"))
         argv = ["data", "stats", str(data), "--json"] if rng.random() < 0.7 else train_argv(data, tmp_path / "out")
@@ -412,6 +417,9 @@ def test_fuzz_csv_spellings(capsys, tmp_path: Path) -> None:
                           tmp_path / "out" if argv[0] == "train" else None)
         if valid:
             assert code == 0, (case, text[:200])
+            plain = tmp_path / "plain.csv"  # the same events in the plainest spelling: the same data
+            plain.write_text("user,item,timestamp\n" + render(seqs, "csv"))
+            assert stats(data) == stats(plain), (case, text[:200])
 
 
 
@@ -455,6 +463,7 @@ def test_fuzz_dataset_cache(capsys, tmp_path: Path, successor_file: Path) -> Non
     from mlsa4rec.data.dataset import cache_dir
 
     rng = random.Random(1105 + SEED)
+    shutil.rmtree(cache_dir() / "processed", ignore_errors=True)  # only this test's two caches: no guessing
     run = tmp_path / "run"
     assert main(train_argv(successor_file, run)) == 0
     other = tmp_path / "other.txt"
@@ -465,6 +474,7 @@ def test_fuzz_dataset_cache(capsys, tmp_path: Path, successor_file: Path) -> Non
     assert main(["evaluate", "--run-dir", str(run)]) == 0
     eval_clean = capsys.readouterr().out
     caches = {p.name.split("-", 1)[0]: p for p in (cache_dir() / "processed").glob("*.npz")}
+    assert sorted(caches) == ["other", "succ"] and len(list((cache_dir() / "processed").glob("*.npz"))) == 2
     mine, theirs = caches[successor_file.name.split(".")[0]], caches["other"]
     pristine = mine.read_bytes()
     for case in range(N_CACHE):

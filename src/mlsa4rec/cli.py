@@ -547,17 +547,28 @@ _OS_FIXES = {
 }
 
 
-def os_error_message(exc: OSError) -> str | None:
-    """One line for an operating-system error a person can act on (None for any other: a bug)."""
+# errors that name no file but still have a person's fix: the disk or the process's limits
+_ANY_STREAM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EMFILE, errno.ENFILE}
+
+
+def _shown(name: object) -> str:
+    text = os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else str(name)
+    return repr(text if len(text) <= 200 else text[:100] + "..." + text[-60:])
+
+
+def os_error_message(exc: OSError, writing_output: bool = False) -> str | None:
+    """One line for an operating-system error a person can act on (None for any other: a bug,
+    which keeps its traceback). ``writing_output``: it came from writing the command's output."""
     fix = _OS_FIXES.get(exc.errno)
     if fix is None:
         return None
     reason = exc.strerror or os.strerror(exc.errno)
-    if exc.filename is None:  # a stream: the command's output (a file or pipe it was redirected to)
+    if writing_output:
         return f"cannot write the output: {reason}; {fix}"
-    name = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes, os.PathLike)) else str(exc.filename)
-    shown = repr(name if len(name) <= 200 else name[:100] + "..." + name[-60:])
-    return f"cannot use {shown}: {reason}; {fix}"
+    if exc.filename is None:  # no file named: only a full or failing disk, or too many open files, says enough
+        return f"{reason}; {fix}" if exc.errno in _ANY_STREAM else None
+    both = f" and {_shown(exc.filename2)}" if exc.filename2 is not None else ""
+    return f"cannot use {_shown(exc.filename)}{both}: {reason}; {fix}"
 
 
 def _check_device_flag(args: argparse.Namespace) -> None:
@@ -590,8 +601,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_device_flag(args)
         handler = _cmd_data_stats if args.command == "data" else COMMANDS[args.command]
         code = handler(args)
-        if sys.stdout is not None:
-            sys.stdout.flush()  # a full disk or closed pipe behind stdout fails here, not at exit
+        try:
+            if sys.stdout is not None:
+                sys.stdout.flush()  # a full disk or closed pipe behind stdout fails here, not at exit
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            message = os_error_message(exc, writing_output=True)
+            if message is None:
+                raise
+            _silence_stdout()
+            print(f"error: {message}", file=sys.stderr)
+            return 2
         return code
     except MLSA4RecError as exc:
         rank = env_rank()
@@ -609,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if message is None:
             raise
         if exc.filename is None:
-            _silence_stdout()  # the output is broken: nothing more may be written there, even at exit
+            _silence_stdout()  # it may be the output that broke: nothing more may be written there, even at exit
         print(f"error: {message}", file=sys.stderr)
         return 2
 

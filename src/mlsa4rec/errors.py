@@ -21,6 +21,11 @@ class DataError(MLSA4RecError):
     """A missing, malformed or empty data file, or a dataset that filtering leaves empty."""
 
 
+class BrokenModelError(MLSA4RecError):
+    """The model or a state it was given produced unusable numbers (NaN, infinities): the run, not
+    the request, is at fault (HTTP answers 500, not 422)."""
+
+
 class PeerFailed(MLSA4RecError):
     """Raised on the other ranks of a distributed run when rank 0 failed at a step only it runs:
     rank 0 prints the message, so the command line shows it once."""

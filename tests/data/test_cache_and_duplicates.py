@@ -78,11 +78,11 @@ def test_an_edited_cache_array_is_detected_and_rebuilt(tmp_path: Path, caplog) -
 def test_a_cache_swapped_with_another_datasets_is_not_used(tmp_path: Path, caplog) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    a_path = write_csv(tmp_path / "a" / "shop.csv", successor_sequences(60, 20, seed=2))
-    b_path = write_csv(tmp_path / "b" / "shop.csv", successor_sequences(80, 25, seed=5))
+    a_path = write_csv(tmp_path / "a" / "swapshop.csv", successor_sequences(60, 20, seed=2))
+    b_path = write_csv(tmp_path / "b" / "swapshop.csv", successor_sequences(80, 25, seed=5))
     a = load_dataset(str(a_path))
     b = load_dataset(str(b_path))
-    a_cache, b_cache = sorted((cache_dir() / "processed").glob("shop-*.npz"), key=lambda p: p.stat().st_mtime)
+    a_cache, b_cache = sorted((cache_dir() / "processed").glob("swapshop-*.npz"), key=lambda p: p.stat().st_mtime)
     tmp = a_cache.with_suffix(".swap")
     a_cache.rename(tmp)
     b_cache.rename(a_cache)
@@ -254,16 +254,68 @@ def test_data_stats_reports_duplicates(tmp_path: Path, capsys) -> None:
     shutil.rmtree(cache_dir() / "processed", ignore_errors=True)
 
 
-@pytest.mark.parametrize("spelling", ["spaces", "bom"])
-def test_a_csv_now_read_differently_changes_its_fingerprint(tmp_path: Path, spelling: str) -> None:
-    """Earlier versions kept a byte-order mark and spaces around fields as part of the ids; reading
-    the same file cleanly is other data, so runs trained on the old reading must not match it."""
+@pytest.mark.parametrize("spelling, changed", [
+    ("spaces around values", True),      # 0.2 kept " 2" as an id apart from "2": other data now
+    ("spaces in the header", False),     # 0.2 read it alike: the same data, the same fingerprint
+    ("byte-order mark", False),          # 0.2 could not read its header: no run of it exists
+    ("plain", False),
+])
+def test_a_csv_gets_a_new_fingerprint_only_where_earlier_versions_read_other_ids(tmp_path: Path, spelling: str,
+                                                                                  changed: bool) -> None:
+    """Earlier versions kept spaces around CSV values as part of the ids; a file they read into other
+    ids is other data now, so their runs must not match it; any other file keeps its fingerprint."""
     seqs = successor_sequences(40, 20, seed=3)
     clean = load_dataset(str(write_csv(tmp_path / "clean.csv", seqs)))
-    path = tmp_path / "odd.csv"
     text = write_csv(tmp_path / "x.csv", seqs).read_text()
-    path.write_bytes(("\ufeff" + text).encode() if spelling == "bom" else text.replace(",", ", ").encode())
+    text = {"spaces around values": text.replace(",", ", "),
+            "spaces in the header": text.replace("user,item,timestamp", "user, item, timestamp"),
+            "byte-order mark": "\ufeff" + text, "plain": text}[spelling]
+    path = tmp_path / "odd.csv"
+    path.write_bytes(text.encode())
     odd = load_dataset(str(path))
     assert np.array_equal(odd.items, clean.items) and np.array_equal(odd.user_tokens, clean.user_tokens)
     old_key = f"v1-csv-{sha256_file(path)}-[5,inf)-[5,inf)"
-    assert odd.fingerprint != hashlib.sha256(old_key.encode()).hexdigest()[:20]
+    assert (odd.fingerprint != hashlib.sha256(old_key.encode()).hexdigest()[:20]) == changed
+
+
+def test_other_files_earlier_versions_read_into_other_data_get_a_new_fingerprint(tmp_path: Path) -> None:
+    """A byte-order mark before an .inter file's first column, `timestamp`, hid that column from
+    0.2 (file order was used); a quoted CSV id with a space inside is now stripped."""
+    from mlsa4rec.data.readers import read_csv, read_inter, read_user_lines
+
+    inter = tmp_path / "t.inter"
+    inter.write_text("\ufefftimestamp:float\tuser_id:token\titem_id:token\n2\tu\ti\n1\tu\tj\n")
+    assert read_inter(inter).normalised and read_inter(inter).time.tolist() == [2.0, 1.0]
+    inter.write_text("\ufeffuser_id:token\titem_id:token\ttimestamp:float\nu\ti\t1\n")
+    assert not read_inter(inter).normalised  # 0.2 could not read it: nothing to protect
+    csv = tmp_path / "q.csv"
+    csv.write_text('1,"a ",1\n1,a,2\n2,b\xa0,3\n2,b,4\n')
+    read = read_csv(csv)
+    assert read.normalised and read.item.tolist() == ["a", "a", "b\xa0", "b"]  # only spaces and tabs go
+    txt = tmp_path / "z.txt"
+    txt.write_text("000000000000000000002 1 2 3\n")  # 0.2 read it: long, but a 64-bit integer
+    assert read_user_lines(txt).user.tolist() == [2, 2, 2]
+
+
+def test_a_cache_that_cannot_be_read_is_rebuilt_not_called_the_data_file(tmp_path: Path, monkeypatch,
+                                                                          caplog) -> None:
+    """A cache folder or file the user may not read is a missing cache (rebuilt, one warning), never
+    an error that names the cache file as the data file."""
+    path = write_csv(tmp_path / "perm.csv", successor_sequences(40, 20, seed=3))
+    clean = load_dataset(str(path))
+    processed = str(cache_dir() / "processed")
+
+    def refuse(self) -> bool:
+        if str(self).startswith(processed):
+            raise PermissionError(13, "Permission denied", str(self))
+        return original(self)
+
+    original = Path.is_file
+    monkeypatch.setattr(Path, "is_file", refuse)
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda f, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if str(f).startswith(processed) else real_load(f, *a, **k))
+    with caplog.at_level(logging.WARNING):
+        again = load_dataset(str(path))
+    assert np.array_equal(again.items, clean.items)
+    assert any("unreadable" in r.getMessage() for r in caplog.records)

@@ -553,9 +553,14 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(runs: dict[str, Pat
         time.sleep(1.0)
         proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
-        time.sleep(0.5)
-        with pytest.raises(OSError):  # no longer accepting
-            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        refused_by = time.monotonic() + 10  # no longer accepting, soon (polled: CI machines are slow)
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            except OSError:
+                break
+            assert time.monotonic() < refused_by, "the server still accepts connections after SIGTERM"
+            time.sleep(0.05)
         for sock in in_flight:  # the rest of each body, then its answer
             sock.sendall(body[10:])
             answer = b""
@@ -578,7 +583,7 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(runs: dict[str, Pat
         err.close()
     log = (tmp_path / "serve.err").read_text()
     assert code == 0, log
-    assert took < grace + 5, took  # the stuck request is cut off after the grace period...
+    assert took < grace + 10, took  # the stuck request is cut off after the grace period (+ interpreter exit)...
     assert cut_off.startswith(b"HTTP/1.1 503 ") and b"shutting down" in cut_off, cut_off  # ...with a 503
     assert statuses.count(200) >= 4 and set(statuses) <= {200, "closed"}, statuses
     assert "Traceback" not in log and "POST /recommend was cut off by the shutdown" in log, log
@@ -593,3 +598,15 @@ def test_cli_help_shows_the_defaults() -> None:
         value = DEFAULTS[name]
         shown = str(int(value)) if float(value).is_integer() else str(value)
         assert f"(default {shown}" in helps[flag], (flag, helps[flag])
+
+
+def test_a_model_that_scores_nan_is_a_500_naming_it_not_a_422(runs: dict[str, Path], monkeypatch) -> None:
+    """Broken numbers are the run's fault, not the request's: 500 with one line, and the log says so."""
+    import torch
+
+    broken = Recommender.from_run(runs["sasrec"])
+    real = broken.scores
+    monkeypatch.setattr(broken, "scores", lambda histories: torch.full_like(real(histories), float("nan")))
+    with serving(create_app(broken, batch_window_ms=0)) as url, httpx.Client(base_url=url, timeout=10) as client:
+        answer = client.post("/recommend", json={"histories": [["i1", "i2"]], "k": 3})
+    assert answer.status_code == 500 and "NaN or infinite" in answer.json()["error"], answer.text

@@ -258,7 +258,7 @@ def test_nan_or_infinite_scores_are_an_error_never_a_short_list(runs: dict[str, 
     rec = Recommender.from_run(runs["sasrec"])
     clean = rec.scores([rec.to_ids(["i1", "i2"]), rec.to_ids(["i3"])]).clone()  # out of inference mode
     assert len(rec.top_k(clean, rec.items.n_items)[1]) == rec.items.n_items
-    for bad in (float("nan"), float("inf")):
+    for bad in (float("nan"), float("inf"), float("-inf")):
         for where in ((1, 5), (1, slice(1, None))):
             scores = clean.clone()
             scores[where] = bad

@@ -312,7 +312,7 @@ def load_cached(path: Path, key: str, name: str) -> SequenceData | None:
     Checked before use: the key stored in the file equals ``key`` (a cache copied or renamed over
     another dataset's is refused) and every array's SHA-256 equals the one recorded at write time
     (an edited array is refused). A failure is one warning line; the caller rebuilds and rewrites."""
-    if not path.is_file():
+    if not os.path.isfile(path):  # never raises: a cache folder we may not enter is a missing cache
         return None
     try:
         with np.load(path, allow_pickle=False) as z:

@@ -109,7 +109,7 @@ def read_user_lines(path: str | Path) -> Interactions:
         raise DataError(f"{str(path)!r} holds no interactions")
     counts = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
     flat = list(itertools.chain.from_iterable(rows))
-    if max(map(len, flat)) > 20:  # longer than any 64-bit integer: said before a text array that wide is made
+    if max(map(len, flat)) > MAX_ID_CHARS:  # said before a text array that wide is made
         _refuse_txt_ids(path, line_numbers, rows)
     try:
         ids = np.array(flat).astype(np.int64)
@@ -132,7 +132,7 @@ def _refuse_txt_ids(path: Path, line_numbers: np.ndarray, rows: list[list[str]])
                 raise DataError(
                     f"{str(path)!r} line {lineno}: {_show(tok)} is not an integer id; the .txt format takes integer "
                     "user and item ids only ('user item item ...'); put other ids in a .csv or .inter file")
-            if len(digits) > 19 or not -2 ** 63 <= int(tok) < 2 ** 63:
+            if len(digits) > MAX_ID_CHARS or not -2 ** 63 <= int(tok) < 2 ** 63:
                 raise DataError(f"{str(path)!r} line {lineno}: the id {_show(tok)} does not fit in 64 bits; the .txt "
                                 "format takes 64-bit integer ids; put other ids in a .csv or .inter file")
     raise DataError(f"{str(path)!r}: the .txt format takes integer user and item ids only; put other ids in "
@@ -176,9 +176,9 @@ def _read_table(path: Path, text: str, sep: str, header: int | None, names: list
             io.StringIO(text), sep=sep, header=header, names=names, dtype=str,
             keep_default_na=False, engine="c", skip_blank_lines=True, skipinitialspace=spaced,
         )
-        if spaced:
+        if spaced:  # spaces and tabs only: other whitespace (a no-break space) may belong to an id
             for column in df.columns:
-                df[column] = df[column].str.strip()
+                df[column] = df[column].str.strip(" \t")
         return df
     except pd.errors.ParserError as exc:
         raise DataError(f"{str(path)!r} is malformed: {str(exc).strip()}") from None
@@ -199,7 +199,7 @@ def _ids(values: np.ndarray) -> np.ndarray:
 def read_inter(path: str | Path) -> Interactions:
     """RecBole atomic ``.inter``: tab-separated, typed header ``user_id:token item_id:token ...``."""
     path = Path(path)
-    text = _open_text(path)
+    text, bom = _open_text_bom(path)
     header_line, _, _ = text.partition("\n")
     fields = [f.split(":", 1)[0].strip() for f in header_line.rstrip("\r").split("\t")]
     if "user_id" not in fields or "item_id" not in fields:
@@ -215,7 +215,8 @@ def read_inter(path: str | Path) -> Interactions:
     item = _column(df, "item_id", path, 2, numeric=False)
     timed = "timestamp" in fields
     time = _column(df, "timestamp", path, 2, numeric=True) if timed else _file_order(path, len(df))
-    return Interactions(_ids(user), _ids(item), time, timed)
+    # mlsa4rec <= 0.2 kept a byte-order mark in the first column's name: a first timestamp column was not one
+    return Interactions(_ids(user), _ids(item), time, timed, normalised=bom and fields[0] == "timestamp")
 
 
 def read_ratings_dat(path: str | Path) -> Interactions:
@@ -277,15 +278,36 @@ def read_csv(path: str | Path) -> Interactions:
     item = _column(df, "item", path, first_line, numeric=False)
     timed = "timestamp" in names
     time = _column(df, "timestamp", path, first_line, numeric=True) if timed else _file_order(path, len(df))
-    # mlsa4rec <= 0.2 kept a leading mark and spaces around fields as part of the ids
-    normalised = bom or _has_spaced_field(text)
-    return Interactions(_ids(user), _ids(item), time, timed, normalised)
+    user, item = _ids(user), _ids(item)
+    normalised = _csv_read_differently_before(("\ufeff" if bom else "") + text, user, item)
+    return Interactions(user, item, time, timed, normalised)
 
 
-def _has_spaced_field(text: str) -> bool:
-    """Whether a CSV field starts or ends with a space or tab (substring scans: fast on big files)."""
-    edges = [f"{a}{b}" for a in ",\n" for b in " \t"] + [f"{b}{a}" for a in (",", "\n", "\r\n") for b in " \t"]
-    return text[:1] in (" ", "\t") or text.rstrip("\r\n")[-1:] in (" ", "\t") or any(e in text for e in edges)
+def _csv_read_differently_before(raw: str, user: np.ndarray, item: np.ndarray) -> bool:
+    """Whether mlsa4rec <= 0.2 read this CSV's text into other user or item ids (it kept a leading
+    byte-order mark and spaces around fields inside the ids), so that the same file is other data
+    now. A file it could not read at all, or read alike, is not: its fingerprint stays."""
+    if not any(c in raw for c in " \t\ufeff"):  # nothing it kept that is dropped now (one scan each)
+        return False
+    first = raw.partition("\n")[0].rstrip("\r").split(",")
+    had_header = all(f.strip().lower() in _CSV_ALIASES for f in first)
+    if had_header:
+        names = [_CSV_ALIASES[f.strip().lower()] for f in first]
+    elif len(first) in (3, 4):
+        names = ["user", "item", "timestamp"] if len(first) == 3 else ["user", "item", "rating", "timestamp"]
+    else:
+        return False
+    try:
+        old = pd.read_csv(io.StringIO(raw), sep=",", header=0 if had_header else None, names=None if had_header
+                          else names, dtype=str, keep_default_na=False, engine="c", skip_blank_lines=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError):
+        return False
+    if had_header:
+        old.columns = names
+    if len(old) != len(user) or "user" not in old or "item" not in old:
+        return False  # it read other rows: the header test differed, and such a file failed in 0.2
+    return not (np.array_equal(_ids(old["user"].to_numpy()).astype(str), user.astype(str))
+                and np.array_equal(_ids(old["item"].to_numpy()).astype(str), item.astype(str)))
 
 
 def read_amazon_json(path: str | Path) -> Interactions:

@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchem
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.errors import BrokenModelError, MLSA4RecError
 from mlsa4rec.serving.recommender import Recommendation, Recommender, Session, flag, option_style
 
 log = logging.getLogger("mlsa4rec")
@@ -580,8 +580,11 @@ def create_app(recommender: Recommender, *, max_body_bytes: int = DEFAULTS["max_
 
     @app.exception_handler(MLSA4RecError)
     async def unusable(request: Request, exc: MLSA4RecError) -> JSONResponse:
+        broken = isinstance(exc, BrokenModelError)  # the run is at fault, not the request
+        if broken:
+            log.error("%s %s: %s", request.method, request.url.path, exc)
         return JSONResponse({"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__},
-                            status_code=422)
+                            status_code=500 if broken else 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

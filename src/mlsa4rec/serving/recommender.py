@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 
 from mlsa4rec.config import Config, build_config, load_yaml_file
 from mlsa4rec.data.itemmap import ItemMap
-from mlsa4rec.errors import MLSA4RecError, check_choice
+from mlsa4rec.errors import BrokenModelError, MLSA4RecError, check_choice
 from mlsa4rec.evaluation.runs import load_run, load_weights, run_device
 from mlsa4rec.models import build_model, get_class
 from mlsa4rec.training import rundir
@@ -249,10 +249,10 @@ class Recommender:
         """The ``k`` best items of each row, minus the row's ``seen`` ids and the raw ids ``exclude``
         (an id the run never saw is an error, or dropped with ``unknown='drop'``)."""
         banned = self.exclude_ids(exclude, unknown)
-        broken = torch.isnan(scores[:, 1:]) | torch.isposinf(scores[:, 1:])
+        broken = ~torch.isfinite(scores[:, 1:])  # real items; column 0 (padding) is -inf by design
         if bool(broken.any()):  # never an empty or arbitrary list in their place
             row = int(broken.any(dim=1).nonzero()[0])
-            raise MLSA4RecError(f"the model scored history {row} with NaN or infinite values: its weights or the "
+            raise BrokenModelError(f"the model scored history {row} with NaN or infinite values: its weights or the "
                                 "session state it was given are broken; reload the run (and the session) or retrain it")
         scores = scores.clone()  # the padding column is -inf already; exclusions below write into a copy
         if banned:

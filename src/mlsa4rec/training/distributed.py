@@ -200,6 +200,8 @@ def device_for(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     check_device(name)
+    if not (name == "cpu" or name.startswith("cuda")):  # said before any rank starts (preflight calls this)
+        raise MLSA4RecError(f"distributed training runs on cpu or cuda, not {name}; use --set device=cpu")
     if name.startswith("cuda"):
         if ":" in name:
             raise MLSA4RecError(f"--set device={name} would put every rank on one GPU; under torchrun use "
