@@ -254,3 +254,13 @@ def test_seed_outside_what_numpy_accepts_is_refused(seed: int) -> None:
     with pytest.raises(ConfigError, match=r"seed must be in \[0, 2\*\*32\)"):
         build_config("sasrec", overrides={"seed": seed})
     assert build_config("sasrec", overrides={"seed": 2 ** 32 - 1})["seed"] == 2 ** 32 - 1
+
+
+@pytest.mark.parametrize("model, key", [("sasrec", "n_layers"), ("mamba4rec", "num_layers"),
+                                        ("mlsa4rec", "num_interaction_layers"), ("gru4rec", "num_layers")])
+def test_a_layer_count_in_the_millions_is_refused_before_the_model_is_built(model: str, key: str) -> None:
+    """Found by the fuzz module at scale 10: `--set n_layers=1e30` built layer after layer on the
+    meta device (5 GB after 117,000) before the memory check could refuse it."""
+    with pytest.raises(ConfigError, match=f"{key} must be at most 1000"):
+        build_config(model, [], {key: 10 ** 30}, extra={"dataset": "x"}).model_kwargs()
+    build_config(model, [], {key: 3}, extra={"dataset": "x"}).model_kwargs()  # ordinary values still pass

@@ -58,6 +58,9 @@ def parse_interval(text: str, key: str = "interval") -> tuple[float, float]:
     return lo, hi
 
 
+MAX_LAYERS = 1000  # more than any published sequential recommender by two orders of magnitude
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A model's hyperparameters. Subclasses add fields (``setting``) and checks (``check``).
@@ -70,8 +73,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.name.endswith("dropout_prob") and not 0.0 <= getattr(self, f.name) < 1.0:
-                raise ValueError(f"{f.name} must be in [0, 1), got {getattr(self, f.name)!r}")
+            value = getattr(self, f.name)
+            if f.name.endswith("dropout_prob") and not 0.0 <= value < 1.0:
+                raise ValueError(f"{f.name} must be in [0, 1), got {value!r}")
+            # a module per layer is built (on the meta device, by the memory check) before any size is
+            # known: a count of layers in the millions would take minutes and gigabytes just to refuse
+            if f.name.endswith("layers") and isinstance(value, int) and value > MAX_LAYERS:
+                raise ValueError(f"{f.name} must be at most {MAX_LAYERS}, got {value!r}")
         self.check()
 
     def check(self) -> None:

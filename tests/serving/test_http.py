@@ -610,3 +610,12 @@ def test_a_model_that_scores_nan_is_a_500_naming_it_not_a_422(runs: dict[str, Pa
     with serving(create_app(broken, batch_window_ms=0)) as url, httpx.Client(base_url=url, timeout=10) as client:
         answer = client.post("/recommend", json={"histories": [["i1", "i2"]], "k": 3})
     assert answer.status_code == 500 and "NaN or infinite" in answer.json()["error"], answer.text
+
+
+def test_a_limit_too_large_for_the_request_schema_is_one_error_line(runs: dict[str, Path], capsys) -> None:
+    """Found by the fuzz module at scale 10: --max-history-length 1000000000000 failed inside
+    pydantic while building the schema (a traceback)."""
+    for flag in ("--max-history-length", "--max-histories", "--max-k", "--max-body-bytes"):
+        assert main(["serve", "--run-dir", str(runs["sasrec"]), flag, "1000000000000"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {flag} must be at most 2,147,483,647" in err and "Traceback" not in err, err

@@ -472,6 +472,9 @@ class Metrics:
 
 
 # --- the app ------------------------------------------------------------------------------------------
+LIMIT_MAX = 2 ** 31 - 1
+
+
 def _check_limits(limits: dict[str, Any]) -> None:
     for name, value in limits.items():
         whole = name not in ("session_ttl_s", "batch_window_ms")
@@ -480,6 +483,8 @@ def _check_limits(limits: dict[str, Any]) -> None:
         least = 0 if name == "batch_window_ms" else 1 if whole else 0.001
         if not value >= least or value == float("inf"):
             raise MLSA4RecError(f"{flag(name)} must be at least {least} (and finite), got {value!r}")
+        if value > LIMIT_MAX:  # the request schema holds them as 64-bit integers; no real limit comes close
+            raise MLSA4RecError(f"{flag(name)} must be at most {LIMIT_MAX:,}, got {value!r}")
 
 
 def _field(loc: tuple[Any, ...]) -> str:
