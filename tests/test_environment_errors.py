@@ -342,9 +342,12 @@ def test_a_run_hidden_by_an_interrupted_overwrite_is_named_by_the_next_command(c
     finished_run.rename(stage)
     shutil.copytree(stage, hidden)
     caplog.clear()
-    code, _, err = cli(capsys, "evaluate", "--run-dir", str(finished_run))
-    one_error(code, err, "not a run directory")
-    assert str(hidden) in caplog.text
+    for command in ("evaluate", "recommend"):
+        caplog.clear()
+        argv = [command, "--run-dir", str(finished_run)] + (["--history", "1 2"] if command == "recommend" else [])
+        code, _, err = cli(capsys, *argv)
+        one_error(code, err, "not a run directory")
+        assert str(hidden) in caplog.text, command
 
 
 # --- the command line's own errors and broken output streams ---------------------------------------

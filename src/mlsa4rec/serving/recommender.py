@@ -163,6 +163,7 @@ class Recommender:
         without one is rebuilt from its data, which must then be found)."""
         run = Path(run_dir)
         if not (run / "config.yaml").is_file():
+            rundir.warn_replaced_leftovers(run)  # an interrupted --overwrite may have left the old run hidden
             raise MLSA4RecError(f"{str(run)!r} is not a run directory (no config.yaml); pass the --output-dir of a "
                                 "finished `mlsa4rec train`")
         if not (run / rundir.ITEMS).is_file():
