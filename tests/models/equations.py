@@ -145,19 +145,30 @@ def sasrec(m, seq: torch.Tensor, drop=_keep, drop_attn=None) -> torch.Tensor:
     position (a padded key comes after every real query), which is all that is read."""
     drop_attn = drop if drop_attn is None else drop_attn
     width = seq.shape[1]
-    x = drop(ln(m.layer_norm, m.item_embedding.weight[seq] + m.position_embedding.weight[:width]))
     allowed = (seq > 0)[:, None, :] & torch.ones(width, width, dtype=torch.bool).tril()   # B x query x key
-    additive = torch.where(allowed, 0.0, -10000.0).to(x.dtype)
+    additive = torch.where(allowed, 0.0, -10000.0)
+
+    def head(att, q, k, v):
+        scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]) + additive.to(q.dtype)
+        return drop_attn(softmax(scores, dim=-1)) @ v
+
+    return sasrec_blocks(m, seq, drop, head)
+
+
+def sasrec_blocks(m, seq: torch.Tensor, drop, head) -> torch.Tensor:
+    """SASRec's embedding and layer stack, B x L x D, around one head's attention
+    ``head(attention_module, Q_h, K_h, V_h) -> context_h`` (B x L x d_h): the block LinRec and
+    Performer keep, with their own attention in it.
+
+        E = Drop(LN(ItemEmb(s) + PosEmb(0..L-1)))
+        per layer:  A = LN(Drop(Dense(concat_h head(Q_h, K_h, V_h))) + H);  H = LN(Drop(W2 gelu(W1 A)) + A)"""
+    x = drop(ln(m.layer_norm, m.item_embedding.weight[seq] + m.position_embedding.weight[:seq.shape[1]]))
     for layer in m.layers:
         att = layer.attention
-        heads = att.n_heads
-        d = x.shape[-1] // heads
+        d = x.shape[-1] // att.n_heads
         q, k, v = lin(att.query, x), lin(att.key, x), lin(att.value, x)
-        context = torch.zeros_like(x)
-        for h in range(heads):
-            c = slice(h * d, (h + 1) * d)
-            scores = q[..., c] @ k[..., c].transpose(1, 2) / math.sqrt(d) + additive
-            context[..., c] = drop_attn(softmax(scores, dim=-1)) @ v[..., c]
+        context = torch.cat([head(att, q[..., c], k[..., c], v[..., c])
+                             for c in (slice(h * d, (h + 1) * d) for h in range(att.n_heads))], dim=-1)
         a = ln(att.layer_norm, drop(lin(att.dense, context)) + x)
         ff = layer.feed_forward
         x = ln(ff.layer_norm, drop(lin(ff.dense_2, gelu(lin(ff.dense_1, a)))) + a)

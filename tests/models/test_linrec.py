@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from equations import lin, ln
+from equations import sasrec_blocks
 
 from mlsa4rec.config import build_config
 from mlsa4rec.errors import ConfigError
@@ -37,27 +37,17 @@ def padded(batch_lengths, width, seed=0):
 
 def transcription(m, seq, drop=lambda x: x):
     """The module docstring's equations, one head and one position at a time (no prefix sums)."""
-    width = seq.shape[1]
-    x = drop(ln(m.layer_norm, m.item_embedding.weight[seq] + m.position_embedding.weight[:width]))
-    for layer in m.layers:
-        att = layer.attention
-        heads = att.n_heads
-        d = x.shape[-1] // heads
-        q, k, v = lin(att.query, x), lin(att.key, x), lin(att.value, x)
-        context = torch.zeros_like(x)
-        for h in range(heads):
-            c = slice(h * d, (h + 1) * d)
-            qh = F.elu(q[..., c])
-            qh = qh / qh.norm(dim=-1, keepdim=True)
-            kh = F.elu(k[..., c])
-            kh = kh / kh.norm(dim=-1, keepdim=True)
-            for t in range(width):
-                weights = torch.einsum("bd,bjd->bj", qh[:, t], kh[:, :t + 1]) / math.sqrt(d)   # j <= t
-                context[:, t, c] = torch.einsum("bj,bjd->bd", weights, v[:, :t + 1, c])
-        a = ln(att.layer_norm, drop(lin(att.dense, context)) + x)
-        ff = layer.feed_forward
-        x = ln(ff.layer_norm, drop(lin(ff.dense_2, F.gelu(lin(ff.dense_1, a)))) + a)
-    return x
+
+    def head(att, q, k, v):
+        q = F.elu(q) / F.elu(q).norm(dim=-1, keepdim=True)
+        k = F.elu(k) / F.elu(k).norm(dim=-1, keepdim=True)
+        context = torch.zeros_like(v)
+        for t in range(q.shape[1]):
+            weights = torch.einsum("bd,bjd->bj", q[:, t], k[:, :t + 1]) / math.sqrt(q.shape[-1])   # j <= t
+            context[:, t] = torch.einsum("bj,bjd->bd", weights, v[:, :t + 1])
+        return context
+
+    return sasrec_blocks(m, seq, drop, head)
 
 
 def test_registry_flags_and_settings() -> None:

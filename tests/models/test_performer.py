@@ -9,8 +9,7 @@ import math
 import pytest
 import safetensors.torch
 import torch
-import torch.nn.functional as F
-from equations import lin, ln
+from equations import sasrec_blocks
 
 from mlsa4rec.errors import ConfigError
 from mlsa4rec.layers.linear_attention import PerformerAttention, orthogonal_gaussian
@@ -44,24 +43,16 @@ def phi(x, w):
 
 def transcription(m, seq, drop=lambda x: x):
     """The module docstring's equations, one head and one position at a time (no prefix sums)."""
-    width = seq.shape[1]
-    x = drop(ln(m.layer_norm, m.item_embedding.weight[seq] + m.position_embedding.weight[:width]))
-    for layer in m.layers:
-        att = layer.attention
-        heads = att.n_heads
-        d = x.shape[-1] // heads
-        q, k, v = lin(att.query, x), lin(att.key, x), lin(att.value, x)
-        context = torch.zeros_like(x)
-        for h in range(heads):
-            c = slice(h * d, (h + 1) * d)
-            qf, kf = phi(q[..., c], att.projection), phi(k[..., c], att.projection)
-            for t in range(width):
-                weights = torch.einsum("bm,bjm->bj", qf[:, t], kf[:, :t + 1])    # j <= t
-                context[:, t, c] = torch.einsum("bj,bjd->bd", weights, v[:, :t + 1, c]) / weights.sum(-1, keepdim=True)
-        a = ln(att.layer_norm, drop(lin(att.dense, context)) + x)
-        ff = layer.feed_forward
-        x = ln(ff.layer_norm, drop(lin(ff.dense_2, F.gelu(lin(ff.dense_1, a)))) + a)
-    return x
+
+    def head(att, q, k, v):
+        qf, kf = phi(q, att.projection), phi(k, att.projection)
+        context = torch.zeros_like(v)
+        for t in range(q.shape[1]):
+            weights = torch.einsum("bm,bjm->bj", qf[:, t], kf[:, :t + 1])    # j <= t
+            context[:, t] = torch.einsum("bj,bjd->bd", weights, v[:, :t + 1]) / weights.sum(-1, keepdim=True)
+        return context
+
+    return sasrec_blocks(m, seq, drop, head)
 
 
 def projections(m) -> list[torch.Tensor]:
