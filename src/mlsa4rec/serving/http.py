@@ -483,7 +483,7 @@ def _check_limits(limits: dict[str, Any]) -> None:
         least = 0 if name == "batch_window_ms" else 1 if whole else 0.001
         if not value >= least or value == float("inf"):
             raise MLSA4RecError(f"{flag(name)} must be at least {least} (and finite), got {value!r}")
-        if value > LIMIT_MAX:  # the request schema holds them as 64-bit integers; no real limit comes close
+        if value > LIMIT_MAX:  # pydantic cannot build the request schema with larger bounds; no real limit comes close
             raise MLSA4RecError(f"{flag(name)} must be at most {LIMIT_MAX:,}, got {value!r}")
 
 
