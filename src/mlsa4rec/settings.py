@@ -19,6 +19,7 @@ from mlsa4rec.metrics import METRICS, parse_metric
 
 TRAIN_SCHEMES = ("auto", "prefix", "all_positions", "cloze")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
+DUPLICATE_RULES = ("drop", "keep")  # what happens to events equal to an earlier one (data/dataset.py)
 _INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*$")
 
 
@@ -148,7 +149,7 @@ class TrainConfig:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed!r}")
         for key in ("user_inter_num_interval", "item_inter_num_interval"):
             parse_interval(getattr(self, key), key)
-        check_choice("duplicate_events", self.duplicate_events, ("drop", "keep"), ConfigError)
+        check_choice("duplicate_events", self.duplicate_events, DUPLICATE_RULES, ConfigError)
         check_choice("train_scheme", self.train_scheme, TRAIN_SCHEMES, ConfigError)
         check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS, ConfigError)
         if str(self.loss_type).upper() != "CE":

@@ -39,13 +39,13 @@ from mlsa4rec.config import parse_interval
 from mlsa4rec.data.readers import Interactions, read_interactions
 from mlsa4rec.errors import DataError, check_choice
 from mlsa4rec.fileio import atomic_path, sha256_file
+from mlsa4rec.settings import DUPLICATE_RULES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = "[5,inf)"  # the protocol's 5-core filter, RecBole's notation
 PROCESSING_VERSION = 1  # bump when the processing below changes what it produces
 CACHE_FORMAT = 2  # 2: arrays carry their SHA-256 and the cache its lookup key
-DUPLICATE_RULES = ("drop", "keep")
 
 
 @dataclass

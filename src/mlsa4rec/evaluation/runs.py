@@ -24,7 +24,6 @@ from mlsa4rec.data import REGISTRY, SequenceData, data_dir_from, duplicates_mism
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation.evaluator import evaluate_split, split_ranks
 from mlsa4rec.evaluation.significance import check_confidence, compare_ranks, holm
-from mlsa4rec.fileio import sha256_file
 from mlsa4rec.metrics import parse_metric
 from mlsa4rec.models import build_model, get_class
 from mlsa4rec.ops.scan import check_environment
@@ -103,28 +102,22 @@ def load_run(run_dir: str | Path, data_dir: str | Path | None = None) -> LoadedR
     if why := duplicates_mismatch(data, recorded.get("data_fingerprint"), f"run {str(run)!r}"):
         raise MLSA4RecError(why)
     if recorded.get("data_fingerprint") not in (None, data.fingerprint):
-        raise MLSA4RecError(data_mismatch_message(config, data_dir, recorded))
+        raise MLSA4RecError(data_mismatch_message(config, data, data_dir, recorded))
     net = build_run_model(config, data)
     load_weights(net, run / rundir.WEIGHTS)
     net.to(device).eval()
     return LoadedRun(run, config, data, net, device)
 
 
-def data_file_checksum(dataset: str, data_dir: str | Path | None) -> tuple[Path, str]:
-    """The file ``dataset`` (a registered name or a path) is read from, and its SHA-256: what
-    results.json records as ``data_sha256`` (its ``data_source`` names the file)."""
-    path = resolve(dataset, data_dir)[1]
-    return path, sha256_file(path)
-
-
-def data_mismatch_message(config: Config, data_dir: str | Path | None, recorded: Mapping[str, Any]) -> str:
+def data_mismatch_message(config: Config, data: SequenceData, data_dir: str | Path | None,
+                          recorded: Mapping[str, Any]) -> str:
     """Why the data found for a run is not the data it was trained on, and what to do. Runs since
     0.2 record the data file's SHA-256 (``data_sha256`` in results.json); older ones record only
     a fingerprint of file and filtering together, so the two causes cannot be told apart."""
     dataset = config["dataset"]
     where = ("point --data-dir at the original files" if dataset in REGISTRY
              else f"restore the original file at {dataset!r}")
-    path, digest = data_file_checksum(dataset, data_dir)
+    path, digest = resolve(dataset, data_dir)[1], data.file_sha256  # the load's own checksum: no second read
     trained_on = recorded.get("data_sha256")
     if not isinstance(trained_on, str):
         return (f"the data found for {dataset!r} ({str(path)!r}) differs from the data this run was trained on "
