@@ -28,7 +28,8 @@ SHOWN = ("hit@10", "ndcg@10", "mrr@10")
 
 def rescore(run_dir: str, data_dir: str | None) -> dict[str, Any]:
     """One run's valid and test metrics under each rule, with the rule it was trained under."""
-    from mlsa4rec.evaluation.runs import evaluate_loaded, load_run
+    from mlsa4rec.evaluation.runs import evaluate_loaded
+    from mlsa4rec.runs.loading import load_run
 
     run = load_run(run_dir, data_dir)  # data and weights once, scored under each rule
     out: dict[str, Any] = {"run": Path(run_dir).name, "model": run.config["model"], "dataset": run.config["dataset"],

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mlsa4rec.data.sampling import gather, history_bounds
-from mlsa4rec.evaluation.runs import load_run
+from mlsa4rec.runs.loading import load_run
 from mlsa4rec.metrics import metrics_from_ranks, target_ranks
 
 

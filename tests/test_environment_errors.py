@@ -28,7 +28,7 @@ from conftest import BrokenStream
 from mlsa4rec.cli import main
 from mlsa4rec.data.readers import MAX_ID_CHARS, read_csv, read_inter
 from mlsa4rec.errors import MLSA4RecError
-from mlsa4rec.training import rundir
+from mlsa4rec.runs import directory
 from mlsa4rec.training.run import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -101,7 +101,7 @@ def test_output_dir_names_too_long_for_the_file_system_are_refused_before_traini
                                                                                   monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
-    longest = name_max - len(rundir.replaced_name(Path("x"), 10 ** 7 - 1, "f" * 8)) + 1  # room for every sibling
+    longest = name_max - len(directory.replaced_name(Path("x"), 10 ** 7 - 1, "f" * 8)) + 1  # room for every sibling
     before = tree(tmp_path)
     for name in ("a" * (longest + 1), "a" * (name_max - 8), "a" * name_max, "a" * (name_max + 1), "é" * 120,
                  "/".join(["b" * 200] * 25)):
@@ -129,17 +129,17 @@ def test_output_dir_names_too_long_for_the_file_system_are_refused_before_traini
 def test_every_derived_name_is_checked_against_the_limits(tmp_path: Path, monkeypatch) -> None:
     """With a small NAME_MAX or PATH_MAX the longest derived name or path decides, not NAME itself."""
     out = tmp_path / "run"
-    monkeypatch.setattr(rundir, "_fs_limits", lambda path: (len(".run.9999999.ffffffff.replaced"), 4096))
-    rundir.check_name_lengths(out)  # exactly fits
-    monkeypatch.setattr(rundir, "_fs_limits", lambda path: (len(".run.9999999.ffffffff.replaced") - 1, 4096))
+    monkeypatch.setattr(directory, "_fs_limits", lambda path: (len(".run.9999999.ffffffff.replaced"), 4096))
+    directory.check_name_lengths(out)  # exactly fits
+    monkeypatch.setattr(directory, "_fs_limits", lambda path: (len(".run.9999999.ffffffff.replaced") - 1, 4096))
     with pytest.raises(MLSA4RecError, match="may have at most 2 bytes"):
-        rundir.check_name_lengths(out)
+        directory.check_name_lengths(out)
     deepest = len(str(tmp_path)) + len("/.run.9999999.ffffffff.replaced/.model.safetensors.xxxxxxxx.tmp") + 1
-    monkeypatch.setattr(rundir, "_fs_limits", lambda path: (255, deepest))
-    rundir.check_name_lengths(out)
-    monkeypatch.setattr(rundir, "_fs_limits", lambda path: (255, deepest - 1))
+    monkeypatch.setattr(directory, "_fs_limits", lambda path: (255, deepest))
+    directory.check_name_lengths(out)
+    monkeypatch.setattr(directory, "_fs_limits", lambda path: (255, deepest - 1))
     with pytest.raises(MLSA4RecError, match="PATH_MAX"):
-        rundir.check_name_lengths(out)
+        directory.check_name_lengths(out)
 
 
 # --- files the user may not read -----------------------------------------------------------------
@@ -223,7 +223,7 @@ def test_a_run_trained_on_a_device_this_machine_lacks_is_evaluated_on_one_it_has
                                                                                  caplog) -> None:
     config = finished_run / "config.yaml"
     config.write_text(config.read_text().replace("device: auto", "device: cuda:3"))
-    rundir.write_manifest(finished_run)
+    directory.write_manifest(finished_run)
     code, out, err = cli(capsys, "evaluate", "--run-dir", str(finished_run), "--json")
     assert code == 0, err
     assert json.loads(out)["test"] and "device=cuda:3, which this machine does not have" in caplog.text
@@ -302,7 +302,7 @@ def test_a_run_recorded_before_data_sha256_still_loads(capsys, successor_file: P
     results = json.loads((finished_run / "results.json").read_text())
     del results["data_sha256"]
     (finished_run / "results.json").write_text(json.dumps(results))
-    rundir.write_manifest(finished_run)
+    directory.write_manifest(finished_run)
     code, _, err = cli(capsys, "evaluate", "--run-dir", str(finished_run))
     assert code == 0, err
     successor_file.write_text(successor_file.read_text() + "301 1 2 3 4 5 6\n")
@@ -320,7 +320,7 @@ def test_a_run_hidden_by_an_interrupted_overwrite_is_named_by_the_next_command(c
     def killed(old: Path) -> None:  # the process dies after the new run is in place, before deleting the old
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rundir, "_delete_replaced", killed)
+    monkeypatch.setattr(directory, "_delete_replaced", killed)
     with pytest.raises(KeyboardInterrupt):
         train("sasrec", str(successor_file), finished_run, overrides={**SMALL, "seed": 9}, overwrite=True)
     monkeypatch.undo()
@@ -338,7 +338,7 @@ def test_a_run_hidden_by_an_interrupted_overwrite_is_named_by_the_next_command(c
         assert len(warnings) == 1 and "rm -r" in warnings[0] and "mv " in warnings[0], caplog.text
     # killed between the two renames: no run in place, the old one hidden, the new one finished in its stage
     shutil.rmtree(hidden)
-    stage = rundir.staging_dir(finished_run)
+    stage = directory.staging_dir(finished_run)
     finished_run.rename(stage)
     shutil.copytree(stage, hidden)
     caplog.clear()

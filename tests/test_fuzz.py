@@ -299,7 +299,7 @@ def test_fuzz_devices(capsys, tmp_path: Path, successor_file: Path) -> None:
     import torch
     import yaml
 
-    from mlsa4rec.training.distributed import available_devices
+    from mlsa4rec.runtime import available_devices
 
     rng = random.Random(1106 + SEED)
     work = tmp_path / "work"

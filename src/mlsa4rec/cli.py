@@ -505,7 +505,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(f"{'configuration':<{width}} {'non-embedding':>13} {'total':>10}  flags (embedding table: "
               f"{args.n_items} items)")
         for label, name, config in configurations:
-            model = build_model(get_class(name), args.n_items, config.model_kwargs(), config["MAX_ITEM_LIST_LENGTH"])
+            model = build_model(get_class(name), args.n_items, config.model_kwargs(), config.train.max_seq_length)
             print(f"{label:<{width}} {model.num_parameters(exclude_embeddings=True):>13,} "
                   f"{model.num_parameters():>10,}  {_describe(model)}")
         return 0
@@ -575,7 +575,7 @@ def _check_device_flag(args: argparse.Namespace) -> None:
     """A ``--device`` this machine lacks is refused before any file is read."""
     device = getattr(args, "device", "auto")
     if device != "auto":
-        from mlsa4rec.training.distributed import check_device
+        from mlsa4rec.runtime import check_device
 
         check_device(device, "--device ")
 

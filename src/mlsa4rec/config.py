@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from mlsa4rec.errors import ConfigError
-from mlsa4rec.settings import TrainConfig, defaults_of, help_of, parse_interval
+from mlsa4rec.settings import ModelConfig, TrainConfig, as_keys, defaults_of, from_keys, help_of, parse_interval
 
 __all__ = ["Config", "build_config", "known_keys", "load_yaml_file", "parse_interval", "parse_set", "presets",
            "run_facts"]
@@ -224,27 +224,48 @@ def _unknown_key(key: str, known: Iterable[str], model: str | None) -> ConfigErr
     return ConfigError(f"unknown config key {key!r}{where}{hint} ({listing})")
 
 
+@dataclass(frozen=True)
 class Config(Mapping[str, Any]):
-    """A validated, read-only mapping of every setting of one run."""
+    """One run's settings, typed and validated: the run's facts (``model``, ``dataset``), the settings
+    every model shares (``train``, a ``TrainConfig``) and the model's own (``hyper``, its
+    ``config_class``). Code reads attributes: ``config.train.max_seq_length``.
 
-    def __init__(self, values: Mapping[str, Any], model_keys: Iterable[str] = ()) -> None:
-        self._values = dict(values)
-        self.model_keys = tuple(model_keys)
+    The read-only mapping view uses the keys of YAML, ``--set`` and ``config.yaml`` (RecBole's, e.g.
+    ``config["MAX_ITEM_LIST_LENGTH"]``): it is what a run directory saves and what scripts that
+    compare settings by name read.
+    """
 
-    def __getitem__(self, key: str) -> Any:
-        return self._values[key]
-
-    def __iter__(self):
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
+    model: str
+    train: TrainConfig
+    hyper: ModelConfig
+    dataset: Any = None  # a registered name or a file path; None for a config built without data
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self._values)
+        """Every setting by its key: what ``config.yaml`` holds (run facts first)."""
+        facts = {"model": self.model, **({"dataset": self.dataset} if self.dataset is not None else {})}
+        return {**facts, **as_keys(self.train), **as_keys(self.hyper)}
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+    @property
+    def model_keys(self) -> tuple[str, ...]:
+        """The keys of the model's own hyperparameters."""
+        return tuple(as_keys(self.hyper))
 
     def model_kwargs(self) -> dict[str, Any]:
-        return {k: self._values[k] for k in self.model_keys}
+        """The model's hyperparameters, as its ``config_class`` takes them."""
+        return {f.name: getattr(self.hyper, f.name) for f in fields(self.hyper)}
+
+    def with_train(self, **changes: Any) -> Config:
+        """This config with some shared settings changed (field names; checked like the rest)."""
+        return replace(self, train=replace(self.train, **changes))
 
 
 def build_config(
@@ -255,8 +276,8 @@ def build_config(
 ) -> Config:
     """Merge defaults, files and overrides for ``model`` and validate every key and value.
 
-    ``extra`` holds run facts that are not tunable settings (``model``, ``dataset``) and are
-    stored with the config so that a run directory is self-describing.
+    ``extra`` holds run facts that are not tunable settings (``dataset``) and are stored with the
+    config so that a run directory is self-describing.
     """
     base = overall_defaults()
     own = model_defaults(model)
@@ -270,14 +291,13 @@ def build_config(
             if key not in defaults:
                 raise _unknown_key(key, defaults, model)
             values[key] = _check_type(key, value, defaults[key])
-    train = TrainConfig(**{k: values[k] for k in base})
-    model_keys = [k for k in own if k not in base]
+    train = from_keys(TrainConfig, {k: values[k] for k in base})
+    cls = _config_class(model)
     try:
-        hyper = _config_class(model)(**{k: values[k] for k in model_keys})
+        hyper = from_keys(cls, {k: values[k] for k in own if k not in base})
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"cannot build model {model!r}: {exc}") from None
-    values = {"model": model, **(dict(extra) if extra else {}), **asdict(train), **asdict(hyper)}
-    return Config(values, model_keys)
+    return Config(model, train, hyper, (extra or {}).get("dataset"))
 
 
 def known_keys(model: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Process-level tuning for CPU training, applied by the CLI (a library import changes nothing),
-and the machine facts every benchmark records.
+"""The runtime floor, below everything that runs a model: the devices this machine has (and the
+one a setting names), the seed of every generator, process-level tuning for CPU training (applied
+by the CLI; a library import changes nothing) and the machine facts every benchmark records.
 
 glibc returns every freed block above the mmap threshold (128 KiB by default) to the kernel, so
 each training step re-faults its large activations (the N x items logits alone are ~90 MB) page
@@ -15,8 +16,15 @@ import ctypes.util
 import logging
 import os
 import platform
+import random
+import re
 import sys
 from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlsa4rec.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +66,50 @@ def env_rank() -> int:
     """This process's global rank from the environment (0 when not launched by torchrun). Torch-free,
     so the CLI can ask before it imports anything heavy."""
     return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+
+
+# --- devices and seeds: every floor that runs a model asks here ---------------------------------
+
+def available_devices() -> list[str]:
+    """The device names this machine can run on: cpu, then cuda and cuda:N per GPU, then mps."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    return names
+
+
+def check_device(name: object, flag: str = "--set device=") -> None:
+    """Refuse a device name this machine cannot use, naming the ones it can. ``flag`` is how the
+    user gave it: ``"--device "`` on the command line, ``"--set device="`` for a run's setting."""
+    usable = available_devices()
+    if name == "auto" or name in usable:
+        return
+    shown = f"{flag}{name}" if isinstance(name, str) and name.strip() and " " not in name else f"{flag}{name!r}"
+    if isinstance(name, str) and re.fullmatch(r"cuda(:\d+)?", name):
+        why = ("CUDA is not available here (no GPU, or a PyTorch built without CUDA)" if not torch.cuda.is_available()
+               else f"this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    elif isinstance(name, str) and name.lower() in usable:
+        why = "device names are lower case"
+    else:
+        why = "it is not a device this machine has"
+    raise ConfigError(f"{shown} cannot be used: {why}; use {flag}auto (the best device here) or one of the devices "
+                      f"this machine has: {', '.join(usable)}")
+
+
+def resolve_device(name: str, flag: str = "--set device=") -> torch.device:
+    """The device of a single-process run (``auto``: CUDA if there is one); a device this
+    machine lacks is one clear error (see ``check_device``)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(name, flag)
+    return torch.device(name)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators (a run's initialisation, dropout and sampling)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,9 +1,11 @@
 """Every default, declared once: ``TrainConfig`` for a run's settings, a ``ModelConfig`` per model.
 
-A setting is a dataclass field with its default and one line of help (``setting``). The merged,
-validated mapping a run uses (``config.build_config``), the list ``mlsa4rec models --config NAME``
-prints and the values a resumed run falls back to are all read from these classes. Names follow
-RecBole where RecBole has the setting.
+A setting is a dataclass field with its default and one line of help (``setting``). The typed
+config a run uses (``config.build_config``), the list ``mlsa4rec models --config NAME`` prints and
+the values a resumed run falls back to are all read from these classes. Keys (YAML, ``--set``,
+``config.yaml``) follow RecBole where RecBole has the setting; a field whose RecBole key is not a
+Python name for code (``MAX_ITEM_LIST_LENGTH``) declares it with ``key=`` and is read in code by
+its field name (``max_seq_length``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, ClassVar
 
 from mlsa4rec.errors import ConfigError, MLSA4RecError, check_choice
@@ -23,20 +25,37 @@ DUPLICATE_RULES = ("drop", "keep")  # what happens to events equal to an earlier
 _INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*$")
 
 
-def setting(default: Any, help: str) -> Any:
-    """A field with its default and the help line ``mlsa4rec models --config`` prints beside it."""
+def setting(default: Any, help: str, key: str | None = None) -> Any:
+    """A field with its default and the help line ``mlsa4rec models --config`` prints beside it;
+    ``key``: its name in YAML and ``--set`` where that differs from the field's name."""
+    metadata = {"help": help, **({"key": key} if key else {})}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def key_of(f: Field) -> str:
+    """A field's key in YAML, ``--set`` and ``config.yaml``."""
+    return f.metadata.get("key", f.name)
 
 
 def defaults_of(cls: type) -> dict[str, Any]:
-    """{field: default} of a settings dataclass, in declaration order."""
-    return {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(cls)}
+    """{key: default} of a settings dataclass, in declaration order."""
+    return {key_of(f): f.default_factory() if f.default is MISSING else f.default for f in fields(cls)}
 
 
 def help_of(cls: type) -> dict[str, str]:
-    return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+    return {key_of(f): f.metadata.get("help", "") for f in fields(cls)}
+
+
+def from_keys(cls: type, values: Mapping[str, Any]) -> Any:
+    """An instance of the settings class ``cls`` from ``{key: value}`` (its keys, not field names)."""
+    return cls(**{f.name: values[key_of(f)] for f in fields(cls) if key_of(f) in values})
+
+
+def as_keys(settings: Any) -> dict[str, Any]:
+    """``{key: value}`` of a settings instance, in declaration order (what ``config.yaml`` holds)."""
+    return {key_of(f): getattr(settings, f.name) for f in fields(settings)}
 
 
 def parse_interval(text: str, key: str = "interval") -> tuple[float, float]:
@@ -102,7 +121,7 @@ class TrainConfig:
     item_inter_num_interval: str = setting("[5,inf)", "keep items with this many events (iterative k-core)")
     duplicate_events: str = setting("drop", "drop | keep: events equal to an earlier one in user, item and timestamp "
                                             "(they put test targets in their own history); keep where they are real")
-    MAX_ITEM_LIST_LENGTH: int = setting(50, "L: history truncated to the most recent L items")
+    max_seq_length: int = setting(50, "L: history truncated to the most recent L items", key="MAX_ITEM_LIST_LENGTH")
     # --- training ------------------------------------------------------------------------------
     train_scheme: str = setting("auto", "prefix | all_positions | cloze (BERT4Rec) | auto (the model's preferred "
                                         "scheme)")
@@ -138,10 +157,11 @@ class TrainConfig:
                                            "them out")
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "train_batch_size", "eval_batch_size", "MAX_ITEM_LIST_LENGTH", "eval_step",
+        for key in ("epochs", "train_batch_size", "eval_batch_size", "max_seq_length", "eval_step",
                     "learning_rate", "dist_timeout"):
             if not getattr(self, key) > 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+                shown = key_of(self.__dataclass_fields__[key])  # as the user wrote it
+                raise ConfigError(f"{shown} must be > 0, got {getattr(self, key)!r}")
         for key in ("weight_decay", "clip_grad_norm", "stopping_step", "all_positions_stride", "checkpoint_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
@@ -170,7 +190,7 @@ class TrainConfig:
             raise ConfigError(f"valid_metric {self.valid_metric!r} is not computed: it must be METRIC@K with METRIC "
                               f"in metrics {metrics} and K in topk {topk}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(self.device)):
-            from mlsa4rec.training.distributed import available_devices  # torch: imported only when needed
+            from mlsa4rec.runtime import available_devices  # torch: imported only when needed
 
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps (this machine has "
                               f"{', '.join(available_devices())}); got {self.device!r}")

@@ -220,14 +220,14 @@ def test_a_run_trained_with_duplicates_kept_is_refused_with_the_fix(tmp_path: Pa
     train("sasrec", str(path), run, overrides={**TINY, "duplicate_events": "keep"})
     evaluate_run(run)  # kept on purpose: loads
     # make it look like a run of mlsa4rec 0.2: no duplicate_events in its config
-    from mlsa4rec.training import rundir
+    from mlsa4rec.runs import directory
     config = yaml.safe_load((run / "config.yaml").read_text())
     del config["duplicate_events"]
     (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    manifest = json.loads((run / rundir.MANIFEST).read_text())
+    manifest = json.loads((run / directory.MANIFEST).read_text())
     manifest["files"]["config.yaml"] = {"bytes": (run / "config.yaml").stat().st_size,
                                         "sha256": sha256_file(run / "config.yaml")}
-    (run / rundir.MANIFEST).write_text(json.dumps(manifest))
+    (run / directory.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(MLSA4RecError, match=r"duplicate events .* kept.*retrain.*--set duplicate_events=keep"):
         evaluate_run(run)
 

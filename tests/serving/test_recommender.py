@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 from mlsa4rec.cli import main
 from mlsa4rec.data.sampling import eval_batches
 from mlsa4rec.errors import MLSA4RecError
-from mlsa4rec.evaluation.runs import load_run
+from mlsa4rec.runs.loading import load_run
 from mlsa4rec.serving import Recommender
 from mlsa4rec.serving.batch import recommend_lines
 
@@ -65,7 +65,7 @@ def test_recommend_equals_the_evaluation_path(runs: dict[str, Path], model: str)
 def test_long_history_uses_the_last_L_items(runs: dict[str, Path]) -> None:
     rec = Recommender.from_run(runs["sasrec"])
     long = [f"i{(k % 30) + 1}" for k in range(40)]
-    assert rec.recommend([long], k=7) == rec.recommend([long[-rec.max_length:]], k=7)
+    assert rec.recommend([long], k=7) == rec.recommend([long[-rec.max_seq_length:]], k=7)
 
 
 def test_unknown_ids_empty_histories_and_exclusions(runs: dict[str, Path], caplog) -> None:
@@ -228,7 +228,7 @@ def test_a_session_past_the_stream_limit_re_encodes_the_last_L_events() -> None:
     """LinRec's learned positions end at L: its session streams the first L events, then re-encodes
     the last L, and at every length it equals the batch path (which also reads the last L)."""
     rec = Recommender.from_run(tiny_run("linrec"))
-    assert rec.streams and rec.model.stream_limit == rec.max_length == 8
+    assert rec.streams and rec.model.stream_limit == rec.max_seq_length == 8
     session = rec.session()
     history = [f"i{(k % 30) + 1}" for k in range(12)]
     for n, item in enumerate(history, 1):

@@ -56,9 +56,9 @@ def gather(items: np.ndarray, start: np.ndarray, end: np.ndarray, width: int) ->
     return out, lengths
 
 
-def history_bounds(data: SequenceData, targets: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Input range [start, end) of each target: the (at most ``max_len``) items right before it."""
-    start = np.maximum(data.history_start(targets), targets - max_len)
+def history_bounds(data: SequenceData, targets: np.ndarray, max_seq_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Input range [start, end) of each target: the (at most ``max_seq_length``) items right before it."""
+    start = np.maximum(data.history_start(targets), targets - max_seq_length)
     return start, targets
 
 
@@ -115,7 +115,7 @@ class TrainSampler:
         self,
         data: SequenceData,
         scheme: str,
-        max_len: int,
+        max_seq_length: int,
         batch_size: int,
         seed: int,
         trim: bool = False,
@@ -129,7 +129,7 @@ class TrainSampler:
             raise ValueError("the cloze scheme needs its Cloze settings, and only it takes them")
         self.data = data
         self.scheme = scheme
-        self.max_len = max_len
+        self.max_seq_length = max_seq_length
         self.batch_size = batch_size
         self.trim = trim
         self.bucket_chunks = bucket_chunks
@@ -138,18 +138,18 @@ class TrainSampler:
         self.n_targets: int | None = None  # cloze: drawn per batch
         if scheme in ("prefix", "cloze"):
             self.targets = data.train_targets()
-            self.start, self.end = history_bounds(data, self.targets, max_len)
+            self.start, self.end = history_bounds(data, self.targets, max_seq_length)
             if scheme == "prefix":
                 self.n_targets = self.n_samples
             else:
-                self.max_targets = int(cloze.mask_ratio * max_len)  # RecBole's mask_item_length
+                self.max_targets = int(cloze.mask_ratio * max_seq_length)  # RecBole's mask_item_length
                 self.epoch_key = 0
                 self.fine_tune = np.zeros(self.n_samples, dtype=bool)
         else:
             # targets [a, b) in pieces of `stride`; the input is the (up to L) items before b, so
             # with stride < L each window re-reads L - stride items of context it takes no loss on
-            a, b = all_position_windows(data, min(stride or max_len, max_len))
-            self.start, self.end = history_bounds(data, b - 1, max_len)
+            a, b = all_position_windows(data, min(stride or max_seq_length, max_seq_length))
+            self.start, self.end = history_bounds(data, b - 1, max_seq_length)
             self.loss_start = a - 1
             self.n_targets = int((b - a).sum())
         self.sample_lengths = self.end - self.start
@@ -179,7 +179,7 @@ class TrainSampler:
     def targets_in(self, rows: np.ndarray) -> int:
         """Number of loss targets in the samples ``rows``."""
         if self.scheme == "cloze":
-            return int(self._cloze(rows, self.max_len)[1].sum())
+            return int(self._cloze(rows, self.max_seq_length)[1].sum())
         return int(self.sample_targets[rows].sum())
 
     def epoch_batches(self) -> list[np.ndarray]:
@@ -211,7 +211,7 @@ class TrainSampler:
         """The tensors of the samples ``rows`` (trimmed to their longest history if ``trim``)."""
         items = self.data.items
         start, end = self.start[rows], self.end[rows]
-        width = int((end - start).max()) if self.trim else self.max_len
+        width = int((end - start).max()) if self.trim else self.max_seq_length
         seq, lengths = gather(items, start, end, width)
         if self.scheme == "prefix":
             targets = torch.from_numpy(items[end])
@@ -230,19 +230,19 @@ class TrainSampler:
             yield self.batch(rows)
 
 
-def eval_order(data: SequenceData, split: str, max_len: int, trim: bool = False) -> np.ndarray:
+def eval_order(data: SequenceData, split: str, max_seq_length: int, trim: bool = False) -> np.ndarray:
     """The order in which ``eval_batches`` scores the users of ``split`` (indices into its targets):
     user order, or - when batches are trimmed - by history length, so that each batch is about as
     wide as its histories instead of as wide as its longest one (a stable sort: deterministic)."""
     targets = data.eval_targets(split)
     if not trim:
         return np.arange(len(targets))
-    start, end = history_bounds(data, targets, max_len)
+    start, end = history_bounds(data, targets, max_seq_length)
     return np.argsort(end - start, kind="stable")
 
 
 def eval_batches(
-    data: SequenceData, split: str, max_len: int, batch_size: int, trim: bool = False, part: tuple[int, int] = (0, 1)
+    data: SequenceData, split: str, max_seq_length: int, batch_size: int, trim: bool = False, part: tuple[int, int] = (0, 1)
 ) -> Iterator[Batch]:
     """Validation or test batches: input = the user's events before the target, in ``eval_order``
     (``Batch.rows`` says which users each batch holds).
@@ -252,11 +252,11 @@ def eval_batches(
     """
     rank, world_size = part
     targets = data.eval_targets(split)
-    order = eval_order(data, split, max_len, trim)
-    start, end = history_bounds(data, targets, max_len)
+    order = eval_order(data, split, max_seq_length, trim)
+    start, end = history_bounds(data, targets, max_seq_length)
     for lo in range(rank * batch_size, len(targets), batch_size * world_size):
         rows = order[lo:lo + batch_size]
         s, e = start[rows], end[rows]
-        width = int((e - s).max()) if trim else max_len
+        width = int((e - s).max()) if trim else max_seq_length
         seq, lengths = gather(data.items, s, e, width)
         yield Batch(torch.from_numpy(seq), torch.from_numpy(lengths), torch.from_numpy(data.items[e]), rows)

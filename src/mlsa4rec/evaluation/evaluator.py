@@ -8,8 +8,8 @@ target itself is removed, so a repeated consumption can still be a hit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ import torch
 from mlsa4rec.data.dataset import SequenceData
 from mlsa4rec.data.sampling import eval_batches, eval_order
 from mlsa4rec.metrics import METRICS, metrics_from_ranks, target_ranks
+from mlsa4rec.settings import TrainConfig
 
 
 class Group(Protocol):
@@ -61,7 +62,7 @@ def split_ranks(
     model: torch.nn.Module,
     data: SequenceData,
     split: str,
-    max_len: int,
+    max_seq_length: int,
     batch_size: int = 4096,
     exclude_history: bool = False,
     device: torch.device | str = "cpu",
@@ -81,7 +82,7 @@ def split_ranks(
     targets_all = data.eval_targets(split)
     out = []
     try:
-        for batch in eval_batches(data, split, max_len, batch_size, trim=trim, part=(rank, world)):
+        for batch in eval_batches(data, split, max_seq_length, batch_size, trim=trim, part=(rank, world)):
             scores = model.full_sort_scores(batch.item_seq.to(device), batch.lengths.to(device)).float()
             if exclude_history:
                 _mask_history(scores, data, targets_all[batch.rows])
@@ -92,7 +93,7 @@ def split_ranks(
     if world > 1:
         local = merge_round_robin(group.all_gather_array(local), len(targets_all), batch_size)
     ranks = np.empty_like(local)
-    ranks[eval_order(data, split, max_len, trim)] = local  # scoring order -> user order
+    ranks[eval_order(data, split, max_seq_length, trim)] = local  # scoring order -> user order
     return ranks
 
 
@@ -100,7 +101,7 @@ def evaluate(
     model: torch.nn.Module,
     data: SequenceData,
     split: str,
-    max_len: int,
+    max_seq_length: int,
     ks: Iterable[int] = (5, 10),
     metrics: Iterable[str] = METRICS,
     batch_size: int = 4096,
@@ -109,12 +110,12 @@ def evaluate(
     group: Group | None = None,
 ) -> dict[str, float]:
     """Mean metrics over the users of ``split`` ('valid' or 'test')."""
-    ranks = split_ranks(model, data, split, max_len, batch_size, exclude_history, device, group)
+    ranks = split_ranks(model, data, split, max_seq_length, batch_size, exclude_history, device, group)
     return metrics_from_ranks(ranks, ks, metrics)
 
 
-def evaluate_split(model: torch.nn.Module, data: SequenceData, split: str, config: Mapping[str, Any],
+def evaluate_split(model: torch.nn.Module, data: SequenceData, split: str, settings: TrainConfig,
                    device: torch.device | str = "cpu", group: Group | None = None) -> dict[str, float]:
-    """``evaluate`` with every setting taken from a run's config."""
-    return evaluate(model, data, split, config["MAX_ITEM_LIST_LENGTH"], config["topk"], config["metrics"],
-                    config["eval_batch_size"], config["exclude_history"], device, group)
+    """``evaluate`` with every setting taken from a run's settings (``Config.train``)."""
+    return evaluate(model, data, split, settings.max_seq_length, settings.topk, settings.metrics,
+                    settings.eval_batch_size, settings.exclude_history, device, group)

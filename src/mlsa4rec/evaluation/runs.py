@@ -1,149 +1,25 @@
-"""Finished runs loaded back: rebuilt, re-evaluated on valid and test, compared user by user.
+"""Finished runs re-evaluated on valid and test, and compared user by user.
 
-A run directory (written by ``training/run.py`` through ``training/rundir.py``) is checked against
-its manifest, its data against the fingerprint the run recorded, and its model rebuilt from
-``config.yaml`` exactly as training built it (``build_run_model``, the one place both use).
+Runs are loaded by ``runs.loading.load_run`` (files checked against the manifest, the data against
+the fingerprint the run recorded, the model rebuilt exactly as training built it).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.torch
-import torch
 
-from mlsa4rec.config import Config, build_config, load_yaml_file
-from mlsa4rec.data import REGISTRY, SequenceData, data_dir_from, duplicates_mismatch, load_dataset, resolve
+from mlsa4rec.config import load_yaml_file
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation.evaluator import evaluate_split, split_ranks
 from mlsa4rec.evaluation.significance import check_confidence, compare_ranks, holm
 from mlsa4rec.metrics import parse_metric
-from mlsa4rec.models import build_model, get_class
-from mlsa4rec.ops.scan import check_environment
-from mlsa4rec.training import rundir
-from mlsa4rec.training.distributed import resolve_device
-from mlsa4rec.training.trainer import set_seed
+from mlsa4rec.runs.loading import LoadedRun, load_run
 
 log = logging.getLogger("mlsa4rec")
-
-
-def build_run_model(config: Config, data: SequenceData, device: torch.device | str | None = None):
-    """The run's model, seeded; on the ``meta`` device it costs nothing (for size estimates)."""
-    set_seed(config["seed"])
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        return build_model(get_class(config["model"]), data.n_items, config.model_kwargs(),
-                           config["MAX_ITEM_LIST_LENGTH"])
-
-
-def load_run_data(config: Config, data_dir: str | Path | None) -> SequenceData:
-    return load_dataset(config["dataset"], data_dir, config["user_inter_num_interval"],
-                        config["item_inter_num_interval"], duplicate_events=config["duplicate_events"])
-
-
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    if not path.is_file():
-        raise MLSA4RecError(f"weights file {str(path)!r} is missing; is this a finished run directory?")
-    try:
-        state = safetensors.torch.load_file(str(path))
-    except Exception as exc:  # safetensors raises several types for truncated or foreign files
-        raise MLSA4RecError(f"weights file {str(path)!r} is corrupt or not safetensors ({exc}); retrain or "
-                            "restore the file") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise MLSA4RecError(f"weights in {str(path)!r} do not fit the model in config.yaml: {first}") from None
-
-
-@dataclass
-class LoadedRun:
-    """A finished run directory rebuilt: its config, its data and its model with the saved weights."""
-
-    path: Path
-    config: Config
-    data: SequenceData
-    model: torch.nn.Module
-    device: torch.device
-
-
-def load_run(run_dir: str | Path, data_dir: str | Path | None = None) -> LoadedRun:
-    """Rebuild a run directory's data and model (weights loaded, on the run's device, in eval mode),
-    after checking its files against its manifest and refusing data that differs from what the
-    run was trained on."""
-    check_environment()
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        rundir.warn_replaced_leftovers(run)  # an interrupted --overwrite may have left the old run hidden
-        raise MLSA4RecError(f"{str(run)!r} is not a run directory (no config.yaml); pass the --output-dir of a "
-                            "finished `mlsa4rec train`")
-    rundir.verify_run(run)
-    saved = load_yaml_file(run / "config.yaml")
-    if "model" not in saved or "dataset" not in saved:
-        raise MLSA4RecError(f"{str(run / 'config.yaml')!r} lacks the model or dataset entry")
-    get_class(str(saved["model"]))
-    config = build_config(saved["model"], [run / "config.yaml"], extra={"dataset": saved["dataset"]})
-    device = run_device(config, run)
-    try:
-        recorded = json.loads((run / "results.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        recorded = {}
-    if not isinstance(recorded, dict):
-        recorded = {}
-    if data_dir_from(data_dir) is None and recorded.get("data_dir"):
-        data_dir = recorded["data_dir"]  # where the run found its data
-    data = load_run_data(config, data_dir)
-    if why := duplicates_mismatch(data, recorded.get("data_fingerprint"), f"run {str(run)!r}"):
-        raise MLSA4RecError(why)
-    if recorded.get("data_fingerprint") not in (None, data.fingerprint):
-        raise MLSA4RecError(data_mismatch_message(config, data, data_dir, recorded))
-    net = build_run_model(config, data)
-    load_weights(net, run / rundir.WEIGHTS)
-    net.to(device).eval()
-    return LoadedRun(run, config, data, net, device)
-
-
-def data_mismatch_message(config: Config, data: SequenceData, data_dir: str | Path | None,
-                          recorded: Mapping[str, Any]) -> str:
-    """Why the data found for a run is not the data it was trained on, and what to do. Runs since
-    0.2 record the data file's SHA-256 (``data_sha256`` in results.json); older ones record only
-    a fingerprint of file and filtering together, so the two causes cannot be told apart."""
-    dataset = config["dataset"]
-    where = ("point --data-dir at the original files" if dataset in REGISTRY
-             else f"restore the original file at {dataset!r}")
-    path, digest = resolve(dataset, data_dir)[1], data.file_sha256  # the load's own checksum: no second read
-    trained_on = recorded.get("data_sha256")
-    if not isinstance(trained_on, str):
-        return (f"the data found for {dataset!r} ({str(path)!r}) differs from the data this run was trained on "
-                "(its file or filtering differ; the run's results.json predates data_sha256, so it records no "
-                f"checksum of the file itself); {where}")
-    if digest != trained_on:
-        return (f"the data file {str(path)!r} differs from the data this run was trained on: its SHA-256 is "
-                f"{digest[:16]}..., results.json records data_sha256 {trained_on[:16]}...; {where} (any file with "
-                "that SHA-256 will do)")
-    versions = recorded.get("versions")
-    version = versions.get("mlsa4rec") if isinstance(versions, dict) else None
-    return (f"the data file {str(path)!r} is the one this run was trained on (same SHA-256), but it is now "
-            "processed differently (this mlsa4rec version's reader or filtering changed); evaluate the run with "
-            f"the mlsa4rec version that trained it ({version or 'see results.json'})")
-
-
-def run_device(config: Config, run: Path) -> torch.device:
-    """Where a finished run is scored: the device it trained with, or, on a machine without that
-    device (a run trained on a GPU, scored on a laptop), the best one here, with a warning."""
-    try:
-        return resolve_device(config["device"])
-    except MLSA4RecError:
-        device = resolve_device("auto")
-        log.warning("%s was trained with device=%s, which this machine does not have; it is scored on %s", run,
-                    config["device"], device)
-        return device
 
 
 def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
@@ -159,22 +35,20 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
 
 def evaluate_loaded(run: LoadedRun, exclude_history: bool | None = None) -> dict[str, Any]:
     """``evaluate_run`` on a run already loaded, so one load can be scored under both rules."""
-    config: Mapping[str, Any] = run.config
+    settings = run.config.train
     if exclude_history is not None:
-        config = {**run.config.to_dict(), "exclude_history": exclude_history}
-    return {"model": run.config["model"], "dataset": run.config["dataset"],
-            "exclude_history": config["exclude_history"],
-            **{split: evaluate_split(run.model, run.data, split, config, run.device)
+        settings = run.config.with_train(exclude_history=exclude_history).train
+    return {"model": run.config.model, "dataset": run.config.dataset, "exclude_history": settings.exclude_history,
+            **{split: evaluate_split(run.model, run.data, split, settings, run.device)
                for split in ("valid", "test")}}
 
 
 def run_ranks(run: LoadedRun, split: str = "test", exclude_history: bool | None = None) -> np.ndarray:
     """The target rank of every user of ``split``, in user order, exactly as the run's evaluation
     ranks them (same L, padding, batch size and history rule, unless ``exclude_history`` is given)."""
-    c = run.config
-    exclude = c["exclude_history"] if exclude_history is None else exclude_history
-    return split_ranks(run.model, run.data, split, c["MAX_ITEM_LIST_LENGTH"], c["eval_batch_size"], exclude,
-                       run.device)
+    t = run.config.train
+    exclude = t.exclude_history if exclude_history is None else exclude_history
+    return split_ranks(run.model, run.data, split, t.max_seq_length, t.eval_batch_size, exclude, run.device)
 
 
 def compare_runs(run_dirs: list[str | Path], split: str = "test",
@@ -210,9 +84,9 @@ def compare_runs(run_dirs: list[str | Path], split: str = "test",
         run.model.cpu()  # free an accelerator for the next run
         runs.append(run)
     rows = holm([compare_ranks(ranks[0], r, m, confidence, n_resamples, seed) for r in ranks[1:] for m in metrics])
-    describe = [{"run": str(r.path), "model": r.config["model"], "variant": r.config.to_dict().get("variant")}
+    describe = [{"run": str(r.path), "model": r.config.model, "variant": getattr(r.config.hyper, "variant", None)}
                 for r in runs]
-    return {"dataset": runs[0].config["dataset"], "split": split, "users": len(ranks[0]), "exclude_history": exclude,
+    return {"dataset": runs[0].config.dataset, "split": split, "users": len(ranks[0]), "exclude_history": exclude,
             "baseline": describe[0],
             "comparisons": [{**describe[1 + i // len(metrics)], **row.to_dict()} for i, row in enumerate(rows)]}
 

@@ -50,7 +50,7 @@ def create(name: str, n_items: int, **overrides: Any):
 
     cls = get_class(name)
     config = build_config(name, overrides=overrides)
-    return build_model(cls, n_items, config.model_kwargs(), config["MAX_ITEM_LIST_LENGTH"])
+    return build_model(cls, n_items, config.model_kwargs(), config.train.max_seq_length)
 
 
 def build_model(cls: type, n_items: int, kwargs: dict[str, Any], max_seq_length: int):

@@ -5,7 +5,7 @@
     session = rec.session(); session.add("B0001"); session.recommend(k=5)
 
 ``recommend`` scores a history exactly as the evaluation scores a test user: the last
-``MAX_ITEM_LIST_LENGTH`` items, right-padded as in evaluation (trimmed for padding-invariant
+``max_seq_length`` items (``MAX_ITEM_LIST_LENGTH``), right-padded as in evaluation (trimmed for padding-invariant
 models, to the full L for the faithful MLSA4Rec, whose output depends on its padding), full
 ranking over every item. A session of a model that streams (``model.streams``: Mamba4Rec, the
 causal MLSA4Rec, GRU4Rec, LRURec, and LinRec/Performer up to L events) keeps a constant-size state
@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import numbers
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,13 +31,10 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from mlsa4rec.config import Config, build_config, load_yaml_file
+from mlsa4rec.config import Config
 from mlsa4rec.data.itemmap import ItemMap
 from mlsa4rec.errors import BrokenModelError, MLSA4RecError, check_choice
-from mlsa4rec.evaluation.runs import load_run, load_weights, run_device
-from mlsa4rec.models import build_model, get_class
-from mlsa4rec.training import rundir
-from mlsa4rec.training.distributed import resolve_device
+from mlsa4rec.runs.loading import load_run
 
 log = logging.getLogger("mlsa4rec")
 
@@ -130,9 +128,16 @@ class Recommender:
         self.items = items
         self.device = device
         self.run_dir = run_dir
-        self.max_length: int = config["MAX_ITEM_LIST_LENGTH"]
+        self.max_seq_length: int = config.train.max_seq_length  # L: MAX_ITEM_LIST_LENGTH in config.yaml
         self.streams: bool = bool(getattr(model, "streams", False))
         self._step = model.step if self.streams else None
+
+    @property
+    def max_length(self) -> int:
+        """Deprecated: ``max_seq_length`` (0.2 named it ``max_length``)."""
+        warnings.warn("Recommender.max_length is deprecated; use Recommender.max_seq_length", DeprecationWarning,
+                      stacklevel=2)
+        return self.max_seq_length
 
     def compile_step(self) -> bool:
         """Compile the streaming ``step`` with ``torch.compile`` (one fused kernel instead of dozens
@@ -158,32 +163,11 @@ class Recommender:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", data_dir: str | Path | None = None) -> Recommender:
-        """Load a finished run: its files are checked against the manifest, the weights are
-        safetensors (nothing is unpickled), and the item map comes from ``items.json`` (a run
-        without one is rebuilt from its data, which must then be found)."""
-        run = Path(run_dir)
-        if not (run / "config.yaml").is_file():
-            rundir.warn_replaced_leftovers(run)  # an interrupted --overwrite may have left the old run hidden
-            raise MLSA4RecError(f"{str(run)!r} is not a run directory (no config.yaml); pass the --output-dir of a "
-                                "finished `mlsa4rec train`")
-        if not (run / rundir.ITEMS).is_file():
-            loaded = load_run(run, data_dir)
-            items = ItemMap.from_data(loaded.data)
-            return cls(loaded.model, loaded.config, items, _device(device, loaded.config, run), run)
-        rundir.verify_run(run)
-        saved = load_yaml_file(run / "config.yaml")
-        if "model" not in saved or "dataset" not in saved:
-            raise MLSA4RecError(f"{str(run / 'config.yaml')!r} lacks the model or dataset entry")
-        config = build_config(str(saved["model"]), [run / "config.yaml"], extra={"dataset": saved["dataset"]})
-        try:
-            items = ItemMap.from_json(json.loads((run / rundir.ITEMS).read_text(encoding="utf-8")))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MLSA4RecError(f"{str(run / rundir.ITEMS)!r} is damaged ({type(exc).__name__}); train the run "
-                                "again") from None
-        model = build_model(get_class(config["model"]), items.n_items, config.model_kwargs(),
-                            config["MAX_ITEM_LIST_LENGTH"])
-        load_weights(model, run / rundir.WEIGHTS)
-        return cls(model, config, items, _device(device, config, run), run)
+        """Load a finished run (``runs.loading.load_run``): its files are checked against the
+        manifest, the weights are safetensors (nothing is unpickled), and the item map comes from
+        ``items.json`` (a run without one is rebuilt from its data, which must then be found)."""
+        run = load_run(run_dir, data_dir, device=device, need_data=False)
+        return cls(run.model, run.config, run.items, run.device, run.path)
 
     # --- ids ---------------------------------------------------------------------------------------
     def to_ids(self, history: Iterable[Any], unknown: str = "error", what: str = "a history") -> list[int]:
@@ -209,7 +193,7 @@ class Recommender:
         """The identity of this run: SHA-256 of the model's name, L, the item ids and every
         weight, so a session state saved by another run (or another training of it) is told apart.
         Computed once, on first use (the weights of a served run do not change)."""
-        digest = hashlib.sha256(json.dumps([str(self.config["model"]), self.max_length,
+        digest = hashlib.sha256(json.dumps([self.config.model, self.max_seq_length,
                                             [str(t) for t in self.items.tokens]]).encode())
         with torch.no_grad():
             for name, tensor in sorted(self.model.state_dict().items()):
@@ -222,11 +206,11 @@ class Recommender:
     def batch(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded input of model-id histories, as the evaluation builds it: the last L items,
         trimmed to the longest history for a padding-invariant model, the full L otherwise."""
-        tails = [list(h)[-self.max_length:] for h in histories]
+        tails = [list(h)[-self.max_seq_length:] for h in histories]
         if any(not t for t in tails):
             raise MLSA4RecError(f"a history is empty; give at least one item, or use {option('fallback', 'popular')}")
         lengths = [len(t) for t in tails]
-        width = max(lengths) if getattr(self.model, "padding_invariant", False) else self.max_length
+        width = max(lengths) if getattr(self.model, "padding_invariant", False) else self.max_seq_length
         seq = np.zeros((len(tails), width), dtype=np.int64)
         for row, tail in enumerate(tails):
             seq[row, :len(tail)] = tail
@@ -368,7 +352,7 @@ class Session:
             if self.state is not None:
                 self.representation, self.state = self.rec._step(torch.tensor([item_id], device=self.rec.device),
                                                                  self.state)
-            self.recent = (self.recent + [item_id])[-self.rec.max_length:]
+            self.recent = (self.recent + [item_id])[-self.rec.max_seq_length:]
             self.seen.add(item_id)
             self.length += 1
 
@@ -397,7 +381,7 @@ class Session:
         (save it with ``torch.save`` and load it with ``torch.load(weights_only=True)``). ``run`` is
         the fingerprint of the run (``Recommender.fingerprint``), checked when it is loaded."""
         leaves = pytree.tree_leaves(self.state) if self.state is not None else []
-        return {"format": self._FORMAT, "run": self.rec.fingerprint, "model": self.rec.config["model"],
+        return {"format": self._FORMAT, "run": self.rec.fingerprint, "model": self.rec.config.model,
                 "length": self.length,
                 "recent": [self.rec.items.token(i) for i in self.recent],
                 "seen": [self.rec.items.token(i) for i in sorted(self.seen)],
@@ -418,9 +402,9 @@ class Session:
         missing = [key for key in keys if key not in state]
         if missing:
             raise _bad_state(f"it lacks {', '.join(missing)}")
-        if not isinstance(state["model"], str) or state["model"] != rec.config["model"]:
+        if not isinstance(state["model"], str) or state["model"] != rec.config.model:
             raise MLSA4RecError(f"the session was saved by a {state['model']!r:.60} model, not "
-                                f"{rec.config['model']!r}; load it into a Recommender of the run that saved it")
+                                f"{rec.config.model!r}; load it into a Recommender of the run that saved it")
         if version == 1:
             log.warning("the session state was saved by mlsa4rec 0.2.0, without its run's fingerprint: its form is "
                         "checked, not that this run saved it")
@@ -432,7 +416,7 @@ class Session:
             raise _bad_state(f"'length' must be a whole number of at least 0, got {length!r:.40}")
         length = int(length)
         recent, seen = self._saved_ids(state["recent"], "recent"), self._saved_ids(state["seen"], "seen")
-        if len(recent) != min(length, rec.max_length) or len(set(seen)) != len(seen) or len(seen) > length \
+        if len(recent) != min(length, rec.max_seq_length) or len(set(seen)) != len(seen) or len(seen) > length \
                 or not set(recent) <= set(seen):
             raise _bad_state(f"its {length} events, {len(recent)} recent and {len(seen)} seen items do not agree")
         new_state, representation = self._saved_model_state(state["state"], state["representation"], length)
@@ -493,8 +477,3 @@ class Session:
 def _bad_state(reason: str) -> MLSA4RecError:
     return MLSA4RecError(f"the session state cannot be used: {reason}; load only what Session.state_dict() of this "
                          "run returned (torch.load(f, weights_only=True))")
-
-
-def _device(name: str, config: Config, run: Path) -> torch.device:
-    """``auto``: the run's own device, or the best one here when this machine lacks it (as ``evaluate``)."""
-    return run_device(config, run) if name == "auto" else resolve_device(name)

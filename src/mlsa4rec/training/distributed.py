@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,8 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from mlsa4rec.errors import ConfigError, MLSA4RecError, PeerFailed
-from mlsa4rec.runtime import env_rank, launched_by_torchrun  # noqa: F401 (env_rank: part of this API)
+from mlsa4rec.errors import MLSA4RecError, PeerFailed
+from mlsa4rec.runtime import check_device, env_rank, launched_by_torchrun, resolve_device  # noqa: F401 (env_rank: part of this API)
 
 log = logging.getLogger("mlsa4rec")
 
@@ -245,41 +244,3 @@ def destroy(ctx: DistContext) -> None:
     """Leave the process group if ``ctx`` created it (quietly: the run's outcome is decided)."""
     if ctx.owns_group and tdist.is_initialized():
         tdist.destroy_process_group()
-
-
-def available_devices() -> list[str]:
-    """The device names this machine can run on: cpu, then cuda and cuda:N per GPU, then mps."""
-    names = ["cpu"]
-    if torch.cuda.is_available():
-        names += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        names.append("mps")
-    return names
-
-
-def check_device(name: object, flag: str = "--set device=") -> None:
-    """Refuse a device name this machine cannot use, naming the ones it can. ``flag`` is how the
-    user gave it: ``"--device "`` on the command line, ``"--set device="`` for a run's setting."""
-    usable = available_devices()
-    if name == "auto" or name in usable:
-        return
-    shown = f"{flag}{name}" if isinstance(name, str) and name.strip() and " " not in name else f"{flag}{name!r}"
-    if isinstance(name, str) and re.fullmatch(r"cuda(:\d+)?", name):
-        why = ("CUDA is not available here (no GPU, or a PyTorch built without CUDA)" if not torch.cuda.is_available()
-               else f"this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-    elif isinstance(name, str) and name.lower() in usable:
-        why = "device names are lower case"
-    else:
-        why = "it is not a device this machine has"
-    raise ConfigError(f"{shown} cannot be used: {why}; use {flag}auto (the best device here) or one of the devices "
-                      f"this machine has: {', '.join(usable)}")
-
-
-def resolve_device(name: str, flag: str = "--set device=") -> torch.device:
-    """The device of a single-process run (``auto``: CUDA if there is one); a device this
-    machine lacks is one clear error (see ``check_device``)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    check_device(name, flag)
-    return torch.device(name)

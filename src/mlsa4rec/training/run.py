@@ -1,12 +1,12 @@
 """Training runs end to end: settings checked, data loaded, the model trained, the run published.
 
 A run directory holds ``config.yaml``, ``results.json``, ``model.safetensors``, ``items.json``,
-``train.log`` and ``manifest.json`` (the SHA-256 of each); ``rundir`` builds it in a hidden staging directory,
+``train.log`` and ``manifest.json`` (the SHA-256 of each); ``runs.directory`` builds it in a hidden staging directory,
 publishes it when the run has finished and decides what may ever be deleted. While a run trains,
 the staging directory also holds ``checkpoint.pt`` (every epoch, and every ``checkpoint_steps``
 steps); a run that dies after its first checkpoint leaves it there, and ``train ... --resume``
 continues from it. A run that fails before then leaves nothing. Finished runs are loaded back,
-re-evaluated and compared by ``evaluation/runs.py``.
+re-evaluated and compared by ``evaluation/runs.py`` through ``runs.loading``.
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ from mlsa4rec.config import Config, build_config
 from mlsa4rec.data import REGISTRY, SequenceData, data_dir_from
 from mlsa4rec.data.itemmap import ItemMap
 from mlsa4rec.errors import MLSA4RecError
-from mlsa4rec.evaluation.runs import build_run_model, load_run_data
 from mlsa4rec.models import get_class
 from mlsa4rec.ops.scan import check_environment
-from mlsa4rec.training import checkpoint, distributed, rundir
+from mlsa4rec.runs import checkpoint, directory
+from mlsa4rec.runs.loading import build_run_model, load_run_data
+from mlsa4rec.runtime import resolve_device
+from mlsa4rec.training import distributed
 from mlsa4rec.training.distributed import DistContext
 from mlsa4rec.training.trainer import FitResult, NonFiniteLoss, Trainer
 
@@ -84,22 +86,22 @@ def check_memory(config: Config, data: SequenceData, device: torch.device) -> No
     batch's full-ranking scores.
     """
     try:
-        net = build_run_model(config, data, device="meta")
+        net = build_run_model(config, data.n_items, device="meta")
     except RuntimeError as exc:  # sizes whose byte count overflows 64 bits
         raise MLSA4RecError(f"this run's model is larger than any amount of memory ({str(exc).splitlines()[0]}); "
                             "lower hidden_size, MAX_ITEM_LIST_LENGTH or train_batch_size with --set KEY=VALUE"
                             ) from None
     param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
-    scheme = config["train_scheme"] if config["train_scheme"] != "auto" else net.preferred_scheme
-    length = config["MAX_ITEM_LIST_LENGTH"]
+    scheme = config.train.train_scheme if config.train.train_scheme != "auto" else net.preferred_scheme
+    length = config.train.max_seq_length
     width = min(length, data.stats()["max_length"]) if net.padding_invariant else length
-    batch = config["train_batch_size"]
+    batch = config.train.train_batch_size
     targets = batch * width if scheme == "all_positions" else batch
     score_rows = min(targets, 256) if device.type == "cpu" else targets
-    hidden = int(config.get("hidden_size", 64))
+    hidden = int(getattr(config.hyper, "hidden_size", 64))
     columns = data.n_items + 1
     step_bytes = max(batch * width * (8 + 4 * hidden) + score_rows * columns * 4,
-                     config["eval_batch_size"] * columns * 4)
+                     config.train.eval_batch_size * columns * 4)
     need = 4 * param_bytes + step_bytes
     free = available_memory(device)
     if free is not None and need > free:
@@ -132,16 +134,16 @@ def preflight(model: str, dataset: str, output_dir: str | Path, config_files: li
     get_class(model)
     dataset = _resolve_dataset(dataset)
     config = build_config(model, config_files, overrides, extra={"dataset": str(dataset)})
-    name = config["device"]
-    device = distributed.device_for(name, 0) if world_size > 1 else distributed.resolve_device(name)
-    out = rundir.resolve_output_dir(output_dir, overwrite=overwrite)
-    _, _, payload = rundir.open_stage(out, overwrite=overwrite, resume=resume, dry=True)
+    name = config.train.device
+    device = distributed.device_for(name, 0) if world_size > 1 else resolve_device(name)
+    out = directory.resolve_output_dir(output_dir, overwrite=overwrite)
+    _, _, payload = directory.open_stage(out, overwrite=overwrite, resume=resume, dry=True)
     data = load_run_data(config, data_dir)
     check_memory(config, data, device)
     if payload:
         state = checkpoint.decode_training_state(payload)
         checkpoint.check_resumable(state, config.to_dict(), data.fingerprint, world_size,
-                                   str(rundir.staging_dir(out) / "config.yaml"), data=data)
+                                   str(directory.staging_dir(out) / "config.yaml"), data=data)
 
 
 def _resolve_dataset(dataset: str) -> str:
@@ -166,13 +168,13 @@ def train(
     Under torchrun every rank calls this; rank 0 alone writes files. ``resume`` continues the
     interrupted run of ``output_dir`` from its checkpoint. ``on_step(epoch, step)`` is called
     after every optimiser step (progress reporting, tests). ``results["run_dir"]`` is where the
-    run was saved (``output_dir`` resolved; see ``rundir.publish`` for the one exception).
+    run was saved (``output_dir`` resolved; see ``directory.publish`` for the one exception).
     """
     check_environment()
     get_class(model)  # unknown model: fail before anything else
     dataset = _resolve_dataset(dataset)
     config = build_config(model, config_files, overrides, extra={"dataset": str(dataset)})
-    group, device = distributed.init(config["device"], config["dist_timeout"])
+    group, device = distributed.init(config.train.device, config.train.dist_timeout)
     old_level = log.level
     if not group.is_main:
         log.setLevel(logging.WARNING)  # the other ranks only warn; rank 0 tells the story
@@ -193,13 +195,13 @@ def train(
 def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | Path | None, *, overwrite: bool,
            resume: bool, on_step: Callable[[int, int], None] | None, group: DistContext,
            device: torch.device) -> dict[str, Any]:
-    """Check, train, evaluate, publish. Rank 0 holds the ``rundir.Stage`` (None on the others)."""
+    """Check, train, evaluate, publish. Rank 0 holds the ``directory.Stage`` (None on the others)."""
     stage, payload = _open_stage(output_dir, group, overwrite=overwrite, resume=resume)
     training = False  # past the resume checks: a failure from here on keeps the checkpoint with a hint
     try:
         data, data_seconds, state = _prepare(config, data_dir, payload if resume else None, stage, group, device)
         data_sha256 = data.file_sha256  # what `evaluate` checks against
-        net = build_run_model(config, data)
+        net = build_run_model(config, data.n_items)
 
         def save_best(m: torch.nn.Module, epoch: int) -> None:
             stage.save_weights(safetensors.torch.save(
@@ -240,19 +242,20 @@ def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | P
 
 
 def _open_stage(output_dir: str | Path, group: DistContext, *, overwrite: bool,
-                resume: bool) -> tuple[rundir.Stage | None, bytes]:
+                resume: bool) -> tuple[directory.Stage | None, bytes]:
     """Rank 0 opens (or, resuming, reopens) the staging directory; every rank gets the checkpoint bytes."""
-    opened: dict[str, rundir.Stage] = {}
+    stage: directory.Stage | None = None
 
     def open_stage() -> bytes:
-        opened["stage"], payload = rundir.Stage.open(output_dir, overwrite=overwrite, resume=resume)
+        nonlocal stage
+        stage, payload = directory.Stage.open(output_dir, overwrite=overwrite, resume=resume)
         return payload
 
-    payload = group.run_on_main(open_stage)
-    return opened.get("stage"), payload
+    payload = group.run_on_main(open_stage)  # a refusal on rank 0 fails every rank
+    return stage, payload
 
 
-def _prepare(config: Config, data_dir: str | Path | None, payload: bytes | None, stage: rundir.Stage | None,
+def _prepare(config: Config, data_dir: str | Path | None, payload: bytes | None, stage: directory.Stage | None,
              group: DistContext, device: torch.device) -> tuple[SequenceData, float, dict[str, Any] | None]:
     """Everything that may refuse the run before training starts: the data, the resume checks (when
     ``payload`` holds a checkpoint), the memory estimate. Then the stage's log and setup files.

@@ -19,7 +19,6 @@ import copy
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,7 +34,7 @@ from mlsa4rec.data.sampling import Batch, Cloze, TrainSampler
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation import evaluate_split
 from mlsa4rec.models.base import SequentialRecommender
-from mlsa4rec.training import checkpoint
+from mlsa4rec.runs import checkpoint
 from mlsa4rec.training.distributed import DistContext, rank_seed, shard_rows
 from mlsa4rec.training.losses import full_softmax_cross_entropy
 
@@ -49,12 +48,6 @@ BUCKET_CHUNKS = 50
 class NonFiniteLoss(MLSA4RecError):
     """The loss became NaN or infinite: the run stops and keeps its last good checkpoint (resuming
     it unchanged would diverge again, so the message says what to change)."""
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def resolve_scheme(model: SequentialRecommender, requested: str) -> str:
@@ -157,11 +150,11 @@ class Trainer:
         self.config = config
         self.device = device
         self.group = group or DistContext()
-        self.scheme = resolve_scheme(model, config["train_scheme"])
+        self.scheme = resolve_scheme(model, config.train.train_scheme)
         self.sampler = TrainSampler(
-            data, self.scheme, config["MAX_ITEM_LIST_LENGTH"], config["train_batch_size"], config["seed"],
-            trim=model.padding_invariant, stride=config["all_positions_stride"],
-            bucket_chunks=BUCKET_CHUNKS if config["bucket_batches"] else 1,  # 1: a batch is a uniform draw
+            data, self.scheme, config.train.max_seq_length, config.train.train_batch_size, config.train.seed,
+            trim=model.padding_invariant, stride=config.train.all_positions_stride,
+            bucket_chunks=BUCKET_CHUNKS if config.train.bucket_batches else 1,  # 1: a batch is a uniform draw
             cloze=cloze_settings(model, self.scheme),
         )
         if self.sampler.n_samples == 0:
@@ -172,11 +165,11 @@ class Trainer:
                                 "early stopping needs one: loosen the filters or use a bigger dataset")
         if self.group.active:  # same start on every rank, then a dropout stream of its own per rank
             self.group.broadcast_module(self.model)
-            torch.manual_seed(rank_seed(config["seed"], self.group.rank))
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"],
-                                          weight_decay=config["weight_decay"])
+            torch.manual_seed(rank_seed(config.train.seed, self.group.rank))
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.train.learning_rate,
+                                          weight_decay=config.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(config["lr_scheduler"], config["epochs"] * len(self.sampler)))
+            self.optimizer, lr_factor(config.train.lr_scheduler, config.train.epochs * len(self.sampler)))
         self.on_improve = on_improve
         self.on_checkpoint = on_checkpoint
         self.on_step = on_step
@@ -184,7 +177,7 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
 
     def evaluate(self, split: str) -> dict[str, float]:
-        return evaluate_split(self.model, self.data, split, self.config, self.device, self.group)
+        return evaluate_split(self.model, self.data, split, self.config.train, self.device, self.group)
 
     def shard_loss(self, rows: np.ndarray) -> torch.Tensor | None:
         """This rank's share of the loss of the global batch ``rows`` (None for an empty shard):
@@ -214,8 +207,8 @@ class Trainer:
         value = self.group.sum_gradients(self.model.parameters(), loss)
         if not math.isfinite(value):  # every rank sees the same summed loss, so all stop here together
             raise NonFiniteLoss(f"the loss became {value} at epoch {epoch} (step {self.progress.step + 1})")
-        if self.config["clip_grad_norm"] > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config["clip_grad_norm"])
+        if self.config.train.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.clip_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         return value
@@ -227,7 +220,7 @@ class Trainer:
         self.model.train()
         self.sampler.rng_state = p.sampler_state  # a no-op, except right after a resume
         batches = self.sampler.epoch_batches()
-        every = self.config["checkpoint_steps"]
+        every = self.config.train.checkpoint_steps
         bar = tqdm(total=len(batches), initial=p.step, desc=f"epoch {epoch}", leave=False,
                    disable=None if self.group.is_main else True, dynamic_ncols=True)
         t0, seconds_before = time.perf_counter(), p.epoch_seconds
@@ -251,19 +244,19 @@ class Trainer:
 
     def fit(self) -> FitResult:
         c, p = self.config, self.progress
-        key = c["valid_metric"]
+        key = c.train.valid_metric
         targets = "masks drawn per batch" if self.sampler.n_targets is None else f"{self.sampler.n_targets} targets"
         log.info("training %s with %s samples: %d samples (%s) per epoch, %d steps of %d%s",
                  type(self.model).name, self.scheme, self.sampler.n_samples, targets,
-                 len(self.sampler), c["train_batch_size"],
+                 len(self.sampler), c.train.train_batch_size,
                  f" split over {self.group.world_size} processes" if self.group.active else "")
-        while not p.stopped_early and p.epoch <= c["epochs"]:
+        while not p.stopped_early and p.epoch <= c.train.epochs:
             epoch = p.epoch
             loss = self.train_epoch(epoch)
             seconds = p.epoch_seconds
             p.train_seconds += seconds
             row = {"epoch": epoch, "loss": loss, "train_seconds": round(seconds, 3)}
-            if epoch % c["eval_step"] == 0 or epoch == c["epochs"]:
+            if epoch % c.train.eval_step == 0 or epoch == c.train.epochs:
                 t1 = time.perf_counter()
                 valid = self.evaluate("valid")
                 eval_seconds = time.perf_counter() - t1
@@ -284,7 +277,7 @@ class Trainer:
             else:
                 log.info("epoch %3d | loss %.4f | %.1f s", epoch, loss, seconds)
             p.history.append(row)
-            if p.bad_epochs > c["stopping_step"]:
+            if p.bad_epochs > c.train.stopping_step:
                 p.stopped_early = True
                 log.info("no better %s for %d validations: stopping; best epoch %d (%s %.4f)",
                          key, p.bad_epochs, p.best_epoch, key, p.best_score)

@@ -24,6 +24,7 @@ import json
 import os
 import random
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -190,9 +191,10 @@ def _show(value: Any) -> str:
     return "(unset)" if value is _MISSING else repr(value)
 
 
-def check_resumable(state: dict[str, Any], config: dict[str, Any], fingerprint: str, world_size: int,
+def check_resumable(state: dict[str, Any], config: Mapping[str, Any], fingerprint: str, world_size: int,
                     where: str, data: SequenceData | None = None) -> list[str]:
-    """Raise if ``state`` cannot continue as a run with ``config`` on the data of ``fingerprint``
+    """Raise if ``state`` cannot continue as a run with ``config`` (settings by key, as config.yaml
+    holds them: saved and current are compared key by key) on the data of ``fingerprint``
     (``data``, when given, explains a mismatch due to dropped duplicates) and this world size;
     returns the changed resumable settings, as 'key old -> new' strings, for the log."""
     meta = json.loads(state["meta"])
@@ -206,8 +208,8 @@ def check_resumable(state: dict[str, Any], config: dict[str, Any], fingerprint: 
         raise MLSA4RecError("the data found differs from the data the interrupted run was trained on (checksum or "
                             f"filtering differ); {fix}")
     saved = dict(meta["config"])
-    if "model" in config:  # a setting added after the run was checkpointed ran at its default value
-        saved.update({k: v for k, v in known_keys(config["model"]).items() if k not in saved})
+    if (model := config.get("model")) is not None:  # a setting added after the checkpoint ran at its default
+        saved.update({k: v for k, v in known_keys(model).items() if k not in saved})
     keys = list(saved) + [k for k in config if k not in saved]
     differ = [k for k in keys if saved.get(k, _MISSING) != config.get(k, _MISSING)]
     fixed = [k for k in differ if k not in RESUMABLE_KEYS]

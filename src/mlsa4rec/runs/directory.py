@@ -41,7 +41,7 @@ from typing import Any
 import mlsa4rec
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.fileio import current_umask, sha256_file, write_atomic, write_json_atomic, write_yaml_atomic
-from mlsa4rec.training import checkpoint
+from mlsa4rec.runs import checkpoint
 
 try:
     import fcntl

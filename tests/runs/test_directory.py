@@ -18,9 +18,9 @@ import torch
 from mlsa4rec.cli import main
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation.runs import compare_runs, evaluate_run
-from mlsa4rec.training import checkpoint
+from mlsa4rec.runs import checkpoint
 from mlsa4rec.training.run import train
-from mlsa4rec.training.rundir import MANIFEST, staging_dir
+from mlsa4rec.runs.directory import MANIFEST, staging_dir
 
 SMALL = {"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 8,
          "epochs": 1, "train_batch_size": 64, "seed": 3}
@@ -356,7 +356,7 @@ def test_a_finished_run_whose_publishing_was_cut_short_is_never_emptied(successo
                                                                          monkeypatch) -> None:
     """A crash after the checkpoint is deleted but before the rename leaves a complete stage: later
     runs refuse it instead of clearing it, and say how to keep it."""
-    import mlsa4rec.training.rundir as rundir_module
+    import mlsa4rec.runs.directory as rundir_module
 
     out = tmp_path / "run"
     real_replace = os.replace
