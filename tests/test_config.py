@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlsa4rec.config import _check_type, build_config, load_yaml_file, parse_interval, parse_set, run_facts
+from mlsa4rec.config import build_config, load_yaml_file, parse_interval, parse_set, run_facts
 from mlsa4rec.errors import ConfigError
+from mlsa4rec.settings import check_value as _check_type
 
 
 def test_precedence_defaults_model_file_set(tmp_path: Path) -> None:

@@ -9,8 +9,6 @@ that names the key; the config classes then check ranges and combinations.
 
 from __future__ import annotations
 
-import difflib
-import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields, replace
 from importlib import resources
@@ -20,7 +18,16 @@ from typing import Any
 import yaml
 
 from mlsa4rec.errors import ConfigError
-from mlsa4rec.settings import ModelConfig, TrainConfig, as_keys, defaults_of, from_keys, help_of, parse_interval
+from mlsa4rec.settings import (
+    RUN_FACTS,
+    ModelConfig,
+    TrainConfig,
+    as_keys,
+    defaults_of,
+    help_of,
+    parse_interval,
+    resolve_settings,
+)
 
 __all__ = ["Config", "build_config", "known_keys", "load_yaml_file", "parse_interval", "parse_set", "presets",
            "run_facts"]
@@ -101,9 +108,6 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"{where}: {' '.join(str(problem).split())}"
 
 
-RUN_FACTS = ("model", "dataset")
-
-
 def _sources(files: Iterable[str | Path], overrides: Mapping[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
     """Each settings layer with the words that name it in an error: a config file, or ``--set``."""
     layers = [(f"config file {str(f)!r}", load_yaml_file(f)) for f in files]
@@ -157,71 +161,6 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             out[key.strip()] = raw
     return out
-
-
-def _number(key: str, value: Any, want: type, default: Any) -> int | float:
-    """``value`` as an int or float setting: any spelling float() reads ("1e-3", "1_000", " 2 "; PyYAML,
-    following YAML 1.1, leaves 1e-3 a string), integral for int settings, and finite."""
-    number: int | float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, str):
-        try:
-            number = int(value)  # exact for big integers, which a float would round
-        except ValueError:
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-    if number is None:
-        raise ConfigError(f"{key}: expected {want.__name__}, got {value!r} ({type(value).__name__}); write a "
-                          f"number like {default!r}")
-    if isinstance(number, float) and not math.isfinite(number):
-        raise ConfigError(f"{key} must be a finite number, got {number}; write a number like {default!r}")
-    if want is float:
-        try:
-            return float(number)
-        except OverflowError:  # an int beyond float's range
-            raise ConfigError(f"{key} must be a finite number, got {value!r}; write a number like "
-                              f"{default!r}") from None
-    if isinstance(number, float):
-        if not number.is_integer():
-            raise ConfigError(f"{key}: expected int, got {value!r} ({type(value).__name__}); write a whole "
-                              f"number like {default!r}")
-        return int(number)
-    return number
-
-
-def _check_type(key: str, value: Any, default: Any) -> Any:
-    """Coerce ``value`` to the type of ``default`` where that is lossless, else raise."""
-    if default is None:
-        return value
-    if value is None:
-        raise ConfigError(f"{key}: a value is required (got null)")
-    want = type(default)
-    if want is bool:
-        if isinstance(value, bool):
-            return value
-    elif want in (int, float):
-        return _number(key, value, want, default)
-    elif want is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif want is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        return [value]
-    else:
-        return value
-    raise ConfigError(f"{key}: expected {want.__name__}, got {value!r} ({type(value).__name__})")
-
-
-def _unknown_key(key: str, known: Iterable[str], model: str | None) -> ConfigError:
-    close = difflib.get_close_matches(str(key), list(known), n=1)  # YAML keys may be ints or bools
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    where = f" for model {model!r}" if model else ""
-    listing = f"`mlsa4rec models --config {model or 'sasrec'}` lists them"
-    return ConfigError(f"unknown config key {key!r}{where}{hint} ({listing})")
 
 
 @dataclass(frozen=True)
@@ -279,24 +218,10 @@ def build_config(
     ``extra`` holds run facts that are not tunable settings (``dataset``) and are stored with the
     config so that a run directory is self-describing.
     """
-    base = overall_defaults()
-    own = model_defaults(model)
-    defaults = {**base, **own}
-    values = dict(defaults)
-    for where, layer in _sources(files, overrides):
-        for key, value in layer.items():
-            if key in RUN_FACTS:  # a saved config.yaml holds them: fine when they agree with the command
-                _check_run_fact(where, key, value, model, extra)
-                continue
-            if key not in defaults:
-                raise _unknown_key(key, defaults, model)
-            values[key] = _check_type(key, value, defaults[key])
-    train = from_keys(TrainConfig, {k: values[k] for k in base})
-    cls = _config_class(model)
-    try:
-        hyper = from_keys(cls, {k: values[k] for k in own if k not in base})
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"cannot build model {model!r}: {exc}") from None
+    def run_fact(where: str, key: str, value: Any) -> None:
+        _check_run_fact(where, key, value, model, extra)
+
+    train, hyper = resolve_settings(model, _config_class(model), _sources(files, overrides), run_fact)
     return Config(model, train, hyper, (extra or {}).get("dataset"))
 
 

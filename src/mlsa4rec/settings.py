@@ -10,9 +10,10 @@ its field name (``max_seq_length``).
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -198,3 +199,100 @@ class TrainConfig:
         object.__setattr__(self, "metrics", metrics)
         object.__setattr__(self, "topk", topk)
         object.__setattr__(self, "valid_metric", f"{name}@{k}")
+
+
+# --- values as users write them: checked against each default's type ---------------------------
+
+def _number(key: str, value: Any, want: type, default: Any) -> int | float:
+    """``value`` as an int or float setting: any spelling float() reads ("1e-3", "1_000", " 2 "; PyYAML,
+    following YAML 1.1, leaves 1e-3 a string), integral for int settings, and finite."""
+    number: int | float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        try:
+            number = int(value)  # exact for big integers, which a float would round
+        except ValueError:
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+    if number is None:
+        raise ConfigError(f"{key}: expected {want.__name__}, got {value!r} ({type(value).__name__}); write a "
+                          f"number like {default!r}")
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ConfigError(f"{key} must be a finite number, got {number}; write a number like {default!r}")
+    if want is float:
+        try:
+            return float(number)
+        except OverflowError:  # an int beyond float's range
+            raise ConfigError(f"{key} must be a finite number, got {value!r}; write a number like "
+                              f"{default!r}") from None
+    if isinstance(number, float):
+        if not number.is_integer():
+            raise ConfigError(f"{key}: expected int, got {value!r} ({type(value).__name__}); write a whole "
+                              f"number like {default!r}")
+        return int(number)
+    return number
+
+
+def check_value(key: str, value: Any, default: Any) -> Any:
+    """Coerce ``value`` to the type of ``default`` where that is lossless, else raise."""
+    if default is None:
+        return value
+    if value is None:
+        raise ConfigError(f"{key}: a value is required (got null)")
+    want = type(default)
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+    elif want in (int, float):
+        return _number(key, value, want, default)
+    elif want is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif want is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        return [value]
+    else:
+        return value
+    raise ConfigError(f"{key}: expected {want.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def unknown_key(key: str, known: Iterable[str], model: str | None) -> ConfigError:
+    close = difflib.get_close_matches(str(key), list(known), n=1)  # YAML keys may be ints or bools
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    where = f" for model {model!r}" if model else ""
+    listing = f"`mlsa4rec models --config {model or 'sasrec'}` lists them"
+    return ConfigError(f"unknown config key {key!r}{where}{hint} ({listing})")
+
+
+RUN_FACTS = ("model", "dataset")  # what a run is, not how it runs: stored with its settings, never tuned
+
+
+def resolve_settings(model: str, config_class: type, layers: Iterable[tuple[str, Mapping[str, Any]]],
+                     run_fact: Callable[[str, str, Any], None] | None = None) -> tuple[TrainConfig, Any]:
+    """The shared settings and model ``model``'s hyperparameters (an instance of ``config_class``),
+    from the defaults (``TrainConfig``'s, then the model's own ``train_defaults``) and each layer of
+    ``(where, {key: value})`` in order, later winning: every key known, every value of its default's
+    type. ``run_fact(where, key, value)`` sees each ``model``/``dataset`` entry (ignored without it)."""
+    base = defaults_of(TrainConfig)
+    own = {**defaults_of(config_class), **config_class.train_defaults}
+    defaults = {**base, **own}
+    values = dict(defaults)
+    for where, layer in layers:
+        for key, value in layer.items():
+            if key in RUN_FACTS:  # a saved config.yaml holds them: fine when they agree with the command
+                if run_fact is not None:
+                    run_fact(where, key, value)
+                continue
+            if key not in defaults:
+                raise unknown_key(key, defaults, model)
+            values[key] = check_value(key, value, defaults[key])
+    train = from_keys(TrainConfig, {k: values[k] for k in base})
+    try:
+        hyper = from_keys(config_class, {k: values[k] for k in own if k not in base})
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot build model {model!r}: {exc}") from None
+    return train, hyper

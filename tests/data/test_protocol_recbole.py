@@ -66,7 +66,7 @@ def test_split_matches_recbole_rules(tmp_path: Path) -> None:
 
     # inputs: valid sees the training part, test sees training part + the valid item (last L=3)
     for split, cut in (("valid", -2), ("test", -1)):
-        batch = next(eval_batches(data, split, max_len=3, batch_size=10))
+        batch = next(eval_batches(data, split, max_seq_length=3, batch_size=10))
         for row, name in enumerate(users):
             history = want[name][0][:cut][-3:]
             got = tok[batch.item_seq[row, : batch.lengths[row]].numpy()].tolist()

@@ -14,8 +14,9 @@ from mlsa4rec.cli import main
 from mlsa4rec.config import build_config, known_keys
 from mlsa4rec.errors import ConfigError
 from mlsa4rec.evaluation.runs import evaluate_run
-from mlsa4rec.models import _REGISTRY, available, create, register
+from mlsa4rec.models import available, create, register
 from mlsa4rec.models.base import SequentialRecommender
+from mlsa4rec.models.registry import _REGISTRY
 from mlsa4rec.settings import ModelConfig, TrainConfig, defaults_of, help_of, setting
 from mlsa4rec.training.run import train
 

@@ -22,11 +22,12 @@ from mlsa4rec.cli import main
 from mlsa4rec.config import build_config
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.runs import checkpoint
+from mlsa4rec.runs.directory import StageLock, staging_dir
 from mlsa4rec.training import Trainer
 from mlsa4rec.training.run import train
-from mlsa4rec.runs.directory import StageLock, staging_dir
 
 HERE = Path(__file__).resolve().parent
+KILL_RUN = HERE.parent / "training" / "kill_run.py"  # shared with the torchrun tests
 SMALL = {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "hidden_dropout_prob": 0.2,
          "attn_dropout_prob": 0.2, "MAX_ITEM_LIST_LENGTH": 8, "learning_rate": 0.01, "epochs": 3,
          "train_batch_size": 32, "stopping_step": 100, "seed": 11, "checkpoint_steps": 2, "eval_batch_size": 64}
@@ -92,7 +93,7 @@ def test_rng_states_round_trip() -> None:
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(successor_file: Path, tmp_path: Path) -> None:
-    killed = subprocess.run([sys.executable, str(HERE.parent / "training" / "kill_run.py"), str(successor_file), str(tmp_path / "run"),
+    killed = subprocess.run([sys.executable, str(KILL_RUN), str(successor_file), str(tmp_path / "run"),
                              "2", "3", json.dumps(SMALL)], capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     stage = staging_dir(tmp_path / "run")

@@ -19,8 +19,8 @@ from mlsa4rec.cli import main
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation.runs import compare_runs, evaluate_run
 from mlsa4rec.runs import checkpoint
-from mlsa4rec.training.run import train
 from mlsa4rec.runs.directory import MANIFEST, staging_dir
+from mlsa4rec.training.run import train
 
 SMALL = {"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 8,
          "epochs": 1, "train_batch_size": 64, "seed": 3}

@@ -31,10 +31,10 @@ from mlsa4rec.evaluation.evaluator import merge_round_robin
 from mlsa4rec.evaluation.runs import evaluate_run
 from mlsa4rec.models import create
 from mlsa4rec.runs import checkpoint
+from mlsa4rec.runs.directory import staging_dir
 from mlsa4rec.training import Trainer
 from mlsa4rec.training.distributed import DistContext, pack_gradients, shard_rows, unpack_gradients
 from mlsa4rec.training.run import train
-from mlsa4rec.runs.directory import staging_dir
 
 HERE = Path(__file__).resolve().parent
 TINY = {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 8}

@@ -35,11 +35,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mlsa4rec.config import parse_interval
 from mlsa4rec.data.readers import Interactions, read_interactions
 from mlsa4rec.errors import DataError, check_choice
 from mlsa4rec.fileio import atomic_path, sha256_file
-from mlsa4rec.settings import DUPLICATE_RULES
+from mlsa4rec.settings import DUPLICATE_RULES, parse_interval
 
 log = logging.getLogger(__name__)
 

@@ -242,7 +242,8 @@ def eval_order(data: SequenceData, split: str, max_seq_length: int, trim: bool =
 
 
 def eval_batches(
-    data: SequenceData, split: str, max_seq_length: int, batch_size: int, trim: bool = False, part: tuple[int, int] = (0, 1)
+    data: SequenceData, split: str, max_seq_length: int, batch_size: int, trim: bool = False,
+    part: tuple[int, int] = (0, 1),
 ) -> Iterator[Batch]:
     """Validation or test batches: input = the user's events before the target, in ``eval_order``
     (``Batch.rows`` says which users each batch holds).

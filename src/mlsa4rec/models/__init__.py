@@ -6,63 +6,12 @@ import line at the bottom of this module; a model defined elsewhere (a test's to
 ``register``.
 """
 
-from __future__ import annotations
+from mlsa4rec.models.registry import available, build_model, create, get_class, register
 
-from collections.abc import Callable
-from typing import Any
-
-from mlsa4rec.errors import ConfigError
-
-_REGISTRY: dict[str, type] = {}
-
-
-def register(name: str) -> Callable[[type], type]:
-    def wrap(cls: type) -> type:
-        if name in _REGISTRY:
-            raise RuntimeError(f"model {name!r} registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return wrap
-
-
-def available() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get_class(name: str) -> type:
-    if name not in _REGISTRY:
-        import difflib
-
-        close = difflib.get_close_matches(name.lower(), available(), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown model {name!r}{hint} (registered: {', '.join(available())})")
-    return _REGISTRY[name]
-
-
-def create(name: str, n_items: int, **overrides: Any):
-    """Build model ``name`` for ``n_items`` real items (id 0 is padding).
-
-    ``overrides`` may be any of the model's hyperparameters, or ``MAX_ITEM_LIST_LENGTH``; an
-    unknown key raises ``ConfigError`` naming it.
-    """
-    from mlsa4rec.config import build_config
-
-    cls = get_class(name)
-    config = build_config(name, overrides=overrides)
-    return build_model(cls, n_items, config.model_kwargs(), config.train.max_seq_length)
-
-
-def build_model(cls: type, n_items: int, kwargs: dict[str, Any], max_seq_length: int):
-    """``cls`` for ``n_items`` items and histories of ``max_seq_length``, its hyperparameters ``kwargs``."""
-    try:
-        return cls(n_items, max_seq_length, cls.config_class(**kwargs))
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"cannot build model {cls.name!r}: {exc}") from None
-
+__all__ = ["available", "build_model", "create", "get_class", "register"]
 
 # --- registered models: one import line each -------------------------------------------------
-from mlsa4rec.models import (  # noqa: E402,F401
+from mlsa4rec.models import (  # noqa: E402,F401,I001 (after the registry they fill)
     bert4rec,
     gru4rec,
     lightsans,

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlsa4rec.layers import Dropout, TransformerLayer
-from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender, gather_last, normal_init
+from mlsa4rec.models.registry import register
 from mlsa4rec.models.sasrec import SelfAttentionConfig
 from mlsa4rec.settings import setting
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from mlsa4rec.layers import Dropout
-from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender
+from mlsa4rec.models.registry import register
 from mlsa4rec.settings import ModelConfig, setting
 
 

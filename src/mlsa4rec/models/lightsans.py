@@ -27,8 +27,8 @@ from torch import nn
 from mlsa4rec.layers import Dropout
 from mlsa4rec.layers.lsa import LowRankSelfAttention
 from mlsa4rec.layers.transformer import FeedForward
-from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender, normal_init
+from mlsa4rec.models.registry import register
 from mlsa4rec.models.sasrec import SelfAttentionConfig
 from mlsa4rec.settings import setting
 

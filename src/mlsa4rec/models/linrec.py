@@ -44,8 +44,8 @@ from torch import nn
 
 from mlsa4rec.layers import Dropout
 from mlsa4rec.layers.linear_attention import CausalLinearAttention, LinearAttentionLayer, LinRecAttention
-from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender, TransformerConfig, normal_init
+from mlsa4rec.models.registry import register
 
 
 class LinearSASRecState(NamedTuple):

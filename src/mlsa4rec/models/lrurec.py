@@ -55,8 +55,8 @@ from torch import nn
 
 from mlsa4rec.layers import Dropout
 from mlsa4rec.layers.lru import LRU
-from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender
+from mlsa4rec.models.registry import register
 from mlsa4rec.settings import ModelConfig, setting
 
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlsa4rec.layers import Dropout, MambaResidual, MambaState
-from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender, normal_init
+from mlsa4rec.models.registry import register
 from mlsa4rec.settings import ModelConfig, setting
 
 

@@ -42,9 +42,9 @@ from torch.utils._pytree import tree_map_only
 from mlsa4rec.layers import Dropout, Mamba, MambaResidual, MambaState
 from mlsa4rec.layers.absent import NoLSA, NoMamba, Ungated
 from mlsa4rec.layers.lsa import LowRankSelfAttention, LSAState
-from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender, gather_last
 from mlsa4rec.models.mlsa4rec_config import MLSA4RecConfig
+from mlsa4rec.models.registry import register
 
 GATES = {"gelu": F.gelu, "sigmoid": torch.sigmoid}
 

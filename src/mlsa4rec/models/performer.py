@@ -34,8 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mlsa4rec.layers.linear_attention import PerformerAttention
-from mlsa4rec.models import register
 from mlsa4rec.models.linrec import LinearSASRec, LinRecConfig
+from mlsa4rec.models.registry import register
 from mlsa4rec.settings import setting
 
 

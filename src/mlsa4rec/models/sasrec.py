@@ -26,8 +26,8 @@ from torch import nn
 
 from mlsa4rec.errors import check_choice
 from mlsa4rec.layers import Dropout, TransformerLayer
-from mlsa4rec.models import register
 from mlsa4rec.models.base import SequentialRecommender, TransformerConfig, normal_init
+from mlsa4rec.models.registry import register
 from mlsa4rec.settings import setting
 
 SIMILARITIES = ("dot", "cosine")
