@@ -33,3 +33,4 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports  # the floors of docs/architecture.md (pyproject.toml's [tool.importlinter])

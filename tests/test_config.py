@@ -265,3 +265,17 @@ def test_a_layer_count_in_the_millions_is_refused_before_the_model_is_built(mode
     with pytest.raises(ConfigError, match=f"{key} must be at most 1000"):
         build_config(model, [], {key: 10 ** 30}, extra={"dataset": "x"}).model_kwargs()
     build_config(model, [], {key: 3}, extra={"dataset": "x"}).model_kwargs()  # ordinary values still pass
+
+
+def test_the_config_is_typed_and_its_mapping_view_keeps_the_keys_of_config_yaml() -> None:
+    from mlsa4rec.models.sasrec import SASRecConfig
+    from mlsa4rec.settings import TrainConfig
+
+    c = build_config("sasrec", overrides={"MAX_ITEM_LIST_LENGTH": 20, "hidden_size": 16}, extra={"dataset": "ml-1m"})
+    assert isinstance(c.train, TrainConfig) and isinstance(c.hyper, SASRecConfig)
+    assert (c.model, c.dataset, c.train.max_seq_length, c.hyper.hidden_size) == ("sasrec", "ml-1m", 20, 16)
+    assert c["MAX_ITEM_LIST_LENGTH"] == 20 and "max_seq_length" not in c  # keys as YAML and --set write them
+    assert list(c)[:2] == ["model", "dataset"] and c.model_kwargs()["hidden_size"] == 16
+    assert c.with_train(exclude_history=True).train.exclude_history and not c.train.exclude_history
+    with pytest.raises(ConfigError, match="MAX_ITEM_LIST_LENGTH must be > 0"):
+        c.with_train(max_seq_length=0)

@@ -431,3 +431,9 @@ def test_cli_recommend_bad_bytes_json_shape_and_flag_names(capsys, caplog, runs:
     with caplog.at_level("WARNING", logger="mlsa4rec"):
         assert main(["recommend", "--run-dir", run, "--input", str(empty)]) == 0
     assert "holds no requests" in caplog.text
+
+
+def test_max_length_is_a_deprecated_name_of_max_seq_length(runs: dict[str, Path]) -> None:
+    rec = Recommender.from_run(runs["sasrec"])
+    with pytest.warns(DeprecationWarning, match="max_seq_length"):
+        assert rec.max_length == rec.max_seq_length
