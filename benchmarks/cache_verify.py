@@ -11,13 +11,12 @@ structural checks: ``load_cached``). The difference is what the check adds to ev
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
+from common import machine, repeat_timed
 from mlsa4rec.data.dataset import SequenceData, load_cached, save_cached
 
 
@@ -37,16 +36,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "synthetic.npz"
         save_cached(data, path, "key")
-        plain, verified = [], []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
+
+        def plain_load() -> None:
             with np.load(path, allow_pickle=False) as z:
                 _ = [z[name] for name in ("items", "offsets", "item_tokens", "user_tokens")]
-            plain.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+
+        def verified_load() -> None:
             assert load_cached(path, "key", "synthetic") is not None
-            verified.append(time.perf_counter() - t0)
-    print(f"machine: {platform.processor() or platform.machine()}, {args.events:,} events, {args.users:,} users, "
+
+        # no warm-up: the first plain read pulls the file into the page cache for both
+        plain = repeat_timed(plain_load, args.repeats, warmup=0)
+        verified = repeat_timed(verified_load, args.repeats, warmup=0)
+    m = machine(commit=False)
+    print(f"machine: {m['cpu']}, {m['cores']} cores; {args.events:,} events, {args.users:,} users, "
           f"{args.items:,} items")
     print(f"plain np.load of the arrays: {min(plain):.3f} s (best of {args.repeats})")
     print(f"verified load (load_cached): {min(verified):.3f} s (best of {args.repeats}); the check adds "

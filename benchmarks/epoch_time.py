@@ -15,15 +15,14 @@ times whole epochs where the projection is under ``--full-limit`` seconds, to ch
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 
 import numpy as np
 import torch
 
+from common import command, load_or_exit, machine, write_json
 from mlsa4rec.config import build_config, parse_set
-from mlsa4rec.data import load_dataset
 from mlsa4rec.models import build_model, get_class
 from mlsa4rec.training.trainer import Trainer
 
@@ -90,7 +89,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    data = load_dataset(args.dataset, args.data_dir)
+    data = load_or_exit(args.dataset, args.data_dir)
     results = []
     print(f"{args.dataset}: {data.n_users} users, {data.n_items} items; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
@@ -105,8 +104,9 @@ def main() -> None:
                   f"{r['projected_s_per_epoch']:>18.1f} {r.get('measured_s_per_epoch', float('nan')):>9.1f} "
                   f"{r['valid_seconds']:>8.1f}", flush=True)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"dataset": args.dataset, "threads": torch.get_num_threads(), "results": results}, f, indent=2)
+        threads = torch.get_num_threads()
+        write_json(args.json, {"dataset": args.dataset, "threads": threads, "command": command(__file__),
+                               "machine": machine(threads=threads), "results": results})
 
 
 if __name__ == "__main__":

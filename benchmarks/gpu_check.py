@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/gpu_check.py --out "$OUT"        # on a lent GPU (< 5 min)
     PYTHONPATH=src python benchmarks/gpu_check.py --device cpu --quick  # smoke test of the script
+    PYTHONPATH=src python benchmarks/gpu_check.py --scan-only [--lengths 50 200 1000] [--repeats 5]
 
 Run it whenever a session is lent a GPU, then copy ``gpu_check.json`` and ``gpu_check.md`` from
 ``--out`` into docs/results/ (the default ``--out`` on a GPU). In that order, each phase capped
@@ -22,6 +23,10 @@ what it has (a watchdog thread writes and exits even if a kernel hangs):
 5. ``pytest tests/ops`` on the GPU, then ``tests/layers tests/models``;
 6. a sweep of the Triton kernel's launch configuration (channels per program, warps, chunk).
 
+``--scan-only`` runs phases 1 and 2 alone (what ``scan_gpu.py`` did before it was folded in here),
+with the scan lengths of ``--lengths`` and ``--repeats`` timed calls per case, into runs/gpu_check
+unless ``--out`` says otherwise (a partial check never replaces docs/results/gpu_check.md).
+
 pytest is run from the environment, or from ``runs/gpu_vendor`` when that folder exists
 (``pip install --target runs/gpu_vendor pytest`` here, and carry it to a machine without it).
 Nothing here needs a network.
@@ -34,7 +39,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import threading
@@ -45,9 +49,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import REPO, machine, median_ms, repeat_timed, row, write_report
 from mlsa4rec.ops import resolve_impl, selective_scan
 
-REPO = Path(__file__).resolve().parents[1]
 VENDOR = REPO / "runs" / "gpu_vendor"
 SIZES = {"full": dict(batch=256, d_inner=128, n_state=32, lengths=[50, 200, 1000, 4000], windows=256,
                       prefix_batch=2048, model_length=200),
@@ -87,9 +91,7 @@ class Run:
             self.results["elapsed_s"] = round(time.monotonic() - self.t0, 1)
             self.results["ended"] = reason
             out = Path(self.args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "gpu_check.json").write_text(json.dumps(self.results, indent=2, default=str) + "\n")
-            (out / "gpu_check.md").write_text(markdown(self.results))
+            write_report(out / "gpu_check", self.results, markdown(self.results), default=str)
             self.finished = self.finished or reason == "finished"
             print(f"wrote {out / 'gpu_check.json'} and gpu_check.md ({reason}, {self.results['elapsed_s']} s)",
                   flush=True)
@@ -115,46 +117,27 @@ def mem_extra_mb(device: torch.device, base: int) -> float | None:
 def timed(step, device: torch.device, cap_s: float, repeats: int = 10) -> dict:
     """First call (compilation included), then up to ``repeats`` calls within ``cap_s``: median ms."""
     sync(device)
-    t = time.perf_counter()
-    step()
-    sync(device)
-    first = time.perf_counter() - t
+    (first,) = repeat_timed(step, 1, warmup=0, sync=lambda: sync(device))
     base = mem_reset(device)
-    times: list[float] = []
-    stop = time.perf_counter() + cap_s
-    while len(times) < repeats and (not times or time.perf_counter() + times[-1] < stop):
-        t = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return {"ms": round(1000 * statistics.median(times), 3), "ms_min": round(1000 * min(times), 3), "n": len(times),
+    times = repeat_timed(step, repeats, warmup=0, sync=lambda: sync(device), budget_s=cap_s)
+    return {"ms": round(median_ms(times), 3), "ms_min": round(1000 * min(times), 3), "n": len(times),
             "first_ms": round(1000 * first, 1), "extra_peak_mb": mem_extra_mb(device, base)}
 
 
 # --- 0. the machine -------------------------------------------------------------------------------
 
 def environment(device: torch.device) -> dict:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "platform": platform.platform()}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(device=props.name, memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count,
-                   capability=f"{props.major}.{props.minor}")
-    else:
-        from mlsa4rec.runtime import cpu_model
-
-        env.update(device=f"{os.cpu_count()}-core {cpu_model()}", threads=torch.get_num_threads())
+    """The shared machine record, plus what decides which scan runs here."""
+    env = machine(threads=torch.get_num_threads() if device.type == "cpu" else None)
+    gpu = env.get("gpu") if device.type == "cuda" else None
+    env = {"device": gpu["name"] if gpu else f"{env['cores']}-core {env['cpu']}", **env,
+           "cuda": torch.version.cuda, "platform": platform.platform()}
     for name in ("triton", "numba", "mamba-ssm"):  # not imported here: numba must be imported after
         try:  # mlsa4rec sizes its thread pool (an early import costs 100x on a shared CPU)
             env[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             env[name] = "not installed"
     env["scan on this device (auto)"] = resolve_impl("auto", device)
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                           timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001 - no git on the machine
-        env["git_commit"] = None
     return env
 
 
@@ -214,7 +197,7 @@ def scan_timings(run: Run, device: torch.device, sizes: dict) -> None:
     print("2. scan fwd+bwd timings", flush=True)
     rows: list[dict] = run.results.setdefault("scan", [])
     b, d, n = sizes["batch"], sizes["d_inner"], sizes["n_state"]
-    stop = time.monotonic() + run.cap(0.22)
+    stop = time.monotonic() + run.cap(1.0 if run.args.scan_only else 0.22)
     for dtype in (torch.float32, torch.bfloat16):
         for impl in candidates(device):
             runs = resolve_impl(impl, device, dtype)
@@ -234,7 +217,7 @@ def scan_timings(run: Run, device: torch.device, sizes: dict) -> None:
                 elif left < 1:
                     row["note"] = "skipped: phase budget spent"
                 else:
-                    row.update(scan_case(impl, dtype, length, device, sizes, min(3.0, left / 2)))
+                    row.update(scan_case(impl, dtype, length, device, sizes, min(3.0, left / 2), run.args.repeats))
                 rows.append(row)
                 print(f"  {row}", flush=True)
     verdicts = []
@@ -256,7 +239,8 @@ def scan_timings(run: Run, device: torch.device, sizes: dict) -> None:
         print(f"  {v}", flush=True)
 
 
-def scan_case(impl: str, dtype: torch.dtype, length: int, device: torch.device, sizes: dict, cap_s: float) -> dict:
+def scan_case(impl: str, dtype: torch.dtype, length: int, device: torch.device, sizes: dict, cap_s: float,
+              repeats: int = 10) -> dict:
     try:
         leaves = [x.requires_grad_() for x in scan_inputs(sizes["batch"], sizes["d_inner"], sizes["n_state"], length,
                                                           device, dtype)]
@@ -266,7 +250,7 @@ def scan_case(impl: str, dtype: torch.dtype, length: int, device: torch.device, 
                 x.grad = None
             selective_scan(*leaves, delta_softplus=True, impl=impl).float().sum().backward()
 
-        return timed(step, device, cap_s)
+        return timed(step, device, cap_s, repeats)
     except Exception as exc:  # noqa: BLE001 - out of memory, a kernel failing: record it and go on
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
     finally:
@@ -475,9 +459,10 @@ def pytest_phase(run: Run, paths: list[str], share: float) -> None:
 
 def markdown(r: dict) -> str:
     env = r.get("environment", {})
+    shown = {k: ", ".join(f"{a} {b}" for a, b in v.items()) if isinstance(v, dict) else v for k, v in env.items()}
     lines = ["# GPU check", "", f"Generated by `{r['script']}` ({r.get('ended', 'running')}, {r.get('elapsed_s')} s "
              f"of a {r['args']['budget']} s budget) on **{env.get('device', '?')}**.", "",
-             "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env.items()] + [""]
+             "| | |", "|---|---|", *(row(kv) for kv in shown.items()), ""]
     if r.get("accuracy"):
         lines += ["## Accuracy (fp32 vs float64 reference, worst relative error over outputs and gradients)", "",
                   "| impl | runs | worst | of | ok |", "|---|---|---:|---|---|"]
@@ -555,16 +540,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 with --device cpu)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "scan", "train", "profile", "pytest",
                                                                   "sweep"])
+    parser.add_argument("--scan-only", action="store_true",
+                        help="only the scan's accuracy and fwd+bwd timings (phases 1 and 2, the whole budget)")
+    parser.add_argument("--lengths", type=int, nargs="+", metavar="L",
+                        help="scan lengths (default 50 200 1000 4000; with --quick 8 24)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per scan case (default 10)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no GPU visible to torch; run with --device cpu --quick for a smoke test")
-    args.out = args.out or str(REPO / ("docs/results" if device.type == "cuda" and not args.quick
-                                       else "runs/gpu_check"))
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.scan_only:
+        args.skip = sorted(set(args.skip) | {"train", "profile", "pytest", "sweep"})
+    full_check = device.type == "cuda" and not args.quick and not args.scan_only
+    args.out = args.out or str(REPO / ("docs/results" if full_check else "runs/gpu_check"))
     if args.threads or device.type == "cpu":  # on a shared CPU, spinning OpenMP threads cost 100x here
         torch.set_num_threads(args.threads or 1)
     run = Run(args)
-    sizes = SIZES["quick" if args.quick else "full"]
+    sizes = {**SIZES["quick" if args.quick else "full"], **({"lengths": args.lengths} if args.lengths else {})}
 
     def watchdog() -> None:
         time.sleep(max(0.0, run.left() + 10))

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import command, machine, write_json
 from mlsa4rec.data.sampling import gather, history_bounds
-from mlsa4rec.runs.loading import load_run
 from mlsa4rec.metrics import metrics_from_ranks, target_ranks
+from mlsa4rec.runs.loading import load_run
 
 
 @torch.inference_mode()
@@ -104,7 +105,7 @@ def main() -> None:
         print("share of the key-pooling weight on padding at the trained width:",
               json.dumps({k: round(v, 3) for k, v in result["pooling_mass_on_padding"].items()}))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+        write_json(args.json, {**result, "command": command(__file__), "machine": machine()})
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Both libraries read the same RecBole atomic file, exported from our processed dataset (after our
 k-core filtering), train the same model with the same settings (prefix samples, batch, learning
 rate, dropout, L, seed) and report per-epoch validation curves and the best epoch's test metrics.
-Not part of CI (it trains two models); the export is tested in ``tests/benchmarks/``.
+Not part of CI (it trains two models); the export (``mlsa4rec.interop.recbole``) is tested in
+``tests/interop/``, this script's pieces in ``tests/benchmarks/``.
 
     # once: RecBole's own virtual environment in .venv-recbole/ (git-ignored; about 1 GB)
     python benchmarks/recbole_parity.py setup
@@ -33,7 +34,7 @@ and ``mamba4rec``: RecBole has none, so ``recbole_mamba4rec.py`` restates the au
 file with our Mamba block in place of mamba-ssm's (CUDA-only), and RecBole's data, trainer and
 evaluator drive it.
 
-The export (``export_recbole``) writes each user's events in our chronological order with
+The export (``mlsa4rec.interop.recbole.export_recbole``) writes each user's events in our chronological order with
 ``timestamp`` = the event's position in the user's sequence (1..n), so there are no ties for
 RecBole's sort to break; users appear in our user order. RecBole reads it with filtering set to
 our intervals (a no-op on filtered data), ``eval_args`` LS ``valid_and_test`` with order ``TO``
@@ -76,7 +77,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+# Only the standard library (and common.py, which imports only it) at the top: the worker runs this
+# file in RecBole's venv, where mlsa4rec is not installed; mlsa4rec is imported inside the functions
+# that run in ours.
+from common import REPO, command, git_commit, load_or_exit, machine, write_json, write_text
+
 DEFAULT_VENV = REPO / ".venv-recbole"
 DEFAULT_OUT = REPO / "docs" / "results" / "recbole_parity"
 DEFAULT_WORK = REPO / "runs" / "recbole-parity"
@@ -170,56 +175,9 @@ _IMPORT_CHECK = (
 )
 
 
-# --- the export --------------------------------------------------------------------------------
-def _checked_tokens(values: Any, what: str) -> list[str]:
-    tokens = [str(t) for t in values]
-    for t in tokens:
-        if not t or any(c in t for c in "\t\r\n"):
-            raise ValueError(f"{what} token {t!r} cannot be written to a tab-separated atomic file")
-    return tokens
-
-
-def inter_lines(data: Any) -> list[str]:
-    """The lines of the RecBole atomic ``.inter`` file of ``data`` (a ``SequenceData``): header, then
-    every user's events in our order (users in our user order), timestamp = position 1..n."""
-    import numpy as np
-
-    users = _checked_tokens(data.user_tokens, "user")
-    items = _checked_tokens(data.item_tokens[1:], "item")  # index 0 is the padding placeholder
-    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
-    offsets, ids = data.offsets, np.asarray(data.items)
-    for u, user in enumerate(users):
-        seq = ids[offsets[u]:offsets[u + 1]]
-        lines.extend(f"{user}\t{items[i - 1]}\t{pos}" for pos, i in enumerate(seq.tolist(), start=1))
-    return lines
-
-
-def export_recbole(data: Any, out_dir: str | Path, name: str | None = None) -> Path:
-    """Write ``data`` as ``out_dir/NAME/NAME.inter`` (RecBole's layout: ``data_path=out_dir``,
-    ``dataset=NAME``); returns the file. Read back with the same filters, it gives the same users,
-    per-user sequences and leave-one-out targets (tokens are kept, ids are remapped on reading)."""
-    name = name or data.name
-    path = Path(out_dir) / name / f"{name}.inter"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".inter.tmp")
-    tmp.write_text("\n".join(inter_lines(data)) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def token_sequences(data: Any) -> list[list[str]]:
-    """Every user's sequence as item tokens (comparable across id remappings)."""
-    items = [str(t) for t in data.item_tokens]
-    return [[items[i] for i in data.items[data.offsets[u]:data.offsets[u + 1]].tolist()] for u in range(data.n_users)]
-
-
-def same_sequences(a: Any, b: Any) -> bool:
-    """Same users in the same order with the same token sequences (hence the same splits)."""
-    return ([str(t) for t in a.user_tokens] == [str(t) for t in b.user_tokens]
-            and token_sequences(a) == token_sequences(b))
-
-
 # --- the samples each library sees, as a digest in token space ---------------------------------
+# These stay here rather than in mlsa4rec.interop: they exist to check this comparison, and the same
+# code must run in RecBole's venv (``_recbole_samples``), which has numpy but not mlsa4rec.
 def canonical_ranks(tokens: Any) -> Any:
     """Rank of each token among ``tokens`` sorted as strings: an id both libraries agree on."""
     import numpy as np
@@ -811,7 +769,7 @@ def write_report(report: dict[str, Any], stem: Path, venv: Path = DEFAULT_VENV) 
     stem.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png = stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")
     report["plot"] = png.name
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(json_path, report)  # first: RecBole's venv draws the plot from it
     try:
         plot(report, png)
     except ImportError:
@@ -820,21 +778,19 @@ def write_report(report: dict[str, Any], stem: Path, venv: Path = DEFAULT_VENV) 
             raise SystemExit("error: no matplotlib here and no RecBole venv to draw the plot with; run `setup` "
                              "or `pip install matplotlib`") from None
         subprocess.run([str(py), str(Path(__file__).resolve()), "_plot", str(json_path), str(png)], check=True)
-    md_path.write_text(markdown(report))
+    write_text(md_path, markdown(report))
     return [json_path, md_path, png]
 
 
 # --- the command line ---------------------------------------------------------------------------
 def _load(dataset: str, data_dir: str | None, config: Any) -> Any:
-    from mlsa4rec.data import load_dataset
-
-    return load_dataset(dataset, data_dir, config["user_inter_num_interval"], config["item_inter_num_interval"])
+    return load_or_exit(dataset, data_dir, config["user_inter_num_interval"], config["item_inter_num_interval"])
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from mlsa4rec.data import load_dataset
+    from mlsa4rec.interop.recbole import export_recbole
 
-    data = load_dataset(args.dataset, args.data_dir, args.user_inter_num_interval, args.item_inter_num_interval)
+    data = load_or_exit(args.dataset, args.data_dir, args.user_inter_num_interval, args.item_inter_num_interval)
     path = export_recbole(data, args.out, args.name)
     print(json.dumps({"file": str(path), **data.stats()}, indent=2))
 
@@ -843,9 +799,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     import torch
 
     from mlsa4rec.config import parse_set
-    from mlsa4rec.data import load_dataset
-    from mlsa4rec.runtime import cpu_model
-    from mlsa4rec.training.run import git_commit
+    from mlsa4rec.interop.recbole import export_recbole, import_recbole, same_sequences
 
     sets = parse_set(args.set)
     config = parity_config(args.model, args.config, sets)
@@ -857,8 +811,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     original = _load(args.dataset, args.data_dir, config)
     inter = export_recbole(original, work / "data")
-    exported = load_dataset(str(inter), None, config["user_inter_num_interval"], config["item_inter_num_interval"],
-                            use_cache=False)
+    exported = import_recbole(inter, None, config["user_inter_num_interval"], config["item_inter_num_interval"],
+                              use_cache=False)
     if not same_sequences(original, exported):
         raise SystemExit(f"error: {inter} read back differs from {original.source}; the export is broken")
     ours_data = our_data_summary(exported, config["MAX_ITEM_LIST_LENGTH"])
@@ -907,9 +861,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         "recbole_config": recbole_config(config, original.name, inter.parent.parent, work, threads),
         "our_config": {k: v for k, v in config.to_dict().items() if k != "dataset"},
         "seeds": seeds,
-        "command": shlex.join(["python", "benchmarks/recbole_parity.py", *sys.argv[1:]]),
+        "command": command(__file__),
         "commit": commit, "started": started,
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads},
+        "machine": machine(threads=threads, commit=False),
         "versions": {lib: first[lib].get("versions") for lib in ("recbole", "ours") if lib in first},
         "runs": runs,
     }

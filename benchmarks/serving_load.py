@@ -26,9 +26,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
-import shlex
 import socket
 import subprocess
 import sys
@@ -38,6 +36,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from common import command, machine, row, table, write_report
 
 HOST = "127.0.0.1"
 SCENARIOS = [  # name, method, histories per request (0: session), concurrency (None: --concurrency), share of N
@@ -231,15 +231,15 @@ async def bench_server(port: int, args, histories: list[list], window: float) ->
 
 # --- reporting ------------------------------------------------------------------------------------------
 NOTES = "<!-- notes: the text below this line is kept when the script rewrites this file -->"
-HEADER = ("| window ms | scenario | clients | requests | errors | req/s | histories/s | p50 ms | p99 ms | "
-          "mean merged batch |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+HEADER = table(["window ms", "scenario", "clients", "requests", "errors", "req/s", "histories/s", "p50 ms", "p99 ms",
+                "mean merged batch"], align="rlrrrrrrrr")
 
 
 def format_row(r: dict) -> str:
     merged = "–" if r["mean_merged_batch"] is None else f"{r['mean_merged_batch']:.1f}"
-    return (f"| {r['batch_window_ms']:g} | {r['scenario']} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
-            f"{r['requests_per_s']:.0f} | {r['histories_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-            f"{merged} |")
+    return row([f"{r['batch_window_ms']:g}", r["scenario"], r["concurrency"], r["requests"], r["errors"],
+                f"{r['requests_per_s']:.0f}", f"{r['histories_per_s']:.0f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
+                merged])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,14 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     errors = sum(r["errors"] for r in rows)
     import torch
 
-    from mlsa4rec.runtime import cpu_model
-
     results = json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else {}
     report = {
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-        "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "load_average_before": [round(x, 2) for x in load_before],
+        # the machine's fields at the top level, where the first report put cpu, cores, torch and python
+        "command": command(__file__, argv), **machine(), "torch_threads": torch.get_num_threads(),
+        "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "run": {"dir": str(run), "model": health.get("model"), "dataset": health.get("dataset"),
                 "items": health.get("items"), "max_item_list_length": health.get("max_item_list_length"),
@@ -292,12 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         "errors": errors, "rows": rows}
     if not args.no_write:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         md = out.with_suffix(".md")
         kept = md.read_text().partition(NOTES)[2] if md.is_file() else ""
-        md.write_text(markdown(report) + (NOTES + kept if kept else ""))
-        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+        write_report(out, report, markdown(report) + (NOTES + kept if kept else ""))
+        print(f"wrote {out.with_suffix('.json')} and {md}")
     print(f"errors: {errors}")
     return 1 if errors else 0
 

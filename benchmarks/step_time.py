@@ -17,19 +17,15 @@ SASRec within one run: machines of one kind differ, and other work may share the
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import statistics
 import sys
-import time
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from common import command, machine, median_ms, repeat_timed, table, write_report
 from mlsa4rec.data.sampling import Batch, cloze_masks
 from mlsa4rec.models import create
-from mlsa4rec.runtime import cpu_model
 from mlsa4rec.training.losses import full_softmax_cross_entropy
 from mlsa4rec.training.trainer import cross_entropy
 
@@ -70,16 +66,15 @@ def time_steps(name: str, settings: dict, batch: int, length: int, warmup: int, 
     data, scheme = make_batch(model, batch, length, np.random.default_rng(0))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     device = torch.device("cpu")
-    times = []
-    for i in range(warmup + repeats):
-        t = time.perf_counter()
+
+    def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         cross_entropy(model, data, scheme, device).backward()
         optimizer.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
+
+    times = repeat_timed(step, repeats, warmup)
     return {"model": name, "settings": settings, "L": length, "scheme": scheme,
-            "targets": int((data.targets > 0).sum()), "ms": 1000 * statistics.median(times),
+            "targets": int((data.targets > 0).sum()), "ms": median_ms(times),
             "ms_all": [round(1000 * s, 2) for s in times], "parameters": model.num_parameters()}
 
 
@@ -88,26 +83,21 @@ def time_loss(batch: int, length: int, warmup: int, repeats: int, hidden: int = 
     of B x L targets against the item table, forward and backward."""
     g = torch.Generator().manual_seed(0)
     h = (torch.randn(batch * length, hidden, generator=g) * 0.1).requires_grad_()
-    table = (torch.randn(N_ITEMS, hidden, generator=g) * 0.02).requires_grad_()
+    items = (torch.randn(N_ITEMS, hidden, generator=g) * 0.02).requires_grad_()
     targets = torch.randint(0, N_ITEMS, (batch * length,), generator=g)
-    times = []
-    for i in range(warmup + repeats):
-        t = time.perf_counter()
-        full_softmax_cross_entropy(h, table, targets).backward()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
+    times = repeat_timed(lambda: full_softmax_cross_entropy(h, items, targets).backward(), repeats, warmup)
     return {"model": "loss", "settings": {}, "L": length, "scheme": "all_positions", "targets": batch * length,
-            "ms": 1000 * statistics.median(times), "ms_all": [round(1000 * s, 2) for s in times], "parameters": 0}
+            "ms": median_ms(times), "ms_all": [round(1000 * s, 2) for s in times], "parameters": 0}
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict[str, Any]) -> str:
+    """The table: each model's milliseconds per step at each L, and as a multiple of SASRec's."""
     lengths = report["lengths"]
-    rows = {}
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
     for r in report["results"]:
         rows.setdefault(r["label"], {})[r["L"]] = r
     base = rows.get("SASRec", {})
-    head = "| model | parameters | " + " | ".join(f"L={n} ms (x SASRec)" for n in lengths) + " |"
-    lines = [head, "|" + "---|" * (2 + len(lengths))]
+    body = []
     for label, by_len in rows.items():
         cells = []
         for n in lengths:
@@ -115,9 +105,17 @@ def markdown(report: dict) -> str:
             ratio = f" ({r['ms'] / base[n]['ms']:.2f}x)" if r and n in base else ""
             cells.append(f"{r['ms']:.1f}{ratio}" if r else "-")
         params = next(iter(by_len.values()))["parameters"]
-        lines.append(f"| {label} | {params:,} | " + " | ".join(cells) + " |" if params else
-                     f"| {label} | - | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append([label, f"{params:,}" if params else "-", *cells])
+    return table(["model", "parameters", *(f"L={n} ms (x SASRec)" for n in lengths)], body) + "\n"
+
+
+def page(report: dict[str, Any]) -> str:
+    """OUT.md, generated from OUT.json."""
+    m = report["machine"]
+    return (f"# Training-step time (issue 15)\n\nOne optimiser step on {report['batch']} full windows of L items, "
+            f"{report['n_items']:,} items, dropout on; median of {report['repeats']} steps after {report['warmup']} "
+            f"untimed. CPU: {m['cpu']}, {m['threads']} threads, torch {report['torch']}.\n\n"
+            f"```bash\n{report['command']}\n```\n\n" + markdown(report))
 
 
 def main() -> None:
@@ -142,19 +140,13 @@ def main() -> None:
         r = {"label": LOSS_LABEL, **time_loss(args.batch, n, args.warmup, args.repeats)}
         print(f"L={n:5d} {LOSS_LABEL:16s} {r['ms']:9.1f} ms/step", file=sys.stderr)
         results.append(r)
-    report = {"benchmark": "step_time", "command": shlex.join(["python", "benchmarks/step_time.py", *sys.argv[1:]]),
-              "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads()}, "torch": torch.__version__,
-              "batch": args.batch, "n_items": N_ITEMS, "lengths": args.lengths, "results": results}
-    table = markdown(report)
-    print(table)
+    report = {"benchmark": "step_time", "command": command(__file__),
+              "machine": machine(threads=torch.get_num_threads()), "torch": torch.__version__,
+              "batch": args.batch, "n_items": N_ITEMS, "lengths": args.lengths, "warmup": args.warmup,
+              "repeats": args.repeats, "results": results}
+    print(markdown(report))
     if args.out:
-        out = Path(args.out)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        out.with_suffix(".md").write_text(
-            f"# Training-step time (issue 15)\n\nOne optimiser step on {args.batch} full windows of L items, "
-            f"{N_ITEMS:,} items, dropout on; median of {args.repeats} steps after {args.warmup} untimed. CPU: "
-            f"{report['machine']['cpu']}, {report['machine']['threads']} threads, torch {torch.__version__}.\n\n"
-            f"```bash\n{report['command']}\n```\n\n" + table)
+        write_report(args.out, report, page(report))
 
 
 if __name__ == "__main__":

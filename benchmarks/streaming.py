@@ -21,19 +21,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import shlex
 import statistics
-import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from common import command, machine, repeat_timed, row, table, write_json
 from mlsa4rec.config import build_config
 from mlsa4rec.data.itemmap import ItemMap
 from mlsa4rec.models import create
-from mlsa4rec.runtime import cpu_model
 from mlsa4rec.serving import Recommender
 
 LENGTHS = (50, 200, 1000, 4000)
@@ -41,14 +38,9 @@ UNTRAINED = {"mamba4rec": {}, "mlsa4rec causal": {"variant": "causal"}, "gru4rec
 N_ITEMS = 12101  # Amazon Beauty
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: kernels compiled, buffers allocated
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median of ``repeats`` calls after one warm-up (kernels compiled, buffers allocated)."""
+    return statistics.median(repeat_timed(fn, repeats))
 
 
 def untrained(name: str, overrides: dict) -> Recommender:
@@ -96,20 +88,20 @@ def main() -> None:
     recs = {Path(d).name: Recommender.from_run(d, device="cpu") for d in args.run_dir}
     untrained_names = args.untrained if args.untrained is not None else ([] if recs else list(UNTRAINED))
     recs.update({f"{name} (untrained)": untrained(name, UNTRAINED[name]) for name in untrained_names})
-    results = {"command": shlex.join(["python", "benchmarks/streaming.py", *sys.argv[1:]]), "cpu": cpu_model(),
-               "threads": args.threads, "torch": torch.__version__, "repeats": args.repeats, "models": {}}
-    print("| model | events | event by step (ms) | compiled step (ms) | re-encode (ms) | re-encode / step "
-          "| re-encode / compiled step | scores (ms) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    # the machine's fields at the top level, where the first report put cpu, threads and torch
+    results = {"command": command(__file__), **machine(threads=args.threads), "repeats": args.repeats, "models": {}}
+    print(table(["model", "events", "event by step (ms)", "compiled step (ms)", "re-encode (ms)", "re-encode / step",
+                 "re-encode / compiled step", "scores (ms)"], align="lrrrrrrr"))
     for name, rec in recs.items():
         rows = measure(rec, tuple(args.lengths), args.repeats)
         results["models"][name] = {"model": rec.config["model"], "variant": rec.config.to_dict().get("variant"),
                                    "parameters": rec.model.num_parameters(), "items": rec.items.n_items,
                                    "rows": rows}
         for r in rows:
-            print(f"| {name} | {r['events']:,} | {r['step_ms']:.3f} | {r['step_compiled_ms']:.3f} | "
-                  f"{r['re_encode_ms']:.2f} | {r['ratio']:.0f}x | {r['ratio_compiled']:.0f}x | {r['score_ms']:.3f} |")
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+            print(row([name, f"{r['events']:,}", f"{r['step_ms']:.3f}", f"{r['step_compiled_ms']:.3f}",
+                       f"{r['re_encode_ms']:.2f}", f"{r['ratio']:.0f}x", f"{r['ratio_compiled']:.0f}x",
+                       f"{r['score_ms']:.3f}"]))
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from mlsa4rec.training.run import train
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import common.py from beside them
 _spec = importlib.util.spec_from_file_location("history_rule", REPO / "benchmarks" / "history_rule.py")
 hr = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(hr)

@@ -1,5 +1,6 @@
-"""The RecBole parity benchmark's small pieces: the atomic-file export and the settings it hands
-RecBole. None of this needs RecBole installed."""
+"""The RecBole parity benchmark's small pieces: the sample digests of the export read back, and the
+settings it hands RecBole. None of this needs RecBole installed. The export itself
+(``mlsa4rec.interop.recbole``) is tested in tests/interop/."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 
 from mlsa4rec.data import load_dataset
+from mlsa4rec.interop.recbole import export_recbole, same_sequences
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import common.py from beside them
 _spec = importlib.util.spec_from_file_location("recbole_parity", REPO / "benchmarks" / "recbole_parity.py")
 rp = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("recbole_parity", rp)
@@ -35,69 +38,18 @@ def _split_tokens(data) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def _timestamps(inter: Path) -> dict[str, list[float]]:
-    per_user: dict[str, list[float]] = {}
-    for line in inter.read_text().splitlines()[1:]:
-        user, _, ts = line.split("\t")
-        per_user.setdefault(user, []).append(float(ts))
-    return per_user
-
-
 @pytest.mark.parametrize("interval", ["[5,inf)", OFF])
 def test_export_reads_back_identically(successor_file, tmp_path, interval):
     original = _load(successor_file, "[5,inf)")   # our 5-core data, as the benchmark exports it
-    inter = rp.export_recbole(original, tmp_path / "export", "succ")
+    inter = export_recbole(original, tmp_path / "export", "succ")
     assert inter == tmp_path / "export" / "succ" / "succ.inter"  # RecBole's data_path/NAME/NAME.inter
     back = _load(inter, interval)                  # 5-core again is a no-op; no filter at all too
     assert (back.n_users, back.n_items, back.n_interactions) == (
         original.n_users, original.n_items, original.n_interactions)
-    assert rp.same_sequences(original, back)
+    assert same_sequences(original, back)
     assert np.array_equal(back.lengths, original.lengths)
     assert _split_tokens(back) == _split_tokens(original)
     assert rp.our_data_summary(back, 5) == rp.our_data_summary(original, 5)  # histories truncated to L too
-
-
-def test_export_timestamps_are_positions_without_ties(successor_file, tmp_path):
-    data = _load(successor_file, "[5,inf)")
-    inter = rp.export_recbole(data, tmp_path)
-    header = inter.read_text().splitlines()[0]
-    assert header == "user_id:token\titem_id:token\ttimestamp:float"
-    per_user = _timestamps(inter)
-    assert len(per_user) == data.n_users
-    for ts, n in zip(per_user.values(), data.lengths):
-        assert ts == [float(p) for p in range(1, n + 1)]
-
-
-def test_hand_worked_three_users(tmp_path):
-    # u2 ties b/a at t=20 (file order keeps b first); u1 ties a/b at t=10 and is out of order in
-    # the file; u3 is in order. Items and users keep their raw string tokens.
-    csv = tmp_path / "three.csv"
-    csv.write_text("user,item,timestamp\n"
-                   "u2,b,20\nu1,a,10\nu1,c,5\nu2,a,20\nu3,c,1\nu1,b,10\nu3,b,2\nu3,a,3\nu2,c,30\nu1,d,7\n")
-    data = _load(csv, OFF)
-    inter = rp.export_recbole(data, tmp_path / "out", "three")
-    assert inter.read_text() == (
-        "user_id:token\titem_id:token\ttimestamp:float\n"
-        "u2\tb\t1\nu2\ta\t2\nu2\tc\t3\n"
-        "u1\tc\t1\nu1\td\t2\nu1\ta\t3\nu1\tb\t4\n"
-        "u3\tc\t1\nu3\tb\t2\nu3\ta\t3\n"
-    )
-    back = _load(inter, OFF)
-    assert rp.token_sequences(back) == [["b", "a", "c"], ["c", "d", "a", "b"], ["c", "b", "a"]]
-    # leave-one-out: 3 events -> train + test, 4 events -> train + valid + test
-    assert _split_tokens(back) == {
-        "train": [("u2", "a"), ("u1", "d"), ("u3", "b")],
-        "valid": [("u1", "a")],
-        "test": [("u2", "c"), ("u1", "b"), ("u3", "a")],
-    }
-    assert _split_tokens(back) == _split_tokens(data)
-
-
-def test_export_refuses_tokens_that_break_the_format(tmp_path):
-    csv = tmp_path / "tab.csv"
-    csv.write_text('user,item,timestamp\nu1,"a\tb",1\nu1,c,2\n')
-    with pytest.raises(ValueError, match="token"):
-        rp.export_recbole(_load(csv, OFF), tmp_path / "out")
 
 
 def test_sample_digest_ignores_order_and_sees_histories():

@@ -21,6 +21,7 @@ import pytest
 from conftest import successor_sequences, write_user_lines
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import common.py from beside them
 _spec = importlib.util.spec_from_file_location("recbole_parity", REPO / "benchmarks" / "recbole_parity.py")
 rp = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("recbole_parity", rp)
