@@ -11,7 +11,8 @@ from mlsa4rec.ops.scan import IMPLEMENTATIONS, check_environment, resolve_impl
 
 @pytest.mark.parametrize(("value", "expected"), [(None, "auto"), ("", "auto"), ("  ", "auto"), ("auto", "auto"),
                                                  ("reference", "reference"), (" CPU ", "cpu"), ("torch", "torch"),
-                                                 ("cuda", "cuda"), ("triton", "triton"), ("Triton\n", "triton")])
+                                                 ("cuda", "cuda"), ("triton", "triton"), ("Triton\n", "triton"),
+                                                 ("traceable", "traceable")])
 def test_valid_settings(monkeypatch: pytest.MonkeyPatch, value: str | None, expected: str) -> None:
     if value is None:
         monkeypatch.delenv("MLSA4REC_SCAN", raising=False)

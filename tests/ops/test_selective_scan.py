@@ -1,4 +1,5 @@
-"""Every selective-scan implementation against the definition, in outputs and all input gradients."""
+"""Every selective-scan implementation against the definition, in outputs and all input gradients,
+and how one is chosen (impl=, MLSA4REC_SCAN, use_implementation)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 
 import mlsa4rec.ops
 from mlsa4rec.errors import ConfigError
-from mlsa4rec.ops import resolve_impl, selective_scan, selective_scan_reference
+from mlsa4rec.ops import resolve_impl, selective_scan, selective_scan_reference, use_implementation
 from mlsa4rec.ops import scan as scan_module
 
 GPU = torch.cuda.is_available()
@@ -23,7 +25,7 @@ elif not GPU and os.environ.get("TRITON_INTERPRET") != "1":
     TRITON_SKIP = "no GPU, and TRITON_INTERPRET=1 (set by tests/conftest.py) was overridden"
 else:
     TRITON_SKIP = ""
-FAST = ["cpu", "torch"] + (["cuda"] if GPU else []) + [
+FAST = ["cpu", "torch", "traceable"] + (["cuda"] if GPU else []) + [
     pytest.param("triton", marks=pytest.mark.skipif(bool(TRITON_SKIP), reason=TRITON_SKIP))]
 EPS32 = 2.0 ** -24  # float32 unit roundoff
 
@@ -50,8 +52,8 @@ def make_inputs(batch, d_inner, n_state, length, dtype, *, seed=0, dt_scale=1.0,
 def run(impl, inputs, softplus=True, dtype=None, seed=1):
     """Outputs, last state and the gradient of a random projection of both, for every input."""
     device = "cuda" if impl == "cuda" or (impl == "triton" and GPU) else "cpu"
-    if impl == "triton":  # a Triton that fails its self-check falls back to torch: that must not pass here
-        assert resolve_impl(impl, torch.device(device)) == "triton"
+    if impl in ("triton", "traceable"):  # one that falls back to torch (failed self-check, old torch) must not pass
+        assert resolve_impl(impl, torch.device(device)) == impl
     leaves = {k: (v.to(dtype) if dtype else v).to(device).clone().requires_grad_()
               for k, v in inputs.items() if v is not None}
     args = {k: leaves.get(k) for k in inputs}
@@ -274,3 +276,55 @@ def test_numba_pool_is_sized_like_torchs(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
                          text=True, timeout=120, check=True).stdout
     assert out.strip() == "1"
+
+
+# --- use_implementation: a block's calls run one implementation, whatever their impl= -------------
+
+def test_use_implementation_overrides_impl_in_its_block_only(monkeypatch):
+    monkeypatch.setenv("MLSA4REC_SCAN", "reference")  # the block wins over the environment too
+    cpu = torch.device("cpu")
+    with use_implementation("traceable"):
+        assert [resolve_impl(impl, cpu) for impl in ("auto", "cpu", "torch")] == ["traceable"] * 3
+        with use_implementation("torch"):  # nested blocks: the innermost wins, then the outer again
+            assert resolve_impl("cpu", cpu) == "torch"
+        assert resolve_impl("cpu", cpu) == "traceable"
+        inputs = make_inputs(2, 3, 4, 6, torch.float64)
+        torch.testing.assert_close(selective_scan(**inputs, impl="cpu"), selective_scan_reference(**inputs))
+    assert resolve_impl("auto", cpu) == "reference" and resolve_impl("cpu", cpu) == "cpu"
+    with pytest.raises(ValueError, match="unknown selective-scan implementation 'fast'"):
+        with use_implementation("fast"):
+            pass
+
+
+def test_use_implementation_leaves_other_threads_alone():
+    """Export traces with "traceable" while a serving thread keeps its kernel."""
+    cpu, seen = torch.device("cpu"), []
+    with use_implementation("traceable"):
+        thread = threading.Thread(target=lambda: seen.append(resolve_impl("cpu", cpu)))
+        thread.start()
+        thread.join()
+    assert seen == ["cpu"]
+
+
+def test_traceable_keeps_a_dynamic_length_through_torch_export():
+    """What export relies on: one graph, traced at one length, right at another."""
+
+    class Scan(torch.nn.Module):
+        def forward(self, u, delta, A, B, C):
+            return selective_scan(u, delta, A, B, C, delta_softplus=True, impl="traceable")
+
+    inputs = make_inputs(2, 3, 4, 9, torch.float32, with_z=False, with_d=False, with_bias=False)
+    args = tuple(inputs[k] for k in ("u", "delta", "A", "B", "C"))
+    length = torch.export.Dim("length", min=1, max=64)
+    program = torch.export.export(Scan(), args, dynamic_shapes=({2: length}, {2: length}, None, {2: length},
+                                                                {2: length}))
+    shorter = {k: v[..., :5] if v.dim() == 3 else v for k, v in inputs.items() if v is not None}
+    got = program.module()(*(shorter[k] for k in ("u", "delta", "A", "B", "C")))
+    torch.testing.assert_close(got, selective_scan_reference(**shorter, delta_softplus=True), rtol=1e-5, atol=1e-5)
+
+
+def test_an_empty_length_runs_on_the_traceable_path():
+    """torch's scan operator needs a position to scan: L = 0 goes through the torch loop."""
+    inputs = make_inputs(2, 3, 4, 0, torch.float32)
+    out, last = selective_scan(**inputs, return_last_state=True, impl="traceable")
+    assert out.shape == (2, 3, 0) and torch.equal(last, torch.zeros(2, 3, 4))

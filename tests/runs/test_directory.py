@@ -7,8 +7,10 @@ names the promise each one proves.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -19,7 +21,16 @@ from mlsa4rec.cli import main
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation.runs import compare_runs, evaluate_run
 from mlsa4rec.runs import checkpoint
-from mlsa4rec.runs.directory import MANIFEST, staging_dir
+from mlsa4rec.runs.directory import (
+    MANIFEST,
+    RUN,
+    RUN_FILES,
+    check_output_dir,
+    publish_stage,
+    staging_dir,
+    write_manifest,
+)
+from mlsa4rec.serving.export import EXPORT, EXPORT_JSON
 from mlsa4rec.training.run import train
 
 SMALL = {"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 8,
@@ -377,3 +388,77 @@ def test_a_finished_run_whose_publishing_was_cut_short_is_never_emptied(successo
         with pytest.raises(MLSA4RecError, match="finished run .* publishing was interrupted"):
             train("sasrec", str(successor_file), out, overrides=SMALL, **kwargs)
     assert tree(stage) == before
+
+
+# --- one publisher for every directory mlsa4rec replaces whole: a run's and an export's ---------------
+
+def _finished_run(path: Path) -> None:
+    path.mkdir()
+    for name in RUN_FILES:
+        (path / name).write_text(name)
+    write_manifest(path)
+
+
+def _finished_export(path: Path) -> None:
+    path.mkdir()
+    files = {}
+    for name in ("encoder.onnx", "item_table.npy", "items.json"):
+        (path / name).write_text(name)
+        files[name] = {"bytes": len(name), "sha256": "0" * 64}
+    (path / EXPORT_JSON).write_text(json.dumps({"kind": "mlsa4rec export", "version": 1, "files": files}))
+
+
+KINDS = {"run": (RUN, _finished_run, "mlsa4rec", "--output-dir"),
+         "export": (EXPORT, _finished_export, "mlsa4rec export", "output directory")}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_runs_and_exports_are_replaced_by_the_same_rules(kind: str, tmp_path: Path, caplog) -> None:
+    """--overwrite refuses a directory holding a file its listing does not name, and replacing one
+    deletes only the listed files of the old directory: a file that appears after the check is kept."""
+    layout, finished, writer, option = KINDS[kind]
+    out, stage = tmp_path / "out", tmp_path / ".out.partial"
+    finished(out)
+    finished(stage)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(MLSA4RecError, match=f"already exists and is not empty; choose another {option} or pass"):
+        publish_stage(stage, out, overwrite=False, layout=layout)
+    with pytest.raises(MLSA4RecError, match=f"left alone: it holds notes.txt, which {writer} did not write; move it "
+                                            f"away or choose another {option}$"):
+        publish_stage(stage, out, overwrite=True, layout=layout)
+    assert (out / "notes.txt").read_text() == "mine" and stage.is_dir()
+    with pytest.raises(MLSA4RecError, match=f"exists and is not a directory; choose another {option}$"):
+        check_output_dir(out / "notes.txt", overwrite=True, layout=layout)
+    (out / "notes.txt").unlink()
+
+    def read_then_a_file_appears(path: Path):  # the second read is of the old directory, moved aside
+        listing = layout.read(path)
+        if path != out:
+            (path / "late.txt").write_text("mine too")
+        return listing
+
+    with caplog.at_level(logging.WARNING, logger="mlsa4rec"):
+        publish_stage(stage, out, overwrite=True, layout=dataclasses.replace(layout, read=read_then_a_file_appears))
+    assert not stage.exists() and (out / layout.listing).is_file()
+    (old,) = tmp_path.glob(".out.*.replaced")
+    assert [p.name for p in old.iterdir()] == ["late.txt"] and "still holds files" in caplog.text
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_failed_rename_puts_the_old_directory_back(kind: str, tmp_path: Path, monkeypatch) -> None:
+    """No moment without one of the two on disk: the old directory returns when the stage cannot be renamed."""
+    layout, finished, _, _ = KINDS[kind]
+    out, stage = tmp_path / "out", tmp_path / ".out.partial"
+    finished(out)
+    finished(stage)
+    before, real_replace = tree(out), os.replace
+
+    def full_disk(src, dst) -> None:
+        if Path(src) == stage:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        publish_stage(stage, out, overwrite=True, layout=layout)
+    assert tree(out) == before and stage.is_dir() and not list(tmp_path.glob(".out.*.replaced"))

@@ -22,10 +22,10 @@ import mlsa4rec
 from mlsa4rec.cli import main
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.fileio import sha256_file
-from mlsa4rec.ops import selective_scan_reference
+from mlsa4rec.ops import resolve_impl, selective_scan, selective_scan_reference, use_implementation
 from mlsa4rec.serving import Recommender
 from mlsa4rec.serving import export as export_module
-from mlsa4rec.serving.export import export_run, scan_for_export
+from mlsa4rec.serving.export import export_run
 
 MODELS = {"sasrec": "sasrec", "gru4rec": "gru4rec", "mamba4rec": "mamba4rec", "mlsa4rec": "mlsa4rec-causal",
           "bert4rec": "bert4rec", "linrec": "linrec", "performer": "performer", "lrurec": "lrurec"}
@@ -106,7 +106,9 @@ def test_the_export_scan_is_the_selective_scan() -> None:
     A = -torch.rand(d, n, generator=gen) - 0.1
     D, bias = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
     for kwargs in ({}, {"D": D, "z": z, "delta_bias": bias, "delta_softplus": True}):
-        y, last = scan_for_export(u, delta, A, B, C, return_last_state=True, **kwargs)
+        with use_implementation("traceable"):  # as export traces: whatever impl= the layer asks for
+            assert resolve_impl("cpu", u.device) == "traceable"
+            y, last = selective_scan(u, delta, A, B, C, return_last_state=True, impl="cpu", **kwargs)
         y_ref, last_ref = selective_scan_reference(u, delta, A, B, C, return_last_state=True, **kwargs)
         assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(last, last_ref, atol=1e-5)
 

@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from mlsa4rec.ops._reference import selective_scan_reference
+
 try:
     INTERPRET = bool(triton.knobs.runtime.interpret)
 except AttributeError:  # triton < 3.4 has no knobs; it reads the variable the same way
@@ -366,8 +368,6 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 def self_check(device: torch.device) -> None:
     """Compile and run forward + backward once on a tiny problem and compare with the definition;
     raises when the toolchain fails or the numbers are wrong, so the caller can fall back."""
-    from mlsa4rec.ops.scan import selective_scan_reference
-
     g = torch.Generator().manual_seed(0)
     shapes = [(2, 3, 5), (2, 3, 5), (3, 4), (2, 4, 5), (2, 4, 5), (3,), (2, 3, 5), (3,)]
     xs = [torch.randn(*s, generator=g).to(device) for s in shapes]

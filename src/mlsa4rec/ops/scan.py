@@ -26,25 +26,39 @@ Implementations (``impl`` argument, or ``MLSA4REC_SCAN`` when impl="auto"):
 * ``torch`` - pure PyTorch on any device: a sequential loop over time whose backward is written
   by hand and recomputes states from checkpoints every ``_CHUNK`` steps, so memory stays
   O(B d N L / chunk) instead of autograd's O(B d N L) per-step graph.
+* ``traceable`` - the recurrence as torch's ``scan`` operator (``_traceable_scan``), which
+  ``torch.export`` keeps as one loop with a dynamic length (an ONNX ``Scan``): what ``mlsa4rec
+  export`` traces, chosen with ``use_implementation("traceable")``. Any device; differentiable,
+  but it holds B x L x d_inner x N like the reference. Falls back to ``torch`` (logged once) on a
+  torch without the operator.
+
+``use_implementation(name)`` makes every call in a block (of this thread or task) run ``name``
+whatever its ``impl`` argument: how a caller above the model picks the scan of layers it does not
+build, without reaching into them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import os
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from mlsa4rec.errors import ConfigError
+from mlsa4rec.ops._reference import dt as _dt
+from mlsa4rec.ops._reference import selective_scan_reference
+from mlsa4rec.ops._reference import skip_and_gate as _skip_and_gate
 
 log = logging.getLogger("mlsa4rec")
 
-IMPLEMENTATIONS = ("auto", "reference", "cpu", "cuda", "triton", "torch")
+IMPLEMENTATIONS = ("auto", "reference", "cpu", "cuda", "triton", "torch", "traceable")
 _MAMBA_SSM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what its kernel takes
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # impl="auto" on a GPU when both fused kernels are available. TODO(gpu_check): decide by
@@ -53,6 +67,9 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 PREFER_MAMBA_SSM = True
 _CHUNK = 16
 _announced: set[str] = set()
+# use_implementation's choice; a ContextVar, so a thread exporting a graph does not change the scan
+# of a thread serving requests at the same time
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("mlsa4rec_selective_scan", default=None)
 
 
 def _announce(key: str, message: str, level: int = logging.INFO) -> None:
@@ -103,6 +120,17 @@ def _mamba_ssm_fn():
                   "mamba-ssm's)")
         return None
     return selective_scan_fn
+
+
+@functools.lru_cache(maxsize=1)
+def _traceable_fn():
+    try:
+        from mlsa4rec.ops._traceable_scan import selective_scan_traceable
+    except Exception as exc:  # a torch without the scan operator (torch._higher_order_ops.scan)
+        _announce("traceable-missing", f"selective scan: the traceable implementation needs torch's scan operator, "
+                  f"which torch {torch.__version__} lacks ({exc}); using the pure-PyTorch loop", logging.WARNING)
+        return None
+    return selective_scan_traceable
 
 
 _triton_modules: dict[str, object] = {}  # device type -> the kernel module, or None when unusable
@@ -158,6 +186,8 @@ def _usable(impl: str, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cuda" and dtype in _MAMBA_SSM_DTYPES and _mamba_ssm_fn() is not None
     if impl == "triton":
         return dtype in _TRITON_DTYPES and _triton_kernels(device) is not None
+    if impl == "traceable":
+        return _traceable_fn() is not None
     return True  # reference, torch
 
 
@@ -175,8 +205,24 @@ def check_environment() -> str:
     return impl
 
 
+@contextlib.contextmanager
+def use_implementation(impl: str) -> Iterator[None]:
+    """Within the block, every ``selective_scan`` call of this thread (or asyncio task) runs ``impl``,
+    whatever its ``impl=`` argument (fallbacks apply as for ``impl=``). For callers above the model
+    that need one implementation in layers they did not build: export traces with "traceable"."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown selective-scan implementation {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
+    token = _forced.set(impl)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """The implementation that runs for ``impl`` on ``device`` (after the env override and fallbacks)."""
+    """The implementation that runs for ``impl`` on ``device`` (after ``use_implementation``, the env
+    override and fallbacks)."""
+    impl = _forced.get() or impl
     if impl == "auto":
         impl = check_environment()
     if impl not in IMPLEMENTATIONS:  # impl= comes from code, not from a person: a bug, hence ValueError
@@ -216,13 +262,15 @@ def selective_scan(
     _announce(f"run-{name}-{u.device.type}", f"selective scan: {name} implementation on {u.device.type}{threads}")
     if name == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "traceable" and u.shape[2]:  # (the scan operator needs a position to scan)
+        return _traceable_fn()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "cuda":
         return _mamba_ssm_fn()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "triton" and u.numel() and A.numel():  # (an empty problem has nothing to launch)
         y, last = _triton_kernels(u.device).selective_scan_triton(u, delta, A, B, C, D, z, delta_bias,
                                                                    delta_softplus)
         return (y, last.to(u.dtype)) if return_last_state else y
-    core = _NumbaScan if name == "cpu" else _TorchLoopScan  # (and triton on an empty problem)
+    core = _NumbaScan if name == "cpu" else _TorchLoopScan  # (and triton, traceable on an empty problem)
     dtype = u.dtype if u.dtype in (torch.float32, torch.float64) else torch.float32
     u_, A_, B_, C_ = (x.to(dtype) for x in (u, A, B, C))
     dt = _dt(delta.to(dtype), None if delta_bias is None else delta_bias.to(dtype), delta_softplus)
@@ -243,36 +291,6 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
     for key, (tensor, shape) in expected.items():
         if tensor is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"selective_scan: {key} must have shape {shape}, got {tuple(tensor.shape)}")
-
-
-def _dt(delta: torch.Tensor, delta_bias: torch.Tensor | None, softplus: bool) -> torch.Tensor:
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None]
-    return F.softplus(delta) if softplus else delta
-
-
-def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                             return_last_state=False):
-    """The definition, one step at a time, differentiated by autograd (for tests: slow, exact).
-    Computes in at least float32 and returns the input's dtype, as mamba-ssm's reference does."""
-    in_dtype = u.dtype
-    dtype = torch.promote_types(u.dtype, torch.float32)
-    u, delta, A, B, C = (x.to(dtype) for x in (u, delta, A, B, C))
-    dt = _dt(delta, None if delta_bias is None else delta_bias.to(dtype), delta_softplus)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-    ys = []
-    for t in range(u.shape[2]):
-        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]
-        ys.append((h * C[:, None, :, t]).sum(-1))
-    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(u.shape)
-    y = _skip_and_gate(y, u, D, z).to(in_dtype)
-    return (y, h.to(in_dtype)) if return_last_state else y
-
-
-def _skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor:
-    if D is not None:
-        y = y + u * D.to(y.dtype)[:, None]
-    return y * F.silu(z.to(y.dtype)) if z is not None else y
 
 
 class _NumbaScan(torch.autograd.Function):

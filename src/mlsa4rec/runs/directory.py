@@ -24,6 +24,12 @@ The rules, each tested (``docs/reliability.md`` maps them to their tests):
   resumable run, or (after the checkpoint is gone) a finished one that is never emptied.
 * Every load checks the files against the manifest, so a damaged file fails with a clear error
   instead of giving different numbers.
+
+The checks before ``--overwrite`` and the replacement itself (move the old directory aside, rename
+the stage in, delete only the files the old one's listing names) serve every directory mlsa4rec
+publishes whole: a ``Layout`` says which file lists the others and how the tool words its
+refusals (``RUN`` here; ``mlsa4rec export`` passes its own to ``check_output_dir`` and
+``publish_stage``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ import re
 import secrets
 import shlex
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -221,8 +229,11 @@ def write_manifest(stage: Path) -> None:
                                          "mlsa4rec": mlsa4rec.__version__, "files": files})
 
 
-def _plain_name(name: str) -> bool:
-    return name not in ("", ".", "..", MANIFEST) and "/" not in name and "\\" not in name and "\0" not in name
+def plain_name(name: object, manifest: str = MANIFEST) -> bool:
+    """A name a listing may hold: it steers deletion, so it must name a file inside the directory,
+    other than the listing ``manifest`` itself."""
+    return (isinstance(name, str) and name not in ("", ".", "..", manifest) and "/" not in name
+            and "\\" not in name and "\0" not in name)
 
 
 def read_manifest(run: Path) -> dict[str, Any] | None:
@@ -242,7 +253,7 @@ def read_manifest(run: Path) -> dict[str, Any] | None:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if (not isinstance(files, dict) or manifest.get("kind") != _KIND
             or not all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values())
-            or not all(_plain_name(name) for name in files)):  # it steers deletion: no path may leave the run
+            or not all(plain_name(name) for name in files)):  # it steers deletion: no path may leave the run
         raise MLSA4RecError(f"{_q(path)} is not an mlsa4rec run manifest; restore the run directory from a "
                             "backup or train it again")
     if manifest.get("version") != _MANIFEST_VERSION:
@@ -301,41 +312,68 @@ def _written_before_manifests(run: Path) -> bool:
         return False
 
 
-def _replaceable_problem(out: Path) -> str | None:
-    """Why ``out`` may not be deleted by ``--overwrite`` (None when it is a run this tool wrote)."""
+# --- what may be replaced ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    """One kind of directory mlsa4rec publishes whole: the file, written last, whose ``files``
+    mapping lists every other file in it (which alone ``--overwrite`` may delete), and the words
+    its tool's messages use. The rules themselves are the functions below, shared by all kinds."""
+
+    listing: str  # the file name: manifest.json, export.json
+    read: Callable[[Path], dict[str, Any] | None]  # its content, None without one (may raise MLSA4RecError)
+    unlisted: Callable[[Path], str]  # why a directory without a listing is not ours to replace
+    noun: str  # "run directory": "--overwrite only replaces a run directory written by mlsa4rec"
+    article: str  # "a" or "an", before noun
+    writer: str  # "mlsa4rec": "it holds x, which mlsa4rec did not write"
+    output: str  # how a refusal names a non-directory output: "output path" 'x' exists and is not a directory
+    choose: str  # what to choose instead: "choose another --output-dir"
+
+
+def _unlisted_run(out: Path) -> str:
+    legacy = " (a run of mlsa4rec 0.1 has none: delete it yourself if you mean to)" if (
+        out / "config.yaml").is_file() else ""
+    return f"it has no {MANIFEST}, so mlsa4rec did not write it{legacy}"
+
+
+RUN = Layout(listing=MANIFEST, read=read_manifest, unlisted=_unlisted_run, noun="run directory", article="a",
+             writer="mlsa4rec", output="output path", choose="--output-dir")
+
+
+def _replace_problem(out: Path, layout: Layout) -> str | None:
+    """Why ``out`` may not be deleted by ``--overwrite`` (None when this tool wrote all of it)."""
     try:
-        manifest = read_manifest(out)
+        listing = layout.read(out)
     except MLSA4RecError as exc:
         return str(exc)
-    if manifest is None:
-        legacy = " (a run of mlsa4rec 0.1 has none: delete it yourself if you mean to)" if (
-            out / "config.yaml").is_file() else ""
-        return f"it has no {MANIFEST}, so mlsa4rec did not write it{legacy}"
-    listed = set(manifest["files"]) | {MANIFEST}
+    if listing is None:
+        return layout.unlisted(out)
+    listed = set(listing["files"]) | {layout.listing}
     foreign = sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in out.iterdir()
                      if p.name not in listed or p.is_symlink() or not p.is_file())
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        return f"it holds {shown}, which mlsa4rec did not write"
+        return f"it holds {shown}, which {layout.writer} did not write"
     return None
 
 
-def check_output_dir(out: Path, *, overwrite: bool) -> None:
-    """Refuse anything but a missing or empty directory, or (with --overwrite) a run directory
-    this tool wrote and nothing else touched."""
+def check_output_dir(out: Path, *, overwrite: bool, layout: Layout = RUN) -> None:
+    """Refuse anything but a missing or empty directory, or (with --overwrite) a directory of
+    ``layout`` this tool wrote and nothing else touched."""
     if not out.exists():
         return
     if not out.is_dir():
-        raise MLSA4RecError(f"output path {_q(out)} exists and is not a directory; choose another --output-dir")
+        raise MLSA4RecError(f"{layout.output} {_q(out)} exists and is not a directory; choose another "
+                            f"{layout.choose}")
     if not any(out.iterdir()):
         return
     if not overwrite:
         raise MLSA4RecError(f"output directory {_q(out)} already exists and is not empty; choose another "
-                            "--output-dir or pass --overwrite")
-    problem = _replaceable_problem(out)
+                            f"{layout.choose} or pass --overwrite")
+    problem = _replace_problem(out, layout)
     if problem:
-        raise MLSA4RecError(f"--overwrite only replaces a run directory written by mlsa4rec; {_q(out)} was left "
-                            f"alone: {problem}; move it away or choose another --output-dir")
+        raise MLSA4RecError(f"--overwrite only replaces {layout.article} {layout.noun} written by mlsa4rec; {_q(out)} "
+                            f"was left alone: {problem}; move it away or choose another {layout.choose}")
 
 
 # --- the stage and its lock --------------------------------------------------------------------
@@ -469,28 +507,50 @@ def publish(stage: Path, out: Path, *, overwrite: bool, lock: StageLock) -> Path
         log.warning("%s changed while the run trained (%s); the finished run was saved to %s instead", out, exc,
                     target)
         return target
-    old = None
-    if out.exists() and any(out.iterdir()):  # a replaceable run (checked just above)
-        old = out.parent / replaced_name(out)  # never in the way
-        os.replace(out, old)
-    elif out.exists():
-        out.rmdir()  # empty: the rename below needs the name free on every platform
-    os.replace(stage, out)
+    old = _swap_in(stage, out)  # publish_stage's steps, with the refusal above turned into NAME-1
     if old is not None:
         _delete_replaced(old)
     log.info("saved run to %s", out)
     return out
 
 
-def _delete_replaced(old: Path) -> None:
-    """Delete the files of a run replaced by --overwrite: those its manifest lists, nothing more."""
-    manifest = read_manifest(old) or {"files": {}}
-    for name in [*manifest["files"], MANIFEST]:
+def publish_stage(stage: Path, out: Path, *, overwrite: bool, layout: Layout) -> None:
+    """Rename the finished ``stage`` (its listing written) onto ``out``, checked again first (it may
+    have changed while the stage was written); what ``--overwrite`` replaces goes as in ``publish``."""
+    check_output_dir(out, overwrite=overwrite, layout=layout)
+    old = _swap_in(stage, out)
+    if old is not None:
+        _delete_replaced(old, layout)
+
+
+def _swap_in(stage: Path, out: Path) -> Path | None:
+    """Rename ``stage`` onto ``out``, which is missing, empty or (checked by the caller) replaceable.
+    A non-empty ``out`` is first moved aside to ``.NAME.PID.TOKEN.replaced`` (never in the way), and
+    back if the rename fails, so no moment exists with neither on disk; returns where it went."""
+    old = None
+    if out.exists() and any(out.iterdir()):
+        old = out.parent / replaced_name(out)
+        os.replace(out, old)
+    elif out.exists():
+        out.rmdir()  # empty: the rename below needs the name free on every platform
+    try:
+        os.replace(stage, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    return old
+
+
+def _delete_replaced(old: Path, layout: Layout = RUN) -> None:
+    """Delete the files of a directory replaced by --overwrite: those its listing names, nothing more."""
+    listing = layout.read(old) or {"files": {}}
+    for name in [*listing["files"], layout.listing]:
         (old / name).unlink(missing_ok=True)
     try:
         old.rmdir()
     except OSError:
-        log.warning("the replaced run's directory %s still holds files mlsa4rec did not write; they were kept", old)
+        log.warning("the replaced %s %s still holds files mlsa4rec did not write; they were kept", layout.noun, old)
 
 
 # --- one run's stage, start to finish ----------------------------------------------------------

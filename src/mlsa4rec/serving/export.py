@@ -27,13 +27,14 @@ export.json says which, per graph.
 The exporter is ``torch.onnx.export(dynamo=True)`` (``torch.export`` plus onnxscript): the
 TorchScript one is deprecated and has no translation for ``logaddexp``/``logcumsumexp``, which the
 causal LSA uses. Mamba's selective scan normally runs through a compiled numba kernel that cannot
-be traced; for the export it is swapped for the same recurrence written with ``torch``'s ``scan``
-operator, which becomes an ONNX loop over the positions, so the length stays dynamic.
+be traced; while a graph is traced, the ops floor's ``traceable`` implementation (the same recurrence
+written with ``torch``'s ``scan`` operator) is chosen with ``ops.use_implementation``: it becomes an
+ONNX loop over the positions, so the length stays dynamic.
 
 Every graph is checked against the PyTorch model with onnxruntime before the export is published
 (when onnxruntime is installed). The export is built in a hidden sibling directory and renamed
 into place when complete; ``overwrite`` replaces only a directory that an earlier export wrote
-(its ``export.json`` lists every file in it).
+(its ``export.json`` lists every file in it), by the run directory's rules (``runs.directory``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ import importlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import tempfile
 import threading
@@ -54,7 +54,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -62,7 +61,8 @@ import mlsa4rec
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.fileio import current_umask, sha256_file
 from mlsa4rec.models.base import gather_last
-from mlsa4rec.training.rundir import ITEMS, WEIGHTS
+from mlsa4rec.ops import use_implementation
+from mlsa4rec.runs.directory import ITEMS, WEIGHTS, Layout, check_output_dir, plain_name, publish_stage
 
 log = logging.getLogger("mlsa4rec")
 
@@ -73,7 +73,7 @@ INSTALL_HINT = "pip install 'mlsa4rec[onnx]'"
 TOLERANCE = 1e-4  # the self-check's atol and rtol between onnxruntime and PyTorch
 _KIND = "mlsa4rec export"
 _VERSION = 1
-_EXPORT_LOCK = threading.Lock()  # the scan swap below is process-wide while a graph is traced
+_EXPORT_LOCK = threading.Lock()  # torch.export's state (reset before each graph) is process-wide: one trace at a time
 
 
 def _q(path: Path) -> str:
@@ -106,7 +106,7 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         raise MLSA4RecError(f"run directory {_q(run)} does not exist; pass the --output-dir of a finished "
                             "`mlsa4rec train`")
     out = _resolve_output(run, Path(out_dir).expanduser())
-    _check_output(out, overwrite)
+    check_output_dir(out, overwrite=overwrite, layout=EXPORT)
 
     from mlsa4rec.serving.recommender import Recommender  # after the cheap checks: it loads torch models
 
@@ -121,11 +121,11 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                             "output directory") from None
     try:
         meta = _write_export(stage, rec, model, run, opset, check, versions)
-        _publish(stage, out, overwrite)
+        publish_stage(stage, out, overwrite=overwrite, layout=EXPORT)  # checked again: it may have changed
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    log.info("exported %s (%s) to %s", rec.config["model"], ", ".join(meta["files"]), out)
+    log.info("exported %s (%s) to %s", rec.config.model, ", ".join(meta["files"]), out)
     return [out / name for name in meta["files"]] + [out / EXPORT_JSON]
 
 
@@ -179,66 +179,15 @@ def read_export(path: Path) -> dict[str, Any] | None:
         return None
     files = meta.get("files")
     if meta.get("kind") != _KIND or not isinstance(files, dict) or not all(
-            isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..", EXPORT_JSON)
-            for n in files):  # it steers deletion: no name may leave the directory
+            plain_name(n, EXPORT_JSON) for n in files):  # it steers deletion: no name may leave the directory
         return None
     return meta
 
 
-def _replace_problem(out: Path) -> str | None:
-    """Why ``--overwrite`` may not replace ``out`` (None when an export wrote everything in it)."""
-    meta = read_export(out)
-    if meta is None:
-        return f"it has no {EXPORT_JSON} written by mlsa4rec export"
-    listed = set(meta["files"]) | {EXPORT_JSON}
-    foreign = sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in out.iterdir()
-                     if p.name not in listed or p.is_symlink() or not p.is_file())
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        return f"it holds {shown}, which mlsa4rec export did not write"
-    return None
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise MLSA4RecError(f"output {_q(out)} exists and is not a directory; choose another output directory")
-    if not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise MLSA4RecError(f"output directory {_q(out)} already exists and is not empty; choose another output "
-                            "directory or pass --overwrite")
-    problem = _replace_problem(out)
-    if problem:
-        raise MLSA4RecError(f"--overwrite only replaces an export written by mlsa4rec; {_q(out)} was left alone: "
-                            f"{problem}; move it away or choose another output directory")
-
-
-def _publish(stage: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished stage onto ``out``; an old export is moved aside first and then only the
-    files its export.json lists are deleted, so no moment exists with neither on disk."""
-    _check_output(out, overwrite)  # again: it may have changed while the graphs were exported
-    old = None
-    if out.exists() and any(out.iterdir()):
-        old = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.replaced"
-        os.replace(out, old)
-    elif out.exists():
-        out.rmdir()
-    try:
-        os.replace(stage, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        meta = read_export(old) or {"files": {}}
-        for name in [*meta["files"], EXPORT_JSON]:
-            (old / name).unlink(missing_ok=True)
-        try:
-            old.rmdir()
-        except OSError:
-            log.warning("the replaced export %s still holds files mlsa4rec did not write; they were kept", old)
+# what --overwrite may replace, and how its refusals read (the rules are the run directory's)
+EXPORT = Layout(listing=EXPORT_JSON, read=read_export,
+                unlisted=lambda out: f"it has no {EXPORT_JSON} written by mlsa4rec export", noun="export",
+                article="an", writer="mlsa4rec export", output="output", choose="output directory")
 
 
 # --- writing the files -------------------------------------------------------------------------
@@ -246,7 +195,7 @@ def _publish(stage: Path, out: Path, overwrite: bool) -> None:
 def _write_export(stage: Path, rec, model: nn.Module, run: Path, opset: int | None, check: bool,
                   versions: dict[str, str]) -> dict[str, Any]:
     config = rec.config
-    max_length = int(config["MAX_ITEM_LIST_LENGTH"])
+    max_length = config.train.max_seq_length
     table = model.item_table().detach().float().cpu().numpy()
     graphs: dict[str, Any] = {}
     graphs["encoder"] = _graph_or_skip("encoder", stage / ENCODER,
@@ -254,10 +203,10 @@ def _write_export(stage: Path, rec, model: nn.Module, run: Path, opset: int | No
     if model.streams:
         graphs["step"] = _graph_or_skip("step", stage / STEP, lambda: _export_step(model, stage / STEP, opset))
     else:
-        graphs["step"] = {"skipped": f"{config['model']} re-encodes its history (model.streams is false); use the "
+        graphs["step"] = {"skipped": f"{config.model} re-encodes its history (model.streams is false); use the "
                                      "encoder"}
     if not any("file" in g for g in graphs.values()):
-        raise RuntimeError(f"no graph of {config['model']} could be exported to ONNX: "
+        raise RuntimeError(f"no graph of {config.model} could be exported to ONNX: "
                            + "; ".join(f"{k}: {g['skipped']}" for k, g in graphs.items()))
     if check:
         for name, diff in _self_check(stage, model, graphs, max_length, rec.items.n_items).items():
@@ -275,7 +224,7 @@ def _write_export(stage: Path, rec, model: nn.Module, run: Path, opset: int | No
         "versions": {"mlsa4rec": mlsa4rec.__version__, "torch": torch.__version__, **versions},
         "exporter": "torch.onnx.export(dynamo=True)",
         "opset": opsets[0] if len(opsets) == 1 else opsets,
-        "run": {"dir": str(run.resolve()), "model": config["model"], "dataset": config["dataset"],
+        "run": {"dir": str(run.resolve()), "model": config.model, "dataset": config.dataset,
                 "weights_sha256": sha256_file(run / WEIGHTS) if (run / WEIGHTS).is_file() else None,
                 "settings": {"MAX_ITEM_LIST_LENGTH": max_length, **config.model_kwargs()}},
         "model": {"n_items": rec.items.n_items, "hidden_size": int(table.shape[1]), "max_length": max_length,
@@ -450,7 +399,7 @@ def _onnx_export(module: nn.Module, args: tuple, path: Path, input_names: list[s
 
     # _Step's inputs after the first are its *leaves, which torch.export wants as one tuple
     dynamic_shapes = (dims[0], tuple(dims[1:])) if isinstance(module, _Step) else tuple(dims)
-    with _EXPORT_LOCK, _quiet_exporter(), _traceable_scan(), torch.no_grad():
+    with _EXPORT_LOCK, _quiet_exporter(), use_implementation("traceable"), torch.no_grad():
         # torch.export keeps traces between calls: after a graph with a fixed length, another with a
         # dynamic one came out fixed too. Each graph starts afresh.
         torch._dynamo.reset()
@@ -503,74 +452,6 @@ def _quiet_exporter() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-# --- a selective scan that traces -----------------------------------------------------------------
-
-_tracing = threading.local()
-
-
-@contextlib.contextmanager
-def _traceable_scan() -> Iterator[None]:
-    """While a graph is traced, Mamba blocks call ``scan_for_export`` instead of the numba kernel.
-
-    ``layers.mamba`` looks ``selective_scan`` up in its module namespace on every call, so the
-    name is replaced there for the duration, with a stand-in that only diverts calls made by this
-    thread while it exports (any other thread keeps the usual kernel)."""
-    from mlsa4rec.layers import mamba as mamba_module
-
-    original = getattr(mamba_module, "selective_scan", None)
-    if original is None:  # renamed: a Mamba graph then fails to trace and is left out, saying why
-        yield
-        return
-
-    def selective_scan(*args, **kwargs):
-        if getattr(_tracing, "active", False):
-            return scan_for_export(*args, **kwargs)
-        return original(*args, **kwargs)
-
-    mamba_module.selective_scan = selective_scan
-    _tracing.active = True
-    try:
-        yield
-    finally:
-        _tracing.active = False
-        mamba_module.selective_scan = original
-
-
-def scan_for_export(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                    D: torch.Tensor | None = None, z: torch.Tensor | None = None,
-                    delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
-                    return_last_state: bool = False, impl: str = "auto"):
-    """``ops.selective_scan`` (same arguments and layout) as ``torch``'s ``scan`` operator over the
-    positions: torch.export keeps it as one loop whose length is the input's, and the ONNX exporter
-    turns it into an ONNX ``Scan``. Computes in float32 (or float64) like the other implementations."""
-    from torch._higher_order_ops.scan import scan
-
-    dtype = torch.promote_types(u.dtype, torch.float32)
-    u_, delta_, A_, B_, C_ = (x.to(dtype) for x in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta_ = delta_ + delta_bias.to(dtype)[:, None]
-    dt = F.softplus(delta_) if delta_softplus else delta_
-    # per position t (scanned along dim 1): decay_t = exp(dt_t A), input_t = dt_t u_t B_t, C_t
-    decay = torch.exp(dt.transpose(1, 2)[..., None] * A_)                                   # B x L x d x N
-    drive = (dt * u_).transpose(1, 2)[..., None] * B_.transpose(1, 2)[:, :, None, :]       # B x L x d x N
-    c = C_.transpose(1, 2)                                                                 # B x L x N
-
-    def combine(h: torch.Tensor, xs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
-        decay_t, drive_t, c_t = xs
-        h = decay_t * h + drive_t
-        return h, (h * c_t[:, None, :]).sum(-1)
-
-    h0 = u_.new_zeros(u_.shape[0], u_.shape[1], A_.shape[1])
-    last, ys = scan(combine, h0, (decay, drive, c), dim=1)                                  # ys: B x L x d
-    y = ys.transpose(1, 2)
-    if D is not None:
-        y = y + u_ * D.to(dtype)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(dtype))
-    y = y.to(u.dtype)
-    return (y, last.to(u.dtype)) if return_last_state else y
 
 
 # --- the self-check -----------------------------------------------------------------------------
