@@ -195,11 +195,11 @@ EXPORT = Layout(listing=EXPORT_JSON, read=read_export,
 def _write_export(stage: Path, rec, model: nn.Module, run: Path, opset: int | None, check: bool,
                   versions: dict[str, str]) -> dict[str, Any]:
     config = rec.config
-    max_length = config.train.max_seq_length
+    max_seq_length = config.train.max_seq_length
     table = model.item_table().detach().float().cpu().numpy()
     graphs: dict[str, Any] = {}
     graphs["encoder"] = _graph_or_skip("encoder", stage / ENCODER,
-                                       lambda: _export_encoder(model, stage / ENCODER, max_length, opset))
+                                       lambda: _export_encoder(model, stage / ENCODER, max_seq_length, opset))
     if model.streams:
         graphs["step"] = _graph_or_skip("step", stage / STEP, lambda: _export_step(model, stage / STEP, opset))
     else:
@@ -209,7 +209,7 @@ def _write_export(stage: Path, rec, model: nn.Module, run: Path, opset: int | No
         raise RuntimeError(f"no graph of {config.model} could be exported to ONNX: "
                            + "; ".join(f"{k}: {g['skipped']}" for k, g in graphs.items()))
     if check:
-        for name, diff in _self_check(stage, model, graphs, max_length, rec.items.n_items).items():
+        for name, diff in _self_check(stage, model, graphs, max_seq_length, rec.items.n_items).items():
             graphs[name]["onnxruntime_max_abs_diff"] = diff
     np.save(stage / ITEM_TABLE, np.ascontiguousarray(table, dtype=np.float32), allow_pickle=False)
     if (run / ITEMS).is_file():  # the run's own file, byte for byte (from_run has checked it)
@@ -226,8 +226,8 @@ def _write_export(stage: Path, rec, model: nn.Module, run: Path, opset: int | No
         "opset": opsets[0] if len(opsets) == 1 else opsets,
         "run": {"dir": str(run.resolve()), "model": config.model, "dataset": config.dataset,
                 "weights_sha256": sha256_file(run / WEIGHTS) if (run / WEIGHTS).is_file() else None,
-                "settings": {"MAX_ITEM_LIST_LENGTH": max_length, **config.model_kwargs()}},
-        "model": {"n_items": rec.items.n_items, "hidden_size": int(table.shape[1]), "max_length": max_length,
+                "settings": {"MAX_ITEM_LIST_LENGTH": max_seq_length, **config.model_kwargs()}},
+        "model": {"n_items": rec.items.n_items, "hidden_size": int(table.shape[1]), "max_length": max_seq_length,
                   "causal": bool(model.causal), "padding_invariant": bool(model.padding_invariant),
                   "streams": bool(model.streams)},
         "files": files,
@@ -296,33 +296,33 @@ def _tensor_info(name: str, dtype: str, shape: list) -> dict[str, Any]:
     return {"name": name, "dtype": dtype, "shape": shape}
 
 
-def _export_encoder(model: nn.Module, path: Path, max_length: int, opset: int | None) -> dict[str, Any]:
+def _export_encoder(model: nn.Module, path: Path, max_seq_length: int, opset: int | None) -> dict[str, Any]:
     invariant = bool(model.padding_invariant)
     # an example that is neither 0 nor 1 in a dynamic dimension (torch.export specialises those)
-    item_seq = torch.zeros(2, max_length, dtype=torch.long)
+    item_seq = torch.zeros(2, max_seq_length, dtype=torch.long)
     item_seq[:, 0] = 1
-    item_seq[0] = torch.arange(max_length) % model.n_items + 1
-    lengths = torch.tensor([max_length, 1])
+    item_seq[0] = torch.arange(max_seq_length) % model.n_items + 1
+    lengths = torch.tensor([max_seq_length, 1])
     batch = torch.export.Dim("batch", min=1)
     dims: list[dict[int, Any]] = [{0: batch}, {0: batch}]
-    if invariant and max_length > 1:
-        dims[0][1] = torch.export.Dim("length", min=1, max=max_length)
+    if invariant and max_seq_length > 1:
+        dims[0][1] = torch.export.Dim("length", min=1, max=max_seq_length)
     opset_used, shapes = _onnx_export(_Encoder(model).eval(), (item_seq, lengths), path, ["item_seq", "lengths"],
                                       ["user"], dims, opset)
     _require_dynamic_batch(shapes, ["item_seq", "lengths"])
     dynamic = isinstance(shapes["item_seq"][1], str)
     if dynamic:
-        length = (f"dynamic, 1 to {max_length}: the last items of each history (at most {max_length}), "
+        length = (f"dynamic, 1 to {max_seq_length}: the last items of each history (at most {max_seq_length}), "
                   "right-padded with 0 to the longest in the batch")
     elif invariant:
-        length = (f"fixed at {max_length} (torch.export could not keep it dynamic for this model): right-pad "
-                  f"every history with 0 to {max_length} items; the padding does not change the output")
+        length = (f"fixed at {max_seq_length} (torch.export could not keep it dynamic for this model): right-pad "
+                  f"every history with 0 to {max_seq_length} items; the padding does not change the output")
     else:
-        length = (f"fixed at {max_length}: right-pad every history with 0 to {max_length} items, as evaluation "
+        length = (f"fixed at {max_seq_length}: right-pad every history with 0 to {max_seq_length} items, as evaluation "
                   "does (this model's output depends on the padding)")
     return {
         "file": path.name, "opset": opset_used,
-        "inputs": [_tensor_info("item_seq", "int64", ["batch", "length" if dynamic else max_length]),
+        "inputs": [_tensor_info("item_seq", "int64", ["batch", "length" if dynamic else max_seq_length]),
                    _tensor_info("lengths", "int64", ["batch"])],
         "outputs": [_tensor_info("user", "float32", ["batch", _width(model)])],
         "length": length,
@@ -456,7 +456,7 @@ def _quiet_exporter() -> Iterator[None]:
 
 # --- the self-check -----------------------------------------------------------------------------
 
-def _self_check(stage: Path, model: nn.Module, graphs: dict[str, Any], max_length: int,
+def _self_check(stage: Path, model: nn.Module, graphs: dict[str, Any], max_seq_length: int,
                 n_items: int) -> dict[str, float]:
     """Run each exported graph in onnxruntime on random inputs and compare with PyTorch."""
     try:
@@ -471,7 +471,7 @@ def _self_check(stage: Path, model: nn.Module, graphs: dict[str, Any], max_lengt
         session = _ort_session(onnxruntime, stage / ENCODER, graphs["encoder"]["opset"])
         dynamic = graphs["encoder"]["inputs"][0]["shape"][1] == "length"
         worst, close = 0.0, True
-        for batch, width in ((3, max_length), (1, max(1, max_length // 2) if dynamic else max_length)):
+        for batch, width in ((3, max_seq_length), (1, max(1, max_seq_length // 2) if dynamic else max_seq_length)):
             lengths = torch.randint(1, width + 1, (batch,), generator=rng)
             lengths[0] = width
             seq = torch.randint(1, n_items + 1, (batch, width), generator=rng)
