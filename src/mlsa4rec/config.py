@@ -163,7 +163,7 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # equality is the mapping's, as before: the same settings by key
 class Config(Mapping[str, Any]):
     """One run's settings, typed and validated: the run's facts (``model``, ``dataset``), the settings
     every model shares (``train``, a ``TrainConfig``) and the model's own (``hyper``, its

@@ -150,11 +150,12 @@ class Trainer:
         self.config = config
         self.device = device
         self.group = group or DistContext()
-        self.scheme = resolve_scheme(model, config.train.train_scheme)
+        t = config.train  # the shared settings; the model's own went into its constructor
+        self.scheme = resolve_scheme(model, t.train_scheme)
         self.sampler = TrainSampler(
-            data, self.scheme, config.train.max_seq_length, config.train.train_batch_size, config.train.seed,
-            trim=model.padding_invariant, stride=config.train.all_positions_stride,
-            bucket_chunks=BUCKET_CHUNKS if config.train.bucket_batches else 1,  # 1: a batch is a uniform draw
+            data, self.scheme, t.max_seq_length, t.train_batch_size, t.seed,
+            trim=model.padding_invariant, stride=t.all_positions_stride,
+            bucket_chunks=BUCKET_CHUNKS if t.bucket_batches else 1,  # 1: a batch is a uniform draw
             cloze=cloze_settings(model, self.scheme),
         )
         if self.sampler.n_samples == 0:
@@ -165,11 +166,11 @@ class Trainer:
                                 "early stopping needs one: loosen the filters or use a bigger dataset")
         if self.group.active:  # same start on every rank, then a dropout stream of its own per rank
             self.group.broadcast_module(self.model)
-            torch.manual_seed(rank_seed(config.train.seed, self.group.rank))
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.train.learning_rate,
-                                          weight_decay=config.train.weight_decay)
+            torch.manual_seed(rank_seed(t.seed, self.group.rank))
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=t.learning_rate,
+                                          weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(config.train.lr_scheduler, config.train.epochs * len(self.sampler)))
+            self.optimizer, lr_factor(t.lr_scheduler, t.epochs * len(self.sampler)))
         self.on_improve = on_improve
         self.on_checkpoint = on_checkpoint
         self.on_step = on_step
@@ -243,20 +244,20 @@ class Trainer:
         return p.epoch_loss / max(len(batches) - p.empty_steps, 1)
 
     def fit(self) -> FitResult:
-        c, p = self.config, self.progress
-        key = c.train.valid_metric
+        t, p = self.config.train, self.progress
+        key = t.valid_metric
         targets = "masks drawn per batch" if self.sampler.n_targets is None else f"{self.sampler.n_targets} targets"
         log.info("training %s with %s samples: %d samples (%s) per epoch, %d steps of %d%s",
                  type(self.model).name, self.scheme, self.sampler.n_samples, targets,
-                 len(self.sampler), c.train.train_batch_size,
+                 len(self.sampler), t.train_batch_size,
                  f" split over {self.group.world_size} processes" if self.group.active else "")
-        while not p.stopped_early and p.epoch <= c.train.epochs:
+        while not p.stopped_early and p.epoch <= t.epochs:
             epoch = p.epoch
             loss = self.train_epoch(epoch)
             seconds = p.epoch_seconds
             p.train_seconds += seconds
             row = {"epoch": epoch, "loss": loss, "train_seconds": round(seconds, 3)}
-            if epoch % c.train.eval_step == 0 or epoch == c.train.epochs:
+            if epoch % t.eval_step == 0 or epoch == t.epochs:
                 t1 = time.perf_counter()
                 valid = self.evaluate("valid")
                 eval_seconds = time.perf_counter() - t1
@@ -277,7 +278,7 @@ class Trainer:
             else:
                 log.info("epoch %3d | loss %.4f | %.1f s", epoch, loss, seconds)
             p.history.append(row)
-            if p.bad_epochs > c.train.stopping_step:
+            if p.bad_epochs > t.stopping_step:
                 p.stopped_early = True
                 log.info("no better %s for %d validations: stopping; best epoch %d (%s %.4f)",
                          key, p.bad_epochs, p.best_epoch, key, p.best_score)
