@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mlsa4rec.errors import MLSA4RecError, PeerFailed
+from mlsa4rec.errors import MLSA4RecError, PeerFailed, TimeBudgetSpent
 from mlsa4rec.runtime import env_rank, launched_by_torchrun
 
 DATASET_HELP = (
@@ -32,6 +32,7 @@ DATA_DIR_HELP = ("folder laid out like shared/data holding the registered datase
 
 
 QUIET_HELP = "only print results and errors"
+EXIT_PAUSED = 75  # EX_TEMPFAIL: a run paused at its --time-budget; the same command with --resume continues
 
 
 class UsageError(MLSA4RecError):
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, default=1, metavar="N",
                        help="train with N processes on this machine (relaunches itself through torchrun; for "
                             "several machines run torchrun yourself, see the README)")
+    train.add_argument("--time-budget", type=float, metavar="SECONDS",
+                       help="stop after SECONDS at a checkpoint (exit 75); the same command with --resume continues, "
+                            "so a long run goes in slices")
     train.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_config_args(train)
     _add_data_args(train)
@@ -293,6 +297,8 @@ def _launch(args: argparse.Namespace) -> int:
         run(get_args_parser().parse_args(launch))
     except ChildFailedError as exc:
         codes = {failure.exitcode for failure in exc.failures.values()}
+        if codes == {EXIT_PAUSED}:
+            return EXIT_PAUSED  # rank 0 said where the checkpoint is
         return 2 if codes == {2} else 1  # 2: the ranks printed their `error:` line
     except SignalException:
         print("interrupted", file=sys.stderr)
@@ -324,7 +330,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                 "--nproc-per-node / --nnodes")
         return _launch(args)
     results = train(args.model, args.dataset, args.output_dir, args.config, parse_set(args.overrides),
-                    args.data_dir, args.overwrite, args.resume)
+                    args.data_dir, args.overwrite, args.resume, time_budget_s=args.time_budget)
     if env_rank() != 0:
         return 0  # rank 0 prints the results
     if args.json:
@@ -614,6 +620,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {message}", file=sys.stderr)
             return 2
         return code
+    except TimeBudgetSpent as exc:
+        if env_rank() == 0:
+            print(f"paused: {exc}", file=sys.stderr)
+        return EXIT_PAUSED
     except MLSA4RecError as exc:
         rank = env_rank()
         if not isinstance(exc, PeerFailed):  # rank 0 failed and prints the message itself

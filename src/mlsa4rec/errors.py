@@ -31,6 +31,11 @@ class PeerFailed(MLSA4RecError):
     rank 0 prints the message, so the command line shows it once."""
 
 
+class TimeBudgetSpent(Exception):
+    """A run stopped at its ``--time-budget`` right after a checkpoint: not a failure, a pause. The
+    CLI exits 75 (EX_TEMPFAIL: try again) and the same command with ``--resume`` continues it."""
+
+
 def check_choice(key: str, value: object, choices: Iterable[object], error: type[Exception] = ValueError) -> None:
     """Refuse ``value`` unless it is one of ``choices``, naming them all: ``key must be one of ...``."""
     choices = tuple(choices)

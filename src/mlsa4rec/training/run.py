@@ -29,7 +29,7 @@ import mlsa4rec
 from mlsa4rec.config import Config, build_config
 from mlsa4rec.data import REGISTRY, SequenceData, data_dir_from
 from mlsa4rec.data.itemmap import ItemMap
-from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.errors import MLSA4RecError, TimeBudgetSpent
 from mlsa4rec.models import get_class
 from mlsa4rec.ops.scan import check_environment
 from mlsa4rec.runs import checkpoint, directory
@@ -162,14 +162,23 @@ def train(
     overwrite: bool = False,
     resume: bool = False,
     on_step: Callable[[int, int], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    time_budget_s: float | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``dataset``, evaluate the best epoch on valid and test, save the run.
 
     Under torchrun every rank calls this; rank 0 alone writes files. ``resume`` continues the
     interrupted run of ``output_dir`` from its checkpoint. ``on_step(epoch, step)`` is called
-    after every optimiser step (progress reporting, tests). ``results["run_dir"]`` is where the
+    after every optimiser step (progress reporting, tests), ``on_epoch(row)`` with each epoch's
+    history row on rank 0. ``time_budget_s``: after that many seconds (from this call), training
+    checkpoints and raises ``TimeBudgetSpent``; ``resume`` then continues. ``results["run_dir"]`` is where the
     run was saved (``output_dir`` resolved; see ``directory.publish`` for the one exception).
     """
+    deadline = None
+    if time_budget_s is not None:
+        if isinstance(time_budget_s, bool) or not isinstance(time_budget_s, (int, float)) or not time_budget_s > 0:
+            raise MLSA4RecError(f"the time budget must be a positive number of seconds, got {time_budget_s!r}")
+        deadline = time.monotonic() + time_budget_s
     check_environment()
     get_class(model)  # unknown model: fail before anything else
     dataset = _resolve_dataset(dataset)
@@ -182,7 +191,7 @@ def train(
         log.setLevel(logging.INFO)
     try:
         results = _train(model, output_dir, config, data_dir, overwrite=overwrite, resume=resume, on_step=on_step,
-                         group=group, device=device)
+                         on_epoch=on_epoch, deadline=deadline, group=group, device=device)
         # every rank leaves together (rank 0 may still be publishing): a rank that tears gloo down
         # while its peer is busy was seen to abort at exit ("terminate called ...") on a loaded machine
         group.barrier()
@@ -193,7 +202,8 @@ def train(
 
 
 def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | Path | None, *, overwrite: bool,
-           resume: bool, on_step: Callable[[int, int], None] | None, group: DistContext,
+           resume: bool, on_step: Callable[[int, int], None] | None,
+           on_epoch: Callable[[dict[str, Any]], None] | None, deadline: float | None, group: DistContext,
            device: torch.device) -> dict[str, Any]:
     """Check, train, evaluate, publish. Rank 0 holds the ``directory.Stage`` (None on the others)."""
     stage, payload = _open_stage(output_dir, group, overwrite=overwrite, resume=resume)
@@ -211,7 +221,7 @@ def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | P
         # given on every rank (gathering the ranks' random states is collective); called on rank 0
         trainer = Trainer(net, data, config, device, on_improve=save_best, group=group,
                           on_checkpoint=lambda training_state: stage.save_checkpoint(training_state),
-                          on_step=on_step)
+                          on_step=on_step, on_epoch=on_epoch, deadline=deadline)
         if state is not None:
             checkpoint.load_training_state(trainer, state)
             del state, payload
@@ -304,6 +314,10 @@ def _fit_record(fit: FitResult, net: torch.nn.Module, device: torch.device, grou
 def _add_resume_hint(exc: BaseException, stage: Path) -> None:
     """A run that failed while training kept its checkpoint: say how to go on (the resume checks
     failing leaves the interrupted run as it was, with no hint)."""
+    if isinstance(exc, TimeBudgetSpent):
+        exc.args = (f"{exc}; the checkpoint is kept in {str(stage)!r}: run the same command with --resume to "
+                    "continue",)
+        return
     if isinstance(exc, NonFiniteLoss):
         hint = (f"the last good checkpoint is kept in {str(stage)!r}; resuming unchanged would diverge again: rerun "
                 "with --resume --set clip_grad_norm=1.0 to continue with gradient clipping, or with --overwrite "

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from mlsa4rec.config import Config
 from mlsa4rec.data.dataset import SequenceData
 from mlsa4rec.data.sampling import Batch, Cloze, TrainSampler
-from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.errors import MLSA4RecError, TimeBudgetSpent
 from mlsa4rec.evaluation import evaluate_split
 from mlsa4rec.models.base import SequentialRecommender
 from mlsa4rec.runs import checkpoint
@@ -138,13 +138,18 @@ class Trainer:
     ``on_checkpoint(state)`` with a checkpoint state at the end of every epoch and every
     ``checkpoint_steps`` steps (give it on every rank or none: gathering the ranks' random states
     is collective; it is called on rank 0 only); ``on_step(epoch, step)`` after every optimiser
-    step (and any checkpoint at that step).
+    step (and any checkpoint at that step); ``on_epoch(row)`` with each epoch's history row (loss,
+    seconds, the validation metrics when it validated, the learning rate; rank 0 only).
+
+    ``deadline`` (``time.monotonic()`` seconds): past it, training checkpoints and raises
+    ``TimeBudgetSpent``, so a long run goes in slices; every rank stops at the same step.
     """
 
     def __init__(self, model: SequentialRecommender, data: SequenceData, config: Config,
                  device: torch.device, on_improve: Callable[[SequentialRecommender, int], None] | None = None, *,
                  group: DistContext | None = None, on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
-                 on_step: Callable[[int, int], None] | None = None) -> None:
+                 on_step: Callable[[int, int], None] | None = None,
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None, deadline: float | None = None) -> None:
         self.model = model.to(device)
         self.data = data
         self.config = config
@@ -174,6 +179,8 @@ class Trainer:
         self.on_improve = on_improve
         self.on_checkpoint = on_checkpoint
         self.on_step = on_step
+        self.on_epoch = on_epoch
+        self.deadline = deadline
         self.progress = Progress(sampler_state=self.sampler.rng_state)
         self.best_state: dict[str, torch.Tensor] | None = None
 
@@ -238,6 +245,10 @@ class Trainer:
                 self.checkpoint()  # the epoch's last step is followed by the end-of-epoch one
             if self.on_step:
                 self.on_step(epoch, p.step)
+            if p.step < len(batches) and self.out_of_time():  # at the epoch's end, fit() checkpoints first
+                bar.close()
+                self.checkpoint()
+                raise TimeBudgetSpent(f"the time budget ran out at epoch {epoch}, step {p.step}")
             bar.update()
             bar.set_postfix(loss=f"{p.epoch_loss / max(p.step - p.empty_steps, 1):.4f}", refresh=False)
         bar.close()
@@ -256,7 +267,8 @@ class Trainer:
             loss = self.train_epoch(epoch)
             seconds = p.epoch_seconds
             p.train_seconds += seconds
-            row = {"epoch": epoch, "loss": loss, "train_seconds": round(seconds, 3)}
+            row = {"epoch": epoch, "loss": loss, "train_seconds": round(seconds, 3),
+                   "lr": self.scheduler.get_last_lr()[0]}
             if epoch % t.eval_step == 0 or epoch == t.epochs:
                 t1 = time.perf_counter()
                 valid = self.evaluate("valid")
@@ -288,10 +300,25 @@ class Trainer:
             p.epoch, p.step, p.epoch_loss, p.epoch_seconds, p.empty_steps = epoch + 1, 0, 0.0, 0.0, 0
             p.sampler_state = self.sampler.rng_state
             self.checkpoint()
+            if self.on_epoch and self.group.is_main:
+                self.on_epoch(row)
+            if not p.stopped_early and p.epoch <= t.epochs and self.out_of_time():
+                raise TimeBudgetSpent(f"the time budget ran out after epoch {epoch}")
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return FitResult(p.best_epoch, p.best_valid, p.epoch - 1, p.stopped_early, p.train_seconds,
                          p.eval_seconds, p.history)
+
+    def out_of_time(self) -> bool:
+        """Whether the deadline has passed, decided alike on every rank (rank 0's clock rules: one
+        all-reduce of a flag, so no rank stops a step before the others)."""
+        if self.deadline is None:
+            return False
+        late = time.monotonic() >= self.deadline
+        if self.group.active:
+            flag = torch.tensor([float(late and self.group.is_main)], device=self.group.device)
+            late = self.group.all_reduce_sum_(flag).item() > 0
+        return late
 
     def checkpoint(self) -> None:
         """Hand the current state to ``on_checkpoint`` (collective: every rank's random states)."""

@@ -1,0 +1,69 @@
+"""A run in slices: ``--time-budget`` stops at a checkpoint (exit 75) and ``--resume`` continues it to
+exactly the run that was never stopped; each epoch's row reaches ``on_epoch``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from mlsa4rec.cli import EXIT_PAUSED, main
+from mlsa4rec.errors import MLSA4RecError, TimeBudgetSpent
+from mlsa4rec.training.run import train
+from mlsa4rec.training.trainer import Trainer
+
+SMALL = {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "hidden_dropout_prob": 0.2,
+         "attn_dropout_prob": 0.2, "MAX_ITEM_LIST_LENGTH": 8, "learning_rate": 0.01, "epochs": 3,
+         "train_batch_size": 32, "stopping_step": 100, "seed": 11, "eval_batch_size": 64, "lr_scheduler": "cosine"}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a["valid"] == b["valid"] and a["test"] == b["test"] and a["epochs_run"] == b["epochs_run"]
+    assert [(h["loss"], h["lr"], h.get("valid")) for h in a["history"]] == \
+        [(h["loss"], h["lr"], h.get("valid")) for h in b["history"]]
+
+
+def test_a_budget_spent_mid_epoch_pauses_and_resume_ends_as_the_unbroken_run(successor_file: Path,
+                                                                            tmp_path: Path) -> None:
+    whole = train("sasrec", str(successor_file), tmp_path / "whole", overrides=SMALL)
+    with pytest.raises(TimeBudgetSpent, match="epoch 1, step 1.*--resume"):
+        train("sasrec", str(successor_file), tmp_path / "sliced", overrides=SMALL, time_budget_s=1e-9)
+    assert not (tmp_path / "sliced").exists() and (tmp_path / ".sliced.partial" / "checkpoint.pt").is_file()
+    _same(train("sasrec", str(successor_file), tmp_path / "sliced", overrides=SMALL, resume=True), whole)
+
+
+def test_a_budget_spent_at_an_epoch_end_pauses_after_its_checkpoint(successor_file: Path, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    whole = train("sasrec", str(successor_file), tmp_path / "whole", overrides=SMALL)
+    rows: list[dict] = []
+    monkeypatch.setattr(Trainer, "out_of_time", lambda self: (self.progress.epoch, self.progress.step) == (2, 0))
+    with pytest.raises(TimeBudgetSpent, match="after epoch 1"):
+        train("sasrec", str(successor_file), tmp_path / "sliced", overrides=SMALL, on_epoch=rows.append)
+    assert [r["epoch"] for r in rows] == [1] and "valid" in rows[0] and math.isfinite(rows[0]["lr"])
+    monkeypatch.undo()
+    _same(train("sasrec", str(successor_file), tmp_path / "sliced", overrides=SMALL, resume=True,
+                on_epoch=rows.append), whole)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+def test_cli_exits_75_with_the_resume_hint_and_the_same_command_continues(capsys, successor_file: Path,
+                                                                        tmp_path: Path) -> None:
+    command = ["train", "--model", "sasrec", "--dataset", str(successor_file), "--output-dir", str(tmp_path / "run"),
+               "-q", *[a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]]
+    assert main([*command, "--time-budget", "1e-9"]) == EXIT_PAUSED == 75
+    err = capsys.readouterr().err
+    assert err.startswith("paused: the time budget ran out") and "--resume" in err and "Traceback" not in err
+    assert main([*command, "--resume", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs_run"] == 3
+
+
+@pytest.mark.parametrize("budget", [0, -5, float("nan"), True])
+def test_a_budget_that_is_not_a_positive_number_is_refused_before_anything(successor_file: Path, tmp_path: Path,
+                                                                           budget: float) -> None:
+    with pytest.raises(MLSA4RecError, match="time budget must be a positive number"):
+        train("sasrec", str(successor_file), tmp_path / "run", overrides=SMALL, time_budget_s=budget)
+    assert not any(tmp_path.glob("*run*"))
