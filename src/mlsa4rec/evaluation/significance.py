@@ -78,6 +78,18 @@ def compare_ranks(
     key = f"{name}@{k}"
     a = per_user_metrics(a_ranks, [k], [name])[key].numpy()
     b = per_user_metrics(b_ranks, [k], [name])[key].numpy()
+    return compare_values(a, b, key, confidence, n_resamples, seed)
+
+
+def compare_values(a: np.ndarray, b: np.ndarray, metric: str, confidence: float = 0.95, n_resamples: int = 10_000,
+                   seed: int = 0) -> PairedComparison:
+    """Compare two models from their per-user values of ``metric`` (same users, same order): a
+    metric of one run each, or each user's metric averaged over the seeds of a study."""
+    a, b = np.asarray(a, dtype=np.float64).reshape(-1), np.asarray(b, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape or a.size < 2:
+        raise MLSA4RecError(f"a paired test needs the same users on both sides, at least two ({a.size} and {b.size})")
+    check_confidence(confidence)
+    key = metric
     diff = b - a
     if not diff.any():  # the same value for every user (also both 0): no evidence of a difference
         p = 1.0

@@ -1,0 +1,174 @@
+"""A study's report, from its cells' records alone: accuracy over seeds, paired tests against a
+baseline, cost, and the figures; Markdown for people and JSON for programs.
+
+Each table is one group of cells on one dataset. Accuracy is recomputed from the stored test ranks
+under each run's own history rule, so any cut-off K can be reported whatever the runs computed.
+A model is compared with the baseline user by user: each user's metric is first averaged over the
+seeds both models have, then the paired t-test and bootstrap interval of ``compare_values`` run on
+those averages, and the p-values of a table are Holm-adjusted together.
+"""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.evaluation.significance import compare_values, holm
+from mlsa4rec.experiments.study import STUDY_JSON, dataset_name, load_study, read_meta, read_record
+from mlsa4rec.fileio import write_json_atomic, write_text_atomic
+from mlsa4rec.metrics import metrics_from_ranks, per_user_metrics
+from mlsa4rec.runtime import cpu_model
+
+METRICS = ("hit", "ndcg", "mrr")
+KS = (5, 10, 20)
+COMPARED = ("hit@10", "ndcg@10", "mrr@10")  # the metrics tested against the baseline
+
+
+def _ranks(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The test ranks under the run's own history rule (as its results.json reports them)."""
+    return arrays["ranks_excluded" if meta["settings"].get("exclude_history") else "ranks_ranked"].astype(np.int64)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def build_report(root: str | Path, baseline: str | None = None, confidence: float = 0.95,
+                 n_resamples: int = 10_000) -> dict[str, Any]:
+    """The report of the study in ``root`` as one JSON-ready dict (see ``write_report``)."""
+    root = Path(root)
+    if not (root / STUDY_JSON).is_file():
+        raise MLSA4RecError(f"{str(root)!r} is not a study directory (no {STUDY_JSON}); pass the directory a "
+                            "`mlsa4rec study run` made")
+    meta = read_meta(root)
+    study = load_study(meta["file"], root, check=False)
+    baseline = baseline or study.baseline
+    if baseline is not None and baseline not in study.models:
+        raise MLSA4RecError(f"baseline {baseline!r} is not a model of the study ({', '.join(study.models)})")
+    records: dict[tuple[str, str], dict[str, list[tuple[dict, dict]]]] = defaultdict(lambda: defaultdict(list))
+    missing = []
+    for cell in study.cells:
+        path = cell.record_path(root)
+        if path.is_file():
+            records[(cell.group, dataset_name(cell.dataset))][cell.entry.label].append(read_record(path))
+        else:
+            missing.append(cell.id)
+    tables = []
+    for (group, dataset), by_model in records.items():
+        rows = []
+        for label, recs in by_model.items():
+            per_seed = [metrics_from_ranks(_ranks(m, a), KS, METRICS) for m, a in recs]
+            row = {"model": label, "seeds": sorted(m["seed"] for m, _ in recs),
+                   "metrics": {k: _mean_std([p[k] for p in per_seed]) for k in per_seed[0]},
+                   "seconds_per_epoch": float(np.mean([m["seconds_per_epoch"] for m, _ in recs])),
+                   "epochs": float(np.mean([m["epochs_run"] for m, _ in recs])),
+                   "parameters": recs[0][0]["parameters"],
+                   "peak_memory_bytes": max((m.get("peak_memory_bytes") or 0 for m, _ in recs), default=0) or None,
+                   "runs": [m["run"] for m, _ in recs]}
+            rows.append(row)
+        comparisons = _compare(by_model, baseline, confidence, n_resamples) if baseline in by_model else []
+        tables.append({"group": group, "dataset": dataset, "rows": rows, "baseline": baseline if comparisons else None,
+                       "comparisons": comparisons})
+    cells = [{"cell": m["cell"], "model": m["model"], "dataset": m["dataset"], "seed": m["seed"],
+              "max_seq_length": m["settings"]["MAX_ITEM_LIST_LENGTH"], "run": m["run"], "git_commit": m["git_commit"],
+              "metrics": {"test": metrics_from_ranks(_ranks(m, a), KS, METRICS)},
+              "seconds_per_epoch": m["seconds_per_epoch"], "peak_memory_bytes": m.get("peak_memory_bytes")}
+             for by_model in records.values() for recs in by_model.values() for m, a in recs]
+    return {"study": study.name, "file": str(study.file), "command": shlex.join([Path(sys.argv[0]).name,
+                                                                                *sys.argv[1:]]),
+            "machine": {"cpu": cpu_model(), "python": platform.python_version()},
+            "commits": sorted({c["git_commit"] for c in cells if c["git_commit"]}), "tables": tables,
+            "cells": cells, "missing": missing}
+
+
+def _compare(by_model: dict[str, list[tuple[dict, dict]]], baseline: str, confidence: float,
+             n_resamples: int) -> list[dict[str, Any]]:
+    """Every model against ``baseline`` on the seeds both have, each user's metric averaged over them."""
+    rows, labels = [], []
+    base = {m["seed"]: _ranks(m, a) for m, a in by_model[baseline]}
+    for label, recs in by_model.items():
+        if label == baseline:
+            continue
+        mine = {m["seed"]: _ranks(m, a) for m, a in recs}
+        shared = sorted(set(mine) & set(base))
+        if not shared:
+            continue
+        for metric in COMPARED:
+            name, k = metric.split("@")
+            a = np.mean([per_user_metrics(base[s], [int(k)], [name])[metric].numpy() for s in shared], axis=0)
+            b = np.mean([per_user_metrics(mine[s], [int(k)], [name])[metric].numpy() for s in shared], axis=0)
+            rows.append(compare_values(a, b, metric, confidence, n_resamples))
+            labels.append((label, shared))
+    return [{"model": label, "seeds": shared, **row.to_dict()} for (label, shared), row in zip(labels, holm(rows))]
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown tables: accuracy (mean ± sample std over seeds), the paired tests
+    against the baseline, cost; then where every number came from."""
+    lines = [f"# Study `{report['study']}`", "",
+             f"Made by `{report['command']}` from `{report['file']}` on {report['machine']['cpu']}; code "
+             f"{', '.join(report['commits']) or 'unknown'}. Accuracy: test split, each run's own history rule, "
+             "mean ± sample std over seeds (a dash: one seed).", ""]
+    keys = [f"{m}@{k}" for m in METRICS for k in KS]
+    for table in report["tables"]:
+        lines += [f"## {table['dataset']} ({table['group']})", "",
+                  "| model | seeds | " + " | ".join(keys) + " | s/epoch | epochs | parameters | peak memory |",
+                  "|---|---|" + "---|" * (len(keys) + 4)]
+        for row in table["rows"]:
+            cells = []
+            for key in keys:
+                mean, std = row["metrics"][key]
+                cells.append(f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f} ± -")
+            memory = f"{row['peak_memory_bytes'] / 2 ** 20:.0f} MiB" if row["peak_memory_bytes"] else "-"
+            cost = f"{row['seconds_per_epoch']:.1f} | {row['epochs']:.1f} | {row['parameters']:,} | {memory}"
+            lines.append(f"| {row['model']} | {len(row['seeds'])} | " + " | ".join(cells) + f" | {cost} |")
+        if table["comparisons"]:
+            lines += ["", f"Against `{table['baseline']}` (paired over users, each user's metric averaged over the "
+                          "shared seeds; p-values Holm-adjusted within this table):", "",
+                      "| model | metric | baseline | this model | relative | 95% CI | p | p (Holm) |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for c in table["comparisons"]:
+                rel = "undefined" if c["relative"] is None else f"{c['relative']:+.1%}"
+                ci = "undefined" if c["ci_low"] is None else f"[{c['ci_low']:+.1%}, {c['ci_high']:+.1%}]"
+                lines.append(f"| {c['model']} | {c['metric']} | {c['baseline']:.4f} | {c['candidate']:.4f} | {rel} | "
+                             f"{ci} | {c['p_value']:.2g} | {c['p_holm']:.2g} |")
+        lines.append("")
+    if report["missing"]:
+        lines += [f"Not finished yet: {', '.join(report['missing'])}.", ""]
+    lines += ["Runs: " + ", ".join(f"`{c['run']}`" for c in report["cells"]) + ".", ""]
+    return "\n".join(lines)
+
+
+def write_report(root: str | Path, out_dir: str | Path | None = None, baseline: str | None = None,
+                 plots: bool = True) -> list[Path]:
+    """``report.json``, ``report.md`` and (``plots``) the figures in ``out_dir`` (default: the study
+    directory's ``report/``); returns the files written."""
+    report = build_report(root, baseline)
+    out = Path(out_dir) if out_dir is not None else Path(root) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "report.json", report)
+    write_text_atomic(out / "report.md", format_markdown(report))
+    written = [out / "report.json", out / "report.md"]
+    if plots and report["cells"]:
+        written += _figures(report, out)
+    return written
+
+
+def _figures(report: dict[str, Any], out: Path) -> list[Path]:
+    from mlsa4rec.experiments import plots
+
+    written = []
+    for metric in ("ndcg@10", "hit@10"):
+        written += plots.plot_bars(report["cells"], metric, out / f"bars-{metric.replace('@', '')}")
+    if len({c["max_seq_length"] for c in report["cells"]}) > 1:
+        written += plots.plot_vs_length(report["cells"], "ndcg@10", out / "ndcg10-vs-length")
+        written += plots.plot_cost_vs_length(report["cells"], out / "cost-vs-length")[0]
+    return written
+

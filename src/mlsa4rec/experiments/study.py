@@ -1,0 +1,533 @@
+"""Studies: a grid of runs (models x datasets x seeds, and named groups of cells) worked through by
+one or many workers on Optuna, each cell an ordinary run directory.
+
+A study file names the grid; ``run_study`` checks every cell before any training starts, enqueues
+the cells not yet done as fixed Optuna trials (a cell is a trial's user attribute, so nothing is
+sampled) and trains them one at a time with ``training.run.train``. The storage (an SQLite file in
+the study directory by default, or a PostgreSQL/MySQL URL shared by several machines) is the only
+coordination: Optuna hands each waiting trial to one worker, its heartbeat marks the trial of a
+worker that died, and its retry callback queues that cell again, which the next worker continues
+from the run's checkpoint (``--resume``). A run directory's lock makes sure a cell never trains
+twice at once, even if two workers enqueued it together. ``time_budget_s`` pauses the running cell
+at a checkpoint and queues it again at once, so the same command continues it.
+
+A finished cell leaves a record (``records/<cell>.npz``: its settings, metrics, curve and the test
+target rank of every user under both history rules, checksummed), small enough to commit, from
+which ``report`` rebuilds every table without the run directories.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlsa4rec.config import build_config, load_yaml_file
+from mlsa4rec.data import REGISTRY, resolve
+from mlsa4rec.data.dataset import array_digest
+from mlsa4rec.errors import MLSA4RecError, TimeBudgetSpent
+from mlsa4rec.fileio import atomic_path, write_json_atomic
+from mlsa4rec.runs import directory
+
+log = logging.getLogger("mlsa4rec")
+
+STUDY_KEYS = ("study", "directory", "data_dir", "datasets", "seeds", "models", "groups", "baseline")
+MODEL_KEYS = ("model", "config", "set")
+GROUP_KEYS = ("models", "datasets", "seeds", "set")
+MAIN = "main"  # the group of the study file's own models x datasets x seeds
+STUDY_JSON = "study.json"
+HEARTBEAT_S = 60  # Optuna records a running trial's heartbeat this often; a trial silent for 3x is stale
+RECORD_FORMAT = 1
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+# --- the study file ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of a study: a registered model with its presets or files and ``--set`` overrides."""
+
+    label: str
+    model: str
+    config: tuple[str, ...] = ()
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid."""
+
+    group: str
+    entry: ModelEntry
+    dataset: str  # as the study file names it: a registered name or a file path
+    seed: int
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # the model's, the group's, and the seed
+
+    @property
+    def id(self) -> str:
+        return f"{self.group}/{self.entry.label}/{dataset_name(self.dataset)}/seed-{self.seed}"
+
+    def run_dir(self, root: Path) -> Path:
+        return root / "runs" / self.id
+
+    def record_path(self, root: Path) -> Path:
+        return root / "records" / f"{self.id}.npz"
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    file: Path
+    directory: Path
+    data_dir: str | None
+    models: Mapping[str, ModelEntry]
+    cells: tuple[Cell, ...]
+    baseline: str | None
+
+
+def dataset_name(dataset: str) -> str:
+    """A dataset's name in paths and tables: the registered name, or the data file's stem."""
+    return dataset if dataset in REGISTRY else Path(dataset).name.split(".")[0]
+
+
+def _fail(where: Path, what: str) -> MLSA4RecError:
+    return MLSA4RecError(f"study file {str(where)!r}: {what}")
+
+
+def _keys(where: Path, name: str, value: Any, allowed: Iterable[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(where, f"{name} must be a mapping of key: value lines")
+    unknown = [k for k in value if k not in allowed]
+    if unknown:
+        raise _fail(where, f"unknown key {unknown[0]!r} in {name}; the keys are {', '.join(allowed)}")
+    return value
+
+
+def _names(where: Path, name: str, value: Any, kind: type) -> list[Any]:
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(v, kind) and not isinstance(v, bool) for v in items):
+        raise _fail(where, f"{name} must be a non-empty list of {kind.__name__}s, got {value!r}")
+    if len(set(items)) != len(items):
+        raise _fail(where, f"{name} lists an entry twice: {value!r}")
+    return items
+
+
+def _label(where: Path, what: str, label: Any) -> str:
+    if not isinstance(label, str) or not _NAME.match(label):
+        raise _fail(where, f"{what} {label!r} must be a name of letters, digits, '.', '_' and '-' (used in paths)")
+    return label
+
+
+def load_study(path: str | Path, directory_override: str | Path | None = None, check: bool = True) -> Study:
+    """Read and check a study file: its keys, models, datasets and seeds, and (``check``) every
+    cell's settings, each built as ``mlsa4rec train`` would build it, before anything is trained."""
+    where = Path(path)
+    raw = _keys(where, "the file", load_yaml_file(where), STUDY_KEYS)
+    name = _label(where, "study", raw.get("study", where.stem))
+    base = where.parent
+    data_dir = raw.get("data_dir")
+    if data_dir is not None:
+        data_dir = str((base / str(data_dir)).resolve()) if not Path(str(data_dir)).is_absolute() else str(data_dir)
+    models: dict[str, ModelEntry] = {}
+    for label, spec in _keys(where, "models", raw.get("models"), raw.get("models") or {}).items():
+        spec = _keys(where, f"model {label!r}", {"model": label} if spec is None else spec, MODEL_KEYS)
+        files = spec.get("config", [])
+        files = [files] if isinstance(files, str) else files
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise _fail(where, f"model {label!r}: config must be a preset name, a file or a list of them")
+        files = [str(base / f) if (base / f).is_file() else f for f in files]  # files relative to the study file
+        overrides = _keys(where, f"model {label!r}: set", spec.get("set") or {}, spec.get("set") or {})
+        models[_label(where, "model label", label)] = ModelEntry(label, str(spec.get("model", label)), tuple(files),
+                                                                 dict(overrides))
+    if not models:
+        raise _fail(where, "models is empty; name at least one model")
+    groups = {MAIN: {"models": list(models), "datasets": raw.get("datasets"), "seeds": raw.get("seeds", [2020])}}
+    for group, spec in _keys(where, "groups", raw.get("groups") or {}, raw.get("groups") or {}).items():
+        if _label(where, "group", group) == MAIN:
+            raise _fail(where, f"the group name {MAIN!r} is the study's own grid; choose another")
+        groups[group] = _keys(where, f"group {group!r}", spec, GROUP_KEYS)
+    cells = []
+    for group, spec in groups.items():
+        labels = _names(where, f"{group}: models", spec.get("models", list(models)), str)
+        for label in labels:
+            if label not in models:
+                raise _fail(where, f"group {group!r} names model {label!r}, which models does not define")
+        extra = _keys(where, f"group {group!r}: set", spec.get("set") or {}, spec.get("set") or {})
+        datasets = _names(where, f"{group}: datasets", spec.get("datasets", raw.get("datasets")), str)
+        seeds = _names(where, f"{group}: seeds", spec.get("seeds", raw.get("seeds", [2020])), int)
+        for label in labels:
+            for dataset in datasets:
+                for seed in seeds:
+                    entry = models[label]
+                    cells.append(Cell(group, entry, dataset, seed, {**entry.overrides, **extra, "seed": seed}))
+    ids = [c.id for c in cells]
+    if len(set(ids)) != len(ids):
+        twice = next(i for i in ids if ids.count(i) > 1)
+        raise _fail(where, f"two cells share the id {twice!r} (two datasets with one file name?)")
+    baseline = raw.get("baseline")
+    if baseline is not None and baseline not in models:
+        raise _fail(where, f"baseline {baseline!r} is not one of the models ({', '.join(models)})")
+    root = Path(directory_override) if directory_override else base / str(raw.get("directory") or name)
+    study = Study(name, where.resolve(), root, data_dir, models, tuple(cells), baseline)
+    if check:
+        check_cells(study)
+    return study
+
+
+def check_cells(study: Study) -> None:
+    """Every cell's settings as training would build them, and every dataset found: one error line
+    naming the cell, before any training starts."""
+    for dataset in sorted({c.dataset for c in study.cells}):
+        try:
+            resolve(dataset, study.data_dir)
+        except MLSA4RecError as exc:
+            raise _fail(study.file, f"dataset {dataset!r}: {exc}") from None
+    for cell in study.cells:
+        try:
+            cell_config(cell, study)
+        except MLSA4RecError as exc:
+            raise _fail(study.file, f"cell {cell.id}: {exc}") from None
+
+
+def cell_config(cell: Cell, study: Study):
+    """The cell's typed config, exactly as ``mlsa4rec train`` builds it."""
+    return build_config(cell.entry.model, list(cell.entry.config), dict(cell.overrides),
+                        extra={"dataset": _dataset_arg(cell.dataset)})
+
+
+def _dataset_arg(dataset: str) -> str:
+    return dataset if dataset in REGISTRY else str(Path(dataset).resolve())
+
+
+# --- the study directory and its storage -------------------------------------------------------
+
+def open_directory(study: Study, storage: str | None) -> str:
+    """Create (or reopen) the study directory, refusing one that holds another study; returns the
+    storage URL (the directory's SQLite file unless one is given)."""
+    root = study.directory
+    meta_path = root / STUDY_JSON
+    meta = read_meta(root) if meta_path.exists() else None
+    if meta is not None and meta.get("study") != study.name:
+        raise MLSA4RecError(f"{str(root)!r} holds the study {meta.get('study')!r}, not {study.name!r}; give each study "
+                            "its own directory (directory: in the study file, or --dir)")
+    if root.exists() and meta is None and any(root.iterdir()):
+        raise MLSA4RecError(f"{str(root)!r} exists and is not a study directory; choose another directory")
+    url = storage or (meta or {}).get("storage") or f"sqlite:///{(root / 'study.db').resolve()}"
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        _storage(url)  # a URL that cannot be opened fails here, before anything is written
+    except MLSA4RecError:
+        if created:
+            shutil.rmtree(root, ignore_errors=True)  # ours: made a moment ago
+        raise
+    if meta is None or meta.get("storage") != url:
+        write_json_atomic(meta_path, {"kind": "mlsa4rec study", "study": study.name, "file": str(study.file),
+                                      "storage": url})
+    return url
+
+
+def read_meta(root: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((root / STUDY_JSON).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MLSA4RecError(f"{str(root / STUDY_JSON)!r} cannot be read ({exc}); is this a study directory?") from None
+    if not isinstance(meta, dict) or meta.get("kind") != "mlsa4rec study":
+        raise MLSA4RecError(f"{str(root)!r} is not a study directory (its {STUDY_JSON} is not mlsa4rec's)")
+    return meta
+
+
+def _storage(url: str, heartbeat_s: int = HEARTBEAT_S):
+    """Optuna's RDB storage with heartbeats: a worker that dies leaves a trial that goes stale after
+    3 missed heartbeats, and is queued again (its cell continues from its checkpoint)."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: since 2.8
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
+    except Exception as exc:  # sqlalchemy and driver errors of many types: a URL that cannot be used
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MLSA4RecError(f"the study storage {url!r} cannot be opened ({first}); check the URL (sqlite:///PATH, "
+                            "postgresql://USER@HOST/DB, mysql+pymysql://USER@HOST/DB) and that its driver is "
+                            "installed") from None
+
+
+def _optuna_study(study: Study, url: str, heartbeat_s: int = HEARTBEAT_S):
+    import optuna
+
+    return optuna.create_study(study_name=study.name, storage=_storage(url, heartbeat_s), load_if_exists=True,
+                               direction="maximize")
+
+
+# --- working through the cells -----------------------------------------------------------------
+
+def cell_state(cell: Cell, root: Path) -> str:
+    """``done`` (its record exists), ``published`` (a finished run without a record yet), ``paused``
+    (a stage with a checkpoint) or ``new``."""
+    if cell.record_path(root).is_file():
+        return "done"
+    run = cell.run_dir(root)
+    if (run / directory.MANIFEST).is_file():
+        return "published"
+    if (directory.staging_dir(run) / "checkpoint.pt").is_file():
+        return "paused"
+    return "new"
+
+
+def enqueue(opt_study, study: Study) -> int:
+    """Queue every cell that has neither a record nor a waiting or running trial; returns how many."""
+    from optuna.trial import TrialState
+
+    active = {t.user_attrs.get("cell") for t in opt_study.get_trials(deepcopy=False,
+                                                                     states=(TrialState.WAITING, TrialState.RUNNING))}
+    queued = 0
+    for cell in study.cells:
+        if cell.id not in active and cell_state(cell, study.directory) != "done":
+            opt_study.enqueue_trial({}, user_attrs={"cell": cell.id})
+            queued += 1
+    return queued
+
+
+def run_study(path: str | Path, *, storage: str | None = None, directory_override: str | Path | None = None,
+              time_budget_s: float | None = None, heartbeat_s: int = HEARTBEAT_S, wait: bool = True,
+              adopt_runs: Iterable[str | Path] = ()) -> bool:
+    """Work through the study's cells with the other workers of its storage until none is left.
+    Returns False when ``time_budget_s`` paused it (the same call continues), True when finished."""
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise MLSA4RecError(f"the time budget must be a positive number of seconds, got {time_budget_s!r}")
+    study = load_study(path, directory_override)
+    matches = match_runs(study, adopt_runs)  # before anything is written
+    url = open_directory(study, storage)
+    adopt(study, matches)
+    opt = _optuna_study(study, url, heartbeat_s)
+    by_id = {c.id: c for c in study.cells}
+    log.info("study %s: %d cells, %d queued now (%s)", study.name, len(study.cells), enqueue(opt, study), url)
+    paused = False
+
+    def objective(trial) -> float:
+        nonlocal paused
+        cell = by_id.get(trial.user_attrs.get("cell", ""))
+        if cell is None:  # a trial Optuna made because the queue ran dry between our check and its ask
+            trial.set_user_attr("skipped", "no cell")
+            opt.stop()
+            raise _pruned()
+        if cell_state(cell, study.directory) == "done":  # a second trial of a cell two workers both queued
+            trial.set_user_attr("skipped", "already done")
+            raise _pruned()
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 1e-9)
+        try:
+            return run_cell(cell, study, remaining)
+        except TimeBudgetSpent:
+            paused = True
+            trial.set_user_attr("paused", True)
+            opt.enqueue_trial({}, user_attrs={"cell": cell.id})  # at once, for whoever runs next
+            opt.stop()
+            raise _pruned() from None
+        except CellTaken as exc:
+            trial.set_user_attr("skipped", str(exc))
+            raise _pruned() from None
+        except MLSA4RecError as exc:
+            trial.set_user_attr("error", str(exc))
+            log.error("cell %s failed: %s", cell.id, exc)
+            raise
+
+    while not paused:
+        fail_stale_trials(opt)  # a dead worker's cell goes back to the queue
+        if opt.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            opt.optimize(objective, n_trials=1, catch=(MLSA4RecError,))
+            continue
+        running = opt.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running or not wait:
+            break
+        time.sleep(min(heartbeat_s, 5))  # another worker's cells: wait to take one over should it die
+        if deadline is not None and time.monotonic() > deadline:
+            paused = True
+    return not paused
+
+
+def _pruned():
+    import optuna
+
+    return optuna.TrialPruned()
+
+
+class CellTaken(MLSA4RecError):
+    """Another worker is training this cell (its stage is locked): this trial leaves it alone."""
+
+
+def run_cell(cell: Cell, study: Study, time_budget_s: float | None) -> float:
+    """Train one cell (continuing its checkpoint, or adopting its finished run) and write its
+    record; returns its validation metric."""
+    from mlsa4rec.training.run import train
+
+    root, out = study.directory, cell.run_dir(study.directory)
+    state = cell_state(cell, root)
+    if state != "done":
+        if state != "published":
+            log.info("cell %s: %s", cell.id, "continuing from its checkpoint" if state == "paused" else "training")
+            try:
+                train(cell.entry.model, _dataset_arg(cell.dataset), out, list(cell.entry.config),
+                      dict(cell.overrides), study.data_dir, resume=state == "paused", time_budget_s=time_budget_s)
+            except directory.StageBusy:
+                raise CellTaken(f"cell {cell.id} is being trained by another worker") from None
+        write_record(cell, study)
+    meta = read_record(cell.record_path(root))[0]
+    return float(meta["valid"][meta["settings"]["valid_metric"]])
+
+
+def match_runs(study: Study, run_dirs: Iterable[str | Path]) -> list[tuple[Cell, Path]]:
+    """The cell each finished run made elsewhere is (same model, dataset and every setting), checked
+    before anything is written; a run that is no cell is refused."""
+    from mlsa4rec.runs.loading import load_run_config
+
+    configs = {cell.id: cell_config(cell, study).to_dict() for cell in study.cells}
+    matches = []
+    for run_dir in run_dirs:
+        saved = load_run_config(Path(run_dir)).to_dict()
+        cell = next((c for c in study.cells if configs[c.id] == saved), None)
+        if cell is None:
+            raise MLSA4RecError(f"{str(run_dir)!r} is no cell of study {study.name!r} (no cell has its model, dataset "
+                                "and settings); adopt only runs made with a cell's exact settings")
+        matches.append((cell, Path(run_dir).resolve()))
+    return matches
+
+
+def adopt(study: Study, matches: Iterable[tuple[Cell, Path]]) -> None:
+    """Record adopted runs as their cells (their data is checked against the fingerprint they
+    recorded), so they are not trained again."""
+    for cell, run_dir in matches:
+        if cell_state(cell, study.directory) != "done":
+            write_record(cell, study, run_dir)
+            log.info("adopted %s as cell %s", run_dir, cell.id)
+
+
+# --- records -----------------------------------------------------------------------------------
+
+def write_record(cell: Cell, study: Study, run_dir: Path | None = None) -> Path:
+    """The cell's record from its finished run (its own, or ``run_dir`` adopted): settings, metrics,
+    curve, cost, and the test target rank of every user under both history rules (so a report never
+    needs the run directory)."""
+    from mlsa4rec.evaluation.runs import run_ranks
+    from mlsa4rec.runs.loading import load_run
+
+    run_dir = run_dir or cell.run_dir(study.directory)
+    run = load_run(run_dir, study.data_dir)  # manifest and data fingerprint checked
+    results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    ranks = {rule: run_ranks(run, "test", exclude) for rule, exclude in (("ranked", False), ("excluded", True))}
+    dtype = np.uint16 if run.data.n_items < 2 ** 16 else np.uint32
+    arrays = {f"ranks_{rule}": r.astype(dtype) for rule, r in ranks.items()}
+    meta = {"format": RECORD_FORMAT, "cell": cell.id, "group": cell.group, "model": cell.entry.label,
+            "dataset": dataset_name(cell.dataset), "seed": cell.seed, "run": str(run_dir),
+            "settings": run.config.to_dict(), "valid": results["valid"], "test": results["test"],
+            "history": results.get("history", []), "data_fingerprint": results.get("data_fingerprint"),
+            **{k: results.get(k) for k in ("best_epoch", "epochs_run", "seconds_per_epoch", "train_seconds",
+                                           "parameters", "parameters_non_embedding", "device", "threads",
+                                           "git_commit", "versions")},
+            "peak_memory_bytes": max((h.get("peak_memory_bytes") or 0 for h in results.get("history", [])),
+                                     default=0) or None,
+            "digests": {k: array_digest(v) for k, v in arrays.items()}}
+    path = cell.record_path(study.directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+    return path
+
+
+def read_record(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A record, its arrays checked against the digests it carries (a damaged record is refused)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(f["meta"].tobytes().decode())
+            arrays = {k: f[k] for k in f.files if k != "meta"}
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise MLSA4RecError(f"study record {str(path)!r} cannot be read ({exc}); delete it to rebuild it from its run "
+                            "directory") from None
+    if meta.get("format") != RECORD_FORMAT or any(array_digest(arrays.get(k, np.zeros(0))) != d
+                                                  for k, d in meta.get("digests", {}).items()):
+        raise MLSA4RecError(f"study record {str(path)!r} is damaged (its arrays do not match their checksums); delete "
+                            "it to rebuild it from its run directory")
+    return meta, arrays
+
+
+# --- status ------------------------------------------------------------------------------------
+
+def study_status(root: str | Path, storage: str | None = None) -> list[dict[str, Any]]:
+    """One row per cell of the study in ``root``: state, epochs, best validation metric so far, time."""
+    from optuna.trial import TrialState
+
+    root = Path(root)
+    meta = read_meta(root) if (root / STUDY_JSON).exists() else None
+    if meta is None:
+        raise MLSA4RecError(f"{str(root)!r} is not a study directory (no {STUDY_JSON}); pass the directory a `mlsa4rec "
+                            "study run` made")
+    study = load_study(meta["file"], root, check=False)
+    opt = _optuna_study(study, storage or meta["storage"])
+    latest: dict[str, Any] = {}
+    for t in opt.get_trials(deepcopy=False):
+        if "cell" in t.user_attrs:
+            latest[t.user_attrs["cell"]] = t
+    rows = []
+    for cell in study.cells:
+        trial, state = latest.get(cell.id), cell_state(cell, root)
+        row = {"cell": cell.id, "state": "waiting", "epochs": None, "metric": None, "seconds": None}
+        if state == "done":
+            rec = read_record(cell.record_path(root))[0]
+            row.update(state="done", epochs=rec["epochs_run"], metric=rec["valid"][rec["settings"]["valid_metric"]],
+                       seconds=rec["train_seconds"])
+        else:
+            if trial is not None and trial.state == TrialState.RUNNING:
+                row["state"] = "running"
+            elif trial is not None and trial.state == TrialState.FAIL:
+                row["state"] = "failed"
+                row["error"] = trial.user_attrs.get("error")
+            elif state == "paused":
+                row["state"] = "paused" if trial is None or trial.state != TrialState.WAITING else "waiting"
+            progress = _checkpoint_progress(cell.run_dir(root))
+            if progress:
+                row.update(epochs=progress["epoch"] - 1, seconds=round(progress["train_seconds"], 1),
+                           metric=progress["best_score"] if progress["best_epoch"] else None)
+        rows.append(row)
+    return rows
+
+
+def _checkpoint_progress(run: Path) -> dict[str, Any] | None:
+    from mlsa4rec.runs import checkpoint
+
+    path = directory.staging_dir(run) / checkpoint.CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(checkpoint.load(path)["meta"])["progress"]
+    except MLSA4RecError:
+        return None
+
+
+def format_status(rows: list[dict[str, Any]]) -> str:
+    width = max(len(r["cell"]) for r in rows)
+    lines = [f"{'cell':<{width}}  {'state':<8} {'epochs':>6} {'valid':>8} {'seconds':>9}"]
+    for r in rows:
+        metric = "-" if r["metric"] is None else f"{r['metric']:.4f}"
+        epochs = "-" if r["epochs"] is None else str(r["epochs"])
+        seconds = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        lines.append(f"{r['cell']:<{width}}  {r['state']:<8} {epochs:>6} {metric:>8} {seconds:>9}"
+                     + (f"  {r['error']}" if r.get("error") else ""))
+    counts = {s: sum(r["state"] == s for r in rows) for s in ("done", "running", "waiting", "paused", "failed")}
+    lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no cells")
+    return "\n".join(lines)

@@ -1,0 +1,195 @@
+"""`mlsa4rec study`: a grid worked through on Optuna, by one worker or several, in slices, with
+workers that die; its status and report; and the study files it refuses before training anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlsa4rec.cli import EXIT_PAUSED, main
+from mlsa4rec.experiments.report import build_report
+from mlsa4rec.experiments.study import load_study, read_record, study_status
+from mlsa4rec.training.run import train
+
+TINY = {"hidden_size": 8, "MAX_ITEM_LIST_LENGTH": 8, "epochs": 2, "train_batch_size": 64, "eval_batch_size": 64}
+SASREC = {**TINY, "inner_size": 16, "n_layers": 1, "n_heads": 1}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def write_study(tmp_path: Path, data: Path, **changes) -> Path:
+    spec = {"study": "tiny", "directory": "out", "datasets": [str(data)], "seeds": [1, 2], "baseline": "sasrec",
+            "models": {"sasrec": {"set": SASREC}, "gru4rec": {"set": TINY}}, **changes}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def worker(study: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    return subprocess.Popen([sys.executable, "-m", "mlsa4rec", "-q", "study", "run", str(study), *args],
+                            cwd=study.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def trials(root: Path) -> list:
+    import optuna
+
+    return optuna.load_study(study_name="tiny", storage=f"sqlite:///{root / 'study.db'}").get_trials()
+
+
+def trainings(run: Path) -> int:
+    """How many times the run's log says training started from scratch or from a checkpoint."""
+    text = (run / "train.log").read_text()
+    return text.count("training ") + text.count("resuming the interrupted run")
+
+
+def test_a_study_runs_reports_and_every_number_comes_from_its_runs(capsys, successor_file: Path,
+                                                                   tmp_path: Path, monkeypatch) -> None:
+    study = write_study(tmp_path, successor_file)
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "study", "run", str(study)]) == 0
+    root = tmp_path / "out"
+    rows = study_status(root)
+    assert [r["state"] for r in rows] == ["done"] * 4 and all(r["epochs"] == 2 for r in rows)
+    capsys.readouterr()
+    assert main(["study", "status", str(root)]) == 0
+    assert "4 done" in capsys.readouterr().out
+    assert main(["study", "report", str(root), "--no-plots"]) == 0
+    assert (root / "report" / "report.md").is_file()
+    report = json.loads((root / "report" / "report.json").read_text())
+    for cell in report["cells"]:  # the report's test metrics are the runs' own
+        results = json.loads((Path(cell["run"]) / "results.json").read_text())
+        assert cell["metrics"]["test"]["ndcg@10"] == pytest.approx(results["test"]["ndcg@10"], abs=1e-6)
+    (table,) = report["tables"]
+    assert {r["model"] for r in table["rows"]} == {"sasrec", "gru4rec"} and table["baseline"] == "sasrec"
+    assert [c["metric"] for c in table["comparisons"]] == ["hit@10", "ndcg@10", "mrr@10"]
+    assert all(c["seeds"] == [1, 2] and c["p_holm"] >= c["p_value"] for c in table["comparisons"])
+    # a record carries what the report needs, small enough to commit, and is checked when read
+    record = root / "records" / "main" / "sasrec" / "succ" / "seed-1.npz"
+    assert record.stat().st_size < 64_000
+    meta, arrays = read_record(record)
+    assert meta["settings"]["seed"] == 1 and len(arrays["ranks_ranked"]) == len(arrays["ranks_excluded"]) == 300
+    # the run directories can go: the report is rebuilt from the records alone
+    import shutil
+
+    shutil.rmtree(root / "runs")
+    again = build_report(root)
+    assert [t["rows"] for t in again["tables"]] == [t["rows"] for t in build_report(root)["tables"]]
+    assert again["tables"][0]["comparisons"] == table["comparisons"]
+    # running it again trains nothing
+    assert main(["-q", "study", "run", str(study)]) == 0 and not (root / "runs").exists()
+
+
+def test_two_workers_share_the_grid_and_train_each_cell_once(successor_file: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text(successor_file.read_text())
+    study = write_study(tmp_path, successor_file, datasets=[str(successor_file), str(other)])
+    workers = [worker(study, "--no-wait"), worker(study, "--no-wait")]
+    for w in workers:
+        _, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err[-2000:]
+    root = tmp_path / "out"
+    cells = [c.id for c in load_study(study, root, check=False).cells]
+    assert len(cells) == 8 and [r["state"] for r in study_status(root)] == ["done"] * 8
+    complete = [t.user_attrs["cell"] for t in trials(root) if t.state.name == "COMPLETE"]
+    assert sorted(complete) == sorted(cells)  # each cell completed by exactly one trial
+    assert all(trainings(root / "runs" / cell) == 1 for cell in cells)
+
+
+def test_a_killed_worker_s_cell_is_continued_from_its_checkpoint(successor_file: Path, tmp_path: Path) -> None:
+    long = {**SASREC, "epochs": 30, "stopping_step": 100}
+    study = write_study(tmp_path, successor_file, seeds=[1], models={"sasrec": {"set": long}})
+    root = tmp_path / "out"
+    first = worker(study, "--heartbeat", "1")
+    stage = root / "runs" / "main" / "sasrec" / "succ" / ".seed-1.partial"
+    deadline = time.monotonic() + 300
+    while not (stage / "checkpoint.pt").is_file() or "epoch   3" not in (stage / "train.log").read_text():
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    second = worker(study, "--heartbeat", "1")
+    _, err = second.communicate(timeout=600)
+    assert second.returncode == 0, err[-2000:]
+    run = root / "runs" / "main" / "sasrec" / "succ" / "seed-1"
+    results = json.loads((run / "results.json").read_text())
+    assert results["resumed"] and results["epochs_run"] == 30
+    states = sorted(t.state.name for t in trials(root))
+    assert states == ["COMPLETE", "FAIL"]  # the dead worker's trial went stale and was queued again
+    whole = train("sasrec", str(successor_file), tmp_path / "whole", overrides={**long, "seed": 1})
+    assert results["test"] == whole["test"] and results["valid"] == whole["valid"]
+
+
+def test_a_time_budget_pauses_and_the_same_command_continues(capsys, successor_file: Path, tmp_path: Path,
+                                                             monkeypatch) -> None:
+    study = write_study(tmp_path, successor_file, seeds=[1])
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "study", "run", str(study), "--time-budget", "1e-9"]) == EXIT_PAUSED
+    assert "paused" in capsys.readouterr().err
+    root = tmp_path / "out"
+    assert [r["state"] for r in study_status(root)] == ["waiting", "waiting"]  # the paused cell queued at once
+    assert main(["-q", "study", "run", str(study)]) == 0
+    assert [r["state"] for r in study_status(root)] == ["done", "done"]
+    resumed = [json.loads((root / "runs" / c / "results.json").read_text())["resumed"]
+               for c in ("main/sasrec/succ/seed-1", "main/gru4rec/succ/seed-1")]
+    assert resumed == [True, False]
+
+
+def test_finished_runs_are_adopted_as_cells_and_not_trained_again(successor_file: Path, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    study = write_study(tmp_path, successor_file, seeds=[1], models={"sasrec": {"set": SASREC}})
+    made = tmp_path / "made-before"
+    train("sasrec", str(successor_file), made, overrides={**SASREC, "seed": 1})
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "study", "run", str(study), "--adopt", str(made)]) == 0
+    root = tmp_path / "out"
+    assert not (root / "runs").exists()
+    assert read_record(root / "records" / "main" / "sasrec" / "succ" / "seed-1.npz")[0]["run"] == str(made.resolve())
+    other = tmp_path / "other-seed"
+    train("sasrec", str(successor_file), other, overrides={**SASREC, "seed": 7})
+    assert main(["-q", "study", "run", str(study), "--adopt", str(other)]) == 2
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"models": {"sasrec": {"model": "sasrek"}}}, "unknown model 'sasrek'"),
+    ({"models": {"sasrec": {"config": ["no-such-preset"]}}}, "no-such-preset"),
+    ({"models": {"sasrec": {"set": {"hidden_sise": 8}}}}, "unknown config key 'hidden_sise'"),
+    ({"models": {"sasrec": {"set": {"hidden_size": 9, "n_heads": 2}}}}, "cell main/sasrec/.*divisible"),
+    ({"datasets": ["no-such-dataset"]}, "unknown dataset"),
+    ({"seeds": []}, "seeds must be a non-empty list"),
+    ({"colour": "blue"}, "unknown key 'colour'"),
+    ({"baseline": "bert4rec"}, "baseline 'bert4rec' is not one of the models"),
+    ({"groups": {"long": {"models": ["lru"]}}}, "group 'long' names model 'lru'"),
+])
+def test_a_bad_study_file_is_one_error_line_before_anything(capsys, successor_file: Path, tmp_path: Path, change,
+                                                           message: str, monkeypatch) -> None:
+    study = write_study(tmp_path, successor_file, **change)
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", "run", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_storage_that_cannot_be_opened_and_a_directory_of_another_study_are_refused(
+        capsys, successor_file: Path, tmp_path: Path, monkeypatch) -> None:
+    study = write_study(tmp_path, successor_file, seeds=[1], models={"gru4rec": {"set": TINY}}, baseline=None)
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", "run", str(study), "--storage", "sqlite:////no/such/dir/x.db"]) == 2
+    assert "cannot be opened" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(["-q", "study", "run", str(study)]) == 0
+    before = sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "out").rglob("*"))
+    other = write_study(tmp_path, successor_file, study="another", seeds=[1], models={"gru4rec": {"set": TINY}},
+                        baseline=None)
+    assert main(["study", "run", str(other)]) == 2
+    assert "holds the study 'tiny', not 'another'" in capsys.readouterr().err
+    assert sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "out").rglob("*")) == before
