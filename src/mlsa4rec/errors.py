@@ -36,6 +36,11 @@ class TimeBudgetSpent(Exception):
     CLI exits 75 (EX_TEMPFAIL: try again) and the same command with ``--resume`` continues it."""
 
 
+class RunStopped(Exception):
+    """A hook of the run (``on_epoch``: a tuner pruning a trial) ended it for good: its stage is
+    removed, checkpoint included, and the exception passes on to whoever set the hook."""
+
+
 def check_choice(key: str, value: object, choices: Iterable[object], error: type[Exception] = ValueError) -> None:
     """Refuse ``value`` unless it is one of ``choices``, naming them all: ``key must be one of ...``."""
     choices = tuple(choices)

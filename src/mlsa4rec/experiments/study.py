@@ -225,7 +225,7 @@ def open_directory(study: Study, storage: str | None) -> str:
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     try:
-        _storage(url)  # a URL that cannot be opened fails here, before anything is written
+        storage_for(url)  # a URL that cannot be opened fails here, before anything is written
     except MLSA4RecError:
         if created:
             shutil.rmtree(root, ignore_errors=True)  # ours: made a moment ago
@@ -246,7 +246,7 @@ def read_meta(root: Path) -> dict[str, Any]:
     return meta
 
 
-def _storage(url: str, heartbeat_s: int = HEARTBEAT_S):
+def storage_for(url: str, heartbeat_s: int = HEARTBEAT_S):
     """Optuna's RDB storage with heartbeats: a worker that dies leaves a trial that goes stale after
     3 missed heartbeats, and is queued again (its cell continues from its checkpoint)."""
     import optuna
@@ -268,7 +268,7 @@ def _storage(url: str, heartbeat_s: int = HEARTBEAT_S):
 def _optuna_study(study: Study, url: str, heartbeat_s: int = HEARTBEAT_S):
     import optuna
 
-    return optuna.create_study(study_name=study.name, storage=_storage(url, heartbeat_s), load_if_exists=True,
+    return optuna.create_study(study_name=study.name, storage=storage_for(url, heartbeat_s), load_if_exists=True,
                                direction="maximize")
 
 
