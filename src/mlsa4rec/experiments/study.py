@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -221,7 +222,7 @@ def open_directory(study: Study, storage: str | None) -> str:
                             "its own directory (directory: in the study file, or --dir)")
     if root.exists() and meta is None and any(root.iterdir()):
         raise MLSA4RecError(f"{str(root)!r} exists and is not a study directory; choose another directory")
-    url = storage or (meta or {}).get("storage") or f"sqlite:///{(root / 'study.db').resolve()}"
+    url = storage or (meta or {}).get("storage") or default_storage(root)
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -231,9 +232,16 @@ def open_directory(study: Study, storage: str | None) -> str:
             shutil.rmtree(root, ignore_errors=True)  # ours: made a moment ago
         raise
     if meta is None or meta.get("storage") != url:
-        write_json_atomic(meta_path, {"kind": "mlsa4rec study", "study": study.name, "file": str(study.file),
-                                      "storage": url})
+        # paths relative to the directory, the default storage unnamed: a committed study directory
+        # (records, report) is read the same on another machine
+        write_json_atomic(meta_path, {"kind": "mlsa4rec study", "study": study.name,
+                                      "file": os.path.relpath(study.file, root.resolve()),
+                                      "storage": None if url == default_storage(root) else url})
     return url
+
+
+def default_storage(root: Path) -> str:
+    return f"sqlite:///{(root / 'study.db').resolve()}"
 
 
 def read_meta(root: Path) -> dict[str, Any]:
@@ -243,7 +251,7 @@ def read_meta(root: Path) -> dict[str, Any]:
         raise MLSA4RecError(f"{str(root / STUDY_JSON)!r} cannot be read ({exc}); is this a study directory?") from None
     if not isinstance(meta, dict) or meta.get("kind") != "mlsa4rec study":
         raise MLSA4RecError(f"{str(root)!r} is not a study directory (its {STUDY_JSON} is not mlsa4rec's)")
-    return meta
+    return {**meta, "file": str(root / meta["file"]), "storage": meta.get("storage") or default_storage(root)}
 
 
 def storage_for(url: str, heartbeat_s: int = HEARTBEAT_S):
