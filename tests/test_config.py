@@ -279,3 +279,10 @@ def test_the_config_is_typed_and_its_mapping_view_keeps_the_keys_of_config_yaml(
     assert c.with_train(exclude_history=True).train.exclude_history and not c.train.exclude_history
     with pytest.raises(ConfigError, match="MAX_ITEM_LIST_LENGTH must be > 0"):
         c.with_train(max_seq_length=0)
+
+
+def test_with_train_checks_each_value_as_a_set_would() -> None:
+    c = build_config("sasrec")
+    with pytest.raises(ConfigError, match="exclude_history: expected bool"):
+        c.with_train(exclude_history="yes")
+    assert c.with_train(max_seq_length="20").train.max_seq_length == 20

@@ -23,8 +23,11 @@ from mlsa4rec.settings import (
     ModelConfig,
     TrainConfig,
     as_keys,
+    check_run_fact,
+    check_value,
     defaults_of,
     help_of,
+    key_of,
     parse_interval,
     resolve_settings,
 )
@@ -125,30 +128,6 @@ def run_facts(files: Iterable[str | Path] = (), overrides: Mapping[str, Any] | N
     return facts
 
 
-def _same_dataset(given: str, resolved: str) -> bool:
-    """A saved config.yaml holds the resolved absolute path (or a registered name); a user may write
-    the path as given on the command line, so two names of one existing file are the same dataset."""
-    if given == resolved:
-        return True
-    a, b = Path(given).expanduser(), Path(resolved).expanduser()
-    return a.is_file() and b.is_file() and a.resolve() == b.resolve()
-
-
-def _check_run_fact(where: str, key: str, value: Any, model: str, extra: Mapping[str, Any] | None) -> None:
-    """Refuse a ``model``/``dataset`` line that contradicts what the command runs, instead of ignoring it."""
-    if value is None:
-        return
-    given = str(value)
-    shown = given if given.isprintable() and given.split() == [given] else repr(given)  # keep the error one line
-    said, line = (f"--set {key}={shown}", "it") if where == "--set" else (f"{where} sets {key}: {shown}", "the line")
-    if key == "model" and given != model:
-        raise ConfigError(f"{said} but the command trains {model!r}; remove {line} or pass --model {shown}")
-    if key == "dataset" and extra and extra.get("dataset") is not None and \
-            not _same_dataset(given, str(extra["dataset"])):
-        raise ConfigError(f"{said} but the command trains on {str(extra['dataset'])!r}; remove {line} or pass "
-                          f"--dataset {shown}")
-
-
 def parse_set(items: Iterable[str]) -> dict[str, Any]:
     """Parse ``key=value`` strings; values are read as YAML (``1e-3``, ``[5,10]``, ``true``)."""
     out: dict[str, Any] = {}
@@ -203,8 +182,12 @@ class Config(Mapping[str, Any]):
         return {f.name: getattr(self.hyper, f.name) for f in fields(self.hyper)}
 
     def with_train(self, **changes: Any) -> Config:
-        """This config with some shared settings changed (field names; checked like the rest)."""
-        return replace(self, train=replace(self.train, **changes))
+        """This config with some shared settings changed (field names), each value checked as a
+        ``--set`` of it would be."""
+        keys = {f.name: key_of(f) for f in fields(self.train)}
+        checked = {name: check_value(keys.get(name, name), value, getattr(self.train, name, None))
+                   for name, value in changes.items()}
+        return replace(self, train=replace(self.train, **checked))
 
 
 def build_config(
@@ -219,7 +202,7 @@ def build_config(
     config so that a run directory is self-describing.
     """
     def run_fact(where: str, key: str, value: Any) -> None:
-        _check_run_fact(where, key, value, model, extra)
+        check_run_fact(where, key, value, model, (extra or {}).get("dataset"))
 
     train, hyper = resolve_settings(model, _config_class(model), _sources(files, overrides), run_fact)
     return Config(model, train, hyper, (extra or {}).get("dataset"))

@@ -16,15 +16,15 @@ import ctypes.util
 import logging
 import os
 import platform
-import random
 import re
 import sys
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from mlsa4rec.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,13 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
 
 
-# --- devices and seeds: every floor that runs a model asks here ---------------------------------
+# --- devices and seeds: every floor that runs a model asks here (torch is imported only here, so
+# that the CLI starts, and tunes the allocator, before anything heavy is loaded) ------------------
 
 def available_devices() -> list[str]:
     """The device names this machine can run on: cpu, then cuda and cuda:N per GPU, then mps."""
+    import torch
+
     names = ["cpu"]
     if torch.cuda.is_available():
         names += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
@@ -84,6 +87,8 @@ def available_devices() -> list[str]:
 def check_device(name: object, flag: str = "--set device=") -> None:
     """Refuse a device name this machine cannot use, naming the ones it can. ``flag`` is how the
     user gave it: ``"--device "`` on the command line, ``"--set device="`` for a run's setting."""
+    import torch
+
     usable = available_devices()
     if name == "auto" or name in usable:
         return
@@ -102,6 +107,8 @@ def check_device(name: object, flag: str = "--set device=") -> None:
 def resolve_device(name: str, flag: str = "--set device=") -> torch.device:
     """The device of a single-process run (``auto``: CUDA if there is one); a device this
     machine lacks is one clear error (see ``check_device``)."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_device(name, flag)
@@ -110,6 +117,11 @@ def resolve_device(name: str, flag: str = "--set device=") -> torch.device:
 
 def set_seed(seed: int) -> None:
     """Seed Python's, numpy's and torch's generators (a run's initialisation, dropout and sampling)."""
+    import random
+
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

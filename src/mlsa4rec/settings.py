@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 from mlsa4rec.errors import ConfigError, MLSA4RecError, check_choice
@@ -269,6 +270,29 @@ def unknown_key(key: str, known: Iterable[str], model: str | None) -> ConfigErro
 
 
 RUN_FACTS = ("model", "dataset")  # what a run is, not how it runs: stored with its settings, never tuned
+
+
+def _same_dataset(given: str, resolved: str) -> bool:
+    """A saved config.yaml holds the resolved absolute path (or a registered name); a user may write
+    the path as given on the command line, so two names of one existing file are the same dataset."""
+    if given == resolved:
+        return True
+    a, b = Path(given).expanduser(), Path(resolved).expanduser()
+    return a.is_file() and b.is_file() and a.resolve() == b.resolve()
+
+
+def check_run_fact(where: str, key: str, value: Any, model: str, dataset: Any = None) -> None:
+    """Refuse a ``model``/``dataset`` line that contradicts what the command runs, instead of ignoring it."""
+    if value is None:
+        return
+    given = str(value)
+    shown = given if given.isprintable() and given.split() == [given] else repr(given)  # keep the error one line
+    said, line = (f"--set {key}={shown}", "it") if where == "--set" else (f"{where} sets {key}: {shown}", "the line")
+    if key == "model" and given != model:
+        raise ConfigError(f"{said} but the command trains {model!r}; remove {line} or pass --model {shown}")
+    if key == "dataset" and dataset is not None and not _same_dataset(given, str(dataset)):
+        raise ConfigError(f"{said} but the command trains on {str(dataset)!r}; remove {line} or pass "
+                          f"--dataset {shown}")
 
 
 def resolve_settings(model: str, config_class: type, layers: Iterable[tuple[str, Mapping[str, Any]]],

@@ -98,3 +98,8 @@ def test_every_packaged_model_builds_from_its_config_defaults() -> None:
         model = create(name, 30)
         assert type(model.config) is type(model).config_class
         assert vars(model.config) == build_config(name).model_kwargs()
+
+
+def test_create_refuses_a_model_line_that_names_another_model() -> None:
+    with pytest.raises(ConfigError, match="--set model=gru4rec but the command trains 'sasrec'"):
+        create("sasrec", 5, model="gru4rec")

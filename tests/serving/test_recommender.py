@@ -437,3 +437,21 @@ def test_max_length_is_a_deprecated_name_of_max_seq_length(runs: dict[str, Path]
     rec = Recommender.from_run(runs["sasrec"])
     with pytest.warns(DeprecationWarning, match="max_seq_length"):
         assert rec.max_length == rec.max_seq_length
+
+
+def test_loading_a_run_leaves_the_caller_s_random_generators_alone(runs: dict[str, Path]) -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    Recommender.from_run(runs["sasrec"])
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_damaged_run_is_named_before_a_device_this_machine_lacks(runs: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["sasrec"], run)
+    (run / "model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(MLSA4RecError, match="model.safetensors"):
+        Recommender.from_run(run, device="cuda:7")

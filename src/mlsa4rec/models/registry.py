@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mlsa4rec.errors import ConfigError
-from mlsa4rec.settings import resolve_settings
+from mlsa4rec.settings import check_run_fact, resolve_settings
 
 _REGISTRY: dict[str, type] = {}
 
@@ -44,7 +44,10 @@ def create(name: str, n_items: int, **overrides: Any):
     unknown key raises ``ConfigError`` naming it.
     """
     cls = get_class(name)
-    train, hyper = resolve_settings(name, cls.config_class, [("--set", overrides)])
+    def run_fact(where: str, key: str, value: Any) -> None:  # model=... must be this model
+        check_run_fact(where, key, value, name)
+
+    train, hyper = resolve_settings(name, cls.config_class, [("--set", overrides)], run_fact)
     return build_model(cls, n_items, vars(hyper), train.max_seq_length)
 
 

@@ -54,18 +54,22 @@ def load_run(run_dir: str | Path, data_dir: str | Path | None = None, *, device:
     on (evaluation); ``False`` loads it only when the run has no ``items.json`` (serving, export).
     ``device``: ``auto`` is the run's own device, or the best one here when this machine lacks it.
     """
-    check_environment()
+    if need_data:  # scoring runs the scan: a bad MLSA4REC_SCAN is one line before minutes of loading
+        check_environment()
     run = Path(run_dir)
     config = load_run_config(run)
-    where = run_device(config, run) if device == "auto" else resolve_device(device)
+    where = run_device(config, run) if device == "auto" else None
     data = None
     if need_data or not (run / directory.ITEMS).is_file():
         data = _trained_data(config, run, data_dir)
         items = ItemMap.from_data(data)
     else:
         items = read_items(run)
-    net = build_run_model(config, items.n_items)
+    # evaluation seeds as training did; serving leaves the caller's generators alone (the weights
+    # are loaded over the initialisation anyway)
+    net = build_run_model(config, items.n_items, seeded=need_data)
     load_weights(net, run / directory.WEIGHTS)
+    where = where or resolve_device(device)  # a device asked for is checked once the run's files are
     net.to(where).eval()
     return LoadedRun(run, config, data, items, net, where)
 
@@ -112,10 +116,14 @@ def _trained_data(config: Config, run: Path, data_dir: str | Path | None) -> Seq
     return data
 
 
-def build_run_model(config: Config, n_items: int, device: torch.device | str | None = None):
-    """The run's model, seeded; on the ``meta`` device it costs nothing (for size estimates)."""
-    set_seed(config.train.seed)
-    with torch.device(device) if device is not None else contextlib.nullcontext():
+def build_run_model(config: Config, n_items: int, device: torch.device | str | None = None, seeded: bool = True):
+    """The run's model (``seeded``: initialised from the run's seed, as training starts it); on the
+    ``meta`` device it costs nothing (for size estimates)."""
+    if seeded:
+        set_seed(config.train.seed)
+    # unseeded, the initialisation draws from a copy of the generator: the caller's stream is untouched
+    with (contextlib.nullcontext() if seeded else torch.random.fork_rng(devices=[])), \
+            (torch.device(device) if device is not None else contextlib.nullcontext()):
         return build_model(get_class(config.model), n_items, config.model_kwargs(), config.train.max_seq_length)
 
 
