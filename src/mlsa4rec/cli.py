@@ -3,10 +3,12 @@
     mlsa4rec data stats DATASET [--json]
     mlsa4rec train --model NAME --dataset NAME|FILE --output-dir DIR [--config F] [--set k=v]
                    [--resume] [--nproc N]          (or: torchrun --nproc-per-node N -m mlsa4rec train ...)
+                   [--tracking auto|tensorboard|mlflow|none] [--tracking-uri URL]
                    (--model/--dataset may come from model:/dataset: lines of a --config file)
     mlsa4rec evaluate --run-dir DIR
     mlsa4rec recommend --run-dir DIR --history "ID ID ..." [-k 10] | --input FILE.jsonl
     mlsa4rec models
+    mlsa4rec plot RUN_DIR [RUN_DIR ...] [--out PATH] [--metric METRIC@K]
 """
 
 from __future__ import annotations
@@ -124,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--time-budget", type=float, metavar="SECONDS",
                        help="stop after SECONDS at a checkpoint (exit 75); the same command with --resume continues, "
                             "so a long run goes in slices")
+    train.add_argument("--tracking", choices=("auto", "tensorboard", "mlflow", "none"), default="auto",
+                       help="where each epoch's scalars (loss, validation metrics, learning rate, seconds, peak "
+                            "memory) also go while it trains: auto = TensorBoard files in RUN/tensorboard/ when "
+                            "the tensorboard package is installed; mlflow = an MLflow run too; none = neither "
+                            "(default: auto)")
+    train.add_argument("--tracking-uri", metavar="URL",
+                       help="the MLflow tracking store for --tracking mlflow (a server's http(s) URL, or a database "
+                            "such as sqlite:///mlflow.db; default: MLflow's own, local in the working directory)")
     train.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_config_args(train)
     _add_data_args(train)
@@ -217,6 +227,71 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--opset", type=int, metavar="N", help="ONNX opset version (default: the exporter's)")
     _add_quiet(exp)
 
+    plot = sub.add_parser(
+        "plot", help="training curves of finished runs, as PNG and SVG",
+        description="Plot the training loss and a validation metric by epoch of one or several finished runs, one "
+                    "line per run, each run's best epoch (the weights it kept) starred. Writes PATH.png and PATH.svg "
+                    "and prints their paths.")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories written by `mlsa4rec train`")
+    plot.add_argument("--out", default="curves", metavar="PATH",
+                      help="the figure's path without suffix (or with .png or .svg): both PATH.png and PATH.svg are "
+                           "written (default: curves, in the working directory)")
+    plot.add_argument("--metric", metavar="METRIC@K",
+                      help="the validation metric to plot, e.g. hit@10 (default: the runs' valid_metric)")
+    _add_quiet(plot)
+
+    study = sub.add_parser("study", help="run a grid of runs (models x datasets x seeds) on Optuna, see it, report it",
+                           description="A study file names a grid of runs; `study run` works through its cells "
+                                       "(several workers may share one --storage), `status` shows them, `report` "
+                                       "makes the tables and figures. See docs/experiments.md.")
+    study_sub = study.add_subparsers(dest="study_command", metavar="SUBCOMMAND", required=True)
+    srun = study_sub.add_parser("run", help="train the study's cells not yet done (continues paused ones)")
+    srun.add_argument("file", help="the study file (YAML)")
+    srun.add_argument("--dir", help="the study directory (default: directory: in the file, else studies/NAME)")
+    srun.add_argument("--storage", help="Optuna storage URL shared by the workers (default: an SQLite file in the "
+                                        "study directory); postgresql://... or mysql+pymysql://... for several "
+                                        "machines")
+    srun.add_argument("--time-budget", type=float, metavar="SECONDS",
+                      help="pause after SECONDS at a checkpoint (exit 75); the same command continues")
+    srun.add_argument("--heartbeat", type=int, default=None, metavar="SECONDS",
+                      help="how often a worker says it is alive; a cell silent for 3x this is taken over "
+                           "(default 60; every worker of a study must use the same)")
+    srun.add_argument("--adopt", action="append", default=[], metavar="RUN_DIR",
+                      help="a finished run made with a cell's exact settings becomes that cell (repeatable)")
+    srun.add_argument("--no-wait", action="store_true",
+                      help="stop when no cell is waiting, instead of standing by to take over another worker's")
+    sstatus = study_sub.add_parser("status", help="a table of the cells: done, running, waiting, paused, failed")
+    sstatus.add_argument("dir", help="the study directory")
+    sstatus.add_argument("--storage", help="the storage URL, if not the one the study directory records")
+    sstatus.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sreport = study_sub.add_parser("report", help="tables (Markdown + JSON) and figures from the finished cells")
+    sreport.add_argument("dir", help="the study directory")
+    sreport.add_argument("--baseline", help="the model every other is compared with (default: baseline: in the file)")
+    sreport.add_argument("--out", help="where to write (default: DIR/report)")
+    sreport.add_argument("--no-plots", action="store_true", help="tables only")
+    for p in (study, srun, sstatus, sreport):
+        _add_quiet(p)
+
+    tune = sub.add_parser("tune", help="search one model's settings on one dataset (Optuna TPE, pruning)",
+                          description="Trials are run directories in --dir; the best settings are written as a "
+                                      "preset (DIR/best.yaml) that --config takes. See docs/experiments.md.")
+    tune.add_argument("--model", required=True, help="registered model name")
+    tune.add_argument("--dataset", required=True, help=DATASET_HELP)
+    tune.add_argument("--space", required=True, metavar="FILE", help="the search space (YAML: key: {type: log | "
+                                                                     "float | int | choice, ...})")
+    tune.add_argument("--trials", type=int, required=True, metavar="N", help="trials to finish (complete or pruned)")
+    tune.add_argument("--dir", required=True, help="the tuning directory (trials, storage, best.yaml, figures)")
+    tune.add_argument("--storage", help="Optuna storage URL shared by several workers (default: an SQLite file in "
+                                        "--dir)")
+    tune.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"),
+                      help="stop trials whose validation curve falls behind (default: median)")
+    tune.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
+    tune.add_argument("--time-budget", type=float, metavar="SECONDS",
+                      help="pause after SECONDS at a checkpoint (exit 75); the same command continues")
+    _add_config_args(tune)
+    _add_data_args(tune)
+    _add_quiet(tune)
+
     models = sub.add_parser("models", help="list registered models",
                             description="Registered models, their flags and default hyperparameters.")
     models.add_argument("--config", metavar="MODEL", help="print every setting of one model with its default and help")
@@ -284,7 +359,8 @@ def _launch(args: argparse.Namespace) -> int:
     from mlsa4rec.training.run import preflight
 
     preflight(args.model, args.dataset, args.output_dir, args.config, parse_set(args.overrides), args.data_dir,
-              args.overwrite, args.resume, world_size=args.nproc)
+              args.overwrite, args.resume, world_size=args.nproc, tracking=args.tracking,
+              tracking_uri=args.tracking_uri)
     launch = ["--standalone", "--nproc-per-node", str(args.nproc), "-m", "mlsa4rec", *_without_nproc(args.argv)]
     logging.getLogger("mlsa4rec").info("launching %d processes: torchrun %s", args.nproc, " ".join(launch))
     threads = os.environ.get("OMP_NUM_THREADS")
@@ -330,7 +406,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                 "--nproc-per-node / --nnodes")
         return _launch(args)
     results = train(args.model, args.dataset, args.output_dir, args.config, parse_set(args.overrides),
-                    args.data_dir, args.overwrite, args.resume, time_budget_s=args.time_budget)
+                    args.data_dir, args.overwrite, args.resume, time_budget_s=args.time_budget,
+                    tracking=args.tracking, tracking_uri=args.tracking_uri)
     if env_rank() != 0:
         return 0  # rank 0 prints the results
     if args.json:
@@ -471,6 +548,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from mlsa4rec.experiments.plots import plot_curves
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache notes are not the command's output
+    for path in plot_curves(args.run_dirs, args.out, metric=args.metric):
+        print(path)
+    return 0
+
+
 def _model_configurations() -> list[tuple[str, str, object]]:
     """(label, model name, config) of every registered model's defaults and every packaged preset."""
     from mlsa4rec.config import build_config, presets
@@ -528,8 +614,49 @@ def _default_model(name: str):
     return create(name, 10)
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from mlsa4rec.config import parse_set
+    from mlsa4rec.experiments.tune import tune
+
+    best = tune(args.model, args.dataset, args.space, args.trials, args.dir, config_files=args.config,
+                overrides=parse_set(args.overrides), data_dir=args.data_dir, storage=args.storage, pruner=args.pruner,
+                seed=args.seed, time_budget_s=args.time_budget)
+    if best is None:
+        print("paused: the time budget ran out; run the same command again to continue", file=sys.stderr)
+        return EXIT_PAUSED
+    print(f"best: trial {best['trial']}, valid {best['value']:.4f}, {best['params']}; preset {best['preset']}")
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    if args.study_command == "run":
+        from mlsa4rec.experiments.study import HEARTBEAT_S, run_study
+
+        if args.heartbeat is not None and args.heartbeat < 1:
+            raise MLSA4RecError(f"--heartbeat must be at least 1 second, got {args.heartbeat}")
+        finished = run_study(args.file, storage=args.storage, directory_override=args.dir,
+                             time_budget_s=args.time_budget, heartbeat_s=args.heartbeat or HEARTBEAT_S,
+                             wait=not args.no_wait, adopt_runs=args.adopt)
+        if not finished:
+            print("paused: the time budget ran out; run the same command again to continue", file=sys.stderr)
+            return EXIT_PAUSED
+        return 0
+    if args.study_command == "status":
+        from mlsa4rec.experiments.study import format_status, study_status
+
+        rows = study_status(args.dir, args.storage)
+        print(json.dumps(rows, indent=2) if args.json else format_status(rows))
+        return 0
+    from mlsa4rec.experiments.report import write_report
+
+    for path in write_report(args.dir, args.out, args.baseline, plots=not args.no_plots):
+        print(path)
+    return 0
+
+
 COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "compare": _cmd_compare, "recommend": _cmd_recommend,
-            "serve": _cmd_serve, "models": _cmd_models, "export": _cmd_export}
+            "serve": _cmd_serve, "models": _cmd_models, "export": _cmd_export, "plot": _cmd_plot,
+            "study": _cmd_study, "tune": _cmd_tune}
 
 
 # what a person can do about an operating-system error met on a file or stream; an errno not

@@ -125,3 +125,31 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def reset_peak_rss() -> bool:
+    """Start a new window for ``peak_rss_bytes`` (Linux: writing 5 to /proc/self/clear_refs resets the
+    process's high-water mark), so that each epoch, and each run of a process that trains several
+    (a study's worker), reports its own peak. False where it cannot be reset."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident memory since ``reset_peak_rss`` (Linux's VmHWM), else since the
+    process started (``ru_maxrss``); None where neither exists (Windows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

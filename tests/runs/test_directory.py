@@ -25,9 +25,12 @@ from mlsa4rec.runs.directory import (
     MANIFEST,
     RUN,
     RUN_FILES,
+    TENSORBOARD,
     check_output_dir,
     publish_stage,
+    read_manifest,
     staging_dir,
+    verify_run,
     write_manifest,
 )
 from mlsa4rec.serving.export import EXPORT, EXPORT_JSON
@@ -85,8 +88,8 @@ def test_overwrite_refuses_a_run_holding_foreign_files_and_replaces_a_clean_one(
     out = tmp_path / "run"
     train("sasrec", str(successor_file), out, overrides=SMALL)
     manifest = json.loads((out / MANIFEST).read_text())
-    assert sorted(manifest["files"]) == ["config.yaml", "items.json", "model.safetensors", "results.json",
-                                        "train.log"]
+    assert sorted(n for n in manifest["files"] if not n.startswith("tensorboard/")) == [
+        "config.yaml", "items.json", "model.safetensors", "results.json", "train.log"]
     (out / "analysis.ipynb").write_text("my notes")
     with pytest.raises(MLSA4RecError, match=r"left alone: it holds analysis.ipynb, which mlsa4rec did not write"):
         train("sasrec", str(successor_file), out, overrides=SMALL, overwrite=True)
@@ -462,3 +465,97 @@ def test_a_failed_rename_puts_the_old_directory_back(kind: str, tmp_path: Path, 
     with pytest.raises(OSError, match="No space left"):
         publish_stage(stage, out, overwrite=True, layout=layout)
     assert tree(out) == before and stage.is_dir() and not list(tmp_path.glob(".out.*.replaced"))
+
+
+# --- the one subfolder a run may hold: tensorboard/ (issue 25) ---------------------------------------
+
+def _run_with_tensorboard(path: Path) -> None:
+    """A finished run whose tensorboard/ holds two event files, listed in its manifest."""
+    path.mkdir()
+    for name in RUN_FILES:
+        (path / name).write_text(name)
+    (path / TENSORBOARD).mkdir()
+    for name in ("events.out.tfevents.1.host.1.0", "events.out.tfevents.2.host.2.0"):
+        (path / TENSORBOARD / name).write_bytes(name.encode())
+    write_manifest(path)
+
+
+def test_a_run_with_tensorboard_files_verifies_loads_and_is_replaced_cleanly(successor_file: Path,
+                                                                             tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    first = train("sasrec", str(successor_file), out, overrides=SMALL)
+    events = sorted((out / TENSORBOARD).iterdir())
+    listed = json.loads((out / MANIFEST).read_text())["files"]
+    assert events and all(f"{TENSORBOARD}/{p.name}" in listed for p in events)
+    assert evaluate_run(out)["test"] == pytest.approx(first["test"], abs=1e-9)
+    good = events[0].read_bytes()
+    events[0].write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(MLSA4RecError, match="tensorboard/events.* does not match the checksum"):
+        evaluate_run(out)
+    events[0].write_bytes(good)
+    train("sasrec", str(successor_file), out, overrides=SMALL, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", successor_file.name]  # nothing hidden left behind
+    now = sorted(p.name for p in (out / TENSORBOARD).iterdir())
+    assert now and not set(now) & {p.name for p in events}
+    assert sorted(n for n in json.loads((out / MANIFEST).read_text())["files"] if "/" in n) == \
+        [f"{TENSORBOARD}/{n}" for n in now]
+    verify_run(out)
+
+
+def test_the_tensorboard_folder_of_a_replaced_run_goes_with_it(tmp_path: Path) -> None:
+    out, stage = tmp_path / "out", tmp_path / ".out.partial"
+    _run_with_tensorboard(out)
+    _run_with_tensorboard(stage)
+    publish_stage(stage, out, overwrite=True, layout=RUN)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and len(list((out / TENSORBOARD).iterdir())) == 2
+
+
+@pytest.mark.parametrize("intruder", ["file", "folder", "link", "linked folder"])
+def test_a_foreign_entry_in_tensorboard_makes_overwrite_refuse(tmp_path: Path, intruder: str) -> None:
+    out, stage = tmp_path / "out", tmp_path / ".out.partial"
+    _run_with_tensorboard(out)
+    _run_with_tensorboard(stage)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "precious.txt").write_text("mine")
+    folder = out / TENSORBOARD
+    if intruder == "file":
+        (folder / "notes.txt").write_text("mine")
+        shown = "tensorboard/notes.txt"
+    elif intruder == "folder":
+        (folder / "sub").mkdir()
+        (folder / "sub" / "x").write_text("mine")
+        shown = "tensorboard/sub/"
+    elif intruder == "link":
+        (folder / "notes.txt").symlink_to(tmp_path / "elsewhere" / "precious.txt")
+        shown = "tensorboard/notes.txt"
+    else:  # the folder itself replaced by a link to one holding the listed names
+        for p in folder.iterdir():
+            (tmp_path / "elsewhere" / p.name).write_bytes(p.read_bytes())
+            p.unlink()
+        folder.rmdir()
+        folder.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+        shown = "tensorboard"
+        with pytest.raises(MLSA4RecError, match="tensorboard' is a symbolic link"):
+            verify_run(out)
+    before = tree(tmp_path)
+    with pytest.raises(MLSA4RecError, match=f"left alone: it holds {shown}(,| which)"):
+        publish_stage(stage, out, overwrite=True, layout=RUN)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", ["tensorboard/../x", "a/b/c", "tensorboard/a/b", "other/x", "tensorboard/",
+                                  "tensorboard/..", "/tensorboard/x"])
+def test_a_manifest_naming_a_path_other_than_a_tensorboard_file_is_refused(tmp_path: Path, name: str) -> None:
+    out = tmp_path / "out"
+    _run_with_tensorboard(out)
+    (tmp_path / "x").write_text("mine")
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["files"][name] = {"bytes": 4, "sha256": "0" * 64}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    before = tree(tmp_path)
+    for refused in (lambda: read_manifest(out), lambda: verify_run(out),
+                    lambda: check_output_dir(out, overwrite=True)):
+        with pytest.raises(MLSA4RecError, match="not an mlsa4rec run manifest"):
+            refused()
+    assert tree(tmp_path) == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -36,8 +37,9 @@ def test_sasrec_learns_the_successor_pattern(successor_file: Path, tmp_path: Pat
 def test_run_directory_contents_and_reevaluation(successor_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     results = train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 4, "stopping_step": 100})
+    tensorboard = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []  # --tracking auto
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "items.json", "manifest.json",
-                                                     "model.safetensors", "results.json", "train.log"]
+                                                     "model.safetensors", "results.json", *tensorboard, "train.log"]
     assert not list(tmp_path.glob(".run.partial*"))
     saved = json.loads((out / "results.json").read_text())
     for key in ("valid", "test", "best_epoch", "epochs_run", "seconds_per_epoch", "parameters", "versions",

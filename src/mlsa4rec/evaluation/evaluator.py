@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mlsa4rec.data.dataset import SequenceData
 from mlsa4rec.data.sampling import eval_batches, eval_order
@@ -74,6 +75,7 @@ def split_ranks(
     With a ``group`` of several ranks, each rank scores every world_size-th batch (the same
     batches one process would build, so the same floats) and the ranks are gathered and put back
     in user order on every rank: each user is scored exactly once, nothing is padded.
+    A progress bar shows on a terminal, on rank 0 only (as training's).
     """
     rank, world = (group.rank, group.world_size) if group is not None else (0, 1)
     was_training = model.training
@@ -81,13 +83,17 @@ def split_ranks(
     trim = bool(getattr(model, "padding_invariant", False))
     targets_all = data.eval_targets(split)
     out = []
+    n_batches = len(range(rank * batch_size, len(targets_all), batch_size * world))  # eval_batches' part
+    bar = tqdm(total=n_batches, desc=split, leave=False, disable=None if rank == 0 else True, dynamic_ncols=True)
     try:
         for batch in eval_batches(data, split, max_seq_length, batch_size, trim=trim, part=(rank, world)):
             scores = model.full_sort_scores(batch.item_seq.to(device), batch.lengths.to(device)).float()
             if exclude_history:
                 _mask_history(scores, data, targets_all[batch.rows])
             out.append(target_ranks(scores, batch.targets.to(device)).cpu())
+            bar.update()
     finally:
+        bar.close()
         model.train(was_training)
     local = torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
     if world > 1:

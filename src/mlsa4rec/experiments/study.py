@@ -263,14 +263,39 @@ def storage_for(url: str, heartbeat_s: int = HEARTBEAT_S):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: since 2.8
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
-    except Exception as exc:  # sqlalchemy and driver errors of many types: a URL that cannot be used
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MLSA4RecError(f"the study storage {url!r} cannot be opened ({first}); check the URL (sqlite:///PATH, "
-                            "postgresql://USER@HOST/DB, mysql+pymysql://USER@HOST/DB) and that its driver is "
-                            "installed") from None
+    failure: Exception | None = None
+    for attempt in range(4):  # two workers creating a new storage's tables at once: the loser tries again
+        try:
+            storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
+                                 grace_period=3 * heartbeat_s,
+                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
+            if url.startswith("sqlite"):
+                _serializable_sqlite(storage.engine)
+            return storage
+        except Exception as exc:  # sqlalchemy and driver errors of many types: a URL that cannot be used
+            failure = exc
+            time.sleep(0.25 * (attempt + 1))
+    first = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
+    raise MLSA4RecError(f"the study storage {url!r} cannot be opened ({first}); check the URL (sqlite:///PATH, "
+                        "postgresql://USER@HOST/DB, mysql+pymysql://USER@HOST/DB) and that its driver is "
+                        "installed")
+
+
+def _serializable_sqlite(engine) -> None:
+    """Every SQLite transaction takes the write lock when it begins (SQLAlchemy's recipe for
+    serializable SQLite). Without it two workers can both read a waiting trial as waiting and both
+    take it: pysqlite defers the lock to the first write, after Optuna's check has read."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners existed
 
 
 def _optuna_study(study: Study, url: str, heartbeat_s: int = HEARTBEAT_S):

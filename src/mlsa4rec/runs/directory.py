@@ -7,8 +7,9 @@ A finished run directory holds::
     model.safetensors  the best weights
     items.json         the data file's item ids in model order, with training popularity (serving)
     train.log          the per-epoch log lines
+    tensorboard/       optional: TensorBoard event files of the per-epoch scalars (``training.tracking``)
     manifest.json      written last: names the directory as an mlsa4rec run and lists every file
-                       above with its size and SHA-256
+                       above with its size and SHA-256 (those in tensorboard/ as ``tensorboard/NAME``)
 
 The rules, each tested (``docs/reliability.md`` maps them to their tests):
 
@@ -24,6 +25,8 @@ The rules, each tested (``docs/reliability.md`` maps them to their tests):
   resumable run, or (after the checkpoint is gone) a finished one that is never emptied.
 * Every load checks the files against the manifest, so a damaged file fails with a clear error
   instead of giving different numbers.
+* The one subfolder a run may hold is ``tensorboard/``, of plain files only: a manifest may name
+  ``tensorboard/NAME`` and no other path, so deletion never reaches deeper or through a link.
 
 The checks before ``--overwrite`` and the replacement itself (move the old directory aside, rename
 the stage in, delete only the files the old one's listing names) serve every directory mlsa4rec
@@ -66,6 +69,8 @@ RUN_FILES = ("config.yaml", "results.json", WEIGHTS, ITEMS, "train.log")
 # the files every load reads: the manifest must list them and they must match it; any other file it
 # lists (items.json, which serving reads) is checked too, except the log
 VERIFIED_ON_LOAD = ("config.yaml", "results.json", WEIGHTS)
+# the one subfolder a run may hold (plain files only, listed as "tensorboard/NAME")
+TENSORBOARD = "tensorboard"
 _KIND = "mlsa4rec run directory"
 _MANIFEST_VERSION = 1
 
@@ -221,10 +226,14 @@ def write_manifest(stage: Path) -> None:
     """List every run file in ``stage`` with its size and SHA-256; written last, so its presence
     means the directory is a complete run."""
     files = {}
-    for name in RUN_FILES:
+    names = [name for name in RUN_FILES if (stage / name).is_file()]
+    folder = stage / TENSORBOARD
+    if folder.is_dir() and not folder.is_symlink():  # anything but plain files in it stays unlisted: foreign
+        names += sorted(f"{TENSORBOARD}/{p.name}" for p in folder.iterdir()
+                        if p.is_file() and not p.is_symlink() and plain_name(p.name))
+    for name in names:
         path = stage / name
-        if path.is_file():
-            files[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        files[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     write_json_atomic(stage / MANIFEST, {"kind": _KIND, "version": _MANIFEST_VERSION,
                                          "mlsa4rec": mlsa4rec.__version__, "files": files})
 
@@ -234,6 +243,15 @@ def plain_name(name: object, manifest: str = MANIFEST) -> bool:
     other than the listing ``manifest`` itself."""
     return (isinstance(name, str) and name not in ("", ".", "..", manifest) and "/" not in name
             and "\\" not in name and "\0" not in name)
+
+
+def listed_name(name: object, subdirs: tuple[str, ...] = (TENSORBOARD,)) -> bool:
+    """A name a run's manifest may hold: a plain name, or ``SUB/NAME`` for one of ``subdirs``
+    (exactly one level: ``tensorboard/../x`` or ``a/b/c`` never)."""
+    if plain_name(name):
+        return True
+    sub, slash, rest = name.partition("/") if isinstance(name, str) else ("", "", "")
+    return bool(slash) and sub in subdirs and plain_name(rest)
 
 
 def read_manifest(run: Path) -> dict[str, Any] | None:
@@ -253,7 +271,7 @@ def read_manifest(run: Path) -> dict[str, Any] | None:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if (not isinstance(files, dict) or manifest.get("kind") != _KIND
             or not all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values())
-            or not all(plain_name(name) for name in files)):  # it steers deletion: no path may leave the run
+            or not all(listed_name(name) for name in files)):  # it steers deletion: no path may leave the run
         raise MLSA4RecError(f"{_q(path)} is not an mlsa4rec run manifest; restore the run directory from a "
                             "backup or train it again")
     if manifest.get("version") != _MANIFEST_VERSION:
@@ -292,6 +310,9 @@ def verify_run(run: Path) -> None:
         if name == "train.log":
             continue
         path = run / name
+        if "/" in name and (run / name.split("/")[0]).is_symlink():
+            raise MLSA4RecError(f"{_q(run / name.split('/')[0])} is a symbolic link; a run directory holds its "
+                                "files itself: restore it from a backup or train the run again")
         if not path.is_file():
             raise MLSA4RecError(f"{_q(path)} is missing; restore it from a backup or train the run again")
         try:
@@ -328,6 +349,7 @@ class Layout:
     writer: str  # "mlsa4rec": "it holds x, which mlsa4rec did not write"
     output: str  # how a refusal names a non-directory output: "output path" 'x' exists and is not a directory
     choose: str  # what to choose instead: "choose another --output-dir"
+    subdirs: tuple[str, ...] = ()  # folders of plain files its listing may name as "SUB/NAME" (a run: tensorboard)
 
 
 def _unlisted_run(out: Path) -> str:
@@ -337,7 +359,7 @@ def _unlisted_run(out: Path) -> str:
 
 
 RUN = Layout(listing=MANIFEST, read=read_manifest, unlisted=_unlisted_run, noun="run directory", article="a",
-             writer="mlsa4rec", output="output path", choose="--output-dir")
+             writer="mlsa4rec", output="output path", choose="--output-dir", subdirs=(TENSORBOARD,))
 
 
 def _replace_problem(out: Path, layout: Layout) -> str | None:
@@ -349,8 +371,14 @@ def _replace_problem(out: Path, layout: Layout) -> str | None:
     if listing is None:
         return layout.unlisted(out)
     listed = set(listing["files"]) | {layout.listing}
-    foreign = sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in out.iterdir()
-                     if p.name not in listed or p.is_symlink() or not p.is_file())
+    foreign = []
+    for p in out.iterdir():
+        if p.name in layout.subdirs and p.is_dir() and not p.is_symlink():  # ours only if every file in it is
+            foreign += [f"{p.name}/{c.name}" + ("/" if c.is_dir() and not c.is_symlink() else "") for c in p.iterdir()
+                        if f"{p.name}/{c.name}" not in listed or c.is_symlink() or not c.is_file()]
+        elif p.name not in listed or p.is_symlink() or not p.is_file():
+            foreign.append(p.name + ("/" if p.is_dir() and not p.is_symlink() else ""))
+    foreign.sort()
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         return f"it holds {shown}, which {layout.writer} did not write"
@@ -378,6 +406,10 @@ def check_output_dir(out: Path, *, overwrite: bool, layout: Layout = RUN) -> Non
 
 # --- the stage and its lock --------------------------------------------------------------------
 
+class StageBusy(MLSA4RecError):
+    """The stage is locked by another process training the same run (a study's worker skips the cell)."""
+
+
 class StageLock:
     """An exclusive ``flock`` on the staging directory, held while a process writes it, so that a
     second run (or a second --resume) of the same --output-dir cannot write or delete it at the
@@ -392,8 +424,8 @@ class StageLock:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.handle.close()
-            raise MLSA4RecError(f"another mlsa4rec process is writing {_q(stage)} (a run of the same --output-dir "
-                                "is in progress); wait for it to finish or stop it") from None
+            raise StageBusy(f"another mlsa4rec process is writing {_q(stage)} (a run of the same --output-dir "
+                            "is in progress); wait for it to finish or stop it") from None
 
     def release(self, remove: bool = False) -> None:
         if remove:
@@ -546,7 +578,15 @@ def _delete_replaced(old: Path, layout: Layout = RUN) -> None:
     """Delete the files of a directory replaced by --overwrite: those its listing names, nothing more."""
     listing = layout.read(old) or {"files": {}}
     for name in [*listing["files"], layout.listing]:
-        (old / name).unlink(missing_ok=True)
+        sub = name.split("/")[0] if "/" in name else None
+        if sub is None or (sub in layout.subdirs and (old / sub).is_dir() and not (old / sub).is_symlink()):
+            (old / name).unlink(missing_ok=True)  # never through a link put there since the check
+    for sub in layout.subdirs:
+        if (old / sub).is_dir() and not (old / sub).is_symlink():
+            try:
+                (old / sub).rmdir()
+            except OSError:  # holds a file we did not list: the warning below says so
+                pass
     try:
         old.rmdir()
     except OSError:

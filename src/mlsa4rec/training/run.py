@@ -1,12 +1,14 @@
 """Training runs end to end: settings checked, data loaded, the model trained, the run published.
 
 A run directory holds ``config.yaml``, ``results.json``, ``model.safetensors``, ``items.json``,
-``train.log`` and ``manifest.json`` (the SHA-256 of each); ``runs.directory`` builds it in a hidden staging directory,
-publishes it when the run has finished and decides what may ever be deleted. While a run trains,
-the staging directory also holds ``checkpoint.pt`` (every epoch, and every ``checkpoint_steps``
-steps); a run that dies after its first checkpoint leaves it there, and ``train ... --resume``
-continues from it. A run that fails before then leaves nothing. Finished runs are loaded back,
-re-evaluated and compared by ``evaluation/runs.py`` through ``runs.loading``.
+``train.log`` (ending with the best epoch's valid and test metrics), ``tensorboard/`` when TensorBoard
+tracks the run (``training.tracking``) and ``manifest.json`` (the SHA-256 of each); ``runs.directory``
+builds it in a hidden staging directory, publishes it when the run has finished and decides what
+may ever be deleted. While a run trains, the staging directory also holds ``checkpoint.pt`` (every
+epoch, and every ``checkpoint_steps`` steps); a run that dies after its first checkpoint leaves it
+there, and ``train ... --resume`` continues from it. A run that fails before then leaves nothing.
+Finished runs are loaded back, re-evaluated and compared by ``evaluation/runs.py`` through
+``runs.loading``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import mlsa4rec
 from mlsa4rec.config import Config, build_config
 from mlsa4rec.data import REGISTRY, SequenceData, data_dir_from
 from mlsa4rec.data.itemmap import ItemMap
-from mlsa4rec.errors import MLSA4RecError, TimeBudgetSpent
+from mlsa4rec.errors import MLSA4RecError, RunStopped, TimeBudgetSpent
 from mlsa4rec.models import get_class
 from mlsa4rec.ops.scan import check_environment
 from mlsa4rec.runs import checkpoint, directory
@@ -37,6 +39,7 @@ from mlsa4rec.runs.loading import build_run_model, load_run_data
 from mlsa4rec.runtime import resolve_device
 from mlsa4rec.training import distributed
 from mlsa4rec.training.distributed import DistContext
+from mlsa4rec.training.tracking import Trackers, check_tracking, start_trackers, status_for
 from mlsa4rec.training.trainer import FitResult, NonFiniteLoss, Trainer
 
 log = logging.getLogger("mlsa4rec")
@@ -127,11 +130,13 @@ def as_user_error(exc: BaseException) -> BaseException:
 
 def preflight(model: str, dataset: str, output_dir: str | Path, config_files: list[str | Path] = (),
               overrides: dict[str, Any] | None = None, data_dir: str | Path | None = None, overwrite: bool = False,
-              resume: bool = False, world_size: int = 1) -> None:
+              resume: bool = False, world_size: int = 1, tracking: str = "auto",
+              tracking_uri: str | None = None) -> None:
     """Every check ``train`` makes before it starts, without writing anything but the dataset
     cache: lets ``--nproc`` report bad input as one clear error before it launches processes."""
     check_environment()
     get_class(model)
+    check_tracking(tracking, tracking_uri)
     dataset = _resolve_dataset(dataset)
     config = build_config(model, config_files, overrides, extra={"dataset": str(dataset)})
     name = config.train.device
@@ -164,6 +169,8 @@ def train(
     on_step: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     time_budget_s: float | None = None,
+    tracking: str = "auto",
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``dataset``, evaluate the best epoch on valid and test, save the run.
 
@@ -173,6 +180,8 @@ def train(
     history row on rank 0. ``time_budget_s``: after that many seconds (from this call), training
     checkpoints and raises ``TimeBudgetSpent``; ``resume`` then continues. ``results["run_dir"]`` is where the
     run was saved (``output_dir`` resolved; see ``directory.publish`` for the one exception).
+    ``tracking`` (``--tracking``: auto, tensorboard, mlflow, none) and ``tracking_uri`` (an
+    MLflow store) say where each epoch's scalars also go while it trains (``training.tracking``).
     """
     deadline = None
     if time_budget_s is not None:
@@ -181,6 +190,7 @@ def train(
         deadline = time.monotonic() + time_budget_s
     check_environment()
     get_class(model)  # unknown model: fail before anything else
+    check_tracking(tracking, tracking_uri)  # a package missing: before any work
     dataset = _resolve_dataset(dataset)
     config = build_config(model, config_files, overrides, extra={"dataset": str(dataset)})
     group, device = distributed.init(config.train.device, config.train.dist_timeout)
@@ -191,7 +201,8 @@ def train(
         log.setLevel(logging.INFO)
     try:
         results = _train(model, output_dir, config, data_dir, overwrite=overwrite, resume=resume, on_step=on_step,
-                         on_epoch=on_epoch, deadline=deadline, group=group, device=device)
+                         on_epoch=on_epoch, deadline=deadline, group=group, device=device,
+                         tracking=tracking, tracking_uri=tracking_uri)
         # every rank leaves together (rank 0 may still be publishing): a rank that tears gloo down
         # while its peer is busy was seen to abort at exit ("terminate called ...") on a loaded machine
         group.barrier()
@@ -204,10 +215,26 @@ def train(
 def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | Path | None, *, overwrite: bool,
            resume: bool, on_step: Callable[[int, int], None] | None,
            on_epoch: Callable[[dict[str, Any]], None] | None, deadline: float | None, group: DistContext,
-           device: torch.device) -> dict[str, Any]:
-    """Check, train, evaluate, publish. Rank 0 holds the ``directory.Stage`` (None on the others)."""
+           device: torch.device, tracking: str = "auto", tracking_uri: str | None = None) -> dict[str, Any]:
+    """Check, train, evaluate, publish. Rank 0 holds the ``directory.Stage`` and the trackers
+    (None on the others); the trackers are closed before the stage is published, kept or removed,
+    so that the manifest lists finished event files."""
     stage, payload = _open_stage(output_dir, group, overwrite=overwrite, resume=resume)
     training = False  # past the resume checks: a failure from here on keeps the checkpoint with a hint
+    trackers: Trackers | None = None
+
+    def epoch_done(row: dict[str, Any]) -> None:
+        if trackers is not None:
+            trackers.log_epoch(row)
+        if on_epoch is not None:
+            on_epoch(row)
+
+    def close_trackers(status: str) -> None:
+        nonlocal trackers
+        if trackers is not None:
+            trackers.close(status)
+            trackers = None
+
     try:
         data, data_seconds, state = _prepare(config, data_dir, payload if resume else None, stage, group, device)
         data_sha256 = data.file_sha256  # what `evaluate` checks against
@@ -221,10 +248,21 @@ def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | P
         # given on every rank (gathering the ranks' random states is collective); called on rank 0
         trainer = Trainer(net, data, config, device, on_improve=save_best, group=group,
                           on_checkpoint=lambda training_state: stage.save_checkpoint(training_state),
-                          on_step=on_step, on_epoch=on_epoch, deadline=deadline)
+                          on_step=on_step, on_epoch=epoch_done, deadline=deadline)
         if state is not None:
             checkpoint.load_training_state(trainer, state)
             del state, payload
+
+        def start_tracking() -> bytes:  # a tracker that cannot start stops every rank before training
+            nonlocal trackers
+            p = trainer.progress
+            trackers = start_trackers(
+                tracking, tracking_uri, stage=stage.path, history=p.history, best_epoch=p.best_epoch,
+                resume=resume, experiment=data.name, run_name=stage.out.name, params=config.to_dict(),
+                tags={"mlsa4rec.model": model, "mlsa4rec.run_dir": str(stage.out)})
+            return b""
+
+        group.run_on_main(start_tracking)
         training = True
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         commit = git_commit()  # the code that trains, not whatever HEAD is when the run ends
@@ -235,20 +273,36 @@ def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | P
             **_fit_record(fit, net, device, group), "resumed": bool(resume), "started": started,
             "versions": versions(), "git_commit": commit, "history": fit.history,
         }
+        if trackers is not None:
+            trackers.log_final(results)
+        close_trackers("FINISHED")
+        _log_final(results)
         if stage is not None:
             stage.write_results(results)
     except BaseException as exc:
+        close_trackers(status_for(exc))  # before the stage is kept or removed
         exc = as_user_error(exc)
-        if stage is not None and stage.fail() and training:
-            _add_resume_hint(exc, stage.path)
+        if stage is not None and stage.fail():
+            if isinstance(exc, RunStopped):  # a hook ended it for good (a pruned trial): nothing to resume
+                directory.discard_stage(stage.path)
+            elif training:
+                _add_resume_hint(exc, stage.path)
         raise exc from None
     finally:
+        close_trackers("FAILED")  # a safety net: every path above has closed them already
         if stage is not None:
             stage.close_log()
     if stage is None:
         return results
     results["run_dir"] = str(stage.publish())
     return results
+
+
+def _log_final(results: dict[str, Any]) -> None:
+    """The last lines of train.log: the best epoch's metrics on valid, then on test."""
+    for split in ("valid", "test"):
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in results[split].items())
+        log.info("best epoch %d | %s %s", results["best_epoch"], split, shown)
 
 
 def _open_stage(output_dir: str | Path, group: DistContext, *, overwrite: bool,

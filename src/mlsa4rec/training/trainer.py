@@ -35,6 +35,7 @@ from mlsa4rec.errors import MLSA4RecError, TimeBudgetSpent
 from mlsa4rec.evaluation import evaluate_split
 from mlsa4rec.models.base import SequentialRecommender
 from mlsa4rec.runs import checkpoint
+from mlsa4rec.runtime import peak_rss_bytes, reset_peak_rss
 from mlsa4rec.training.distributed import DistContext, rank_seed, shard_rows
 from mlsa4rec.training.losses import full_softmax_cross_entropy
 
@@ -83,6 +84,15 @@ def cross_entropy(model: SequentialRecommender, batch: Batch, scheme: str, devic
         if targets.numel() == 0:  # a cloze batch can draw no target: a zero loss, not 0 / 0
             return model.item_table().sum() * 0.0
     return full_softmax_cross_entropy(hidden, model.item_table()[1:], targets - 1)
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """The epoch's peak memory for its history row: on CUDA the most PyTorch allocated on ``device``,
+    elsewhere the process's peak resident set (``runtime.peak_rss_bytes``), both since the epoch
+    began (``fit`` resets them; where the resident peak cannot be reset, since the process began)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return peak_rss_bytes()
 
 
 def lr_factor(name: str, total_steps: int) -> Callable[[int], float]:
@@ -139,7 +149,8 @@ class Trainer:
     ``checkpoint_steps`` steps (give it on every rank or none: gathering the ranks' random states
     is collective; it is called on rank 0 only); ``on_step(epoch, step)`` after every optimiser
     step (and any checkpoint at that step); ``on_epoch(row)`` with each epoch's history row (loss,
-    seconds, the validation metrics when it validated, the learning rate; rank 0 only).
+    seconds, the validation metrics when it validated, the learning rate, ``peak_memory_bytes``:
+    see ``peak_memory_bytes``; rank 0 only).
 
     ``deadline`` (``time.monotonic()`` seconds): past it, training checkpoints and raises
     ``TimeBudgetSpent``, so a long run goes in slices; every rank stops at the same step.
@@ -264,6 +275,10 @@ class Trainer:
                  f" split over {self.group.world_size} processes" if self.group.active else "")
         while not p.stopped_early and p.epoch <= t.epochs:
             epoch = p.epoch
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            else:
+                reset_peak_rss()
             loss = self.train_epoch(epoch)
             seconds = p.epoch_seconds
             p.train_seconds += seconds
@@ -289,6 +304,7 @@ class Trainer:
                          " | best" if improved else "")
             else:
                 log.info("epoch %3d | loss %.4f | %.1f s", epoch, loss, seconds)
+            row["peak_memory_bytes"] = peak_memory_bytes(self.device)
             p.history.append(row)
             if p.bad_epochs > t.stopping_step:
                 p.stopped_early = True
