@@ -53,22 +53,26 @@ def trainings(run: Path) -> int:
 
 def test_a_study_runs_reports_and_every_number_comes_from_its_runs(capsys, successor_file: Path,
                                                                    tmp_path: Path, monkeypatch) -> None:
-    study = write_study(tmp_path, successor_file)
+    study = write_study(tmp_path, successor_file,
+                        groups={"long": {"models": ["sasrec"], "seeds": [1], "set": {"MAX_ITEM_LIST_LENGTH": 16}}})
     monkeypatch.chdir(tmp_path)
     assert main(["-q", "study", "run", str(study)]) == 0
     root = tmp_path / "out"
     rows = study_status(root)
-    assert [r["state"] for r in rows] == ["done"] * 4 and all(r["epochs"] == 2 for r in rows)
+    assert [r["state"] for r in rows] == ["done"] * 5 and all(r["epochs"] == 2 for r in rows)
     capsys.readouterr()
     assert main(["study", "status", str(root)]) == 0
-    assert "4 done" in capsys.readouterr().out
-    assert main(["study", "report", str(root), "--no-plots"]) == 0
-    assert (root / "report" / "report.md").is_file()
+    assert "5 done" in capsys.readouterr().out
+    assert main(["study", "report", str(root)]) == 0
+    figures = {p.name for p in (root / "report").iterdir()}
+    assert {"report.md", "bars-ndcg10.png", "bars-ndcg10.svg", "ndcg10-vs-length.svg",
+            "cost-vs-length.svg"} <= figures
     report = json.loads((root / "report" / "report.json").read_text())
     for cell in report["cells"]:  # the report's test metrics are the runs' own
         results = json.loads((Path(cell["run"]) / "results.json").read_text())
         assert cell["metrics"]["test"]["ndcg@10"] == pytest.approx(results["test"]["ndcg@10"], abs=1e-6)
-    (table,) = report["tables"]
+    table, long = report["tables"]
+    assert (long["group"], [r["model"] for r in long["rows"]], long["comparisons"]) == ("long", ["sasrec"], [])
     assert {r["model"] for r in table["rows"]} == {"sasrec", "gru4rec"} and table["baseline"] == "sasrec"
     assert [c["metric"] for c in table["comparisons"]] == ["hit@10", "ndcg@10", "mrr@10"]
     assert all(c["seeds"] == [1, 2] and c["p_holm"] >= c["p_value"] for c in table["comparisons"])
