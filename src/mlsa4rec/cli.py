@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     study_sub = study.add_subparsers(dest="study_command", metavar="SUBCOMMAND", required=True)
     srun = study_sub.add_parser("run", help="train the study's cells not yet done (continues paused ones)")
     srun.add_argument("file", help="the study file (YAML)")
-    srun.add_argument("--dir", help="the study directory (default: directory: in the file, else studies/NAME)")
+    srun.add_argument("--dir", help="the study directory (default: directory: in the file, else NAME beside the file)")
     srun.add_argument("--storage", help="Optuna storage URL shared by the workers (default: an SQLite file in the "
                                         "study directory); postgresql://... or mysql+pymysql://... for several "
                                         "machines")

@@ -134,11 +134,16 @@ def test_a_killed_worker_s_cell_is_continued_from_its_checkpoint(successor_file:
 
 def test_a_time_budget_pauses_and_the_same_command_continues(capsys, successor_file: Path, tmp_path: Path,
                                                              monkeypatch) -> None:
+    from mlsa4rec.training.trainer import Trainer
+
     study = write_study(tmp_path, successor_file, seeds=[1])
     monkeypatch.chdir(tmp_path)
-    assert main(["-q", "study", "run", str(study), "--time-budget", "1e-9"]) == EXIT_PAUSED
-    assert "paused" in capsys.readouterr().err
     root = tmp_path / "out"
+    assert main(["-q", "study", "run", str(study), "--time-budget", "1e-9"]) == EXIT_PAUSED  # spent before a cell
+    assert "paused" in capsys.readouterr().err and not (root / "runs").exists()
+    with monkeypatch.context() as m:  # the budget runs out in the first cell, after its first epoch
+        m.setattr(Trainer, "out_of_time", lambda self: (self.progress.epoch, self.progress.step) == (2, 0))
+        assert main(["-q", "study", "run", str(study)]) == EXIT_PAUSED
     assert [r["state"] for r in study_status(root)] == ["waiting", "waiting"]  # the paused cell queued at once
     assert main(["-q", "study", "run", str(study)]) == 0
     assert [r["state"] for r in study_status(root)] == ["done", "done"]
@@ -172,6 +177,7 @@ def test_finished_runs_are_adopted_as_cells_and_not_trained_again(successor_file
     ({"colour": "blue"}, "unknown key 'colour'"),
     ({"baseline": "bert4rec"}, "baseline 'bert4rec' is not one of the models"),
     ({"groups": {"long": {"models": ["lru"]}}}, "group 'long' names model 'lru'"),
+    ({"baseline": ["sasrec"]}, "baseline \\['sasrec'\\] is not one of the models"),
 ])
 def test_a_bad_study_file_is_one_error_line_before_anything(capsys, successor_file: Path, tmp_path: Path, change,
                                                            message: str, monkeypatch) -> None:
@@ -197,3 +203,62 @@ def test_a_storage_that_cannot_be_opened_and_a_directory_of_another_study_are_re
     assert main(["study", "run", str(other)]) == 2
     assert "holds the study 'tiny', not 'another'" in capsys.readouterr().err
     assert sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "out").rglob("*")) == before
+
+
+def test_a_study_file_edited_after_cells_finished_is_refused_not_reported(capsys, successor_file: Path,
+                                                                          tmp_path: Path, monkeypatch) -> None:
+    tiny = {**TINY, "epochs": 1}
+    study = write_study(tmp_path, successor_file, seeds=[1], models={"gru4rec": {"set": tiny}}, baseline=None)
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "study", "run", str(study)]) == 0
+    write_study(tmp_path, successor_file, seeds=[1], models={"gru4rec": {"set": {**tiny, "epochs": 5}}}, baseline=None)
+    root = tmp_path / "out"
+    before = sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*") if p.name != "study.db")
+    assert main(["study", "run", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert "cell main/gru4rec/succ/seed-1 finished with other settings than the study file now gives (epochs)" in err
+    assert [r["state"] for r in study_status(root)] == ["stale"]
+    assert main(["study", "report", str(root)]) == 2 and "other settings" in capsys.readouterr().err
+    assert sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*") if p.name != "study.db") == before
+
+
+def test_a_failing_cell_is_named_and_the_others_still_train(capsys, successor_file: Path, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    study = write_study(tmp_path, successor_file, seeds=[1], baseline=None,
+                        models={"gru4rec": {"set": TINY}, "sasrec": {"set": {**SASREC, "learning_rate": 1e30}}})
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "study", "run", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert "1 cell(s) failed, main/sasrec/succ/seed-1 first" in err and "Traceback" not in err
+    assert [r["state"] for r in study_status(tmp_path / "out")] == ["done", "failed"]
+
+
+def test_machines_sharing_a_storage_never_train_a_cell_twice(successor_file: Path, tmp_path: Path,
+                                                             monkeypatch) -> None:
+    study = write_study(tmp_path, successor_file, seeds=[1], models={"gru4rec": {"set": TINY}}, baseline=None)
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "study", "run", str(study), "--dir", "machine-a", "--storage", shared]) == 0
+    assert main(["-q", "study", "run", str(study), "--dir", "machine-b", "--storage", shared]) == 0
+    assert not (tmp_path / "machine-b" / "runs").exists()
+    assert [r["state"] for r in study_status(tmp_path / "machine-b")] == ["done elsewhere"]
+
+
+def test_damaged_records_other_heartbeats_and_unknown_storages_are_one_error_line(capsys, successor_file: Path,
+                                                                                  tmp_path: Path, monkeypatch) -> None:
+    study = write_study(tmp_path, successor_file, seeds=[1], models={"gru4rec": {"set": TINY}}, baseline=None)
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "study", "run", str(study)]) == 0
+    root = tmp_path / "out"
+    assert main(["study", "run", str(study), "--heartbeat", "7"]) == 2
+    assert "use --heartbeat 60, not 7" in capsys.readouterr().err
+    assert main(["study", "status", str(root), "--storage", f"sqlite:///{tmp_path / 'empty.db'}"]) == 2
+    assert "holds no study 'tiny'" in capsys.readouterr().err
+    assert main(["study", "report", str(root), "--out", str(study)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    record = root / "records" / "main" / "gru4rec" / "succ" / "seed-1.npz"
+    record.write_bytes(record.read_bytes()[:100])
+    for command in (["study", "status", str(root)], ["study", "report", str(root)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: study record") and err.count("\n") == 1

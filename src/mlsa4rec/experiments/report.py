@@ -10,6 +10,7 @@ those averages, and the p-values of a table are Holm-adjusted together.
 
 from __future__ import annotations
 
+import json
 import platform
 import shlex
 import sys
@@ -21,7 +22,15 @@ import numpy as np
 
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation.significance import compare_values, holm
-from mlsa4rec.experiments.study import STUDY_JSON, dataset_name, load_study, read_meta, read_record
+from mlsa4rec.experiments.study import (
+    MAIN,
+    STUDY_JSON,
+    check_not_stale,
+    dataset_name,
+    load_study,
+    read_meta,
+    read_record,
+)
 from mlsa4rec.fileio import write_json_atomic, write_text_atomic
 from mlsa4rec.metrics import metrics_from_ranks, per_user_metrics
 from mlsa4rec.runtime import cpu_model
@@ -49,6 +58,7 @@ def build_report(root: str | Path, baseline: str | None = None, confidence: floa
                             "`mlsa4rec study run` made")
     meta = read_meta(root)
     study = load_study(meta["file"], root, check=False)
+    check_not_stale(study)  # no number from a run the study file no longer describes
     baseline = baseline or study.baseline
     if baseline is not None and baseline not in study.models:
         raise MLSA4RecError(f"baseline {baseline!r} is not a model of the study ({', '.join(study.models)})")
@@ -73,17 +83,26 @@ def build_report(root: str | Path, baseline: str | None = None, confidence: floa
                    "peak_memory_bytes": max((m.get("peak_memory_bytes") or 0 for m, _ in recs), default=0) or None,
                    "runs": [m["run"] for m, _ in recs]}
             rows.append(row)
+        prints = {m.get("data_fingerprint") for recs in by_model.values() for m, _ in recs}
+        if len(prints) > 1:
+            raise MLSA4RecError(f"the runs of {dataset} ({group}) were trained on different data (their data "
+                                "fingerprints differ), so their users cannot be paired; rebuild the records from "
+                                "runs on one copy of the data")
         comparisons = _compare(by_model, baseline, confidence, n_resamples) if baseline in by_model else []
         tables.append({"group": group, "dataset": dataset, "rows": rows, "baseline": baseline if comparisons else None,
                        "comparisons": comparisons})
-    cells = [{"cell": m["cell"], "model": m["model"], "dataset": m["dataset"], "seed": m["seed"],
+    # the figures group by model: a group's cells are their own series ("sasrec (long)")
+    cells = [{"cell": m["cell"], "group": m["group"], "seed": m["seed"], "dataset": m["dataset"],
+              "model": m["model"] if m["group"] == MAIN else f"{m['model']} ({m['group']})",
               "max_seq_length": m["settings"]["MAX_ITEM_LIST_LENGTH"], "run": m["run"], "git_commit": m["git_commit"],
               "metrics": {"test": metrics_from_ranks(_ranks(m, a), KS, METRICS)},
-              "seconds_per_epoch": m["seconds_per_epoch"], "peak_memory_bytes": m.get("peak_memory_bytes")}
+              "seconds_per_epoch": m["seconds_per_epoch"], "peak_memory_bytes": m.get("peak_memory_bytes"),
+              "peak_memory_kind": m.get("peak_memory_kind"), "machine": m.get("machine")}
              for by_model in records.values() for recs in by_model.values() for m, a in recs]
     return {"study": study.name, "file": str(study.file), "command": shlex.join([Path(sys.argv[0]).name,
                                                                                 *sys.argv[1:]]),
             "machine": {"cpu": cpu_model(), "python": platform.python_version()},
+            "trained_on": sorted({json.dumps(c["machine"], sort_keys=True) for c in cells}),
             "commits": sorted({c["git_commit"] for c in cells if c["git_commit"]}), "tables": tables,
             "cells": cells, "missing": missing}
 
@@ -112,10 +131,14 @@ def _compare(by_model: dict[str, list[tuple[dict, dict]]], baseline: str, confid
 def format_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables: accuracy (mean ± sample std over seeds), the paired tests
     against the baseline, cost; then where every number came from."""
+    machines = "; ".join(", ".join(f"{v}" for v in json.loads(m).values() if v is not None)
+                         for m in report["trained_on"])
+    commits = ", ".join(report["commits"]) or "unknown"
     lines = [f"# Study `{report['study']}`", "",
-             f"Made by `{report['command']}` from `{report['file']}` on {report['machine']['cpu']}; code "
-             f"{', '.join(report['commits']) or 'unknown'}. Accuracy: test split, each run's own history rule, "
-             "mean ± sample std over seeds (a dash: one seed).", ""]
+             f"Made by `{report['command']}` from `{report['file']}`; code {commits}; trained on "
+             f"{machines or 'unknown'}. Accuracy: test split, each run's own history rule, mean ± sample "
+             "std over seeds (a dash: one seed). Peak memory: the training process's peak resident memory on a CPU "
+             "(it includes Python's and torch's own, about 0.5 GiB), the memory torch allocated on a GPU.", ""]
     keys = [f"{m}@{k}" for m in METRICS for k in KS]
     for table in report["tables"]:
         lines += [f"## {table['dataset']} ({table['group']})", "",
@@ -150,8 +173,11 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, baseline: 
                  plots: bool = True) -> list[Path]:
     """``report.json``, ``report.md`` and (``plots``) the figures in ``out_dir`` (default: the study
     directory's ``report/``); returns the files written."""
-    report = build_report(root, baseline)
     out = Path(out_dir) if out_dir is not None else Path(root) / "report"
+    if out.exists() and not out.is_dir():
+        raise MLSA4RecError(f"--out {str(out)!r} is a file; the report is a directory (report.md, report.json, "
+                            "figures): name a directory")
+    report = build_report(root, baseline)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", format_markdown(report))

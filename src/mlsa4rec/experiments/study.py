@@ -25,6 +25,8 @@ import re
 import shutil
 import time
 import warnings
+import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,7 @@ from mlsa4rec.data.dataset import array_digest
 from mlsa4rec.errors import MLSA4RecError, TimeBudgetSpent
 from mlsa4rec.fileio import atomic_path, write_json_atomic
 from mlsa4rec.runs import directory
+from mlsa4rec.runtime import cpu_model
 
 log = logging.getLogger("mlsa4rec")
 
@@ -164,6 +167,7 @@ def load_study(path: str | Path, directory_override: str | Path | None = None, c
                 raise _fail(where, f"group {group!r} names model {label!r}, which models does not define")
         extra = _keys(where, f"group {group!r}: set", spec.get("set") or {}, spec.get("set") or {})
         datasets = _names(where, f"{group}: datasets", spec.get("datasets", raw.get("datasets")), str)
+        datasets = [d if d in REGISTRY or not (base / d).is_file() else str(base / d) for d in datasets]
         seeds = _names(where, f"{group}: seeds", spec.get("seeds", raw.get("seeds", [2020])), int)
         for label in labels:
             for dataset in datasets:
@@ -175,7 +179,7 @@ def load_study(path: str | Path, directory_override: str | Path | None = None, c
         twice = next(i for i in ids if ids.count(i) > 1)
         raise _fail(where, f"two cells share the id {twice!r} (two datasets with one file name?)")
     baseline = raw.get("baseline")
-    if baseline is not None and baseline not in models:
+    if baseline is not None and (not isinstance(baseline, str) or baseline not in models):
         raise _fail(where, f"baseline {baseline!r} is not one of the models ({', '.join(models)})")
     root = Path(directory_override) if directory_override else base / str(raw.get("directory") or name)
     study = Study(name, where.resolve(), root, data_dir, models, tuple(cells), baseline)
@@ -231,7 +235,9 @@ def open_directory(study: Study, storage: str | None) -> str:
         if created:
             shutil.rmtree(root, ignore_errors=True)  # ours: made a moment ago
         raise
-    if meta is None or meta.get("storage") != url:
+    if meta is not None and Path(meta["file"]).resolve() != study.file:
+        log.warning("study %s now reads its grid from %s (it was %s)", study.name, study.file, meta["file"])
+    if meta is None or meta.get("storage") != url or Path(meta["file"]).resolve() != study.file:
         # paths relative to the directory, the default storage unnamed: a committed study directory
         # (records, report) is read the same on another machine
         write_json_atomic(meta_path, {"kind": "mlsa4rec study", "study": study.name,
@@ -249,8 +255,10 @@ def read_meta(root: Path) -> dict[str, Any]:
         meta = json.loads((root / STUDY_JSON).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MLSA4RecError(f"{str(root / STUDY_JSON)!r} cannot be read ({exc}); is this a study directory?") from None
-    if not isinstance(meta, dict) or meta.get("kind") != "mlsa4rec study":
-        raise MLSA4RecError(f"{str(root)!r} is not a study directory (its {STUDY_JSON} is not mlsa4rec's)")
+    if (not isinstance(meta, dict) or meta.get("kind") != "mlsa4rec study" or not isinstance(meta.get("file"), str)
+            or not isinstance(meta.get("study"), str)):
+        raise MLSA4RecError(f"{str(root)!r} is not a study directory (its {STUDY_JSON} is not mlsa4rec's); restore it "
+                            "or run the study file again with --dir")
     return {**meta, "file": str(root / meta["file"]), "storage": meta.get("storage") or default_storage(root)}
 
 
@@ -260,7 +268,7 @@ def storage_for(url: str, heartbeat_s: int = HEARTBEAT_S):
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed cell is one line of ours, not Optuna's traceback
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: since 2.8
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     failure: Exception | None = None
@@ -298,6 +306,17 @@ def _serializable_sqlite(engine) -> None:
     engine.dispose()  # connections opened before the listeners existed
 
 
+def _load_optuna_study(study: Study, url: str):
+    """The study's trials, for reading: nothing is created in the storage."""
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=study.name, storage=storage_for(url))
+    except KeyError:
+        raise MLSA4RecError(f"the storage {url!r} holds no study {study.name!r}; run `mlsa4rec study run` first, or "
+                            "pass the --storage its workers use") from None
+
+
 def _optuna_study(study: Study, url: str, heartbeat_s: int = HEARTBEAT_S):
     import optuna
 
@@ -320,12 +339,21 @@ def cell_state(cell: Cell, root: Path) -> str:
     return "new"
 
 
+def completed_cells(opt_study) -> set[str]:
+    """Cells a trial has completed, on any machine of the storage."""
+    from optuna.trial import TrialState
+
+    return {t.user_attrs.get("cell") for t in opt_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+
+
 def enqueue(opt_study, study: Study) -> int:
-    """Queue every cell that has neither a record nor a waiting or running trial; returns how many."""
+    """Queue every cell that has no record here, no completed trial anywhere and no waiting or
+    running trial; returns how many."""
     from optuna.trial import TrialState
 
     active = {t.user_attrs.get("cell") for t in opt_study.get_trials(deepcopy=False,
                                                                      states=(TrialState.WAITING, TrialState.RUNNING))}
+    active |= completed_cells(opt_study)
     queued = 0
     for cell in study.cells:
         if cell.id not in active and cell_state(cell, study.directory) != "done":
@@ -334,11 +362,45 @@ def enqueue(opt_study, study: Study) -> int:
     return queued
 
 
+def stale_cells(study: Study) -> list[tuple[str, list[str]]]:
+    """Cells whose record or finished run was made with other settings than the study file now
+    gives them (the file was edited after they finished): ``(cell, [differing keys])``."""
+    from mlsa4rec.runs.loading import load_run_config
+
+    stale = []
+    for cell in study.cells:
+        state = cell_state(cell, study.directory)
+        if state == "done":
+            saved = read_record(cell.record_path(study.directory))[0]["settings"]
+        elif state == "published":
+            saved = load_run_config(cell.run_dir(study.directory)).to_dict()
+        else:
+            continue
+        now = cell_config(cell, study).to_dict()
+        differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if differ:
+            stale.append((cell.id, differ))
+    return stale
+
+
+def check_not_stale(study: Study) -> None:
+    """Refuse to go on from results made with settings the study file no longer gives."""
+    stale = stale_cells(study)
+    if stale:
+        cell, keys = stale[0]
+        more = f" (and {len(stale) - 1} more cells)" if len(stale) > 1 else ""
+        raise MLSA4RecError(f"cell {cell} finished with other settings than the study file now gives "
+                            f"({', '.join(keys)}){more}; restore the file, or delete that cell's record and run "
+                            f"directory under {str(study.directory)!r} to train it again, or give the changed grid "
+                            "its own study")
+
+
 def run_study(path: str | Path, *, storage: str | None = None, directory_override: str | Path | None = None,
               time_budget_s: float | None = None, heartbeat_s: int = HEARTBEAT_S, wait: bool = True,
               adopt_runs: Iterable[str | Path] = ()) -> bool:
     """Work through the study's cells with the other workers of its storage until none is left.
-    Returns False when ``time_budget_s`` paused it (the same call continues), True when finished."""
+    Returns False when ``time_budget_s`` paused it (the same call continues), True when finished;
+    raises, naming them, when cells failed (the others were still trained)."""
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
@@ -346,23 +408,32 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
     if time_budget_s is not None and not time_budget_s > 0:
         raise MLSA4RecError(f"the time budget must be a positive number of seconds, got {time_budget_s!r}")
     study = load_study(path, directory_override)
+    if (study.directory / STUDY_JSON).is_file():
+        check_not_stale(study)
     matches = match_runs(study, adopt_runs)  # before anything is written
     url = open_directory(study, storage)
     adopt(study, matches)
     opt = _optuna_study(study, url, heartbeat_s)
+    _check_heartbeat(opt, heartbeat_s)
     by_id = {c.id: c for c in study.cells}
     log.info("study %s: %d cells, %d queued now (%s)", study.name, len(study.cells), enqueue(opt, study), url)
     paused = False
+    failed: dict[str, str] = {}
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.monotonic() >= deadline
 
     def objective(trial) -> float:
         nonlocal paused
         cell = by_id.get(trial.user_attrs.get("cell", ""))
-        if cell is None:  # a trial Optuna made because the queue ran dry between our check and its ask
-            trial.set_user_attr("skipped", "no cell")
+        if cell is None:  # a cell this worker's file does not name (or Optuna's own trial): leave it queued
+            if "cell" in trial.user_attrs:
+                opt.enqueue_trial({}, user_attrs=dict(trial.user_attrs))
+            trial.set_user_attr("skipped", "not a cell of this study file")
             opt.stop()
             raise _pruned()
-        if cell_state(cell, study.directory) == "done":  # a second trial of a cell two workers both queued
-            trial.set_user_attr("skipped", "already done")
+        if cell_state(cell, study.directory) == "done" or cell.id in completed_cells(opt):
+            trial.set_user_attr("skipped", "already done")  # a second trial of a cell two workers both queued
             raise _pruned()
         remaining = None if deadline is None else max(deadline - time.monotonic(), 1e-9)
         try:
@@ -378,21 +449,41 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
             raise _pruned() from None
         except MLSA4RecError as exc:
             trial.set_user_attr("error", str(exc))
+            failed[cell.id] = str(exc)
             log.error("cell %s failed: %s", cell.id, exc)
             raise
 
     while not paused:
+        if out_of_time():
+            paused = True
+            break
         fail_stale_trials(opt)  # a dead worker's cell goes back to the queue
         if opt.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            opt.optimize(objective, n_trials=1, catch=(MLSA4RecError,))
+            try:
+                opt.optimize(objective, n_trials=1, catch=(MLSA4RecError,))
+            except ValueError as exc:  # Optuna's tell, when another worker took this trial as stale
+                log.warning("a trial of this worker was taken over by another (%s); going on", exc)
             continue
         running = opt.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running or not wait:
             break
         time.sleep(min(heartbeat_s, 5))  # another worker's cells: wait to take one over should it die
-        if deadline is not None and time.monotonic() > deadline:
-            paused = True
+    if failed:
+        first, why = next(iter(failed.items()))
+        raise MLSA4RecError(f"{len(failed)} cell(s) failed, {first} first: {why}; the other cells went on "
+                            "(`mlsa4rec study status` lists them); fix the cause and run the same command again")
     return not paused
+
+
+def _check_heartbeat(opt, heartbeat_s: int) -> None:
+    """Every worker of a study must use one heartbeat: a worker with a longer one would be taken
+    for dead by the others while it trains."""
+    recorded = opt.user_attrs.get("heartbeat_s")
+    if recorded is None:
+        opt.set_user_attr("heartbeat_s", heartbeat_s)
+    elif recorded != heartbeat_s:
+        raise MLSA4RecError(f"this study's workers use --heartbeat {recorded}, not {heartbeat_s}; every worker of a "
+                            f"study must use the same (pass --heartbeat {recorded})")
 
 
 def _pruned():
@@ -473,6 +564,9 @@ def write_record(cell: Cell, study: Study, run_dir: Path | None = None) -> Path:
             **{k: results.get(k) for k in ("best_epoch", "epochs_run", "seconds_per_epoch", "train_seconds",
                                            "parameters", "parameters_non_embedding", "device", "threads",
                                            "git_commit", "versions")},
+            "machine": {"cpu": cpu_model(), "device": results.get("device"), "threads": results.get("threads")},
+            "peak_memory_kind": "cuda allocated" if str(results.get("device", "")).startswith("cuda")
+            else "process resident (CPU)",
             "peak_memory_bytes": max((h.get("peak_memory_bytes") or 0 for h in results.get("history", [])),
                                      default=0) or None,
             "digests": {k: array_digest(v) for k, v in arrays.items()}}
@@ -489,7 +583,7 @@ def read_record(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         with np.load(path, allow_pickle=False) as f:
             meta = json.loads(f["meta"].tobytes().decode())
             arrays = {k: f[k] for k in f.files if k != "meta"}
-    except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, KeyError, UnicodeDecodeError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise MLSA4RecError(f"study record {str(path)!r} cannot be read ({exc}); delete it to rebuild it from its run "
                             "directory") from None
     if meta.get("format") != RECORD_FORMAT or any(array_digest(arrays.get(k, np.zeros(0))) != d
@@ -511,21 +605,30 @@ def study_status(root: str | Path, storage: str | None = None) -> list[dict[str,
         raise MLSA4RecError(f"{str(root)!r} is not a study directory (no {STUDY_JSON}); pass the directory a `mlsa4rec "
                             "study run` made")
     study = load_study(meta["file"], root, check=False)
-    opt = _optuna_study(study, storage or meta["storage"])
+    opt = _load_optuna_study(study, storage or meta["storage"])
     latest: dict[str, Any] = {}
-    for t in opt.get_trials(deepcopy=False):
-        if "cell" in t.user_attrs:
-            latest[t.user_attrs["cell"]] = t
+    rank = {TrialState.RUNNING: 2, TrialState.COMPLETE: 1}  # over a duplicate pruned beside it
+    for t in opt.get_trials(deepcopy=False):  # in trial order: the newest of equal rank wins
+        cell_id = t.user_attrs.get("cell")
+        if cell_id is None:
+            continue
+        if cell_id not in latest or rank.get(t.state, 0) >= rank.get(latest[cell_id].state, 0):
+            latest[cell_id] = t
+    stale = dict(stale_cells(study))
     rows = []
     for cell in study.cells:
         trial, state = latest.get(cell.id), cell_state(cell, root)
         row = {"cell": cell.id, "state": "waiting", "epochs": None, "metric": None, "seconds": None}
-        if state == "done":
+        if cell.id in stale:
+            row.update(state="stale", error=f"finished with other settings ({', '.join(stale[cell.id])})")
+        elif state == "done":
             rec = read_record(cell.record_path(root))[0]
             row.update(state="done", epochs=rec["epochs_run"], metric=rec["valid"][rec["settings"]["valid_metric"]],
                        seconds=rec["train_seconds"])
         else:
-            if trial is not None and trial.state == TrialState.RUNNING:
+            if trial is not None and trial.state == TrialState.COMPLETE:
+                row["state"] = "done elsewhere"  # its record is in another machine's study directory
+            elif trial is not None and trial.state == TrialState.RUNNING:
                 row["state"] = "running"
             elif trial is not None and trial.state == TrialState.FAIL:
                 row["state"] = "failed"
@@ -554,13 +657,14 @@ def _checkpoint_progress(run: Path) -> dict[str, Any] | None:
 
 def format_status(rows: list[dict[str, Any]]) -> str:
     width = max(len(r["cell"]) for r in rows)
-    lines = [f"{'cell':<{width}}  {'state':<8} {'epochs':>6} {'valid':>8} {'seconds':>9}"]
+    lines = [f"{'cell':<{width}}  {'state':<14} {'epochs':>6} {'valid':>8} {'seconds':>9}"]
     for r in rows:
         metric = "-" if r["metric"] is None else f"{r['metric']:.4f}"
         epochs = "-" if r["epochs"] is None else str(r["epochs"])
         seconds = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
-        lines.append(f"{r['cell']:<{width}}  {r['state']:<8} {epochs:>6} {metric:>8} {seconds:>9}"
+        lines.append(f"{r['cell']:<{width}}  {r['state']:<14} {epochs:>6} {metric:>8} {seconds:>9}"
                      + (f"  {r['error']}" if r.get("error") else ""))
-    counts = {s: sum(r["state"] == s for r in rows) for s in ("done", "running", "waiting", "paused", "failed")}
+    states = ("done", "done elsewhere", "running", "waiting", "paused", "failed", "stale")
+    counts = {s: sum(r["state"] == s for r in rows) for s in states}
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no cells")
     return "\n".join(lines)
