@@ -102,7 +102,7 @@ def build_report(root: str | Path, baseline: str | None = None, confidence: floa
     return {"study": study.name, "file": str(study.file), "command": shlex.join([Path(sys.argv[0]).name,
                                                                                 *sys.argv[1:]]),
             "machine": {"cpu": cpu_model(), "python": platform.python_version()},
-            "trained_on": sorted({json.dumps(c["machine"], sort_keys=True) for c in cells}),
+            "trained_on": sorted({json.dumps(c["machine"], sort_keys=True) for c in cells if c["machine"]}),
             "commits": sorted({c["git_commit"] for c in cells if c["git_commit"]}), "tables": tables,
             "cells": cells, "missing": missing}
 
