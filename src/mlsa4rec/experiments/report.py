@@ -36,7 +36,7 @@ from mlsa4rec.metrics import metrics_from_ranks, per_user_metrics
 from mlsa4rec.runtime import cpu_model
 
 METRICS = ("hit", "ndcg", "mrr")
-KS = (5, 10, 20)
+KS = (5, 10, 20)  # below study.RANK_CAP: exact from a record's capped ranks
 COMPARED = ("hit@10", "ndcg@10", "mrr@10")  # the metrics tested against the baseline
 
 

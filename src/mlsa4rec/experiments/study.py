@@ -50,7 +50,8 @@ GROUP_KEYS = ("models", "datasets", "seeds", "set")
 MAIN = "main"  # the group of the study file's own models x datasets x seeds
 STUDY_JSON = "study.json"
 HEARTBEAT_S = 60  # Optuna records a running trial's heartbeat this often; a trial silent for 3x is stale
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2  # 1: ranks stored whole (uint16/uint32); 2: capped at RANK_CAP
+RANK_CAP = 255  # a record's ranks: anything worse is stored as 255, so metrics at K < 255 are exact
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -555,8 +556,8 @@ def write_record(cell: Cell, study: Study, run_dir: Path | None = None) -> Path:
     run = load_run(run_dir, study.data_dir)  # manifest and data fingerprint checked
     results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
     ranks = {rule: run_ranks(run, "test", exclude) for rule, exclude in (("ranked", False), ("excluded", True))}
-    dtype = np.uint16 if run.data.n_items < 2 ** 16 else np.uint32
-    arrays = {f"ranks_{rule}": r.astype(dtype) for rule, r in ranks.items()}
+    # capped, most users' ranks are one byte of 255: a record is tens of KB, not hundreds
+    arrays = {f"ranks_{rule}": np.minimum(r, RANK_CAP).astype(np.uint8) for rule, r in ranks.items()}
     meta = {"format": RECORD_FORMAT, "cell": cell.id, "group": cell.group, "model": cell.entry.label,
             "dataset": dataset_name(cell.dataset), "seed": cell.seed, "run": str(run_dir),
             "settings": run.config.to_dict(), "valid": results["valid"], "test": results["test"],
@@ -586,7 +587,7 @@ def read_record(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     except (OSError, ValueError, KeyError, UnicodeDecodeError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise MLSA4RecError(f"study record {str(path)!r} cannot be read ({exc}); delete it to rebuild it from its run "
                             "directory") from None
-    if meta.get("format") != RECORD_FORMAT or any(array_digest(arrays.get(k, np.zeros(0))) != d
+    if meta.get("format") not in (1, RECORD_FORMAT) or any(array_digest(arrays.get(k, np.zeros(0))) != d
                                                   for k, d in meta.get("digests", {}).items()):
         raise MLSA4RecError(f"study record {str(path)!r} is damaged (its arrays do not match their checksums); delete "
                             "it to rebuild it from its run directory")
