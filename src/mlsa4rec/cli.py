@@ -285,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "--dir)")
     tune.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"),
                       help="stop trials whose validation curve falls behind (default: median)")
-    tune.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
+    tune.add_argument("--seed", type=int, default=None,
+                      help="the sampler's seed: makes one worker's search reproducible (default: random, so that "
+                           "several workers draw different settings)")
     tune.add_argument("--time-budget", type=float, metavar="SECONDS",
                       help="pause after SECONDS at a checkpoint (exit 75); the same command continues")
     _add_config_args(tune)

@@ -183,6 +183,36 @@ def test_a_resumed_run_whose_mlflow_run_is_gone_starts_a_new_one_and_says_so(suc
     assert len(new) == 1 and metric(mlflow_uri, new[0].info.run_id, "train/loss") == losses(results)
 
 
+
+def test_a_run_paused_with_mlflow_and_resumed_without_publishes_no_mlflow_file(successor_file: Path,
+                                                                              tmp_path: Path,
+                                                                              mlflow_uri: str) -> None:
+    """--tracking none on --resume never closes an MLflow tracker: the stage's mlflow-run.json must
+    still not be published (--overwrite would then refuse the run as holding a foreign file)."""
+    out = tmp_path / "run"
+    with pytest.raises(TimeBudgetSpent):
+        train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 1}, tracking="mlflow",
+              tracking_uri=mlflow_uri, time_budget_s=1e-9)
+    assert (staging_dir(out) / MLFLOW_RUN_FILE).is_file()  # kept while paused: --resume continues the MLflow run
+    train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 1}, resume=True, tracking="none")
+    assert not (out / MLFLOW_RUN_FILE).exists() and not staging_dir(out).exists()
+    results = train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 1}, overwrite=True,
+                    tracking="none")
+    assert results["run_dir"] == str(out.resolve()) and not results["resumed"]
+
+
+def test_an_mlflow_tracker_dropped_mid_run_leaves_no_mlflow_file_in_the_run(successor_file: Path, tmp_path: Path,
+                                                                           mlflow_uri: str, monkeypatch) -> None:
+    def store_gone(self, row: dict) -> None:
+        raise ConnectionError("the tracking server went away")
+
+    monkeypatch.setattr(tracking.MLflowTracker, "log_epoch", store_gone)
+    out = tmp_path / "run"
+    train("sasrec", str(successor_file), out, overrides={**SMALL, "epochs": 1}, tracking="mlflow",
+          tracking_uri=mlflow_uri)
+    assert not (out / MLFLOW_RUN_FILE).exists()
+    assert main(["evaluate", "--run-dir", str(out), "-q"]) == 0
+
 # --- refused before training -----------------------------------------------------------------------------
 
 def one_error(capsys, argv: list[str], *needles: str) -> None:

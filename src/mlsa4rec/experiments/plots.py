@@ -12,7 +12,10 @@ finished cell, so that a study report can draw them from committed records alone
 
     {"model": "sasrec", "dataset": "amazon-beauty", "seed": 0, "max_seq_length": 50,
      "metrics": {"test": {"hit@10": 0.081, "ndcg@10": 0.043}},
-     "seconds_per_epoch": 12.5, "peak_memory_bytes": 1234567890}   # None where not measured (CPU)
+     "seconds_per_epoch": 12.5, "peak_memory_bytes": 1234567890}   # None where not measured
+
+``peak_memory_bytes`` is the run's peak of its epochs' peaks: on CUDA what PyTorch allocated, on a
+CPU the whole process's resident memory (Python and torch's own included; see docs/training.md).
 
 ``model`` is the label a cell is shown under (a preset or ablation is its own label).
 """
@@ -333,7 +336,7 @@ def plot_cost_vs_length(rows: Sequence[Row], out: str | os.PathLike[str]) -> Cos
     dashed line: 1 means cost linear in L, 2 quadratic.
 
     ``rows``: as for ``plot_bars``; their ``seconds_per_epoch`` and ``peak_memory_bytes`` (None,
-    e.g. on a CPU, leaves the point out) are read. Returns the paths written and the slopes.
+    where it was not measured, leaves the point out) are read. Returns the paths written and the slopes.
     """
     _check_rows(rows, None, "")
     colors = _colors(rows)
@@ -367,7 +370,7 @@ def plot_cost_vs_length(rows: Sequence[Row], out: str | os.PathLike[str]) -> Cos
                                 linewidth=1, alpha=0.7)
                 ax.set_title(f"{title}, {dataset}")
                 if not measured:
-                    ax.text(0.5, 0.5, f"no {title} recorded\n(not measured on a CPU)", ha="center", va="center",
+                    ax.text(0.5, 0.5, f"no {title} recorded\n(not measured)", ha="center", va="center",
                             transform=ax.transAxes)
                     ax.set_xticks([])
                     ax.set_yticks([])

@@ -225,26 +225,36 @@ def open_directory(study: Study, storage: str | None) -> str:
     if meta is not None and meta.get("study") != study.name:
         raise MLSA4RecError(f"{str(root)!r} holds the study {meta.get('study')!r}, not {study.name!r}; give each study "
                             "its own directory (directory: in the study file, or --dir)")
-    if root.exists() and meta is None and any(root.iterdir()):
+    # what another worker starting the same study at this moment may have made so far
+    starting = [p for p in root.iterdir() if p.name not in ("study.db", "study.db-journal")
+                and not p.name.startswith(f".{STUDY_JSON}.")] if root.exists() else []
+    if root.exists() and meta is None and starting:
         raise MLSA4RecError(f"{str(root)!r} exists and is not a study directory; choose another directory")
     url = storage or (meta or {}).get("storage") or default_storage(root)
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
+    if meta is not None and Path(meta["file"]).resolve() != study.file:
+        log.warning("study %s now reads its grid from %s (it was %s)", study.name, study.file, meta["file"])
+    if meta is None:  # first the name, so that a worker starting beside this one sees a study directory
+        _write_meta(study, url)
     try:
-        storage_for(url)  # a URL that cannot be opened fails here, before anything is written
+        storage_for(url)  # a URL that cannot be opened fails here, before anything else is written
     except MLSA4RecError:
         if created:
             shutil.rmtree(root, ignore_errors=True)  # ours: made a moment ago
         raise
-    if meta is not None and Path(meta["file"]).resolve() != study.file:
-        log.warning("study %s now reads its grid from %s (it was %s)", study.name, study.file, meta["file"])
-    if meta is None or meta.get("storage") != url or Path(meta["file"]).resolve() != study.file:
-        # paths relative to the directory, the default storage unnamed: a committed study directory
-        # (records, report) is read the same on another machine
-        write_json_atomic(meta_path, {"kind": "mlsa4rec study", "study": study.name,
-                                      "file": os.path.relpath(study.file, root.resolve()),
-                                      "storage": None if url == default_storage(root) else url})
+    if meta is not None and (meta.get("storage") != url or Path(meta["file"]).resolve() != study.file):
+        _write_meta(study, url)
     return url
+
+
+def _write_meta(study: Study, url: str) -> None:
+    """study.json: paths relative to the directory, the default storage unnamed, so that a committed
+    study directory (records, report) is read the same on another machine."""
+    root = study.directory
+    write_json_atomic(root / STUDY_JSON, {"kind": "mlsa4rec study", "study": study.name,
+                                          "file": os.path.relpath(study.file, root.resolve()),
+                                          "storage": None if url == default_storage(root) else url})
 
 
 def default_storage(root: Path) -> str:

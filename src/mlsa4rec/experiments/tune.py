@@ -1,11 +1,16 @@
 """Tuning one model's recipe on one dataset: Optuna's TPE over a search-space file, the validation
 metric as objective, unpromising trials pruned from their per-epoch validation curve.
 
-Each trial is an ordinary run directory (``DIR/trials/trial-N``). The storage rules are a study's
-(an SQLite file in the tuning directory, or a URL several machines share; heartbeats hand a dead
+Each trial is an ordinary run directory, ``DIR/trials/trial-HASH``: the hash of the tuning's inputs
+(the model, the dataset, the config files' settings and the fixed ``--set`` settings) and of the
+trial's own settings, so that a trial queued again finds its checkpoint, settings drawn twice are
+trained once, and a tuning with other inputs in the same directory never takes another's trials.
+The Optuna study is named by the model and a hash of those inputs and the search space
+(``tune-MODEL-HASH``), and ``DIR/tune.json`` records them. The storage rules are a study's (an
+SQLite file in the tuning directory, or a URL several machines share; heartbeats hand a dead
 worker's trial to another, which continues it from its checkpoint), and so is ``--time-budget``.
-The best settings are written as a preset file that ``--config`` takes, with the history and
-importance figures beside it.
+The best settings are written as a preset file that ``--config`` takes, after the config files the
+trials used, with the history and importance figures beside it.
 
 A search space file maps settings to distributions::
 
@@ -21,6 +26,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -28,9 +35,10 @@ from typing import Any
 import yaml
 
 from mlsa4rec.config import build_config, known_keys, load_yaml_file
+from mlsa4rec.data import REGISTRY
 from mlsa4rec.errors import ConfigError, MLSA4RecError, RunStopped, TimeBudgetSpent
 from mlsa4rec.experiments.study import HEARTBEAT_S, storage_for
-from mlsa4rec.fileio import atomic_path, write_text_atomic
+from mlsa4rec.fileio import atomic_path, write_json_atomic, write_text_atomic
 from mlsa4rec.runs import directory
 from mlsa4rec.settings import check_value, unknown_key
 
@@ -38,6 +46,9 @@ log = logging.getLogger("mlsa4rec")
 
 TYPES = ("log", "float", "int", "choice")
 PRUNERS = ("median", "hyperband", "none")
+SEED_LIMIT = 2 ** 32
+FAILURES_IN_A_ROW = 3  # failed trials in a row that end a tuning: the space holds settings the model refuses
+BUSY_WAIT_S = 1.0  # after drawing settings another worker trains, before drawing again
 
 
 def load_space(path: str | Path, model: str) -> dict[str, dict[str, Any]]:
@@ -91,13 +102,86 @@ def _pruner(name: str):
     return optuna.pruners.NopPruner()
 
 
+def _seed_problem(seed: Any) -> str | None:
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < SEED_LIMIT):
+        return None
+    return f"--seed must be an integer from 0 to {SEED_LIMIT - 1}, or left out for a random search, got {seed!r}"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tuning_inputs(model: str, dataset: str, config_files: list[str | Path], fixed: dict[str, Any]) -> dict[str, Any]:
+    """What every trial of a tuning shares: the model, the dataset (a file's resolved path), the
+    config files (as given and resolved, with their settings) and the fixed ``--set`` settings.
+    A trial's directory hashes these (less the files' names) with its own settings."""
+    if dataset not in REGISTRY and Path(dataset).is_file():
+        dataset = str(Path(dataset).resolve())
+    files = [{"file": str(Path(f).resolve()) if Path(f).is_file() else str(f), "settings": load_yaml_file(f)}
+             for f in config_files]
+    return {"model": model, "dataset": dataset, "config": files, "set": dict(fixed)}
+
+
+def _trial_key(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The inputs that decide a trial's run: the config files by their settings, not by their names."""
+    return {**inputs, "config": [f["settings"] for f in inputs["config"]]}
+
+
+def _created_dirs(root: Path) -> Path | None:
+    """The outermost folder that ``root.mkdir(parents=True)`` would create (None: it exists)."""
+    top = None
+    for folder in (root, *root.parents):
+        if os.path.lexists(folder):
+            break
+        top = folder
+    return top
+
+
+def _remove_created(root: Path, top: Path | None, default_storage: bool) -> None:
+    """Undo the creation of the tuning directory (and the folders above it that this call made)."""
+    if top is None:
+        return
+    if default_storage:
+        for name in ("tune.db", "tune.db-journal", "tune.db-wal", "tune.db-shm"):
+            (root / name).unlink(missing_ok=True)
+    for folder in (root, *root.parents):
+        try:
+            folder.rmdir()
+        except OSError:  # someone else's file in it: kept
+            return
+        if folder == top:
+            return
+
+
+def _stale(exc: BaseException | None) -> ValueError | None:
+    """The ``ValueError: Cannot tell a FAIL trial`` of Optuna's tell of a trial that another worker's
+    heartbeat check has failed, in ``exc`` or its context (Optuna 5 raises an AssertionError of its
+    own logging over it when the objective had returned a value)."""
+    while exc is not None:
+        if isinstance(exc, ValueError) and str(exc).startswith("Cannot tell a"):
+            return exc
+        exc = exc.__context__
+    return None
+
+
+def _shown_configs(inputs: dict[str, Any]) -> str:
+    return " ".join(f"--config {shlex.quote(f['file'])}" for f in inputs["config"])
+
+
 def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir: str | Path, *,
          config_files: list[str] = (), overrides: dict[str, Any] | None = None, data_dir: str | None = None,
-         storage: str | None = None, pruner: str = "median", seed: int = 0, time_budget_s: float | None = None,
-         heartbeat_s: int = HEARTBEAT_S) -> dict[str, Any] | None:
-    """Run trials until ``trials`` have finished (complete or pruned) in the tuning directory's study;
-    returns the best trial's settings and value, or None when ``time_budget_s`` paused it."""
+         storage: str | None = None, pruner: str = "median", seed: int | None = None,
+         time_budget_s: float | None = None, heartbeat_s: int = HEARTBEAT_S) -> dict[str, Any] | None:
+    """Run trials until ``trials`` have finished (complete or pruned) in the tuning's study; returns
+    the best trial's settings and value, or None when ``time_budget_s`` paused it.
+
+    ``seed`` seeds this worker's sampler (its search is then reproducible); None, the default, is
+    Optuna's random seed, so that several workers of one tuning draw different settings. Trials
+    skipped because another worker trains the same settings do not count; ``FAILURES_IN_A_ROW``
+    failed trials in a row end the tuning with an error (settings the model refuses together)."""
     import optuna
+    from optuna.trial import TrialState
 
     from mlsa4rec.training.run import train
 
@@ -107,6 +191,8 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
         raise MLSA4RecError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
     if time_budget_s is not None and not time_budget_s > 0:
         raise MLSA4RecError(f"the time budget must be a positive number of seconds, got {time_budget_s!r}")
+    if (problem := _seed_problem(seed)) is not None:
+        raise MLSA4RecError(problem)
     space = load_space(space_file, model)
     fixed = dict(overrides or {})
     base = build_config(model, list(config_files), fixed, extra={"dataset": dataset})  # refusals before any trial
@@ -114,28 +200,46 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
         for value in (spec["values"] if spec["type"] == "choice" else (spec["low"], spec["high"])):
             build_config(model, list(config_files), {**fixed, key: value}, extra={"dataset": dataset})
     metric = base.train.valid_metric
+    inputs = tuning_inputs(model, dataset, list(config_files), fixed)
+    key = _trial_key(inputs)
+    name = f"tune-{model}-{_digest({**key, 'space': space})[:8]}"
     root = Path(out_dir)
-    created = not root.exists()
+    if os.path.lexists(root) and not root.is_dir():
+        raise MLSA4RecError(f"--dir {str(root)!r} exists and is not a directory; name a tuning directory (new, or "
+                            "one an earlier tuning made)")
+    top = _created_dirs(root)
     root.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(root / 'tune.db').resolve()}"
     try:
-        opt = optuna.create_study(study_name=f"tune-{model}", storage=storage_for(url, heartbeat_s),
-                                  load_if_exists=True, direction="maximize",
-                                  sampler=optuna.samplers.TPESampler(seed=seed), pruner=_pruner(pruner))
-    except MLSA4RecError:
-        if created:
-            root.rmdir()
-        raise
+        opt = optuna.create_study(study_name=name, storage=storage_for(url, heartbeat_s), load_if_exists=True,
+                                  direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
+                                  pruner=_pruner(pruner))
+        write_json_atomic(root / "tune.json", {"study": name, **inputs, "space": space})
+    except BaseException as exc:
+        _remove_created(root, top, storage is None)
+        if isinstance(exc, (MLSA4RecError, OSError)) or not isinstance(exc, Exception):
+            raise  # one line already (the CLI words an OSError), or Ctrl-C
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MLSA4RecError(f"cannot create the tuning study {name!r} in {url!r}: {first}") from None
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
     paused = False
+    outcome: dict[str, str] = {}  # what became of this worker's last trial: "error" or "busy"
 
     def objective(trial) -> float:
+        try:
+            return run_trial(trial)
+        except MLSA4RecError as exc:  # Optuna records the trial as failed (catch=): say why in one line
+            outcome["error"] = str(exc)
+            log.warning("trial %d (%s) failed: %s", trial.number, trial.params, exc)
+            raise
+
+    def run_trial(trial) -> float:
         nonlocal paused
         settings = {**fixed, **_suggest(trial, space)}
-        # named by its settings: a trial queued again (its worker died, or it paused) finds its
-        # checkpoint, and settings TPE draws twice are trained once
-        out = root / "trials" / ("trial-" + hashlib.sha256(json.dumps(trial.params, sort_keys=True).encode())
-                                 .hexdigest()[:12])
+        # named by the tuning's inputs and its settings: a trial queued again (its worker died, or it
+        # paused) finds its checkpoint, and settings TPE draws twice are trained once
+        out = root / "trials" / ("trial-" + _digest({"inputs": key, "params": trial.params})[:12])
+        trial.set_user_attr("run", out.name)
         if (out / directory.MANIFEST).is_file():
             directory.verify_run(out)
             return float(json.loads((out / "results.json").read_text(encoding="utf-8"))["valid"][metric])
@@ -153,7 +257,9 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
                             on_epoch=report, time_budget_s=remaining)
         except RunStopped as exc:  # training removed the stage: nothing to continue
             raise optuna.TrialPruned(str(exc)) from None
-        except directory.StageBusy:
+        except directory.StageBusy:  # not a finished trial: the other worker's is
+            outcome["busy"] = "yes"
+            trial.set_user_attr("skipped", "another worker trains these settings")
             raise optuna.TrialPruned("another worker trains these settings") from None
         except TimeBudgetSpent:
             paused = True
@@ -164,20 +270,61 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
         return float(results["valid"][metric])
 
     def finished() -> int:
-        return sum(t.state.name in ("COMPLETE", "PRUNED") and not t.user_attrs.get("paused")
-                   for t in opt.get_trials(deepcopy=False))
+        return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not t.user_attrs.get("paused")
+                   and not t.user_attrs.get("skipped") for t in opt.get_trials(deepcopy=False))
 
-    while not paused and finished() < trials:
-        opt.optimize(objective, n_trials=1, catch=(MLSA4RecError,))
+    failed: list[str] = []  # this worker's failed trials since its last one that did not fail
+    optuna_log = logging.getLogger("optuna.study._optimize")  # a caught failure's traceback: we say it in one line
+    level = optuna_log.level
+    optuna_log.setLevel(logging.ERROR)
+    started = False  # the first trial of a call always starts (a spent budget pauses it at its first checkpoint)
+    try:
+        while not paused and finished() < trials:
+            if started and deadline is not None and time.monotonic() >= deadline:
+                paused = True  # no other trial may start once the budget is spent
+                break
+            started = True
+            outcome.clear()
+            try:
+                opt.optimize(objective, n_trials=1, catch=(MLSA4RecError,))
+            except (ValueError, AssertionError) as exc:  # our trial went stale: another worker failed (and requeued) it
+                stale = _stale(exc)
+                if stale is None:
+                    raise
+                log.warning("a trial's result was not recorded (%s): another worker took it for dead and queued "
+                            "it again; going on", stale)
+                continue
+            if "error" in outcome:
+                failed.append(outcome["error"])
+                if len(failed) >= FAILURES_IN_A_ROW:
+                    raise MLSA4RecError(
+                        f"{len(failed)} trials in a row failed, the last with: {failed[-1]}; narrow the search "
+                        f"space {str(space_file)!r} to settings the model accepts together (with the --config "
+                        "and --set settings), then run the same command again")
+            else:
+                failed.clear()
+                if "busy" in outcome:
+                    time.sleep(BUSY_WAIT_S)  # let the other worker get on before drawing again
+    finally:
+        optuna_log.setLevel(level)
     if paused:
         return None
+    done = opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done:
+        raise MLSA4RecError(f"no trial completed; the {finished()} finished trials of {str(root)!r} were all pruned: "
+                            "raise --trials to run more, or pass --pruner none")
     best = opt.best_trial
     preset = {"model": model, **fixed, **best.params}
-    header = (f"# best of {finished()} trials of `mlsa4rec tune` ({metric} {best.value:.4f} on valid, trial "
-              f"{best.number}); pass it with --config\n")
+    configs = _shown_configs(inputs)
+    use = (f"pass it after them: {configs} --config {shlex.quote(str(root / 'best.yaml'))}" if configs
+           else f"pass it with --config {shlex.quote(str(root / 'best.yaml'))}")
+    header = (f"# best of {finished()} trials of `mlsa4rec tune` (study {name}): {metric} {best.value:.4f} on "
+              f"valid, trial {best.number} (trials/{best.user_attrs.get('run', '?')})\n"
+              f"# the trials used {'the config files ' + configs if configs else 'no config file'}; {use}\n")
     write_text_atomic(root / "best.yaml", header + yaml.safe_dump(preset, sort_keys=False))
     _figures(opt, root)
-    return {"params": best.params, "value": best.value, "trial": best.number, "preset": str(root / "best.yaml")}
+    return {"params": best.params, "value": best.value, "trial": best.number, "preset": str(root / "best.yaml"),
+            "study": name}
 
 
 def _figures(opt, root: Path) -> None:

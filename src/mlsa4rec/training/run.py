@@ -39,7 +39,7 @@ from mlsa4rec.runs.loading import build_run_model, load_run_data
 from mlsa4rec.runtime import resolve_device
 from mlsa4rec.training import distributed
 from mlsa4rec.training.distributed import DistContext
-from mlsa4rec.training.tracking import Trackers, check_tracking, start_trackers, status_for
+from mlsa4rec.training.tracking import MLFLOW_RUN_FILE, Trackers, check_tracking, start_trackers, status_for
 from mlsa4rec.training.trainer import FitResult, NonFiniteLoss, Trainer
 
 log = logging.getLogger("mlsa4rec")
@@ -278,6 +278,10 @@ def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | P
         close_trackers("FINISHED")
         _log_final(results)
         if stage is not None:
+            # no file of the finished run: left behind when the MLflow tracker was dropped, or by an
+            # interrupted command of a run resumed with another --tracking (a failed or paused run keeps
+            # it, so that --resume continues its MLflow run)
+            (stage.path / MLFLOW_RUN_FILE).unlink(missing_ok=True)
             stage.write_results(results)
     except BaseException as exc:
         close_trackers(status_for(exc))  # before the stage is kept or removed

@@ -34,8 +34,10 @@ from mlsa4rec.runs.directory import TENSORBOARD
 log = logging.getLogger("mlsa4rec")
 
 CHOICES = ("auto", "tensorboard", "mlflow", "none")
-# in the stage while a run with MLflow trains, so that --resume continues the same MLflow run; removed
-# before publishing (it is no file of the finished run)
+# in the stage while a run with MLflow trains, so that --resume continues the same MLflow run; it is no
+# file of the finished run: closing the MLflow tracker of a finished run removes it, and training.run
+# removes it before publishing whatever tracked the run's last command (--tracking none on --resume, or
+# an MLflow tracker dropped after a failure, never closes it); a failed or paused run keeps it
 MLFLOW_RUN_FILE = "mlflow-run.json"
 
 
