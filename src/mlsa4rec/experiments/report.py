@@ -99,8 +99,9 @@ def build_report(root: str | Path, baseline: str | None = None, confidence: floa
               "seconds_per_epoch": m["seconds_per_epoch"], "peak_memory_bytes": m.get("peak_memory_bytes"),
               "peak_memory_kind": m.get("peak_memory_kind"), "machine": m.get("machine")}
              for by_model in records.values() for recs in by_model.values() for m, a in recs]
-    return {"study": study.name, "file": str(study.file), "command": shlex.join([Path(sys.argv[0]).name,
-                                                                                *sys.argv[1:]]),
+    program = Path(sys.argv[0]).name
+    program = "mlsa4rec" if program in ("__main__.py", "mlsa4rec") else program  # python -m mlsa4rec: the same
+    return {"study": study.name, "file": str(study.file), "command": shlex.join([program, *sys.argv[1:]]),
             "machine": {"cpu": cpu_model(), "python": platform.python_version()},
             "trained_on": sorted({json.dumps(c["machine"], sort_keys=True) for c in cells if c["machine"]}),
             "commits": sorted({c["git_commit"] for c in cells if c["git_commit"]}), "tables": tables,
