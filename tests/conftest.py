@@ -85,3 +85,17 @@ class BrokenStream(io.StringIO):
     def flush(self) -> None:
         if self.tell() > self.after:
             raise self.exc
+
+
+def one_error(capsys, argv: list[str], *needles: str) -> str:
+    """Run the CLI on ``argv``: it must exit 2 with exactly one ``error:`` line, no traceback, holding
+    every one of ``needles``; returns that line."""
+    from mlsa4rec.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]

@@ -12,6 +12,7 @@ import optuna
 import pytest
 import yaml
 
+from conftest import one_error
 from mlsa4rec.cli import EXIT_PAUSED, main
 from mlsa4rec.config import build_config
 from mlsa4rec.errors import ConfigError, MLSA4RecError, RunStopped
@@ -36,16 +37,6 @@ def trials(root: Path, study: str | None = None) -> list:
     """The trials of ``root``'s study (the last tuning's, which tune.json names, unless ``study`` is given)."""
     name = study or json.loads((root / "tune.json").read_text())["study"]
     return optuna.load_study(study_name=name, storage=f"sqlite:///{root / 'tune.db'}").get_trials()
-
-
-def one_error(capsys, argv: list[str], *needles: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 class FakeTrain:

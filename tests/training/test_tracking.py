@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import one_error
 from mlsa4rec.cli import main
 from mlsa4rec.errors import MLSA4RecError, TimeBudgetSpent
 from mlsa4rec.evaluation import evaluator
@@ -214,15 +215,6 @@ def test_an_mlflow_tracker_dropped_mid_run_leaves_no_mlflow_file_in_the_run(succ
     assert main(["evaluate", "--run-dir", str(out), "-q"]) == 0
 
 # --- refused before training -----------------------------------------------------------------------------
-
-def one_error(capsys, argv: list[str], *needles: str) -> None:
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
 
 def test_an_unusable_tracking_choice_is_one_error_line_before_training(capsys, successor_file: Path, tmp_path: Path,
                                                                        monkeypatch) -> None:
