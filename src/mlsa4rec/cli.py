@@ -375,7 +375,7 @@ def _launch(args: argparse.Namespace) -> int:
         run(get_args_parser().parse_args(launch))
     except ChildFailedError as exc:
         codes = {failure.exitcode for failure in exc.failures.values()}
-        if codes == {EXIT_PAUSED}:
+        if exc.get_first_failure()[1].exitcode == EXIT_PAUSED:  # the others may be stopped by the agent after
             return EXIT_PAUSED  # rank 0 said where the checkpoint is
         return 2 if codes == {2} else 1  # 2: the ranks printed their `error:` line
     except SignalException:
