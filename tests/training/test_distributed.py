@@ -217,4 +217,3 @@ def test_nproc_reports_a_config_error_once_with_exit_2(successor_file: Path, tmp
     assert errors == ["error: cannot build model 'sasrec': hidden_size (64) must be divisible by n_heads (3)"]
     assert "Traceback" not in done.stderr and "exitcode" not in done.stderr and "launching" not in done.stderr
     assert not (tmp_path / "run").exists()
-
