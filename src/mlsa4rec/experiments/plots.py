@@ -272,7 +272,7 @@ def plot_bars(rows: Sequence[Row], metric: str, out: str | os.PathLike[str], *, 
         if any(n > 1 for _, n in shape.values()):
             handles = [Patch(color=color, label=model) for model, color in colors.items()]
             fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), frameon=False)
-        fig.suptitle(f"{split} {metric}: mean over seeds, error bar = sample std (none with one seed)")
+        fig.suptitle(f"{split} {metric}: mean over seeds\nerror bar = sample std (none with one seed)")
         return _save(fig, out)
 
 
@@ -305,7 +305,7 @@ def plot_vs_length(rows: Sequence[Row], metric: str, out: str | os.PathLike[str]
             ax.set_ylabel(f"{split} {metric}")
         handles = [Line2D([], [], color=color, marker="o", label=model) for model, color in colors.items()]
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), frameon=False)
-        fig.suptitle(f"{split} {metric} against L: mean over seeds, error bar = sample std")
+        fig.suptitle(f"{split} {metric} against L: mean over seeds\nerror bar = sample std")
         return _save(fig, out)
 
 
