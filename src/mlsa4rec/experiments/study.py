@@ -415,9 +415,9 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
-    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
-    if time_budget_s is not None and not time_budget_s > 0:
-        raise MLSA4RecError(f"the time budget must be a positive number of seconds, got {time_budget_s!r}")
+    from mlsa4rec.training.run import deadline_for
+
+    deadline = deadline_for(time_budget_s)
     study = load_study(path, directory_override)
     if (study.directory / STUDY_JSON).is_file():
         check_not_stale(study)

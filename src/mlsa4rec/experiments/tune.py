@@ -183,14 +183,13 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
     import optuna
     from optuna.trial import TrialState
 
-    from mlsa4rec.training.run import train
+    from mlsa4rec.training.run import deadline_for, train
 
     if not isinstance(trials, int) or trials < 1:
         raise MLSA4RecError(f"--trials must be at least 1, got {trials!r}")
     if pruner not in PRUNERS:
         raise MLSA4RecError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
-    if time_budget_s is not None and not time_budget_s > 0:
-        raise MLSA4RecError(f"the time budget must be a positive number of seconds, got {time_budget_s!r}")
+    deadline_for(time_budget_s)  # refused before anything is created; the clock starts below
     if (problem := _seed_problem(seed)) is not None:
         raise MLSA4RecError(problem)
     space = load_space(space_file, model)
@@ -221,7 +220,7 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
             raise  # one line already (the CLI words an OSError), or Ctrl-C
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise MLSA4RecError(f"cannot create the tuning study {name!r} in {url!r}: {first}") from None
-    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
+    deadline = deadline_for(time_budget_s)
     paused = False
     outcome: dict[str, str] = {}  # what became of this worker's last trial: "error" or "busy"
 

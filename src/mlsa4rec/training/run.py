@@ -151,6 +151,16 @@ def preflight(model: str, dataset: str, output_dir: str | Path, config_files: li
                                    str(directory.staging_dir(out) / "config.yaml"), data=data)
 
 
+def deadline_for(time_budget_s: float | None) -> float | None:
+    """The ``time.monotonic()`` at which a ``--time-budget`` of ``time_budget_s`` seconds runs out
+    (None: no budget); anything but a positive number of seconds is refused."""
+    if time_budget_s is None:
+        return None
+    if isinstance(time_budget_s, bool) or not isinstance(time_budget_s, (int, float)) or not time_budget_s > 0:
+        raise MLSA4RecError(f"the time budget must be a positive number of seconds, got {time_budget_s!r}")
+    return time.monotonic() + time_budget_s
+
+
 def _resolve_dataset(dataset: str) -> str:
     if dataset not in REGISTRY and Path(dataset).is_file():
         return str(Path(dataset).resolve())  # so that `evaluate` works from any directory
@@ -183,11 +193,7 @@ def train(
     ``tracking`` (``--tracking``: auto, tensorboard, mlflow, none) and ``tracking_uri`` (an
     MLflow store) say where each epoch's scalars also go while it trains (``training.tracking``).
     """
-    deadline = None
-    if time_budget_s is not None:
-        if isinstance(time_budget_s, bool) or not isinstance(time_budget_s, (int, float)) or not time_budget_s > 0:
-            raise MLSA4RecError(f"the time budget must be a positive number of seconds, got {time_budget_s!r}")
-        deadline = time.monotonic() + time_budget_s
+    deadline = deadline_for(time_budget_s)
     check_environment()
     get_class(model)  # unknown model: fail before anything else
     check_tracking(tracking, tracking_uri)  # a package missing: before any work
