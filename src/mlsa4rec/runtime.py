@@ -71,6 +71,20 @@ def env_rank() -> int:
 # --- devices and seeds: every floor that runs a model asks here (torch is imported only here, so
 # that the CLI starts, and tunes the allocator, before anything heavy is loaded) ------------------
 
+def exit_rank(code: int) -> None:
+    """End a torchrun rank whose work is done with ``code``, skipping the interpreter's finalization
+    (and its atexit handlers), where torch.distributed's C++ threads may abort the process after the
+    run is safely published (see ``mlsa4rec.__main__``). Everything written so far is flushed first."""
+    logging.shutdown()  # flushes and closes every handler (train.log's is closed by then already)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it anyway
+            pass
+    os._exit(code)
+
+
 def available_devices() -> list[str]:
     """The device names this machine can run on: cpu, then cuda and cuda:N per GPU, then mps."""
     import torch

@@ -169,7 +169,8 @@ def test_two_processes_train_evaluate_exactly_and_resume(successor_file: Path, t
     """Real 2-process gloo runs: (1) a run's distributed metrics equal a 1-process evaluation of
     its saved weights exactly; (2) a 2-process run SIGKILLed mid-epoch and resumed equals an
     uninterrupted one exactly (every rank's random state is restored; and so the same seed gives
-    the same distributed run); (3) the last global batch has 1 row, so rank 1 gets an empty shard."""
+    the same distributed run); (3) the last global batch has 1 row, so rank 1 gets an empty shard;
+    (4) so does a run paused by --time-budget and resumed."""
     data = load_dataset(str(successor_file))
     n = TrainSampler(data, "prefix", 8, 1, 0).n_samples
     batch = next(b for b in range(150, n) if n % b == 1)
@@ -192,16 +193,26 @@ def test_two_processes_train_evaluate_exactly_and_resume(successor_file: Path, t
                              capture_output=True, text=True, timeout=120, env=env)
     assert refused.returncode != 0
     assert refused.stderr.count("error: ") == 1 and "error: an interrupted run" in refused.stderr  # once, by rank 0
-    for name, extra in (("run", ["--resume"]), ("whole", [])):
-        done = subprocess.run([sys.executable, "-m", "mlsa4rec", "train", "--nproc", "2", "--model", "sasrec",
+    def nproc_train(name: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mlsa4rec", "train", "--nproc", "2", "--model", "sasrec",
                                "--dataset", str(successor_file), "--output-dir", str(tmp_path / name), "--json",
                                *sets, *extra], capture_output=True, text=True, timeout=120, env=env)
+
+    # (4) a time budget pauses both ranks at one step: exit 75, said once, and --resume continues exactly
+    paused = nproc_train("paused", "--time-budget", "0.001")
+    assert paused.returncode == 75, paused.stderr[-3000:]
+    assert paused.stderr.count("paused: ") == 1 and "Traceback" not in paused.stderr
+    assert not (tmp_path / "paused").exists() and (staging_dir(tmp_path / "paused") / checkpoint.CHECKPOINT).is_file()
+    for name, extra in (("run", ["--resume"]), ("paused", ["--resume"]), ("whole", [])):
+        done = nproc_train(name, *extra)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "differ between ranks" not in done.stderr
-    a, b = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("run", "whole"))
-    assert a["resumed"] and a["world_size"] == b["world_size"] == 2 and b["epochs_run"] == 2
-    assert (a["valid"], a["test"], a["best_epoch"]) == (b["valid"], b["test"], b["best_epoch"])
-    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    a, p, b = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("run", "paused", "whole"))
+    assert a["world_size"] == b["world_size"] == 2 and b["epochs_run"] == 2
+    for resumed in (a, p):
+        assert resumed["resumed"]
+        assert (resumed["valid"], resumed["test"], resumed["best_epoch"]) == (b["valid"], b["test"], b["best_epoch"])
+        assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in b["history"]]
     single = evaluate_run(tmp_path / "whole")
     assert single["valid"] == b["valid"] and single["test"] == b["test"]
 
