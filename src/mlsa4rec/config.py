@@ -72,34 +72,36 @@ def presets() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_yaml_file(path: str | Path) -> dict[str, Any]:
-    """A user's YAML file, or a packaged preset when ``path`` is a bare preset name."""
-    if not Path(path).is_file() and str(path) in presets():
+def load_yaml_file(path: str | Path, kind: str = "config file", flag: str = "--config") -> dict[str, Any]:
+    """A user's YAML file of ``key: value`` lines, or a packaged preset when ``path`` is a bare preset
+    name and the file is a config file. ``kind`` and ``flag`` name the file in a refusal as the user
+    passed it (a study file, a search space, ...)."""
+    is_config = flag == "--config"
+    if is_config and not Path(path).is_file() and str(path) in presets():
         return yaml.safe_load(_load_packaged_text(f"presets/{path}.yaml")) or {}
     path = Path(path)
     if path.is_dir():
-        raise ConfigError(f"config file {str(path)!r} is a directory; pass a YAML file of settings to --config")
+        raise ConfigError(f"{kind} {str(path)!r} is a directory; pass a YAML file ({flag})")
     if not path.is_file():
-        names = ", ".join(presets())
-        raise ConfigError(f"config file {str(path)!r} does not exist; check the --config path, or name a "
-                          f"packaged preset ({names})")
+        hint = f", or name a packaged preset ({', '.join(presets())})" if is_config else ""
+        raise ConfigError(f"{kind} {str(path)!r} does not exist; check the path ({flag}){hint}")
     try:
         text = path.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark some editors write is harmless
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text; save it as UTF-8 (plain YAML "
+        raise ConfigError(f"{kind} {str(path)!r} is not UTF-8 text; save it as UTF-8 (plain YAML "
                           "key: value lines)") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}; check that it is a "
+        raise ConfigError(f"cannot read {kind} {str(path)!r}: {exc.strerror or exc}; check that it is a "
                           "readable file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{_yaml_problem(exc)}; fix that line "
-                          "(settings are key: value lines)") from None
+        raise ConfigError(f"{kind} {str(path)!r} is not valid YAML{_yaml_problem(exc)}; fix that line "
+                          "(key: value lines)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of key: value lines")
+        raise ConfigError(f"{kind} {str(path)!r} must hold a mapping of key: value lines")
     return data
 
 

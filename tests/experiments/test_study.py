@@ -190,6 +190,14 @@ def test_a_bad_study_file_is_one_error_line_before_anything(capsys, successor_fi
     assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_study_file_is_named_as_a_study_file(capsys, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", "run", "sasrec-ml-1m"]) == 2  # a packaged preset's name is not a study
+    assert capsys.readouterr().err == ("error: study file 'sasrec-ml-1m' does not exist; check the path "
+                                       "(mlsa4rec study run FILE)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_storage_that_cannot_be_opened_and_a_directory_of_another_study_are_refused(
         capsys, successor_file: Path, tmp_path: Path, monkeypatch) -> None:
     study = write_study(tmp_path, successor_file, seeds=[1], models={"gru4rec": {"set": TINY}}, baseline=None)

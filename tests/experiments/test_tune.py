@@ -96,6 +96,17 @@ def test_tune_finishes_its_trials_and_writes_a_preset_config_takes(capsys, succe
     # pruned trials leave nothing behind; finished ones are run directories
     assert not list((root / "trials").glob(".*.partial"))
     assert len(list((root / "trials").iterdir())) == sum(t.state.name == "COMPLETE" for t in done)
+    # the summary: every trial with its outcome, the compute spent, the best with its test metrics
+    summary = json.loads((root / "trials.json").read_text())
+    assert [r["trial"] for r in summary["trials"]] == [t.number for t in done]
+    assert [r["state"] for r in summary["trials"]] == [t.state.name.lower() for t in done]
+    assert summary["finished"] == 6 and summary["complete"] + summary["pruned"] == 6 and summary["failed"] == 0
+    assert summary["best"]["trial"] == best.number and summary["best"]["value"] == best.value
+    ran = json.loads((root / "trials" / best.user_attrs["run"] / "results.json").read_text())
+    assert summary["best"]["test"] == ran["test"] and summary["best"]["epochs"] == ran["epochs_run"] == 4
+    assert summary["epochs"] == sum(r["epochs"] for r in summary["trials"]) and summary["seconds"] > 0
+    table = (root / "trials.md").read_text()
+    assert table.count("\n| ") == 6 + 1 and f"Best: trial {best.number}, valid ndcg@10 {best.value:.4f}" in table
     # the same command again has nothing left to do
     assert main(command) == 0 and len(trials(root)) == len(done)
 
@@ -106,6 +117,8 @@ def test_a_paused_trial_is_continued_by_the_same_command(capsys, successor_file:
     command = ["-q", "tune", "--model", "gru4rec", "--dataset", str(successor_file), "--space", str(path),
                "--trials", "1", "--dir", str(root), "--pruner", "none", *FIXED]
     assert main([*command, "--time-budget", "1e-9"]) == EXIT_PAUSED
+    (row,) = json.loads((root / "trials.json").read_text())["trials"]  # progress is readable while paused
+    assert row["state"] == "paused" and row["value"] is None and not (root / "best.yaml").exists()
     assert main(command) == 0
     (run,) = (root / "trials").iterdir()
     assert (run / "results.json").is_file() and '"resumed": true' in (run / "results.json").read_text()
@@ -122,6 +135,16 @@ def test_a_paused_trial_is_continued_by_the_same_command(capsys, successor_file:
 def test_a_bad_search_space_is_refused_before_any_trial(tmp_path: Path, spec: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_space(space(tmp_path, spec), "gru4rec")
+
+
+def test_a_missing_space_file_is_named_as_the_space_not_a_config_file(tmp_path: Path) -> None:
+    """Not taken for a packaged preset either: a preset is settings, not a space."""
+    with pytest.raises(ConfigError, match=r"^search space '.*nope\.yaml' does not exist; check the path \(--space\)$"):
+        load_space(tmp_path / "nope.yaml", "gru4rec")
+    with pytest.raises(ConfigError, match=r"^search space 'sasrec-ml-1m' does not exist"):
+        load_space("sasrec-ml-1m", "sasrec")
+    with pytest.raises(ConfigError, match=r"^search space '.*' is a directory; pass a YAML file \(--space\)$"):
+        load_space(tmp_path, "gru4rec")
 
 
 def test_a_space_whose_corner_the_model_refuses_is_one_error_line(capsys, successor_file: Path,

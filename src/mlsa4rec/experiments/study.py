@@ -136,7 +136,8 @@ def load_study(path: str | Path, directory_override: str | Path | None = None, c
     """Read and check a study file: its keys, models, datasets and seeds, and (``check``) every
     cell's settings, each built as ``mlsa4rec train`` would build it, before anything is trained."""
     where = Path(path)
-    raw = _keys(where, "the file", load_yaml_file(where), STUDY_KEYS)
+    raw = _keys(where, "the file", load_yaml_file(where, "study file", "mlsa4rec study run FILE"),
+                STUDY_KEYS)
     name = _label(where, "study", raw.get("study", where.stem))
     base = where.parent
     data_dir = raw.get("data_dir")

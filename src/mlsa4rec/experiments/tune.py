@@ -10,7 +10,9 @@ The Optuna study is named by the model and a hash of those inputs and the search
 SQLite file in the tuning directory, or a URL several machines share; heartbeats hand a dead
 worker's trial to another, which continues it from its checkpoint), and so is ``--time-budget``.
 The best settings are written as a preset file that ``--config`` takes, after the config files the
-trials used, with the history and importance figures beside it.
+trials used, with the history and importance figures beside it; ``DIR/trials.md`` and
+``DIR/trials.json`` list every trained setting, its outcome and the compute spent (rewritten after
+every call, so a paused tuning's progress can be committed).
 
 A search space file maps settings to distributions::
 
@@ -53,7 +55,7 @@ BUSY_WAIT_S = 1.0  # after drawing settings another worker trains, before drawin
 
 def load_space(path: str | Path, model: str) -> dict[str, dict[str, Any]]:
     """A search space file, every key a setting of ``model`` and every range non-empty."""
-    raw = load_yaml_file(path)
+    raw = load_yaml_file(path, "search space", "--space")
     if not raw:
         raise ConfigError(f"search space {str(path)!r} is empty; name at least one setting to tune")
     known = known_keys(model)
@@ -306,6 +308,7 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
                     time.sleep(BUSY_WAIT_S)  # let the other worker get on before drawing again
     finally:
         optuna_log.setLevel(level)
+    write_summary(opt, root, metric, trials)
     if paused:
         return None
     done = opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -324,6 +327,85 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
     _figures(opt, root)
     return {"params": best.params, "value": best.value, "trial": best.number, "preset": str(root / "best.yaml"),
             "study": name}
+
+
+def trial_rows(opt, root: Path) -> list[dict[str, Any]]:
+    """One row per trained setting of the tuning, in the order they were first drawn: its state
+    (complete, pruned, failed, paused, running), the epochs it reached, its validation metric (the
+    final one, or the last reported before it was pruned), the seconds its trials took together (a
+    paused setting's time is added up over the calls that continued it) and, for a finished run still
+    on this machine, its test metrics. Trials skipped because another worker trained the same
+    settings are not rows: their time is the other worker's."""
+    rows: dict[str, dict[str, Any]] = {}
+    for t in opt.get_trials(deepcopy=False):
+        run = t.user_attrs.get("run")
+        if run is None or t.user_attrs.get("skipped"):
+            continue
+        row = rows.setdefault(run, {"trial": t.number, "run": run, "params": dict(t.params), "seconds": 0.0,
+                                    "epochs": 0, "value": None, "state": "running"})
+        if t.datetime_start is not None and t.datetime_complete is not None:
+            row["seconds"] += (t.datetime_complete - t.datetime_start).total_seconds()
+        if t.intermediate_values:
+            row["epochs"] = max(row["epochs"], max(t.intermediate_values))
+            row["value"] = t.intermediate_values[max(t.intermediate_values)]
+        state = t.state.name.lower()
+        if state == "pruned" and t.user_attrs.get("paused"):
+            state = "paused"
+        if state != "waiting":
+            row["state"] = state
+        if state == "complete":
+            row["value"] = t.value
+    for row in rows.values():
+        row["seconds"] = round(row["seconds"], 1)
+        results = root / "trials" / row["run"] / "results.json"
+        if row["state"] == "complete" and results.is_file():
+            done = json.loads(results.read_text(encoding="utf-8"))
+            row["epochs"], row["test"] = done["epochs_run"], done["test"]
+    return sorted(rows.values(), key=lambda r: r["trial"])
+
+
+def write_summary(opt, root: Path, metric: str, wanted: int) -> None:
+    """``DIR/trials.json`` and ``DIR/trials.md``: every trained setting with its outcome, the total
+    compute (the budget a comparison of tunings must hold equal) and the best setting, rewritten
+    after every call, paused or finished, so that a tuning's progress can be committed and read."""
+    inputs = json.loads((root / "tune.json").read_text(encoding="utf-8"))
+    rows = trial_rows(opt, root)
+    count = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "failed", "paused", "running")}
+    complete = [r for r in rows if r["state"] == "complete"]
+    best = max(complete, key=lambda r: r["value"]) if complete else None
+    summary = {"study": opt.study_name, "model": inputs["model"], "dataset": inputs["dataset"],
+               "config": [f["file"] for f in inputs["config"]], "set": inputs["set"], "space": inputs["space"],
+               "metric": metric, "trials_wanted": wanted, "finished": count["complete"] + count["pruned"],
+               **count, "epochs": sum(r["epochs"] for r in rows),
+               "seconds": round(sum(r["seconds"] for r in rows), 1), "best": best, "trials": rows}
+    write_json_atomic(root / "trials.json", summary)
+    keys = list(inputs["space"])
+    shown = [m for m in ("hit@10", "ndcg@10") if best is not None and m in best.get("test", {})]
+    lines = [f"# Tuning {inputs['model']} on {Path(inputs['dataset']).name}",
+             "",
+             f"Study `{opt.study_name}`: {summary['finished']} of {wanted} trials finished ({count['complete']} "
+             f"complete, {count['pruned']} pruned), {count['failed']} failed, {summary['epochs']} epochs in "
+             f"{summary['seconds'] / 3600:.2f} h. Objective: valid {metric}. Config files: "
+             f"{', '.join(Path(f).name for f in summary['config']) or 'none'}; fixed: "
+             f"{', '.join(f'{k}={v}' for k, v in inputs['set'].items()) or 'none'}.",
+             ""]
+    if best is not None:
+        test = ", ".join(f"{m} {best['test'][m]:.4f}" for m in shown)
+        lines += [f"Best: trial {best['trial']}, valid {metric} {best['value']:.4f}"
+                  + (f" (test {test})" if test else "") + ".", ""]
+    lines += ["| trial | state | epochs | valid " + metric + " | seconds | " + " | ".join(keys) + " |",
+              "|" + "---:|" * 5 + "---:|" * len(keys)]
+    for r in rows:
+        value = "-" if r["value"] is None else f"{r['value']:.4f}"
+        params = " | ".join(_shown_value(r["params"].get(k)) for k in keys)
+        lines.append(f"| {r['trial']} | {r['state']} | {r['epochs']} | {value} | {r['seconds']:.0f} | {params} |")
+    write_text_atomic(root / "trials.md", "\n".join(lines) + "\n")
+
+
+def _shown_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return "-" if value is None else str(value)
 
 
 def _figures(opt, root: Path) -> None:
