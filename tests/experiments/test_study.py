@@ -16,7 +16,7 @@ import yaml
 
 from mlsa4rec.cli import EXIT_PAUSED, main
 from mlsa4rec.experiments.report import build_report
-from mlsa4rec.experiments.study import load_study, read_record, study_status
+from mlsa4rec.experiments.study import cell_config, load_study, read_record, study_status
 from mlsa4rec.training.run import train
 
 TINY = {"hidden_size": 8, "MAX_ITEM_LIST_LENGTH": 8, "epochs": 2, "train_batch_size": 64, "eval_batch_size": 64}
@@ -187,6 +187,41 @@ def test_a_bad_study_file_is_one_error_line_before_anything(capsys, successor_fi
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert __import__("re").search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_takes_settings_per_dataset(successor_file: Path, tmp_path: Path) -> None:
+    """by_dataset adds config files and settings for one dataset, after the model's own and before
+    the group's: one label, one row of the report, each dataset at its own recipe."""
+    other = tmp_path / "other.txt"
+    other.write_text(successor_file.read_text())
+    (tmp_path / "lr.yaml").write_text("learning_rate: 0.005\n")
+    study = write_study(tmp_path, successor_file, datasets=[str(successor_file), "other.txt"], seeds=[1],
+                        models={"sasrec": {"set": SASREC, "by_dataset": {
+                            "other.txt": {"config": "lr.yaml", "set": {"hidden_dropout_prob": 0.3}}}}},
+                        groups={"short": {"set": {"epochs": 1}}})
+    loaded = load_study(study)
+    by = {(c.group, Path(c.dataset).name): cell_config(c, loaded) for c in loaded.cells}
+    main_succ, main_other, short_other = by["main", "succ.txt"], by["main", "other.txt"], by["short", "other.txt"]
+    assert (main_succ.train.learning_rate, main_succ.hyper.hidden_dropout_prob) == (0.001, 0.5)
+    assert (main_other.train.learning_rate, main_other.hyper.hidden_dropout_prob) == (0.005, 0.3)
+    assert (short_other.train.learning_rate, short_other.train.epochs, short_other.hyper.n_layers) == (0.005, 1, 1)
+
+
+@pytest.mark.parametrize(("by_dataset", "message"), [
+    ({"ml-1m": {"set": {"epochs": 1}}}, "by_dataset names 'ml-1m', which no group of the study trains on"),
+    ({"succ.txt": {"sett": {}}}, "unknown key 'sett' in model 'sasrec': by_dataset: succ.txt"),
+    ({"succ.txt": {"config": [3]}}, "by_dataset: succ.txt: config must be a preset name"),
+    ({"succ.txt": {"set": {"hidden_sise": 8}}}, "unknown config key 'hidden_sise'"),
+])
+def test_bad_per_dataset_settings_are_one_error_line(capsys, successor_file: Path, tmp_path: Path, monkeypatch,
+                                                     by_dataset: dict, message: str) -> None:
+    study = write_study(tmp_path, successor_file, datasets=["succ.txt"],
+                        models={"sasrec": {"set": SASREC, "by_dataset": by_dataset}})
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", "run", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
 
 

@@ -45,7 +45,8 @@ from mlsa4rec.runtime import cpu_model
 log = logging.getLogger("mlsa4rec")
 
 STUDY_KEYS = ("study", "directory", "data_dir", "datasets", "seeds", "models", "groups", "baseline")
-MODEL_KEYS = ("model", "config", "set")
+MODEL_KEYS = ("model", "config", "set", "by_dataset")
+DATASET_KEYS = ("config", "set")  # what a model entry's by_dataset adds for one dataset
 GROUP_KEYS = ("models", "datasets", "seeds", "set")
 MAIN = "main"  # the group of the study file's own models x datasets x seeds
 STUDY_JSON = "study.json"
@@ -65,6 +66,15 @@ class ModelEntry:
     model: str
     config: tuple[str, ...] = ()
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    # dataset (as the study file names it) -> (config files, overrides) added after the above
+    by_dataset: Mapping[str, tuple[tuple[str, ...], Mapping[str, Any]]] = field(default_factory=dict)
+
+    def config_for(self, dataset: str) -> tuple[str, ...]:
+        """The config files of this model's cells on ``dataset``: its own, then the dataset's."""
+        return self.config + self.by_dataset.get(dataset, ((), {}))[0]
+
+    def overrides_for(self, dataset: str) -> dict[str, Any]:
+        return {**self.overrides, **self.by_dataset.get(dataset, ((), {}))[1]}
 
 
 @dataclass(frozen=True)
@@ -146,14 +156,15 @@ def load_study(path: str | Path, directory_override: str | Path | None = None, c
     models: dict[str, ModelEntry] = {}
     for label, spec in _keys(where, "models", raw.get("models"), raw.get("models") or {}).items():
         spec = _keys(where, f"model {label!r}", {"model": label} if spec is None else spec, MODEL_KEYS)
-        files = spec.get("config", [])
-        files = [files] if isinstance(files, str) else files
-        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-            raise _fail(where, f"model {label!r}: config must be a preset name, a file or a list of them")
-        files = [str(base / f) if (base / f).is_file() else f for f in files]  # files relative to the study file
-        overrides = _keys(where, f"model {label!r}: set", spec.get("set") or {}, spec.get("set") or {})
-        models[_label(where, "model label", label)] = ModelEntry(label, str(spec.get("model", label)), tuple(files),
-                                                                 dict(overrides))
+        files, overrides = _config_and_set(where, base, f"model {label!r}", spec)
+        by_dataset = {}
+        for dataset, extra in _keys(where, f"model {label!r}: by_dataset", spec.get("by_dataset") or {},
+                                    spec.get("by_dataset") or {}).items():
+            extra = _keys(where, f"model {label!r}: by_dataset: {dataset}", extra or {}, DATASET_KEYS)
+            by_dataset[_dataset_path(base, str(dataset))] = _config_and_set(
+                where, base, f"model {label!r}: by_dataset: {dataset}", extra)
+        models[_label(where, "model label", label)] = ModelEntry(label, str(spec.get("model", label)), files,
+                                                                 overrides, by_dataset)
     if not models:
         raise _fail(where, "models is empty; name at least one model")
     groups = {MAIN: {"models": list(models), "datasets": raw.get("datasets"), "seeds": raw.get("seeds", [2020])}}
@@ -169,13 +180,20 @@ def load_study(path: str | Path, directory_override: str | Path | None = None, c
                 raise _fail(where, f"group {group!r} names model {label!r}, which models does not define")
         extra = _keys(where, f"group {group!r}: set", spec.get("set") or {}, spec.get("set") or {})
         datasets = _names(where, f"{group}: datasets", spec.get("datasets", raw.get("datasets")), str)
-        datasets = [d if d in REGISTRY or not (base / d).is_file() else str(base / d) for d in datasets]
+        datasets = [_dataset_path(base, d) for d in datasets]
         seeds = _names(where, f"{group}: seeds", spec.get("seeds", raw.get("seeds", [2020])), int)
         for label in labels:
             for dataset in datasets:
                 for seed in seeds:
                     entry = models[label]
-                    cells.append(Cell(group, entry, dataset, seed, {**entry.overrides, **extra, "seed": seed}))
+                    cells.append(Cell(group, entry, dataset, seed, {**entry.overrides_for(dataset), **extra,
+                                                                    "seed": seed}))
+    used = {c.dataset for c in cells}
+    for entry in models.values():
+        for dataset in entry.by_dataset:
+            if dataset not in used:
+                raise _fail(where, f"model {entry.label!r}: by_dataset names {dataset!r}, which no group of the study "
+                                   "trains on; name a dataset of datasets (as it is written there)")
     ids = [c.id for c in cells]
     if len(set(ids)) != len(ids):
         twice = next(i for i in ids if ids.count(i) > 1)
@@ -188,6 +206,23 @@ def load_study(path: str | Path, directory_override: str | Path | None = None, c
     if check:
         check_cells(study)
     return study
+
+
+def _dataset_path(base: Path, dataset: str) -> str:
+    """A dataset as cells name it: a registered name, or a data file relative to the study file."""
+    return dataset if dataset in REGISTRY or not (base / dataset).is_file() else str(base / dataset)
+
+
+def _config_and_set(where: Path, base: Path, what: str, spec: Mapping[str, Any]
+                    ) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """The ``config`` (presets or files, files relative to the study file) and ``set`` of ``spec``."""
+    files = spec.get("config", [])
+    files = [files] if isinstance(files, str) else files
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise _fail(where, f"{what}: config must be a preset name, a file or a list of them")
+    files = [str(base / f) if (base / f).is_file() else f for f in files]
+    overrides = _keys(where, f"{what}: set", spec.get("set") or {}, spec.get("set") or {})
+    return tuple(files), dict(overrides)
 
 
 def check_cells(study: Study) -> None:
@@ -207,7 +242,7 @@ def check_cells(study: Study) -> None:
 
 def cell_config(cell: Cell, study: Study):
     """The cell's typed config, exactly as ``mlsa4rec train`` builds it."""
-    return build_config(cell.entry.model, list(cell.entry.config), dict(cell.overrides),
+    return build_config(cell.entry.model, list(cell.entry.config_for(cell.dataset)), dict(cell.overrides),
                         extra={"dataset": _dataset_arg(cell.dataset)})
 
 
@@ -519,7 +554,7 @@ def run_cell(cell: Cell, study: Study, time_budget_s: float | None) -> float:
         if state != "published":
             log.info("cell %s: %s", cell.id, "continuing from its checkpoint" if state == "paused" else "training")
             try:
-                train(cell.entry.model, _dataset_arg(cell.dataset), out, list(cell.entry.config),
+                train(cell.entry.model, _dataset_arg(cell.dataset), out, list(cell.entry.config_for(cell.dataset)),
                       dict(cell.overrides), study.data_dir, resume=state == "paused", time_budget_s=time_budget_s)
             except directory.StageBusy:
                 raise CellTaken(f"cell {cell.id} is being trained by another worker") from None
