@@ -1,0 +1,51 @@
+"""benchmarks/gate_health.py: a trained MLSA4Rec's gate at initialisation and after training."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlsa4rec.training.run import train
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import common.py from beside them
+_spec = importlib.util.spec_from_file_location("gate_health", REPO / "benchmarks" / "gate_health.py")
+gh = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gh)
+
+TINY = {"epochs": 2, "hidden_size": 16, "n_heads": 2, "MAX_ITEM_LIST_LENGTH": 10, "train_batch_size": 64,
+        "learning_rate": 0.01, "seed": 3}
+
+
+def test_the_gate_before_and_after_training(successor_file: Path, tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    train("mlsa4rec", str(successor_file), run_dir, overrides={**TINY, "variant": "causal"})
+    gh.main([str(run_dir), "--out", str(tmp_path / "gate")])
+    report = json.loads((tmp_path / "gate.json").read_text())
+    (result,) = report["results"]
+    assert (result["variant"], result["gate_act"]) == ("causal", "gelu")
+    (layer,) = result["layers"]
+    init, trained = layer["initialisation"], layer["trained"]
+    assert init["values"] == trained["values"] == result["users"] * 16
+    assert init["histogram"]["edges"] == trained["histogram"]["edges"]  # shared bins
+    assert init["mean"] != trained["mean"]  # two epochs at lr 0.01 moved W1
+    assert (tmp_path / "gate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| run |" in (tmp_path / "gate.md").read_text() and "gate.png" in (tmp_path / "gate.md").read_text()
+    capsys.readouterr()
+    # the initialisation is the run's own: the same command gives the same numbers
+    gh.main([str(run_dir)])
+    assert gh.run_gates(str(run_dir), None, 1024)["layers"][0]["initialisation"]["mean"] == init["mean"]
+
+
+def test_a_run_of_another_model_is_one_error_line(successor_file: Path, tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    train("gru4rec", str(successor_file), run_dir, overrides={"epochs": 1, "embedding_size": 8, "hidden_size": 8})
+    with pytest.raises(SystemExit) as exit_:
+        gh.main([str(run_dir)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "gru4rec run" in err and err.count("\n") == 1
