@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from mlsa4rec.cli import EXIT_PAUSED, main
+from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.experiments.report import build_report
 from mlsa4rec.experiments.study import cell_config, load_study, read_record, study_status
 from mlsa4rec.training.run import train
@@ -206,6 +207,24 @@ def test_a_model_takes_settings_per_dataset(successor_file: Path, tmp_path: Path
     assert (main_succ.train.learning_rate, main_succ.hyper.hidden_dropout_prob) == (0.001, 0.5)
     assert (main_other.train.learning_rate, main_other.hyper.hidden_dropout_prob) == (0.005, 0.3)
     assert (short_other.train.learning_rate, short_other.train.epochs, short_other.hyper.n_layers) == (0.005, 1, 1)
+
+
+def test_a_model_can_be_limited_to_some_datasets_and_seeds(successor_file: Path, tmp_path: Path) -> None:
+    """Three seeds for the models compared closely, one for the rest, in one table."""
+    other = tmp_path / "other.txt"
+    other.write_text(successor_file.read_text())
+    study = write_study(tmp_path, successor_file, datasets=["succ.txt", "other.txt"], seeds=[1, 2, 3],
+                        models={"sasrec": {"set": SASREC}, "gru4rec": {"set": TINY, "seeds": [1]},
+                                "narm": {"model": "gru4rec", "set": TINY, "datasets": ["other.txt"], "seeds": [2, 9]}},
+                        groups={"late": {"seeds": [2, 3]}})
+    ids = {c.id for c in load_study(study, check=False).cells}
+    assert ids == ({f"main/sasrec/{d}/seed-{s}" for d in ("succ", "other") for s in (1, 2, 3)}
+                   | {"main/gru4rec/succ/seed-1", "main/gru4rec/other/seed-1", "main/narm/other/seed-2"}
+                   | {f"late/sasrec/{d}/seed-{s}" for d in ("succ", "other") for s in (2, 3)}
+                   | {"late/narm/other/seed-2"})
+    lonely = write_study(tmp_path, successor_file, models={"sasrec": {"set": SASREC, "seeds": [7]}})
+    with pytest.raises(MLSA4RecError, match="model 'sasrec' has no cell"):
+        load_study(lonely, check=False)
 
 
 @pytest.mark.parametrize(("by_dataset", "message"), [

@@ -45,7 +45,7 @@ from mlsa4rec.runtime import cpu_model
 log = logging.getLogger("mlsa4rec")
 
 STUDY_KEYS = ("study", "directory", "data_dir", "datasets", "seeds", "models", "groups", "baseline")
-MODEL_KEYS = ("model", "config", "set", "by_dataset")
+MODEL_KEYS = ("model", "config", "set", "by_dataset", "datasets", "seeds")
 DATASET_KEYS = ("config", "set")  # what a model entry's by_dataset adds for one dataset
 GROUP_KEYS = ("models", "datasets", "seeds", "set")
 MAIN = "main"  # the group of the study file's own models x datasets x seeds
@@ -68,6 +68,8 @@ class ModelEntry:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     # dataset (as the study file names it) -> (config files, overrides) added after the above
     by_dataset: Mapping[str, tuple[tuple[str, ...], Mapping[str, Any]]] = field(default_factory=dict)
+    datasets: tuple[str, ...] | None = None  # the only datasets and seeds of its cells, in every group
+    seeds: tuple[int, ...] | None = None
 
     def config_for(self, dataset: str) -> tuple[str, ...]:
         """The config files of this model's cells on ``dataset``: its own, then the dataset's."""
@@ -163,8 +165,14 @@ def load_study(path: str | Path, directory_override: str | Path | None = None, c
             extra = _keys(where, f"model {label!r}: by_dataset: {dataset}", extra or {}, DATASET_KEYS)
             by_dataset[_dataset_path(base, str(dataset))] = _config_and_set(
                 where, base, f"model {label!r}: by_dataset: {dataset}", extra)
+        only_datasets = only_seeds = None
+        if "datasets" in spec:
+            only_datasets = tuple(_dataset_path(base, d) for d in
+                                  _names(where, f"model {label!r}: datasets", spec["datasets"], str))
+        if "seeds" in spec:
+            only_seeds = tuple(_names(where, f"model {label!r}: seeds", spec["seeds"], int))
         models[_label(where, "model label", label)] = ModelEntry(label, str(spec.get("model", label)), files,
-                                                                 overrides, by_dataset)
+                                                                 overrides, by_dataset, only_datasets, only_seeds)
     if not models:
         raise _fail(where, "models is empty; name at least one model")
     groups = {MAIN: {"models": list(models), "datasets": raw.get("datasets"), "seeds": raw.get("seeds", [2020])}}
@@ -183,13 +191,20 @@ def load_study(path: str | Path, directory_override: str | Path | None = None, c
         datasets = [_dataset_path(base, d) for d in datasets]
         seeds = _names(where, f"{group}: seeds", spec.get("seeds", raw.get("seeds", [2020])), int)
         for label in labels:
+            entry = models[label]
             for dataset in datasets:
+                if entry.datasets is not None and dataset not in entry.datasets:
+                    continue
                 for seed in seeds:
-                    entry = models[label]
+                    if entry.seeds is not None and seed not in entry.seeds:
+                        continue
                     cells.append(Cell(group, entry, dataset, seed, {**entry.overrides_for(dataset), **extra,
                                                                     "seed": seed}))
     used = {c.dataset for c in cells}
     for entry in models.values():
+        if not any(c.entry is entry for c in cells):
+            raise _fail(where, f"model {entry.label!r} has no cell: its datasets or seeds match none of any group that "
+                               "lists it; fix them, or remove the model")
         for dataset in entry.by_dataset:
             if dataset not in used:
                 raise _fail(where, f"model {entry.label!r}: by_dataset names {dataset!r}, which no group of the study "
