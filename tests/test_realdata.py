@@ -45,3 +45,13 @@ def test_sasrec_one_epoch_on_beauty(shared_data: Path, tmp_path: Path) -> None:
     assert results["valid"]["ndcg@10"] > 0.95 * first_epoch, results["valid"]
     assert results["test"]["hit@10"] > 0.95 * 0.0207, results["test"]
     assert results["test"]["ndcg@10"] > 0.95 * 0.0102, results["test"]
+
+
+@pytest.mark.parametrize("study_file", sorted(p.name for p in (REPO / "studies").glob("*.yaml")))
+def test_the_committed_study_files_build_every_cell(shared_data: Path, study_file: str) -> None:
+    """Every cell of every study we commit is built as training builds it (presets, files, settings
+    the models accept) and its dataset found, so a study never fails at its hundredth cell."""
+    from mlsa4rec.experiments.study import cell_config, load_study
+
+    study = load_study(REPO / "studies" / study_file)  # checks every cell
+    assert study.cells and all(cell_config(c, study).train.seed == c.seed for c in study.cells)
