@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -82,6 +83,27 @@ def test_a_study_runs_reports_and_every_number_comes_from_its_runs(capsys, succe
     assert record.stat().st_size < 64_000
     meta, arrays = read_record(record)
     assert meta["settings"]["seed"] == 1 and len(arrays["ranks_ranked"]) == len(arrays["ranks_excluded"]) == 300
+    # both history rules and the longest-history quarter, from the records, equal to the runs' own ranks
+    from mlsa4rec.data import load_dataset
+    from mlsa4rec.evaluation.runs import run_ranks
+    from mlsa4rec.metrics import metrics_from_ranks
+    from mlsa4rec.runs.loading import load_run
+
+    data = load_dataset(str(successor_file))
+    targets = data.eval_targets("test")
+    lengths = targets - data.history_start(targets)
+    assert np.array_equal(arrays["history_lengths"], lengths)
+    longest = lengths >= np.quantile(lengths, 0.75, method="lower")
+    assert table["longest"] == {"users": int(longest.sum()), "of": 300, "min_history": int(lengths[longest].min())}
+    row = next(r for r in table["rows"] if r["model"] == "sasrec")
+    runs = [load_run(tmp_path / "out" / "runs" / "main" / "sasrec" / "succ" / f"seed-{s}") for s in (1, 2)]
+    for key, ranks in (("metrics_excluded", [run_ranks(r, "test", True) for r in runs]),
+                       ("metrics_longest", [run_ranks(r, "test", False)[longest] for r in runs])):
+        expected = [metrics_from_ranks(np.minimum(r, 255), [10])["ndcg@10"] for r in ranks]
+        assert row[key]["ndcg@10"][0] == pytest.approx(np.mean(expected)), key
+        assert row[key]["ndcg@10"][1] == pytest.approx(np.std(expected, ddof=1)), key
+    text = (root / "report" / "report.md").read_text()
+    assert "The other history rule" in text and "The quarter of users with the longest histories" in text
     # the run directories can go: the report is rebuilt from the records alone
     import shutil
 
@@ -324,3 +346,15 @@ def test_damaged_records_other_heartbeats_and_unknown_storages_are_one_error_lin
         assert main(command) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: study record") and err.count("\n") == 1
+
+
+def test_the_longest_history_quarter_needs_every_record_to_carry_lengths() -> None:
+    from mlsa4rec.experiments.report import _longest
+
+    lengths = np.array([1, 2, 3, 4, 5, 6, 7, 8], dtype=np.uint16)
+    with_lengths = ({}, {"history_lengths": lengths})
+    mask, shortest = _longest({"a": [with_lengths], "b": [with_lengths]})
+    assert mask.tolist() == [False] * 5 + [True] * 3 and shortest == 6  # ties at the quantile are in
+    assert _longest({"a": [with_lengths], "b": [({}, {})]}) is None  # a record made before lengths were kept
+    with pytest.raises(MLSA4RecError, match="disagree on the users' history lengths"):
+        _longest({"a": [with_lengths], "b": [({}, {"history_lengths": lengths[::-1]})]})

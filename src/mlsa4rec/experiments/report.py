@@ -1,8 +1,11 @@
 """A study's report, from its cells' records alone: accuracy over seeds, paired tests against a
 baseline, cost, and the figures; Markdown for people and JSON for programs.
 
-Each table is one group of cells on one dataset. Accuracy is recomputed from the stored test ranks
-under each run's own history rule, so any cut-off K can be reported whatever the runs computed.
+Each table is one group of cells on one dataset. Accuracy is recomputed from the stored test ranks,
+so any cut-off K can be reported whatever the runs computed: under RecBole's rule (the user's
+history items ranked with the others, as the papers compared here ran), beside it under the other
+rule (history left out), and on the quarter of users with the longest histories where the records
+carry history lengths.
 A model is compared with the baseline user by user: each user's metric is first averaged over the
 seeds both models have, then the paired t-test and bootstrap interval of ``compare_values`` run on
 those averages, and the p-values of a table are Holm-adjusted together.
@@ -40,9 +43,27 @@ KS = (5, 10, 20)  # below study.RANK_CAP: exact from a record's capped ranks
 COMPARED = ("hit@10", "ndcg@10", "mrr@10")  # the metrics tested against the baseline
 
 
-def _ranks(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """The test ranks under the run's own history rule (as its results.json reports them)."""
-    return arrays["ranks_excluded" if meta["settings"].get("exclude_history") else "ranks_ranked"].astype(np.int64)
+RULES = ("ranked", "excluded")  # RecBole's rule first: the tables' and the comparisons' own
+LONGEST = 0.75  # the longest-history subset: users whose history is at least this quantile of lengths
+
+
+def _ranks(arrays: dict[str, np.ndarray], rule: str = "ranked") -> np.ndarray:
+    """The test ranks under history rule ``rule`` (every record holds both)."""
+    return arrays[f"ranks_{rule}"].astype(np.int64)
+
+
+def _longest(by_model: dict[str, list[tuple[dict, dict]]]) -> tuple[np.ndarray, int] | None:
+    """The users of the longest-history quarter (a mask) and its shortest history, where every record
+    of the table carries history lengths (records made before they did lack them)."""
+    lengths = [a.get("history_lengths") for recs in by_model.values() for _, a in recs]
+    if any(x is None for x in lengths):
+        return None
+    first = lengths[0].astype(np.int64)
+    if any(not np.array_equal(first, x) for x in lengths):
+        raise MLSA4RecError("the records of one table disagree on the users' history lengths; rebuild them from runs "
+                            "on one copy of the data")
+    threshold = int(np.quantile(first, LONGEST, method="lower"))
+    return first >= threshold, threshold
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -73,15 +94,21 @@ def build_report(root: str | Path, baseline: str | None = None, confidence: floa
     tables = []
     for (group, dataset), by_model in records.items():
         rows = []
+        longest = _longest(by_model)
         for label, recs in by_model.items():
-            per_seed = [metrics_from_ranks(_ranks(m, a), KS, METRICS) for m, a in recs]
+            per_seed = [metrics_from_ranks(_ranks(a), KS, METRICS) for m, a in recs]
+            other = [metrics_from_ranks(_ranks(a, "excluded"), [10], METRICS) for m, a in recs]
             row = {"model": label, "seeds": sorted(m["seed"] for m, _ in recs),
                    "metrics": {k: _mean_std([p[k] for p in per_seed]) for k in per_seed[0]},
+                   "metrics_excluded": {k: _mean_std([p[k] for p in other]) for k in other[0]},
                    "seconds_per_epoch": float(np.mean([m["seconds_per_epoch"] for m, _ in recs])),
                    "epochs": float(np.mean([m["epochs_run"] for m, _ in recs])),
                    "parameters": recs[0][0]["parameters"],
                    "peak_memory_bytes": max((m.get("peak_memory_bytes") or 0 for m, _ in recs), default=0) or None,
                    "runs": [m["run"] for m, _ in recs]}
+            if longest is not None:
+                sub = [metrics_from_ranks(_ranks(a)[longest[0]], [10], METRICS) for m, a in recs]
+                row["metrics_longest"] = {k: _mean_std([p[k] for p in sub]) for k in sub[0]}
             rows.append(row)
         prints = {m.get("data_fingerprint") for recs in by_model.values() for m, _ in recs}
         if len(prints) > 1:
@@ -89,13 +116,15 @@ def build_report(root: str | Path, baseline: str | None = None, confidence: floa
                                 "fingerprints differ), so their users cannot be paired; rebuild the records from "
                                 "runs on one copy of the data")
         comparisons = _compare(by_model, baseline, confidence, n_resamples) if baseline in by_model else []
+        subset = None if longest is None else {"users": int(longest[0].sum()), "of": int(longest[0].size),
+                                                "min_history": longest[1]}
         tables.append({"group": group, "dataset": dataset, "rows": rows, "baseline": baseline if comparisons else None,
-                       "comparisons": comparisons})
+                       "comparisons": comparisons, "longest": subset})
     # the figures group by model: a group's cells are their own series ("sasrec (long)")
     cells = [{"cell": m["cell"], "group": m["group"], "seed": m["seed"], "dataset": m["dataset"],
               "model": m["model"] if m["group"] == MAIN else f"{m['model']} ({m['group']})",
               "max_seq_length": m["settings"]["MAX_ITEM_LIST_LENGTH"], "run": m["run"], "git_commit": m["git_commit"],
-              "metrics": {"test": metrics_from_ranks(_ranks(m, a), KS, METRICS)},
+              "metrics": {"test": metrics_from_ranks(_ranks(a), KS, METRICS)},
               "seconds_per_epoch": m["seconds_per_epoch"], "peak_memory_bytes": m.get("peak_memory_bytes"),
               "peak_memory_kind": m.get("peak_memory_kind"), "machine": m.get("machine")}
              for by_model in records.values() for recs in by_model.values() for m, a in recs]
@@ -112,11 +141,11 @@ def _compare(by_model: dict[str, list[tuple[dict, dict]]], baseline: str, confid
              n_resamples: int) -> list[dict[str, Any]]:
     """Every model against ``baseline`` on the seeds both have, each user's metric averaged over them."""
     rows, labels = [], []
-    base = {m["seed"]: _ranks(m, a) for m, a in by_model[baseline]}
+    base = {m["seed"]: _ranks(a) for m, a in by_model[baseline]}
     for label, recs in by_model.items():
         if label == baseline:
             continue
-        mine = {m["seed"]: _ranks(m, a) for m, a in recs}
+        mine = {m["seed"]: _ranks(a) for m, a in recs}
         shared = sorted(set(mine) & set(base))
         if not shared:
             continue
@@ -137,7 +166,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     commits = ", ".join(report["commits"]) or "unknown"
     lines = [f"# Study `{report['study']}`", "",
              f"Made by `{report['command']}` from `{report['file']}`; code {commits}; trained on "
-             f"{machines or 'unknown'}. Accuracy: test split, each run's own history rule, mean ± sample "
+             f"{machines or 'unknown'}. Accuracy: test split, RecBole's rule (the user's history items are "
+             "ranked with the others; the other rule follows each table), mean ± sample "
              "std over seeds (a dash: one seed). Peak memory: the training process's peak resident memory on a CPU "
              "(it includes Python's and torch's own, about 0.5 GiB), the memory torch allocated on a GPU.", ""]
     keys = [f"{m}@{k}" for m in METRICS for k in KS]
@@ -163,11 +193,28 @@ def format_markdown(report: dict[str, Any]) -> str:
                 ci = "undefined" if c["ci_low"] is None else f"[{c['ci_low']:+.1%}, {c['ci_high']:+.1%}]"
                 lines.append(f"| {c['model']} | {c['metric']} | {c['baseline']:.4f} | {c['candidate']:.4f} | {rel} | "
                              f"{ci} | {c['p_value']:.2g} | {c['p_holm']:.2g} |")
+        lines += ["", "The other history rule (the user's history items left out of the ranking):", ""]
+        lines += _small_table(table["rows"], "metrics_excluded")
+        if table.get("longest"):
+            sub = table["longest"]
+            lines += ["", f"The quarter of users with the longest histories ({sub['users']:,} of {sub['of']:,} users, "
+                          f"at least {sub['min_history']} items before the test item), RecBole's rule:", ""]
+            lines += _small_table(table["rows"], "metrics_longest")
         lines.append("")
     if report["missing"]:
         lines += [f"Not finished yet: {', '.join(report['missing'])}.", ""]
     lines += ["Runs: " + ", ".join(f"`{c['run']}`" for c in report["cells"]) + ".", ""]
     return "\n".join(lines)
+
+
+def _small_table(rows: list[dict[str, Any]], key: str) -> list[str]:
+    """Markdown lines: HR, NDCG and MRR @10 of each row's ``key`` metrics, mean ± std over seeds."""
+    keys = [f"{m}@10" for m in METRICS]
+    lines = ["| model | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for row in rows:
+        cells = [f"{mean:.4f} ± {'-' if std is None else f'{std:.4f}'}" for mean, std in (row[key][k] for k in keys)]
+        lines.append(f"| {row['model']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_report(root: str | Path, out_dir: str | Path | None = None, baseline: str | None = None,

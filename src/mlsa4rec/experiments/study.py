@@ -608,8 +608,8 @@ def adopt(study: Study, matches: Iterable[tuple[Cell, Path]]) -> None:
 
 def write_record(cell: Cell, study: Study, run_dir: Path | None = None) -> Path:
     """The cell's record from its finished run (its own, or ``run_dir`` adopted): settings, metrics,
-    curve, cost, and the test target rank of every user under both history rules (so a report never
-    needs the run directory)."""
+    curve, cost, the test target rank of every user under both history rules and the length of
+    every user's history before the test item (so a report never needs the run directory)."""
     from mlsa4rec.evaluation.runs import run_ranks
     from mlsa4rec.runs.loading import load_run
 
@@ -619,6 +619,9 @@ def write_record(cell: Cell, study: Study, run_dir: Path | None = None) -> Path:
     ranks = {rule: run_ranks(run, "test", exclude) for rule, exclude in (("ranked", False), ("excluded", True))}
     # capped, most users' ranks are one byte of 255: a record is tens of KB, not hundreds
     arrays = {f"ranks_{rule}": np.minimum(r, RANK_CAP).astype(np.uint8) for rule, r in ranks.items()}
+    targets = run.data.eval_targets("test")  # the users in the ranks' order, for subsets by history length
+    lengths = targets - run.data.history_start(targets)
+    arrays["history_lengths"] = np.minimum(lengths, np.iinfo(np.uint16).max).astype(np.uint16)
     meta = {"format": RECORD_FORMAT, "cell": cell.id, "group": cell.group, "model": cell.entry.label,
             "dataset": dataset_name(cell.dataset), "seed": cell.seed, "run": str(run_dir),
             "settings": run.config.to_dict(), "valid": results["valid"], "test": results["test"],
