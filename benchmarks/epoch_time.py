@@ -7,6 +7,12 @@ real shuffled epoch (so short and long batches in their true proportion) are run
 once) and then timed; their mean times the number of batches in the epoch is the estimate. ``--full`` also
 times whole epochs where the projection is under ``--full-limit`` seconds, to check it.
 
+Peak memory is the process's peak resident set (``runtime.peak_rss_bytes``, Linux) while the
+case trains (its timed steps, and its whole epoch with ``--full``) and while it validates, reset
+before each: with ``rss_before_bytes``, what the process held before the case began. Memory a
+previous case freed may stay with the allocator, so for memory against L run one case and one L
+per process (``--cases X --lengths L``).
+
     python benchmarks/epoch_time.py --data-dir ../shared/data --dataset ml-1m --lengths 50 200
     python benchmarks/epoch_time.py --dataset amazon-beauty --lengths 50 --full \
         --cases faithful=mlsa4rec:configs/mlsa4rec-beauty.yaml causal=mlsa4rec:configs/mlsa4rec-causal-beauty.yaml
@@ -24,6 +30,7 @@ import torch
 from common import command, load_or_exit, machine, write_json
 from mlsa4rec.config import build_config, parse_set
 from mlsa4rec.models import build_model, get_class
+from mlsa4rec.runtime import peak_rss_bytes, reset_peak_rss
 from mlsa4rec.training.trainer import Trainer
 
 # label: (model, settings); batch sizes are chosen to fit in memory at L=200 - the time per
@@ -55,6 +62,7 @@ def time_epoch(model_name: str, settings: dict, data, max_len: int, steps: int, 
     batches = trainer.sampler.epoch_batches()
     rng = np.random.default_rng(0)
     picked = rng.choice(len(batches), size=min(steps, len(batches)), replace=False)
+    rss_before = peak_rss_bytes() if reset_peak_rss() else None
     for i in picked:  # warm-up on the same batches: compilation, and memory for each batch shape
         trainer.train_step(batches[i], 1)
     times = []
@@ -70,10 +78,17 @@ def time_epoch(model_name: str, settings: dict, data, max_len: int, steps: int, 
         for rows in batches:
             trainer.train_step(rows, 1)
         out["measured_s_per_epoch"] = round(time.perf_counter() - t0, 1)
+    out["rss_before_bytes"], out["peak_train_rss_bytes"] = rss_before, peak_rss_bytes()
+    reset = reset_peak_rss()
     t0 = time.perf_counter()
     trainer.evaluate("valid")
     out["valid_seconds"] = round(time.perf_counter() - t0, 1)
+    out["peak_valid_rss_bytes"] = peak_rss_bytes() if reset else None
     return out
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2 ** 20:.0f}"
 
 
 def main() -> None:
@@ -94,7 +109,7 @@ def main() -> None:
     print(f"{args.dataset}: {data.n_users} users, {data.n_items} items; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'case':<20} {'L':>4} {'scheme':<14} {'steps':>6} {'batch':>6} {'projected s/epoch':>18} "
-          f"{'measured':>9} {'valid s':>8}")
+          f"{'measured':>9} {'valid s':>8} {'peak MiB':>9}")
     for length in args.lengths:
         for case in args.cases:
             label, (name, settings, files) = (case, (*CASES[case], [])) if case in CASES else parse_case(case)
@@ -102,7 +117,7 @@ def main() -> None:
             results.append({"case": label, "L": length, **r})
             print(f"{label:<20} {length:>4} {r['scheme']:<14} {r['steps_per_epoch']:>6} {r['batch']:>6} "
                   f"{r['projected_s_per_epoch']:>18.1f} {r.get('measured_s_per_epoch', float('nan')):>9.1f} "
-                  f"{r['valid_seconds']:>8.1f}", flush=True)
+                  f"{r['valid_seconds']:>8.1f} {_mib(r['peak_train_rss_bytes']):>9}", flush=True)
     if args.json:
         threads = torch.get_num_threads()
         write_json(args.json, {"dataset": args.dataset, "threads": threads, "command": command(__file__),
