@@ -358,3 +358,29 @@ def test_the_longest_history_quarter_needs_every_record_to_carry_lengths() -> No
     assert _longest({"a": [with_lengths], "b": [({}, {})]}) is None  # a record made before lengths were kept
     with pytest.raises(MLSA4RecError, match="disagree on the users' history lengths"):
         _longest({"a": [with_lengths], "b": [({}, {"history_lengths": lengths[::-1]})]})
+
+
+def test_the_models_in_focus_are_also_compared_with_the_best_of_the_others(successor_file: Path, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    models = {"sasrec": {"set": SASREC}, "gru4rec": {"set": TINY},
+              "weak": {"model": "gru4rec", "set": {**TINY, "epochs": 1, "learning_rate": 1e-5}},
+              "bert4rec": {"set": {**TINY, "n_heads": 1, "inner_size": 16, "n_layers": 1}}}
+    study = write_study(tmp_path, successor_file, seeds=[1], models=models, baseline="bert4rec", focus=["sasrec"])
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "study", "run", str(study)]) == 0
+    (table,) = build_report(tmp_path / "out")["tables"]
+    ndcg = {r["model"]: r["metrics"]["ndcg@10"][0] for r in table["rows"]}
+    best = max(("gru4rec", "weak"), key=ndcg.get)  # neither the focus nor the baseline
+    assert table["best_other"] == best
+    assert [(c["model"], c["metric"]) for c in table["against_best_other"]] == [
+        ("sasrec", m) for m in ("hit@10", "ndcg@10", "mrr@10")]
+    assert table["against_best_other"][1]["baseline"] == pytest.approx(ndcg[best])
+    assert main(["study", "report", str(tmp_path / "out"), "--no-plots"]) == 0
+    assert f"against the strongest of the others, `{best}`" in (tmp_path / "out" / "report" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("focus", "message"), [(["nope"], "focus names 'nope'"),
+                                                (["sasrec"], "cannot also be in focus")])
+def test_a_bad_focus_is_refused(successor_file: Path, tmp_path: Path, focus: list, message: str) -> None:
+    with pytest.raises(MLSA4RecError, match=message):
+        load_study(write_study(tmp_path, successor_file, focus=focus), check=False)

@@ -116,10 +116,14 @@ def build_report(root: str | Path, baseline: str | None = None, confidence: floa
                                 "fingerprints differ), so their users cannot be paired; rebuild the records from "
                                 "runs on one copy of the data")
         comparisons = _compare(by_model, baseline, confidence, n_resamples) if baseline in by_model else []
+        best_other = _best_other(rows, study.focus, baseline)
+        against_best = (_compare({k: v for k, v in by_model.items() if k in study.focus or k == best_other},
+                                 best_other, confidence, n_resamples) if best_other is not None else [])
         subset = None if longest is None else {"users": int(longest[0].sum()), "of": int(longest[0].size),
                                                 "min_history": longest[1]}
         tables.append({"group": group, "dataset": dataset, "rows": rows, "baseline": baseline if comparisons else None,
-                       "comparisons": comparisons, "longest": subset})
+                       "comparisons": comparisons, "longest": subset,
+                       "best_other": best_other if against_best else None, "against_best_other": against_best})
     # the figures group by model: a group's cells are their own series ("sasrec (long)")
     cells = [{"cell": m["cell"], "group": m["group"], "seed": m["seed"], "dataset": m["dataset"],
               "model": m["model"] if m["group"] == MAIN else f"{m['model']} ({m['group']})",
@@ -135,6 +139,15 @@ def build_report(root: str | Path, baseline: str | None = None, confidence: floa
             "trained_on": sorted({json.dumps(c["machine"], sort_keys=True) for c in cells if c["machine"]}),
             "commits": sorted({c["git_commit"] for c in cells if c["git_commit"]}), "tables": tables,
             "cells": cells, "missing": missing}
+
+
+def _best_other(rows: list[dict[str, Any]], focus: tuple[str, ...], baseline: str | None) -> str | None:
+    """The strongest model of a table outside ``focus`` and other than the baseline (highest mean
+    NDCG@10 over its seeds), where the table holds a focus model and such a model to compare it with."""
+    if not any(r["model"] in focus for r in rows):
+        return None
+    others = [r for r in rows if r["model"] not in focus and r["model"] != baseline]
+    return max(others, key=lambda r: r["metrics"]["ndcg@10"][0])["model"] if others else None
 
 
 def _compare(by_model: dict[str, list[tuple[dict, dict]]], baseline: str, confidence: float,
@@ -185,14 +198,12 @@ def format_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {row['model']} | {len(row['seeds'])} | " + " | ".join(cells) + f" | {cost} |")
         if table["comparisons"]:
             lines += ["", f"Against `{table['baseline']}` (paired over users, each user's metric averaged over the "
-                          "shared seeds; p-values Holm-adjusted within this table):", "",
-                      "| model | metric | baseline | this model | relative | 95% CI | p | p (Holm) |",
-                      "|---|---|---|---|---|---|---|---|"]
-            for c in table["comparisons"]:
-                rel = "undefined" if c["relative"] is None else f"{c['relative']:+.1%}"
-                ci = "undefined" if c["ci_low"] is None else f"[{c['ci_low']:+.1%}, {c['ci_high']:+.1%}]"
-                lines.append(f"| {c['model']} | {c['metric']} | {c['baseline']:.4f} | {c['candidate']:.4f} | {rel} | "
-                             f"{ci} | {c['p_value']:.2g} | {c['p_holm']:.2g} |")
+                          "shared seeds; p-values Holm-adjusted within this table):", ""]
+            lines += _comparison_lines(table["comparisons"])
+        if table.get("against_best_other"):
+            lines += ["", f"The models in focus against the strongest of the others, `{table['best_other']}` (highest "
+                          "mean NDCG@10 here; paired as above, Holm-adjusted within this comparison):", ""]
+            lines += _comparison_lines(table["against_best_other"])
         lines += ["", "The other history rule (the user's history items left out of the ranking):", ""]
         lines += _small_table(table["rows"], "metrics_excluded")
         if table.get("longest"):
@@ -205,6 +216,17 @@ def format_markdown(report: dict[str, Any]) -> str:
         lines += [f"Not finished yet: {', '.join(report['missing'])}.", ""]
     lines += ["Runs: " + ", ".join(f"`{c['run']}`" for c in report["cells"]) + ".", ""]
     return "\n".join(lines)
+
+
+def _comparison_lines(comparisons: list[dict[str, Any]]) -> list[str]:
+    lines = ["| model | metric | baseline | this model | relative | 95% CI | p | p (Holm) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        rel = "undefined" if c["relative"] is None else f"{c['relative']:+.1%}"
+        ci = "undefined" if c["ci_low"] is None else f"[{c['ci_low']:+.1%}, {c['ci_high']:+.1%}]"
+        lines.append(f"| {c['model']} | {c['metric']} | {c['baseline']:.4f} | {c['candidate']:.4f} | {rel} | "
+                     f"{ci} | {c['p_value']:.2g} | {c['p_holm']:.2g} |")
+    return lines
 
 
 def _small_table(rows: list[dict[str, Any]], key: str) -> list[str]:

@@ -44,7 +44,7 @@ from mlsa4rec.runtime import cpu_model
 
 log = logging.getLogger("mlsa4rec")
 
-STUDY_KEYS = ("study", "directory", "data_dir", "datasets", "seeds", "models", "groups", "baseline")
+STUDY_KEYS = ("study", "directory", "data_dir", "datasets", "seeds", "models", "groups", "baseline", "focus")
 MODEL_KEYS = ("model", "config", "set", "by_dataset", "datasets", "seeds")
 DATASET_KEYS = ("config", "set")  # what a model entry's by_dataset adds for one dataset
 GROUP_KEYS = ("models", "datasets", "seeds", "set")
@@ -109,6 +109,7 @@ class Study:
     models: Mapping[str, ModelEntry]
     cells: tuple[Cell, ...]
     baseline: str | None
+    focus: tuple[str, ...] = ()  # the models the study is about: also compared with the best of the others
 
 
 def dataset_name(dataset: str) -> str:
@@ -217,7 +218,14 @@ def load_study(path: str | Path, directory_override: str | Path | None = None, c
     if baseline is not None and (not isinstance(baseline, str) or baseline not in models):
         raise _fail(where, f"baseline {baseline!r} is not one of the models ({', '.join(models)})")
     root = Path(directory_override) if directory_override else base / str(raw.get("directory") or name)
-    study = Study(name, where.resolve(), root, data_dir, models, tuple(cells), baseline)
+    focus = tuple(_names(where, "focus", raw["focus"], str)) if "focus" in raw else ()
+    for label in focus:
+        if label not in models:
+            raise _fail(where, f"focus names {label!r}, which is not one of the models ({', '.join(models)})")
+    if baseline is not None and baseline in focus:
+        raise _fail(where, f"the baseline {baseline!r} cannot also be in focus (the models compared with it and with "
+                           "the best of the others)")
+    study = Study(name, where.resolve(), root, data_dir, models, tuple(cells), baseline, focus)
     if check:
         check_cells(study)
     return study
