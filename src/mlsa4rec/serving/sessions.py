@@ -1,35 +1,53 @@
-"""Where the HTTP service keeps its live sessions: the interface the app uses (``Sessions``) and the
-in-process store behind it (``SessionStore``, the default), so another store (Redis, shared by several
-server processes) can stand in without touching the app."""
+"""Where the HTTP service keeps its live sessions: the interface the app uses (``Sessions``), the
+in-process store behind it (``SessionStore``, the default) and the errors a store may answer with,
+so that another store (``redis_sessions.RedisSessions``, shared by several server processes) stands
+in without touching the app."""
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from prometheus_client import Counter, Gauge
 
+from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.serving.recommender import Session
+
+T = TypeVar("T")
+
+
+class StoreUnavailable(MLSA4RecError):
+    """The session store cannot be reached, or is too busy: HTTP 503 (the request may be sent again)."""
+
+
+class SessionRefused(MLSA4RecError):
+    """A stored session this run cannot continue (another run's, or damaged): HTTP 409."""
+
+
+class SessionTooLarge(MLSA4RecError):
+    """A session over the store's size limit: HTTP 413."""
 
 
 class Sessions(Protocol):
     """Live sessions by id, each dropped after a while unused; what the app needs of a store."""
 
-    def __len__(self) -> int:
-        """The live sessions."""
-        ...
-
-    def get(self, sid: str) -> Session | None:
+    async def read(self, sid: str) -> Session | None:
         """The live session ``sid`` (now its most recent use), or None."""
         ...
 
-    def put(self, sid: str, session: Session) -> None:
-        """Keep ``session`` as ``sid`` (replacing any)."""
+    async def update(self, sid: str, apply: Callable[[Session], Awaitable[T]],
+                     new: Callable[[], Awaitable[Session]]) -> T:
+        """``apply`` session ``sid`` (``new()`` when it is not live) and keep the result, no other
+        change to the session coming in between; returns what ``apply`` returned."""
         ...
 
-    def delete(self, sid: str) -> bool:
+    async def remove(self, sid: str) -> bool:
         """Forget ``sid``; False if it was not live."""
+        ...
+
+    async def count(self) -> int | None:
+        """The live sessions, where the store can count them cheaply (else None)."""
         ...
 
     def sweep(self) -> int:
@@ -85,6 +103,29 @@ class SessionStore:
         del self._entries[sid]
         self._gauge.set(len(self._entries))
         return True
+
+    # --- the app's interface (``Sessions``): the model thread runs ``apply`` one call at a time, so a
+    # session object changed in place never loses an event here
+    async def read(self, sid: str) -> Session | None:
+        return self.get(sid)
+
+    async def update(self, sid: str, apply: Callable[[Session], Awaitable[T]],
+                     new: Callable[[], Awaitable[Session]]) -> T:
+        session = self.get(sid)
+        if session is None:
+            session = await new()
+            earlier = self.get(sid)  # a request for the same id that got there while this one waited
+            if earlier is not None:
+                session = earlier
+            else:
+                self.put(sid, session)
+        return await apply(session)
+
+    async def remove(self, sid: str) -> bool:
+        return self.delete(sid)
+
+    async def count(self) -> int | None:
+        return len(self)
 
     def sweep(self) -> int:
         """Drop every session idle longer than the ttl; the oldest come first, so stop at a live one."""

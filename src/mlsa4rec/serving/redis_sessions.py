@@ -1,0 +1,200 @@
+"""Live sessions in Redis: every server process of a run shares them, and a restart loses none.
+
+A session is stored under ``PREFIX:ID`` as one value (``encode_session``): a JSON header (the
+session's events as item ids, and the fingerprint of the run that made it) and its model state
+as safetensors, never a pickle. Reading it back (``decode_session``) goes through
+``Session.load_state_dict``, which refuses a state made by another run or model, or one whose
+tensors do not fit this model: such a session is refused (``SessionRefused``, HTTP 409), never
+misread. Expiry is Redis's own: each write and each read sets the key's time to live to the
+session ttl. A session over ``max_bytes`` is refused on write (``SessionTooLarge``, 413): a
+session's ``seen`` items grow with its events.
+
+Changes are optimistic transactions (WATCH, read, apply, MULTI/SET/EXEC, again on a conflict), so
+two requests for one session, in one process or in two, never lose an event. Redis down or too
+slow is ``StoreUnavailable`` (503) for the session endpoints only; the store reconnects by itself
+when Redis is back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.serving.recommender import Recommender, Session
+from mlsa4rec.serving.sessions import SessionRefused, SessionTooLarge, StoreUnavailable
+
+T = TypeVar("T")
+MAGIC = b"MLSA4REC-SESSION\x01"  # the value's first bytes: a key written by something else is refused
+PREFIX = "mlsa4rec:session"
+RETRIES = 16  # optimistic transactions of one change before the store is reported busy
+TIMEOUT_S = 2.0  # a Redis call slower than this counts as Redis unavailable
+
+
+def encode_session(session: Session) -> bytes:
+    """``session.state_dict()`` as bytes: magic, the JSON header's length (4 bytes), the header,
+    then the tensors as safetensors."""
+    state = session.state_dict()
+    tensors = {f"state.{i}": t.contiguous() for i, t in enumerate(state.pop("state"))}
+    representation = state.pop("representation")
+    if representation is not None:
+        tensors["representation"] = representation.contiguous()
+    state["tensors"] = len(tensors)
+    header = json.dumps(state, separators=(",", ":")).encode()
+    return MAGIC + struct.pack(">I", len(header)) + header + save_tensors(tensors)
+
+
+def decode_session(rec: Recommender, data: bytes) -> Session:
+    """The session ``encode_session`` stored, checked by ``Session.load_state_dict`` against this
+    run: ``SessionRefused`` naming why when it cannot be used here."""
+    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
+        raise SessionRefused("the stored value is not a session of mlsa4rec (or of another version of its format)")
+    (size,) = struct.unpack(">I", data[len(MAGIC):len(MAGIC) + 4])
+    start = len(MAGIC) + 4
+    try:
+        state = json.loads(data[start:start + size])
+        tensors = load_tensors(data[start + size:])
+    except (ValueError, UnicodeDecodeError, SafetensorError) as exc:
+        raise SessionRefused(f"the stored session is damaged ({type(exc).__name__})") from None
+    count = state.pop("tensors", None) if isinstance(state, dict) else None
+    names = [f"state.{i}" for i in range(len(tensors))]
+    if not isinstance(count, int) or count != len(tensors) or not set(tensors) <= {*names, "representation"}:
+        raise SessionRefused("the stored session is damaged (its header does not match its tensors)")
+    state["state"] = [tensors[name] for name in names if name in tensors]
+    state["representation"] = tensors.get("representation")
+    session = rec.session()
+    try:
+        session.load_state_dict(state)
+    except MLSA4RecError as exc:
+        raise SessionRefused(str(exc)) from None
+    return session
+
+
+class RedisSessions:
+    """The session store of ``mlsa4rec serve --sessions redis://HOST:PORT/DB`` (``url``)."""
+
+    def __init__(self, url: str, rec: Recommender, ttl_s: float, max_bytes: int, prefix: str = PREFIX,
+                 timeout_s: float = TIMEOUT_S) -> None:
+        import redis.asyncio as redis
+
+        check_url(url)
+        self.url, self.rec, self.prefix = url, rec, prefix
+        self.ttl_ms = max(1, math.ceil(ttl_s * 1000))
+        self.max_bytes = max_bytes
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                           retry_on_timeout=False, health_check_interval=30)
+        self.where = _shown(url)
+
+    def _key(self, sid: str) -> str:
+        return f"{self.prefix}:{sid}"
+
+    async def read(self, sid: str) -> Session | None:
+        """The live session ``sid`` (its time to live starts again), or None."""
+        async with self._available():
+            data = await self.client.getex(self._key(sid), px=self.ttl_ms)
+        return None if data is None else decode_session(self.rec, data)
+
+    async def update(self, sid: str, apply: Callable[[Session], Awaitable[T]],
+                     new: Callable[[], Awaitable[Session]]) -> T:
+        """Apply ``apply`` to session ``sid`` (made by ``new`` if it is not live) and store the result,
+        as one transaction: when another request changed the session meanwhile, start again from
+        its new state."""
+        from redis.exceptions import WatchError
+
+        key = self._key(sid)
+        async with self._available():
+            for _ in range(RETRIES):
+                async with self.client.pipeline(transaction=True) as pipe:
+                    try:
+                        await pipe.watch(key)
+                        data = await pipe.get(key)
+                        session = await new() if data is None else decode_session(self.rec, data)
+                        result = await apply(session)
+                        blob = encode_session(session)
+                        if len(blob) > self.max_bytes:
+                            raise SessionTooLarge(f"session {sid!r} would take {len(blob):,} bytes, over the limit of "
+                                                  f"{self.max_bytes:,} (--max-session-bytes); delete it and start "
+                                                  "another")
+                        pipe.multi()
+                        pipe.set(key, blob, px=self.ttl_ms)
+                        await pipe.execute()
+                        return result
+                    except WatchError:
+                        continue
+        raise StoreUnavailable(f"session {sid!r} kept changing under {RETRIES} attempts to update it; send the "
+                               "events again")
+
+    async def remove(self, sid: str) -> bool:
+        async with self._available():
+            return bool(await self.client.delete(self._key(sid)))
+
+    async def count(self) -> int | None:
+        """Not counted: one Redis serves many processes and runs (``/health`` says null)."""
+        return None
+
+    def sweep(self) -> int:
+        return 0  # Redis expires the keys itself
+
+    async def check(self) -> None:
+        """Fail now, with one line, when Redis cannot be reached (``serve`` calls this on start)."""
+        async with self._available():
+            await self.client.ping()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    def _available(self):
+        return _Translate(self.where)
+
+
+class _Translate:
+    """Redis' connection and timeout errors as ``StoreUnavailable``: one line, a 503, no traceback."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import RedisError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+            raise StoreUnavailable(f"the session store {self.where} cannot be reached ({type(exc).__name__}); "
+                                   "try again shortly") from None
+        if isinstance(exc, RedisError):
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise StoreUnavailable(f"the session store {self.where} refused the request: {first:.200}") from None
+        return False
+
+
+def check_url(url: str) -> None:
+    """A Redis URL ``serve`` can use: redis:// or rediss:// (TLS), with a host."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise MLSA4RecError(f"--sessions takes memory or a Redis URL such as redis://127.0.0.1:6379/0, got "
+                            f"{_shown(url)!r:.200}")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise MLSA4RecError(f"the port of --sessions {_shown(url)} is not a number") from None
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise MLSA4RecError(f"the database of --sessions {_shown(url)} must be a number (redis://HOST:PORT/0)")
+
+
+def _shown(url: str) -> str:
+    """The URL without its password (it may sit in the URL: redis://:PASSWORD@host)."""
+    parts = urlsplit(url)
+    where = parts.netloc.rpartition("@")[2] or "?"  # host[:port], whatever the port holds
+    return f"{parts.scheme}://{where}{parts.path}"

@@ -1,0 +1,177 @@
+"""The Redis session store: sessions survive the process, are refused when another run made them,
+never lose an event to a concurrent change, and Redis going away is one line, then recovered."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import torch
+from tiny_runs import tiny_run
+
+from conftest import RedisServer
+from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.serving.recommender import Recommender
+from mlsa4rec.serving.redis_sessions import RedisSessions, check_url, decode_session, encode_session
+from mlsa4rec.serving.sessions import SessionRefused, SessionTooLarge, StoreUnavailable
+
+pytest.importorskip("redis")
+
+
+def recommender(name: str) -> Recommender:
+    return Recommender.from_run(tiny_run(name))
+
+
+@pytest.mark.parametrize("name", ["mlsa4rec-causal", "mamba4rec", "sasrec"])
+def test_a_session_stored_and_read_back_continues_exactly(name: str) -> None:
+    """A streaming model's state and a re-encoding model's recent items both travel."""
+    rec = recommender(name)
+    whole, stored = rec.session(), rec.session()
+    whole.add_many(["i1", "i2", "i3"])
+    stored.add_many(["i1", "i2", "i3"])
+    back = decode_session(rec, encode_session(stored))
+    for s in (whole, back):
+        s.add_many(["i4", "i5"])
+    assert torch.equal(back.scores(), whole.scores()) and back.seen == whole.seen and back.length == 5
+
+
+def test_another_runs_or_a_damaged_session_is_refused_not_misread() -> None:
+    causal, faithful, mamba = recommender("mlsa4rec-causal"), recommender("mlsa4rec"), recommender("mamba4rec")
+    session = causal.session()
+    session.add_many(["i1", "i2"])
+    blob = encode_session(session)
+    with pytest.raises(SessionRefused, match="saved by a 'mlsa4rec' model, not 'mamba4rec'"):
+        decode_session(mamba, blob)
+    with pytest.raises(SessionRefused, match="another run"):
+        decode_session(faithful, blob)  # the same model, other weights
+    for bad in (b"", b"hello", blob[:40], blob[:-7], blob[:30] + b"{" + blob[31:]):
+        with pytest.raises(SessionRefused):
+            decode_session(causal, bad)
+
+
+@pytest.mark.parametrize("url, message", [
+    ("http://127.0.0.1:6379", "--sessions takes memory or a Redis URL"),
+    ("redis://", "--sessions takes memory or a Redis URL"),
+    ("redis://h:port/0", "port of --sessions"),
+    ("redis://:secret@h:6379/x", "database of --sessions redis://h:6379/x must be a number"),
+])
+def test_bad_redis_urls_are_one_line_and_hide_the_password(url: str, message: str) -> None:
+    with pytest.raises(MLSA4RecError, match=message) as info:
+        check_url(url)
+    assert "secret" not in str(info.value)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def store(rec: Recommender, url: str, **kwargs) -> RedisSessions:
+    return RedisSessions(url, rec, ttl_s=kwargs.pop("ttl_s", 60.0), max_bytes=kwargs.pop("max_bytes", 1 << 20),
+                         prefix=f"test:{uuid.uuid4().hex}", **kwargs)
+
+
+def test_update_read_remove_and_expiry(redis_server: RedisServer) -> None:
+    rec = recommender("mlsa4rec-causal")
+
+    async def go() -> None:
+        sessions = store(rec, redis_server.url, ttl_s=30.0)
+
+        async def new():
+            return rec.session()
+
+        async def add(session):
+            session.add_many(["i1", "i2"])
+            return session.length
+
+        assert await sessions.read("a") is None
+        assert await sessions.update("a", add, new) == 2 and await sessions.update("a", add, new) == 4
+        back = await sessions.read("a")
+        whole = rec.session()
+        whole.add_many(["i1", "i2", "i1", "i2"])
+        assert torch.equal(back.scores(), whole.scores())
+        ttl = await sessions.client.pttl(sessions._key("a"))
+        assert 0 < ttl <= 30_000  # Redis expires it
+        assert await sessions.remove("a") and not await sessions.remove("a") and await sessions.read("a") is None
+        await sessions.close()
+
+    run(go())
+
+
+def test_concurrent_changes_of_one_session_lose_no_event(redis_server: RedisServer) -> None:
+    rec = recommender("mamba4rec")
+
+    async def go() -> int:
+        sessions = [store(rec, redis_server.url) for _ in range(2)]  # two "processes" on one prefix
+        sessions[1].prefix = sessions[0].prefix
+
+        async def new():
+            return rec.session()
+
+        async def add(session):
+            await asyncio.sleep(0.002)  # let the others read the same state meanwhile
+            session.add_many(["i3"])
+            return session.length
+
+        await asyncio.gather(*(sessions[i % 2].update("s", add, new) for i in range(12)))
+        length = (await sessions[0].read("s")).length
+        for s in sessions:
+            await s.close()
+        return length
+
+    assert run(go()) == 12
+
+
+def test_a_session_over_the_size_limit_is_refused_and_not_written(redis_server: RedisServer) -> None:
+    rec = recommender("sasrec")
+    full = rec.session()
+    full.add_many([f"i{i}" for i in range(1, 31)])
+    limit = len(encode_session(full)) - 1
+
+    async def go() -> None:
+        sessions = store(rec, redis_server.url, max_bytes=limit)
+
+        async def new():
+            return rec.session()
+
+        async def add(session):
+            session.add_many([f"i{i}" for i in range(1, 31)])
+            return session.length
+
+        with pytest.raises(SessionTooLarge, match=f"over the limit of {limit:,}"):
+            await sessions.update("big", add, new)
+        assert await sessions.read("big") is None
+        await sessions.close()
+
+    run(go())
+
+
+def test_redis_going_away_is_one_line_and_the_store_recovers(redis_server: RedisServer) -> None:
+    rec = recommender("gru4rec")
+    server = RedisServer(redis_server.binary)  # its own, to be killed
+    server.start()
+
+    async def go() -> None:
+        sessions = store(rec, server.url, timeout_s=0.5)
+
+        async def new():
+            return rec.session()
+
+        async def add(session):
+            session.add_many(["i1"])
+            return session.length
+
+        assert await sessions.update("x", add, new) == 1
+        server.stop()
+        for call in (sessions.read("x"), sessions.update("x", add, new), sessions.remove("x"), sessions.check()):
+            with pytest.raises(StoreUnavailable, match=r"^the session store redis://127\.0\.0\.1:\d+/0 cannot be "
+                                                       r"reached \(\w+\); try again shortly$"):
+                await call
+        server.start()  # an empty Redis (nothing was saved): the session is gone, the store works again
+        assert await sessions.read("x") is None and await sessions.update("x", add, new) == 1
+        await sessions.close()
+
+    try:
+        run(go())
+    finally:
+        server.stop()
