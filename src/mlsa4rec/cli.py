@@ -14,12 +14,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
 import os
+import re
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from mlsa4rec.errors import MLSA4RecError, PeerFailed, TimeBudgetSpent
 from mlsa4rec.runtime import env_rank, launched_by_torchrun
@@ -47,6 +52,15 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(f"{message} (`{self.prog} --help` lists the options)")
+
+
+class _RefuseToken(argparse.Action):
+    """``serve --token``: refused without showing the value, so a token given there lands in no log."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.error(f"{option_string} is not an option: a token on a command line is visible to every user of "
+                     f"the machine (ps); put the tokens in a file given with --token-file PATH, or in ${TOKENS_ENV}")
 
 
 def _add_quiet(p: argparse.ArgumentParser) -> None:
@@ -208,6 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
                                          "more (a lone request never waits); 0 turns merging off (default 2)"),
             ("--max-batch", int, "histories in one shared model call (default 64)")):
         limits.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar="N", help=text)
+    access = serve.add_argument_group("access (without tokens, anyone who can reach --host:--port may call it)")
+    access.add_argument("--token-file", metavar="PATH",
+                        help="bearer tokens, one per line (blank lines and # comments ignored): every request then "
+                             "needs the header Authorization: Bearer TOKEN, except GET /health, /metrics (see "
+                             f"--private-metrics) and CORS preflights. Without it, ${TOKENS_ENV} (tokens separated by "
+                             "commas or spaces) when set. No flag takes a token itself: other users see command lines")
+    # not options: argparse would read `--token SECRET` as `--token-file SECRET` and print SECRET in its error
+    access.add_argument("--token", "--tokens", nargs="?", action=_RefuseToken, help=argparse.SUPPRESS)
+    access.add_argument("--private-metrics", action="store_true", help="/metrics needs a token too (needs tokens)")
+    access.add_argument("--public-docs", action="store_true",
+                        help="/docs, /redoc and /openapi.json need no token (needs tokens; open anyway without them)")
+    access.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="an origin (scheme://host[:port]) whose web pages may call the service from a browser; "
+                             "repeatable; * for any origin (default: none, no CORS headers)")
     serve.add_argument("--no-access-log", action="store_true", help="do not log every request")
     _add_data_args(serve)
     _add_quiet(serve)
@@ -474,6 +502,8 @@ def _open_input(path: str):
         raise MLSA4RecError(f"cannot read --input {path!r}: {exc.strerror}") from None
 
 
+TOKENS_ENV = "MLSA4REC_TOKENS"
+MAKE_TOKENS = "umask 077; python -c 'import secrets; print(secrets.token_urlsafe(32))' > "  # and the file
 SERVE_LIMITS = {"max_body_bytes": "max_body_bytes", "max_histories": "max_histories",
                 "max_history_length": "max_history_length", "max_k": "max_k", "max_sessions": "max_sessions",
                 "session_ttl": "session_ttl_s", "batch_window_ms": "batch_window_ms", "max_batch": "max_batch"}
@@ -484,7 +514,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from mlsa4rec.serving import http as serving_http
-        from mlsa4rec.serving.http import create_app, listen
+        from mlsa4rec.serving.http import create_app, listen, origin_problem
+        from mlsa4rec.serving.middleware import is_token
     except ImportError as exc:
         raise MLSA4RecError(f"mlsa4rec serve needs the serve extra ({exc.name} is missing): pip install "
                             "'mlsa4rec[serve]'") from None
@@ -494,12 +525,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise MLSA4RecError(f"--port must be from 0 to 65535, got {args.port}")
+    access = _serve_access(args, origin_problem, is_token)  # before the model loads: a bad flag fails at once
     rec = Recommender.from_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     if args.compile_step:
         rec.compile_step()
     with option_style("cli"):  # a bad limit is named as its flag: --max-k
         app = create_app(rec, **{name: getattr(args, flag) for flag, name in SERVE_LIMITS.items()
-                                 if hasattr(args, flag)})
+                                 if hasattr(args, flag)}, **access)
     try:  # bound here, so a taken port is one error line rather than uvicorn's exit
         sock = listen(args.host, args.port)
     except (OSError, OverflowError) as exc:
@@ -509,6 +541,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {rec.config['model']} ({args.run_dir}) on http://{host}:{port} (docs: http://{host}:{port}/docs)",
           flush=True)
+    _log_access(app.state.access, args.token_file or TOKENS_ENV, host, port)
     quiet = getattr(args, "quiet", False)
     # SIGTERM: stop accepting, answer what is in flight (for at most SHUTDOWN_GRACE_S), shut the app down
     config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not args.no_access_log,
@@ -528,6 +561,91 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         for handler in restore:
             signal.signal(signal.SIGTERM, handler)
     return 0
+
+
+def _serve_access(args: argparse.Namespace, origin_problem: Callable[[object], str | None],
+                  is_token: Callable[[str], bool]) -> dict[str, Any]:
+    """create_app's access settings from the flags, the token file or $MLSA4REC_TOKENS; a bad one is
+    one error line (never showing a token). The two checks come from the serving package, which is
+    imported only once the serve extra is known to be there."""
+    for origin in args.cors_origin:
+        problem = origin_problem(origin)
+        if problem:
+            raise MLSA4RecError(f"--cors-origin: {problem}")
+    if args.token_file is not None:
+        tokens = _read_token_file(args.token_file, is_token)
+    else:
+        value = os.environ.get(TOKENS_ENV, "")
+        tokens = [token for token in re.split(r"[,\s]+", value) if token]
+        if value and not tokens:
+            raise MLSA4RecError(f"${TOKENS_ENV} holds no token, only commas or spaces; set it to tokens separated by "
+                                "commas or spaces, or unset it to serve without tokens")
+        for i, token in enumerate(tokens, 1):
+            if not is_token(token):
+                raise MLSA4RecError(f"${TOKENS_ENV}: its token {i} is not one word of visible ASCII characters; "
+                                    f"make tokens with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        if TOKENS_ENV in os.environ and not value:
+            logging.getLogger("mlsa4rec").warning("$%s is set but empty: the server needs no token", TOKENS_ENV)
+    if not tokens:
+        for given, name in ((args.private_metrics, "--private-metrics"), (args.public_docs, "--public-docs")):
+            if given:
+                raise MLSA4RecError(f"{name} only makes sense with tokens: give --token-file PATH (one token per "
+                                    f"line) or set ${TOKENS_ENV}, or leave {name} out")
+    return {"tokens": tokens, "metrics_public": not args.private_metrics, "docs_public": args.public_docs,
+            "cors_origins": args.cors_origin}
+
+
+def _read_token_file(path: str, is_token: Callable[[str], bool]) -> list[str]:
+    """The tokens of ``--token-file``: one a line, blank lines and ``#`` comments skipped."""
+    where, fix = f"--token-file {path}", f"write one token per line, e.g. with: {MAKE_TOKENS}{shlex.quote(path)}"
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise MLSA4RecError(f"{where} does not exist; {fix}") from None
+    except IsADirectoryError:
+        raise MLSA4RecError(f"{where} is a directory; give the file of tokens (one per line) inside it") from None
+    except PermissionError:
+        raise MLSA4RecError(f"cannot read {where}: permission denied; let the user running the server read it "
+                            f"(as its owner: chmod 600 {path})") from None
+    except OSError as exc:
+        raise MLSA4RecError(f"cannot read {where}: {exc.strerror or exc}; {fix}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise MLSA4RecError(f"{where} is not UTF-8 text (byte {exc.start} is not); {fix}") from None
+    tokens = []
+    for number, line in enumerate(text.splitlines(), 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if not is_token(token):  # never shown: it may be a real token with a typo
+            raise MLSA4RecError(f"{where}, line {number}: a token is one word of visible ASCII characters (no spaces "
+                                f"inside; a comment line starts with #); {fix}")
+        tokens.append(token)
+    if not tokens:
+        raise MLSA4RecError(f"{where} holds no token (only blank lines or # comments); {fix}")
+    with contextlib.suppress(OSError):
+        if os.name == "posix" and os.stat(path).st_mode & 0o004:
+            logging.getLogger("mlsa4rec").warning("--token-file %s can be read by every user of this machine; "
+                                                  "chmod 600 it", path)
+    return tokens
+
+
+def _log_access(access: dict[str, Any], source: str, host: str, port: int) -> None:
+    """One line saying who may call the server (and never a token); a warning when it is open
+    beyond this machine."""
+    count, level = access["tokens"], logging.INFO
+    if count:
+        shown = {True: "open", False: "closed"}
+        line = (f"access: {count} token{'s' if count != 1 else ''} from {source}; /health open, "
+                f"/metrics {shown[access['metrics_public']]}, docs {shown[access['docs_public']]}")
+    else:
+        line = f"access: open to anyone who can reach {host}:{port} (no --token-file or {TOKENS_ENV})"
+        if host.strip("[]") not in ("127.0.0.1", "::1", "localhost"):
+            level = logging.WARNING
+    if access["cors_origins"]:
+        line += f"; CORS for {', '.join(access['cors_origins'])}"
+    logging.getLogger("mlsa4rec").log(level, line)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ Endpoints (item ids are always the data file's own ids; the OpenAPI docs are at 
     POST   /sessions/{id}/events           {"items": ["i1", ...]}  (creates the session on first use)
     GET    /sessions/{id}/recommendations  ?k=10&exclude_seen=false
     DELETE /sessions/{id}
-    GET    /health, /metrics (Prometheus text), /openapi.json, /docs
+    GET    /health, /metrics (Prometheus text), /openapi.json, /docs, /redoc
 
 Every error is JSON ``{"error": "one line"}`` (validation errors add ``detail``, one entry per
 field): 422 for a body or parameter that cannot be used (naming the field, or the unknown item
@@ -27,6 +27,24 @@ as the previous batch held, while a lone request never waits (see ``batcher.Batc
 at most ``max_sessions`` (the least recently used is dropped first) and each for
 ``session_ttl_s`` after its last use (checked on every access and by a periodic sweep).
 
+Access (keyword arguments of ``create_app``; everything is open by default, as on a trusted network):
+
+    tokens          bearer tokens: with any, every request needs ``Authorization: Bearer TOKEN``
+                    with one of them (401 otherwise), except GET /health, /metrics (below), the docs
+                    (below) and CORS preflights; ``None`` or empty: no token needed
+    metrics_public  with tokens, /metrics stays open to Prometheus (default True)
+    docs_public     with tokens, /docs, /redoc, /openapi.json and the docs' scripts are open too
+                    (default False)
+    cors_origins    origins (``https://app.example.com``, or ``*``) whose pages may call the service
+                    from a browser: CORS headers on every answer, errors included (but an unexpected
+                    500, answered outside the middlewares); none by default (no CORS layer: an
+                    OPTIONS request is a 405)
+
+A request without the header is a 401 ``{"error": "this server needs a token: ..."}`` with
+``WWW-Authenticate: Bearer``; a malformed header or an unknown token a 401 ``{"error": "the token
+is not valid"}`` with ``WWW-Authenticate: Bearer error="invalid_token"``. /docs and /redoc load
+their scripts from the installed fastapi-offline package, never from a CDN, so they work offline.
+
 On SIGTERM (``mlsa4rec serve``) the server stops accepting connections, answers the requests in
 flight, and exits 0; requests still unanswered after ``SHUTDOWN_GRACE_S`` are cancelled.
 
@@ -37,8 +55,9 @@ what runs around every request in ``middleware``.
 
 import asyncio
 import logging
+import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -47,13 +66,15 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Mount
 
 from mlsa4rec.errors import BrokenModelError, MLSA4RecError
 from mlsa4rec.serving.batcher import Batcher, ModelWorker
-from mlsa4rec.serving.middleware import BodyLimit, JsonSpelling, Metrics
+from mlsa4rec.serving.middleware import BearerAuth, BodyLimit, Cors, JsonSpelling, Metrics, is_token
 from mlsa4rec.serving.recommender import Recommendation, Recommender, flag, option_style
 from mlsa4rec.serving.schemas import (
     ERRORS,
@@ -81,6 +102,15 @@ DEFAULTS: dict[str, Any] = {
     "batch_window_ms": 2.0,        # under load, how long a merged model call waits for more requests; 0: off
     "max_batch": 64,               # histories in one merged model call
 }
+#: create_app's access settings and their defaults: open to anyone who can reach it, no CORS.
+ACCESS_DEFAULTS: dict[str, Any] = {"tokens": None, "metrics_public": True, "docs_public": False, "cors_origins": ()}
+DOCS_STATIC = "/static-offline-docs"  # where fastapi-offline serves the docs' scripts and stylesheets
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+CORS_METHODS = ("GET", "POST", "DELETE", "OPTIONS")
+CORS_HEADERS = ("Authorization", "Content-Type")
+CORS_MAX_AGE_S = 600  # how long a browser may reuse a preflight's answer
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(\[[0-9a-f:.]+\]|[a-z0-9]([a-z0-9.-]*[a-z0-9])?)(:[0-9]{1,5})?",
+                    re.IGNORECASE)  # scheme://host[:port], host a name, an IPv4 or a [bracketed IPv6] address
 SHUTDOWN_GRACE_S = 10.0  # on SIGTERM, how long `mlsa4rec serve` waits for the requests in flight
 LIMIT_MAX = 2 ** 31 - 1
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -94,13 +124,19 @@ def create_app(recommender: Recommender, *, max_body_bytes: int = DEFAULTS["max_
                max_histories: int = DEFAULTS["max_histories"],
                max_history_length: int = DEFAULTS["max_history_length"], max_k: int = DEFAULTS["max_k"],
                max_sessions: int = DEFAULTS["max_sessions"], session_ttl_s: float = DEFAULTS["session_ttl_s"],
-               batch_window_ms: float = DEFAULTS["batch_window_ms"], max_batch: int = DEFAULTS["max_batch"]) -> FastAPI:
-    """A FastAPI app serving ``recommender``; the limits are described in the module docstring."""
+               batch_window_ms: float = DEFAULTS["batch_window_ms"], max_batch: int = DEFAULTS["max_batch"],
+               tokens: Collection[str] | None = ACCESS_DEFAULTS["tokens"],
+               metrics_public: bool = ACCESS_DEFAULTS["metrics_public"],
+               docs_public: bool = ACCESS_DEFAULTS["docs_public"],
+               cors_origins: Collection[str] = ACCESS_DEFAULTS["cors_origins"]) -> FastAPI:
+    """A FastAPI app serving ``recommender``; the limits and the access settings are described in
+    the module docstring."""
     rec = recommender
     limits = {"max_body_bytes": max_body_bytes, "max_histories": max_histories,
               "max_history_length": max_history_length, "max_k": max_k, "max_sessions": max_sessions,
               "session_ttl_s": session_ttl_s, "batch_window_ms": batch_window_ms, "max_batch": max_batch}
     _check_limits(limits)
+    allowed, origins = _check_access(tokens, metrics_public, docs_public, cors_origins)
     RecommendRequest, EventsRequest = request_models(limits, rec.items.n_items)  # noqa: N806
     meters = _Meters.create()
     worker = ModelWorker()
@@ -108,11 +144,14 @@ def create_app(recommender: Recommender, *, max_body_bytes: int = DEFAULTS["max_
                if batch_window_ms > 0 else None)
     sessions = SessionStore(max_sessions, session_ttl_s, meters.live, meters.dropped)
 
-    app = FastAPI(title="mlsa4rec", version=_version(), lifespan=_lifespan, exception_handlers=ERROR_HANDLERS,
-                  description=f"Recommendations of the {rec.config.model} run "
-                              f"{rec.run_dir.name if rec.run_dir else ''} trained on {rec.config.dataset}, in "
-                              "the data file's own item ids. Errors are JSON {\"error\": \"...\"}.")
+    # /docs and /redoc load their scripts from the installed package, so they work without the internet
+    app = FastAPIOffline(title="mlsa4rec", version=_version(), lifespan=_lifespan, exception_handlers=ERROR_HANDLERS,
+                         description=f"Recommendations of the {rec.config.model} run "
+                                     f"{rec.run_dir.name if rec.run_dir else ''} trained on {rec.config.dataset}, in "
+                                     "the data file's own item ids. Errors are JSON {\"error\": \"...\"}.")
     app.state.recommender, app.state.sessions, app.state.limits = rec, sessions, limits
+    app.state.access = {"tokens": len(allowed), "metrics_public": metrics_public, "docs_public": docs_public,
+                        "cors_origins": origins}  # what is open, for the server's log; never the tokens
     app.state.registry, app.state.worker, app.state.batcher = meters.registry, worker, batcher
 
     _add_recommend(app, rec, worker, batcher, RecommendRequest)
@@ -120,11 +159,83 @@ def create_app(recommender: Recommender, *, max_body_bytes: int = DEFAULTS["max_
                   max_exclude=max_history_length)
     _add_status(app, rec, sessions, limits, meters.registry)
 
+    # the last added runs first: Metrics, Cors, BearerAuth, BodyLimit, JsonSpelling, then the routes
     app.add_middleware(JsonSpelling)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    # outermost: counts the 413s too
+    if allowed:  # outside BodyLimit: nobody without a token makes the server read a body
+        open_paths = {"/health"} | ({"/metrics"} if metrics_public else set()) | (
+            set(DOCS_PATHS) if docs_public else set())
+        # the docs' scripts: fastapi-offline's mount (DOCS_STATIC), the app's only one
+        static = [route.path + "/" for route in app.routes if isinstance(route, Mount)] if docs_public else []
+        app.add_middleware(BearerAuth, tokens=allowed, open_paths=open_paths, open_prefixes=static)
+        _document_tokens(app, open_paths)
+    if origins:  # outside BearerAuth: a preflight needs no token, and errors (401, 413, ...) carry the CORS headers
+        app.add_middleware(Cors, allow_origins=origins, allow_methods=CORS_METHODS, allow_headers=CORS_HEADERS,
+                           max_age=CORS_MAX_AGE_S)
+    # outermost: counts the 401s and 413s too
     app.add_middleware(Metrics, router=app.router, requests=meters.requests, latency=meters.latency)
     return app
+
+
+def origin_problem(origin: object) -> str | None:
+    """What is wrong with ``origin`` as an allowed CORS origin (None: nothing). A browser sends
+    ``scheme://host[:port]``, nothing more, and the match is exact, so a path never matches."""
+    if origin == "*":
+        return None
+    if not isinstance(origin, str) or not origin:
+        return f"an origin is a string such as https://app.example.com, got {origin!r:.80}"
+    if ORIGIN.fullmatch(origin):
+        return None
+    scheme, sep, rest = origin.partition("://")
+    bare = f"{scheme}://{rest.split('/')[0]}"
+    if sep and ORIGIN.fullmatch(bare):
+        return f"an origin has no path: write {bare} rather than {origin!r:.80} (browsers send scheme://host[:port])"
+    return f"an origin is scheme://host[:port] (such as https://app.example.com:8443) or *, got {origin!r:.80}"
+
+
+def _check_access(tokens: Collection[str] | None, metrics_public: bool, docs_public: bool,
+                  cors_origins: Collection[str]) -> tuple[list[str], list[str]]:
+    """The tokens (unique, in order) and the allowed origins (lower case, as browsers send them);
+    a bad one is an ``MLSA4RecError`` that never shows a token."""
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (Collection, type(None))):
+        raise MLSA4RecError(f"tokens must be a list of strings (or None), not a {type(tokens).__name__}")
+    for i, token in enumerate(tokens or ()):
+        if not isinstance(token, str) or not is_token(token):
+            raise MLSA4RecError(f"tokens[{i}] is not a token: a token is one word of visible ASCII characters "
+                                "(no spaces), such as python -c 'import secrets; print(secrets.token_urlsafe(32))' "
+                                "prints")
+    for name, value in (("metrics_public", metrics_public), ("docs_public", docs_public)):
+        if not isinstance(value, bool):
+            raise MLSA4RecError(f"{name} must be True or False, got {value!r:.80}")
+    if isinstance(cors_origins, (str, bytes)) or not isinstance(cors_origins, Collection):
+        raise MLSA4RecError(f"cors_origins must be a list of origins, not a {type(cors_origins).__name__}")
+    for origin in cors_origins:
+        problem = origin_problem(origin)
+        if problem:
+            raise MLSA4RecError(f"cors_origins: {problem}")
+    return list(dict.fromkeys(tokens or ())), list(dict.fromkeys(o.lower() for o in cors_origins))
+
+
+def _document_tokens(app: FastAPI, open_paths: Collection[str]) -> None:
+    """With tokens, the OpenAPI schema says which operations need one (and their 401), so the docs'
+    Authorize button sends it with "Try it out"."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, operations in schema.get("paths", {}).items():
+                if path in open_paths:
+                    continue
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}]
+                    operation.setdefault("responses", {})["401"] = {
+                        "description": "no token, or one the server does not know",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _check_limits(limits: dict[str, Any]) -> None:

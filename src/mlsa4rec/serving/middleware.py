@@ -1,15 +1,21 @@
 """The HTTP service's ASGI middlewares: what must happen around every request, before FastAPI reads
-it or after it answers (a body size limit, the spelling of messages, request metrics)."""
+it or after it answers (bearer tokens, CORS, a body size limit, the spelling of messages, request
+metrics)."""
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.routing import Match
 
 from mlsa4rec.serving.recommender import option_style
@@ -17,10 +23,83 @@ from mlsa4rec.serving.recommender import option_style
 log = logging.getLogger("mlsa4rec")
 
 
-async def _send_json(send: Callable[..., Any], status: int, body: dict[str, Any]) -> None:
-    response = JSONResponse(body, status_code=status)
+NO_TOKEN = "this server needs a token: send the header Authorization: Bearer TOKEN"
+BAD_TOKEN = "the token is not valid"
+
+
+async def _send_json(send: Callable[..., Any], status: int, body: dict[str, Any],
+                     headers: dict[str, str] | None = None) -> None:
+    response = JSONResponse(body, status_code=status, headers=headers)
     await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
+
+
+def is_token(text: str) -> bool:
+    """Whether ``text`` can be a bearer token: one word of visible ASCII (what a header carries intact)."""
+    return bool(text) and all("!" <= c <= "~" for c in text)
+
+
+class BearerAuth:
+    """ASGI middleware: a request needs ``Authorization: Bearer TOKEN`` with one of ``tokens``, unless
+    its path is open (``open_paths``, or under one of ``open_prefixes``); checked before the body is
+    read, so nobody without a token makes the server read a body.
+
+    The given token is compared with every token, each as a SHA-256 digest through
+    ``hmac.compare_digest``: the time taken says neither which token nor how much of one matched,
+    nor how long the tokens are. The scheme is case-insensitive (RFC 7235)."""
+
+    def __init__(self, app: Any, tokens: Collection[str], open_paths: Collection[str] = (),
+                 open_prefixes: Collection[str] = ()) -> None:
+        if not tokens or not all(isinstance(t, str) and is_token(t) for t in tokens):
+            raise ValueError("tokens must be one or more words of visible ASCII")
+        self.app = app
+        self.digests = [hashlib.sha256(t.encode("ascii")).digest() for t in tokens]
+        self.open_paths = frozenset(open_paths)
+        self.open_prefixes = tuple(open_prefixes)
+
+    def is_open(self, scope: dict[str, Any]) -> bool:
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # behind a proxy's prefix: the app's own path
+            path = path[len(root):]
+        return path in self.open_paths or path.startswith(self.open_prefixes)
+
+    def allows(self, credentials: bytes) -> bool:
+        scheme, _, token = credentials.partition(b" ")
+        token = token.lstrip(b" ")
+        if scheme.lower() != b"bearer" or not token or any(not 0x21 <= b <= 0x7E for b in token):
+            return False
+        given = hashlib.sha256(token).digest()
+        matched = False
+        for digest in self.digests:  # every one, without stopping at a match
+            matched |= hmac.compare_digest(given, digest)
+        return matched
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http" or self.is_open(scope):
+            await self.app(scope, receive, send)
+            return
+        given = [value.strip(b" \t") for name, value in scope["headers"] if name.lower() == b"authorization"]
+        if not given or given == [b""]:
+            await _send_json(send, 401, {"error": NO_TOKEN}, {"WWW-Authenticate": "Bearer"})
+        elif len(given) > 1 or not self.allows(given[0]):  # two headers: ambiguous, so neither counts
+            await _send_json(send, 401, {"error": BAD_TOKEN}, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        else:
+            await self.app(scope, receive, send)
+
+
+class Cors(CORSMiddleware):
+    """Starlette's CORS middleware, whose refused preflight is JSON ``{"error": ...}`` like every
+    other error of the service, rather than plain text."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return JSONResponse({"error": f"the CORS preflight is refused (not allowed: {refused}); the origins allowed "
+                                      "are the server's --cors-origin flags"},
+                            status_code=response.status_code, headers=headers)
 
 
 class BodyLimit:
