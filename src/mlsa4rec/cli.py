@@ -201,7 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a finished run over HTTP (FastAPI + uvicorn): POST /recommend, POST /sessions/{id}/events, "
                     "GET /sessions/{id}/recommendations, DELETE /sessions/{id}, GET /health, GET /metrics "
                     "(Prometheus); the OpenAPI docs are at /docs. Needs: pip install 'mlsa4rec[serve]'.")
-    _add_run_dir(serve)
+    serve.add_argument("--run-dir", action="append", required=True, metavar="[NAME=]DIR",
+                       help="a directory written by `mlsa4rec train`, served as /models/NAME/... (NAME: the "
+                            "directory's name unless given); repeatable. One run is also served at the root "
+                            "(/recommend, /sessions/...), several with --default-model")
+    serve.add_argument("--default-model", metavar="NAME", help="with several --run-dir, the one the root endpoints "
+                                                                "serve (default: none; each by /models/NAME/...)")
+    serve.add_argument("--sessions", default="memory", metavar="memory|URL",
+                       help="where live sessions are kept: in this process (memory, the default), or in Redis "
+                            "(redis://HOST:PORT/DB, needs pip install 'mlsa4rec[redis]'), shared by every server "
+                            "process of the run and kept across restarts")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                           "only; 0.0.0.0 listens on every interface)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -220,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("--batch-window-ms", float, "single-history /recommend requests that queue while the model is busy "
                                          "share one model call, which under load waits up to this many ms for "
                                          "more (a lone request never waits); 0 turns merging off (default 2)"),
-            ("--max-batch", int, "histories in one shared model call (default 64)")):
+            ("--max-batch", int, "histories in one shared model call (default 64)"),
+            ("--max-session-bytes", int, "a session whose stored state would grow over this many bytes is refused "
+                                         "with 413 (default 1048576)")):
         limits.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar="N", help=text)
     access = serve.add_argument_group("access (without tokens, anyone who can reach --host:--port may call it)")
     access.add_argument("--token-file", metavar="PATH",
@@ -506,7 +517,27 @@ TOKENS_ENV = "MLSA4REC_TOKENS"
 MAKE_TOKENS = "umask 077; python -c 'import secrets; print(secrets.token_urlsafe(32))' > "  # and the file
 SERVE_LIMITS = {"max_body_bytes": "max_body_bytes", "max_histories": "max_histories",
                 "max_history_length": "max_history_length", "max_k": "max_k", "max_sessions": "max_sessions",
-                "session_ttl": "session_ttl_s", "batch_window_ms": "batch_window_ms", "max_batch": "max_batch"}
+                "session_ttl": "session_ttl_s", "batch_window_ms": "batch_window_ms", "max_batch": "max_batch",
+                "max_session_bytes": "max_session_bytes"}
+SERVED_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")  # a model's name in /models/NAME/...
+
+
+def _served_runs(values: list[str]) -> dict[str, str]:
+    """``--run-dir [NAME=]DIR`` flags as {name: directory}; a name defaults to the directory's."""
+    runs: dict[str, str] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep or not SERVED_NAME.fullmatch(name) or os.path.isdir(value):  # a directory whose name has '='
+            directory = value
+            name = re.sub(r"[^A-Za-z0-9._-]", "-", os.path.basename(os.path.normpath(value)))[:64].strip(".")
+            name = name or "model"
+        if not directory:
+            raise MLSA4RecError(f"--run-dir {value!r}: name the run directory after '=' (--run-dir NAME=DIR)")
+        if name in runs:
+            raise MLSA4RecError(f"two --run-dir flags serve the name {name!r}; name them: --run-dir A=DIR "
+                                "--run-dir B=OTHER_DIR")
+        runs[name] = directory
+    return runs
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -526,12 +557,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise MLSA4RecError(f"--port must be from 0 to 65535, got {args.port}")
     access = _serve_access(args, origin_problem, is_token)  # before the model loads: a bad flag fails at once
-    rec = Recommender.from_run(args.run_dir, device=args.device, data_dir=args.data_dir)
-    if args.compile_step:
-        rec.compile_step()
+    runs = _served_runs(args.run_dir)
+    if args.default_model is not None and args.default_model not in runs:
+        raise MLSA4RecError(f"--default-model {args.default_model!r} is not one of the models served "
+                            f"({', '.join(runs)}); name one of them")
+    if args.sessions != "memory":
+        from mlsa4rec.serving.redis_sessions import check_url
+
+        check_url(args.sessions)
+
+    def loader(directory: str) -> Callable[[], Recommender]:
+        def load() -> Recommender:
+            rec = Recommender.from_run(directory, device=args.device, data_dir=args.data_dir)
+            if args.compile_step:
+                rec.compile_step()
+            return rec
+        return load
+
+    loaders = {name: loader(directory) for name, directory in runs.items()}
+    served = {name: load() for name, load in loaders.items()}
     with option_style("cli"):  # a bad limit is named as its flag: --max-k
-        app = create_app(rec, **{name: getattr(args, flag) for flag, name in SERVE_LIMITS.items()
-                                 if hasattr(args, flag)}, **access)
+        app = create_app(served, **{name: getattr(args, flag) for flag, name in SERVE_LIMITS.items()
+                                    if hasattr(args, flag)}, **access, sessions=args.sessions,
+                         default_model=args.default_model, loaders=loaders)
     try:  # bound here, so a taken port is one error line rather than uvicorn's exit
         sock = listen(args.host, args.port)
     except (OSError, OverflowError) as exc:
@@ -539,8 +587,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                             ) from None
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {rec.config['model']} ({args.run_dir}) on http://{host}:{port} (docs: http://{host}:{port}/docs)",
-          flush=True)
+    shown = ", ".join(f"{name} ({rec.config.model}, {runs[name]})" for name, rec in served.items())
+    print(f"serving {shown} on http://{host}:{port} (docs: http://{host}:{port}/docs; sessions: "
+          f"{app.state.session_store})", flush=True)
     _log_access(app.state.access, args.token_file or TOKENS_ENV, host, port)
     quiet = getattr(args, "quiet", False)
     # SIGTERM: stop accepting, answer what is in flight (for at most SHUTDOWN_GRACE_S), shut the app down

@@ -123,9 +123,10 @@ def test_health_openapi_and_docs(server) -> None:
     assert health["status"] == "ok" and health["model"] == "sasrec" and health["items"] == 30
     assert health["max_item_list_length"] == 8 and health["limits"]["max_k"] == 20
     spec = client.get("/openapi.json").json()
-    assert set(spec["paths"]) == {"/recommend", "/sessions/{session_id}/events",
-                                  "/sessions/{session_id}/recommendations", "/sessions/{session_id}", "/health",
-                                  "/metrics"}
+    model = {"/recommend", "/sessions/{session_id}/events", "/sessions/{session_id}/recommendations",
+             "/sessions/{session_id}"}
+    assert set(spec["paths"]) == model | {f"/models/sasrec{path}" for path in model} | {
+        "/health", "/metrics", "/models", "/models/sasrec/reload"}
     body = spec["components"]["schemas"]["RecommendRequest"]["properties"]
     assert body["histories"]["maxItems"] == 4 and body["histories"]["items"]["maxItems"] == 20
     assert body["k"]["maximum"] == 20 and body["k"]["default"] == 10
@@ -252,11 +253,13 @@ def test_unknown_ids_bad_json_and_oversized_bodies(server) -> None:
 def test_every_post_needs_a_json_content_type(server) -> None:
     """Without Content-Type: application/json a POST is a 415 naming the header, not a 422 about the body."""
     client, _ = server
-    posts = [path for path, methods in client.get("/openapi.json").json()["paths"].items() if "post" in methods]
-    assert posts == ["/recommend", "/sessions/{session_id}/events"]
+    posts = [path for path, methods in client.get("/openapi.json").json()["paths"].items()
+             if "requestBody" in methods.get("post", {})]  # a reload is a POST without a body
+    assert posts == ["/recommend", "/sessions/{session_id}/events", "/models/sasrec/recommend",
+                     "/models/sasrec/sessions/{session_id}/events"]
     bodies = {"/recommend": b'{"histories": [["i1"]]}', "/sessions/{session_id}/events": b'{"items": ["i1"]}'}
     for path in posts:
-        url, body = path.replace("{session_id}", "ctype"), bodies[path]
+        url, body = path.replace("{session_id}", "ctype"), bodies[path.removeprefix("/models/sasrec")]
         for headers in ({}, {"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"},
                         {"content-type": "application/jsonx"}):
             answer = client.post(url, content=body, headers=headers)

@@ -67,7 +67,7 @@ def run(coro):
 
 
 def store(rec: Recommender, url: str, **kwargs) -> RedisSessions:
-    return RedisSessions(url, rec, ttl_s=kwargs.pop("ttl_s", 60.0), max_bytes=kwargs.pop("max_bytes", 1 << 20),
+    return RedisSessions(url, ttl_s=kwargs.pop("ttl_s", 60.0), max_bytes=kwargs.pop("max_bytes", 1 << 20),
                          prefix=f"test:{uuid.uuid4().hex}", **kwargs)
 
 
@@ -84,15 +84,15 @@ def test_update_read_remove_and_expiry(redis_server: RedisServer) -> None:
             session.add_many(["i1", "i2"])
             return session.length
 
-        assert await sessions.read("a") is None
-        assert await sessions.update("a", add, new) == 2 and await sessions.update("a", add, new) == 4
-        back = await sessions.read("a")
+        assert await sessions.read("a", rec) is None
+        assert await sessions.update("a", rec, add, new) == 2 and await sessions.update("a", rec, add, new) == 4
+        back = await sessions.read("a", rec)
         whole = rec.session()
         whole.add_many(["i1", "i2", "i1", "i2"])
         assert torch.equal(back.scores(), whole.scores())
         ttl = await sessions.client.pttl(sessions._key("a"))
         assert 0 < ttl <= 30_000  # Redis expires it
-        assert await sessions.remove("a") and not await sessions.remove("a") and await sessions.read("a") is None
+        assert await sessions.remove("a") and not await sessions.remove("a") and await sessions.read("a", rec) is None
         await sessions.close()
 
     run(go())
@@ -113,8 +113,8 @@ def test_concurrent_changes_of_one_session_lose_no_event(redis_server: RedisServ
             session.add_many(["i3"])
             return session.length
 
-        await asyncio.gather(*(sessions[i % 2].update("s", add, new) for i in range(12)))
-        length = (await sessions[0].read("s")).length
+        await asyncio.gather(*(sessions[i % 2].update("s", rec, add, new) for i in range(12)))
+        length = (await sessions[0].read("s", rec)).length
         for s in sessions:
             await s.close()
         return length
@@ -139,8 +139,8 @@ def test_a_session_over_the_size_limit_is_refused_and_not_written(redis_server: 
             return session.length
 
         with pytest.raises(SessionTooLarge, match=f"over the limit of {limit:,}"):
-            await sessions.update("big", add, new)
-        assert await sessions.read("big") is None
+            await sessions.update("big", rec, add, new)
+        assert await sessions.read("big", rec) is None
         await sessions.close()
 
     run(go())
@@ -161,14 +161,15 @@ def test_redis_going_away_is_one_line_and_the_store_recovers(redis_server: Redis
             session.add_many(["i1"])
             return session.length
 
-        assert await sessions.update("x", add, new) == 1
+        assert await sessions.update("x", rec, add, new) == 1
         server.stop()
-        for call in (sessions.read("x"), sessions.update("x", add, new), sessions.remove("x"), sessions.check()):
+        calls = (sessions.read("x", rec), sessions.update("x", rec, add, new), sessions.remove("x"), sessions.check())
+        for call in calls:
             with pytest.raises(StoreUnavailable, match=r"^the session store redis://127\.0\.0\.1:\d+/0 cannot be "
                                                        r"reached \(\w+\); try again shortly$"):
                 await call
         server.start()  # an empty Redis (nothing was saved): the session is gone, the store works again
-        assert await sessions.read("x") is None and await sessions.update("x", add, new) == 1
+        assert await sessions.read("x", rec) is None and await sessions.update("x", rec, add, new) == 1
         await sessions.close()
 
     try:

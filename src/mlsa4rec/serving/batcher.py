@@ -5,6 +5,7 @@ event loop stays free and the model is never entered from two threads, and the m
 import asyncio
 import contextvars
 import functools
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,10 +72,22 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._target = 0  # queued requests the current batch waits for
         self._batch: list[_Pending] = []  # the batch being scored
+        self._unanswered = 0  # submitted and not answered yet
+        self._retiring = False
 
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        """Whether it takes requests (not once ``retire`` began: callers then score on their own)."""
+        return self._task is not None and not self._task.done() and not self._retiring
+
+    async def retire(self, limit_s: float = 30.0) -> None:
+        """Stop taking requests, answer every one already submitted (at most ``limit_s``), then stop:
+        what a reload does to the batcher of the run it replaces, so no request sees it go."""
+        self._retiring = True
+        deadline = time.monotonic() + limit_s
+        while self._unanswered and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        await self.stop()
 
     def start(self) -> None:
         self.queue = asyncio.Queue()
@@ -99,10 +112,15 @@ class Batcher:
     async def submit(self, ids: list[int], k: int, exclude_seen: bool, exclude: list[Any]) -> list[Recommendation]:
         assert self.queue is not None and self._full is not None
         future = asyncio.get_running_loop().create_future()
+        self._unanswered += 1
+        future.add_done_callback(self._answered)
         self.queue.put_nowait(_Pending(ids, k, exclude_seen, exclude, future))
         if self.queue.qsize() >= self._target:
             self._full.set()
         return await future
+
+    def _answered(self, future: asyncio.Future) -> None:
+        self._unanswered -= 1
 
     async def _loop(self) -> None:
         assert self.queue is not None and self._full is not None

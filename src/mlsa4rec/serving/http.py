@@ -57,7 +57,8 @@ import asyncio
 import logging
 import re
 import socket
-from collections.abc import AsyncIterator, Collection
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -68,14 +69,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Mount
 
 from mlsa4rec.errors import BrokenModelError, MLSA4RecError
 from mlsa4rec.serving.batcher import Batcher, ModelWorker
 from mlsa4rec.serving.middleware import BearerAuth, BodyLimit, Cors, JsonSpelling, Metrics, is_token
-from mlsa4rec.serving.recommender import Recommendation, Recommender, flag, option_style
+from mlsa4rec.serving.recommender import Recommendation, Recommender, Session, flag, option_style
 from mlsa4rec.serving.schemas import (
     ERRORS,
     SESSION_ID,
@@ -83,11 +83,13 @@ from mlsa4rec.serving.schemas import (
     ErrorBody,
     EventsResponse,
     Health,
+    ModelList,
     RecommendResponse,
+    Reloaded,
     SessionRecommendations,
     request_models,
 )
-from mlsa4rec.serving.sessions import Sessions, SessionStore
+from mlsa4rec.serving.sessions import SessionRefused, Sessions, SessionStore, SessionTooLarge, StoreUnavailable
 
 log = logging.getLogger("mlsa4rec")
 
@@ -101,6 +103,7 @@ DEFAULTS: dict[str, Any] = {
     "session_ttl_s": 1800.0,       # a session unused this long is dropped
     "batch_window_ms": 2.0,        # under load, how long a merged model call waits for more requests; 0: off
     "max_batch": 64,               # histories in one merged model call
+    "max_session_bytes": 1_048_576,  # a session whose stored state would grow over this is refused (413)
 }
 #: create_app's access settings and their defaults: open to anyone who can reach it, no CORS.
 ACCESS_DEFAULTS: dict[str, Any] = {"tokens": None, "metrics_public": True, "docs_public": False, "cors_origins": ()}
@@ -117,47 +120,92 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 INTERNAL = "internal error; the server log has the details"
 FASTAPI_UNREADABLE = "There was an error parsing the body"
 UNREADABLE = "the body cannot be read as JSON (it is not UTF-8 text, or it is nested too deeply); send a JSON object"
-NO_SESSION = {404: {"model": ErrorBody, "description": "no such session (or it expired)"}, 422: ERRORS[422]}
+STORE_ERRORS: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorBody, "description": "the session was made by another run (the model was reloaded)"},
+    503: {"model": ErrorBody, "description": "the session store cannot be reached; send the request again"}}
+NO_SESSION = {404: {"model": ErrorBody, "description": "no such session (or it expired)"}, 422: ERRORS[422],
+              **STORE_ERRORS}
+SESSION_ERRORS = {**ERRORS, **STORE_ERRORS,
+                  413: {"model": ErrorBody, "description": "the body, or the session it makes, is over its limit"}}
+MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 
 
-def create_app(recommender: Recommender, *, max_body_bytes: int = DEFAULTS["max_body_bytes"],
+def create_app(recommender: Recommender | Mapping[str, Recommender], *,
+               max_body_bytes: int = DEFAULTS["max_body_bytes"],
                max_histories: int = DEFAULTS["max_histories"],
                max_history_length: int = DEFAULTS["max_history_length"], max_k: int = DEFAULTS["max_k"],
                max_sessions: int = DEFAULTS["max_sessions"], session_ttl_s: float = DEFAULTS["session_ttl_s"],
                batch_window_ms: float = DEFAULTS["batch_window_ms"], max_batch: int = DEFAULTS["max_batch"],
+               max_session_bytes: int = DEFAULTS["max_session_bytes"],
                tokens: Collection[str] | None = ACCESS_DEFAULTS["tokens"],
                metrics_public: bool = ACCESS_DEFAULTS["metrics_public"],
                docs_public: bool = ACCESS_DEFAULTS["docs_public"],
-               cors_origins: Collection[str] = ACCESS_DEFAULTS["cors_origins"]) -> FastAPI:
-    """A FastAPI app serving ``recommender``; the limits and the access settings are described in
-    the module docstring."""
-    rec = recommender
+               cors_origins: Collection[str] = ACCESS_DEFAULTS["cors_origins"],
+               sessions: str = "memory", default_model: str | None = None,
+               loaders: Mapping[str, Callable[[], Recommender]] | None = None) -> FastAPI:
+    """A FastAPI app serving ``recommender``, or several runs by name (``{name: recommender}``); the
+    limits, the access settings and the model settings are described in the module docstring."""
+    served = _named(recommender)
     limits = {"max_body_bytes": max_body_bytes, "max_histories": max_histories,
               "max_history_length": max_history_length, "max_k": max_k, "max_sessions": max_sessions,
-              "session_ttl_s": session_ttl_s, "batch_window_ms": batch_window_ms, "max_batch": max_batch}
+              "session_ttl_s": session_ttl_s, "batch_window_ms": batch_window_ms, "max_batch": max_batch,
+              "max_session_bytes": max_session_bytes}
     _check_limits(limits)
     allowed, origins = _check_access(tokens, metrics_public, docs_public, cors_origins)
-    RecommendRequest, EventsRequest = request_models(limits, rec.items.n_items)  # noqa: N806
+    if default_model is None and len(served) == 1:
+        default_model = next(iter(served))
+    if default_model is not None and default_model not in served:
+        raise MLSA4RecError(f"the default model {default_model!r} is not one of the models served "
+                            f"({', '.join(served)})")
+    unknown_loaders = sorted(set(loaders or {}) - set(served))
+    if unknown_loaders:
+        raise MLSA4RecError(f"loaders name {unknown_loaders[0]!r}, which is not a model served ({', '.join(served)})")
     meters = _Meters.create()
     worker = ModelWorker()
-    batcher = (Batcher(rec, worker.run, batch_window_ms / 1000, max_batch, meters.batch_sizes)
-               if batch_window_ms > 0 else None)
-    sessions = SessionStore(max_sessions, session_ttl_s, meters.live, meters.dropped)
 
+    def batcher_for(rec: Recommender) -> Batcher | None:
+        return (Batcher(rec, worker.run, batch_window_ms / 1000, max_batch, meters.batch_sizes)
+                if batch_window_ms > 0 else None)
+
+    slots = {name: Slot(name, Served(rec, batcher_for(rec), time.time()),
+                        _store(sessions, name, limits, meters), (loaders or {}).get(name) or _reloader(rec),
+                        batcher_for) for name, rec in served.items()}
+    default = slots.get(default_model) if default_model is not None else None
+    first = default or next(iter(slots.values()))
+    rec = first.served.rec
+    names = ", ".join(slots)
     # /docs and /redoc load their scripts from the installed package, so they work without the internet
     app = FastAPIOffline(title="mlsa4rec", version=_version(), lifespan=_lifespan, exception_handlers=ERROR_HANDLERS,
-                         description=f"Recommendations of the {rec.config.model} run "
-                                     f"{rec.run_dir.name if rec.run_dir else ''} trained on {rec.config.dataset}, in "
-                                     "the data file's own item ids. Errors are JSON {\"error\": \"...\"}.")
-    app.state.recommender, app.state.sessions, app.state.limits = rec, sessions, limits
+                         description=(f"Recommendations of the {rec.config.model} run "
+                                      f"{rec.run_dir.name if rec.run_dir else ''} trained on {rec.config.dataset}"
+                                      if len(slots) == 1 else f"Recommendations of the runs {names} "
+                                      "(under /models/NAME/...)") + ", in the data file's own item ids. Errors are "
+                                     "JSON {\"error\": \"...\"}.")
+    app.state.recommender, app.state.slots, app.state.limits = rec, slots, limits
+    app.state.sessions = first.sessions
+    app.state.session_store = "memory" if sessions == "memory" else first.sessions.where  # type: ignore[attr-defined]
     app.state.access = {"tokens": len(allowed), "metrics_public": metrics_public, "docs_public": docs_public,
                         "cors_origins": origins}  # what is open, for the server's log; never the tokens
-    app.state.registry, app.state.worker, app.state.batcher = meters.registry, worker, batcher
+    app.state.registry, app.state.worker = meters.registry, worker
+    memory = [slot.sessions for slot in slots.values() if isinstance(slot.sessions, SessionStore)]
+    if memory:
+        meters.live.set_function(lambda: sum(len(store) for store in memory))
 
-    _add_recommend(app, rec, worker, batcher, RecommendRequest)
-    _add_sessions(app, rec, worker, sessions, EventsRequest, k_limit=min(max_k, rec.items.n_items),
-                  max_exclude=max_history_length)
-    _add_status(app, rec, sessions, limits, meters.registry)
+    def resolve_default() -> Slot:
+        if default is None:
+            raise StarletteHTTPException(404, f"several models are served ({names}) and none is the default: name "
+                                              "one, as /models/NAME/...")
+        return default
+
+    # one pair of request bodies for every model (one schema in the docs): k up to the largest catalogue's
+    # size there, and a k over a model's own items is refused by the model (422, naming the largest)
+    bodies = request_models(limits, max(slot.served.rec.items.n_items for slot in slots.values()))
+    _add_model_routes(app, "", resolve_default, worker, limits, bodies, (default or first).served.rec.items.n_items)
+    for name, slot in slots.items():
+        _add_model_routes(app, f"/models/{name}", lambda slot=slot: slot, worker, limits, bodies,
+                          slot.served.rec.items.n_items)
+    _add_models(app, slots, default_model)
+    _add_status(app, slots, first, limits, meters.registry)
 
     # the last added runs first: Metrics, Cors, BearerAuth, BodyLimit, JsonSpelling, then the routes
     app.add_middleware(JsonSpelling)
@@ -277,29 +325,132 @@ class _Meters:
                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry))
 
 
+@dataclass(frozen=True)
+class Served:
+    """One run as it is served: its recommender and micro-batcher, and when it was loaded. A reload
+    builds a new one; requests already running finish on the one they took."""
+
+    rec: Recommender
+    batcher: Batcher | None
+    loaded: float  # time.time()
+
+
+class Slot:
+    """A model served under a name: its current run (``served``, swapped whole by a reload), its
+    session store, and how to load its run again."""
+
+    def __init__(self, name: str, served: Served, sessions: Sessions, load: Callable[[], Recommender],
+                 batcher_for: Callable[[Recommender], Batcher | None]) -> None:
+        self.name, self.served, self.sessions, self.load = name, served, sessions, load
+        self.batcher_for = batcher_for
+        self.reloading = asyncio.Lock()  # one reload at a time per model
+
+    async def reload(self) -> tuple[Served, Served]:
+        """Load the run again (checked against its manifest), off the model's thread so that requests
+        keep being answered, then swap it in; returns (before, after)."""
+        async with self.reloading:
+            try:
+                rec = await asyncio.to_thread(self.load)
+            except MLSA4RecError as exc:
+                raise ReloadFailed(f"cannot reload {self.name!r}: {str(exc).splitlines()[0] if str(exc) else exc}; "
+                                   "the run served before is still served") from None
+            except OSError as exc:
+                raise ReloadFailed(f"cannot reload {self.name!r}: {exc.strerror or exc}; the run served before is "
+                                   "still served") from None
+            before = self.served
+            after = Served(rec, self.batcher_for(rec), time.time())
+            if after.batcher is not None:
+                after.batcher.start()
+            self.served = after  # from here on, new requests use the new run
+            if before.batcher is not None:
+                await before.batcher.retire()  # after answering what was submitted to it
+            return before, after
+
+
+class ReloadFailed(MLSA4RecError):
+    """A reload that could not load the run: the previous one is still served (HTTP 409)."""
+
+
+def _named(recommender: Recommender | Mapping[str, Recommender]) -> dict[str, Recommender]:
+    """The runs to serve by name: one run is named after its directory."""
+    if isinstance(recommender, Recommender):
+        name = recommender.run_dir.name if recommender.run_dir is not None else "model"
+        return {_model_name(name): recommender}
+    if not isinstance(recommender, Mapping) or not recommender:
+        raise MLSA4RecError("create_app serves a Recommender, or a mapping of names to Recommenders")
+    for name, rec in recommender.items():
+        if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+            raise MLSA4RecError(f"a served model's name must be 1-64 letters, digits, '.', '_' or '-' (it goes in "
+                                f"URLs: /models/NAME/...), got {name!r:.80}")
+        if not isinstance(rec, Recommender):
+            raise MLSA4RecError(f"model {name!r} is a {type(rec).__name__}, not a Recommender")
+    return dict(recommender)
+
+
+def _model_name(name: str) -> str:
+    """A directory's name as a model name in URLs (unusable characters become '-')."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", name)[:64].strip(".") or "model"
+    return cleaned
+
+
+def _store(url: str, name: str, limits: dict[str, Any], meters: "_Meters") -> Sessions:
+    """The session store of model ``name``: in this process (``memory``) or in Redis (a URL)."""
+    if url == "memory":
+        return SessionStore(limits["max_sessions"], limits["session_ttl_s"], None, meters.dropped)
+    if not isinstance(url, str):
+        raise MLSA4RecError(f"sessions must be 'memory' or a Redis URL, got {url!r:.80}")
+    from mlsa4rec.serving.redis_sessions import PREFIX, RedisSessions
+
+    try:
+        return RedisSessions(url, limits["session_ttl_s"], limits["max_session_bytes"], prefix=f"{PREFIX}:{name}")
+    except ImportError as exc:
+        raise MLSA4RecError(f"Redis sessions need the redis extra ({exc.name} is missing): pip install "
+                            "'mlsa4rec[redis]'") from None
+
+
+def _reloader(rec: Recommender) -> Callable[[], Recommender]:
+    """Load ``rec``'s run directory again, on its device (what ``POST /models/NAME/reload`` does)."""
+    if rec.run_dir is None:
+        def refuse() -> Recommender:
+            raise MLSA4RecError("this model was not loaded from a run directory, so there is nothing to load again")
+        return refuse
+    run_dir, device = rec.run_dir, str(rec.device)
+    return lambda: Recommender.from_run(run_dir, device=device)
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """While the app runs: the model's worker thread, the batcher and the periodic session sweep."""
+    """While the app runs: the model's worker thread, the batchers and the periodic session sweep."""
     worker: ModelWorker = app.state.worker
-    batcher: Batcher | None = app.state.batcher
+    slots: dict[str, Slot] = app.state.slots
     worker.start()
-    if batcher is not None:
-        batcher.start()
-    sweep = asyncio.get_running_loop().create_task(_sweeper(app.state.sessions, app.state.limits["session_ttl_s"]))
+    for slot in slots.values():
+        if slot.served.batcher is not None:
+            slot.served.batcher.start()
+        check = getattr(slot.sessions, "check", None)
+        if check is not None:
+            try:
+                await check()
+            except MLSA4RecError as exc:  # served anyway: the session endpoints answer 503 until it is back
+                log.warning("%s; the session endpoints answer 503 until it can be reached", exc)
+    period = max(0.05, min(app.state.limits["session_ttl_s"] / 2, 30.0))
+    sweep = asyncio.get_running_loop().create_task(_sweeper([s.sessions for s in slots.values()], period))
     try:
         yield
     finally:
         sweep.cancel()
-        if batcher is not None:
-            await batcher.stop()
+        for slot in slots.values():
+            if slot.served.batcher is not None:
+                await slot.served.batcher.stop()
+            await slot.sessions.close()
         worker.stop()
 
 
-async def _sweeper(sessions: Sessions, ttl_s: float) -> None:
-    period = max(0.05, min(ttl_s / 2, 30.0))
+async def _sweeper(stores: list[Sessions], period: float) -> None:
     while True:
         await asyncio.sleep(period)
-        sessions.sweep()
+        for store in stores:
+            store.sweep()
 
 
 # --- errors: always one JSON line, never a traceback ---
@@ -325,12 +476,18 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     return JSONResponse({"error": f"invalid request: {shown}{more}", "detail": detail}, status_code=422)
 
 
+#: errors of the session store and of reloads, by the status they answer with (others: 422)
+STATUS_OF = ((StoreUnavailable, 503), (SessionRefused, 409), (ReloadFailed, 409), (SessionTooLarge, 413))
+
+
 async def _unusable(request: Request, exc: MLSA4RecError) -> JSONResponse:
     broken = isinstance(exc, BrokenModelError)  # the run is at fault, not the request
-    if broken:
+    if broken or isinstance(exc, (StoreUnavailable, ReloadFailed)):
         log.error("%s %s: %s", request.method, request.url.path, exc)
+    status = 500 if broken else next((code for kind, code in STATUS_OF if isinstance(exc, kind)), 422)
+    headers = {"Retry-After": "1"} if status == 503 else None
     return JSONResponse({"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__},
-                        status_code=500 if broken else 422)
+                        status_code=status, headers=headers)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -365,15 +522,24 @@ def _recommendations(recs: list[Recommendation]) -> list[dict[str, Any]]:
     return [{"item": r.item, "score": r.score} for r in recs]
 
 
-def _add_recommend(app: FastAPI, rec: Recommender, worker: ModelWorker, batcher: Batcher | None,
-                   RecommendRequest: type[BaseModel]) -> None:  # noqa: N803
-    """POST /recommend: merged by ``batcher`` when it runs and the request has one history."""
+def _add_model_routes(app: FastAPI, prefix: str, resolve: Callable[[], Slot], worker: ModelWorker,
+                      limits: dict[str, Any], bodies: tuple[type, type], n_items: int) -> None:
+    """A model's endpoints under ``prefix`` ("" for the default model, /models/NAME for a named one):
+    /recommend and the sessions. Each request takes the model's run as it is when it starts."""
+    RecommendRequest, EventsRequest = bodies  # noqa: N806
+    k_limit, max_exclude = min(limits["max_k"], n_items), limits["max_history_length"]
+    SessionId = Annotated[str, PathParam(pattern=SESSION_ID, description="any id of 1-128 letters, digits, ._~:@-")]  # noqa: N806
+    K = Annotated[int, Query(ge=1, le=k_limit, description="how many items")]  # noqa: N806
+    default_k = min(10, k_limit)  # a run with fewer than 10 items answers with all of them
+    tags = [prefix.removeprefix("/models/")] if prefix else None
 
-    @app.post("/recommend", response_model=RecommendResponse, responses=ERRORS, summary="top-k items per history",
-              dependencies=[Depends(json_body)])
+    @app.post(f"{prefix}/recommend", response_model=RecommendResponse, responses=ERRORS, tags=tags,
+              summary="top-k items per history", dependencies=[Depends(json_body)])
     async def recommend(body: RecommendRequest) -> dict[str, Any]:  # type: ignore[valid-type]
         """The ``k`` best items for each history (item ids of the data file, oldest first), scored as
         the evaluation scores a test user (the last L items)."""
+        served = resolve().served
+        rec, batcher = served.rec, served.batcher
         if batcher is not None and batcher.running and len(body.histories) == 1:
             ids = rec.to_ids(body.histories[0], body.unknown)
             if ids:  # exclusions are checked here, so a bad one never fails the merged model call
@@ -384,39 +550,27 @@ def _add_recommend(app: FastAPI, rec: Recommender, worker: ModelWorker, batcher:
                                    body.unknown, body.fallback)
         return {"recommendations": [_recommendations(a) for a in answers]}
 
-
-def _add_sessions(app: FastAPI, rec: Recommender, worker: ModelWorker, sessions: Sessions,
-                  EventsRequest: type[BaseModel], k_limit: int, max_exclude: int) -> None:  # noqa: N803
-    """/sessions/{session_id}/...: add events, recommend after them, forget the session."""
-
-    SessionId = Annotated[str, PathParam(pattern=SESSION_ID, description="any id of 1-128 letters, digits, ._~:@-")]  # noqa: N806
-    K = Annotated[int, Query(ge=1, le=k_limit, description="how many items")]  # noqa: N806
-    default_k = min(10, k_limit)  # a run with fewer than 10 items answers with all of them
-
-    @app.post("/sessions/{session_id}/events", response_model=EventsResponse, responses=ERRORS,
-              summary="add events to a session (created on first use)", dependencies=[Depends(json_body)])
+    @app.post(f"{prefix}/sessions/{{session_id}}/events", response_model=EventsResponse, responses=SESSION_ERRORS,
+              tags=tags, summary="add events to a session (created on first use)", dependencies=[Depends(json_body)])
     async def add_events(session_id: SessionId, body: EventsRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+        slot = resolve()
+        rec = slot.served.rec
         known, missing = rec.items.ids(body.items)
         if missing and body.unknown == "error":
             rec.to_ids(body.items)  # raises, naming the unknown ids
-        session = sessions.get(session_id)
-        if session is None:
-            session = await worker.run(rec.session)  # its initial model state, made on the model's thread
-            earlier = sessions.get(session_id)  # a request for the same id that got there first
-            if earlier is not None:
-                session = earlier
-            else:
-                sessions.put(session_id, session)
 
-        def add() -> int:
+        def add(session: Session) -> int:
             session.add_ids(known)
             return session.length
 
-        length = await worker.run(add)
+        async def apply(session: Session) -> int:
+            return await worker.run(add, session)  # the model's steps, on the model's thread
+
+        length = await slot.sessions.update(session_id, rec, apply, lambda: worker.run(rec.session))
         return {"session": session_id, "length": length, "added": len(known), "dropped": missing}
 
-    @app.get("/sessions/{session_id}/recommendations", response_model=SessionRecommendations, responses=NO_SESSION,
-             summary="top-k items after a session's events")
+    @app.get(f"{prefix}/sessions/{{session_id}}/recommendations", response_model=SessionRecommendations,
+             responses=NO_SESSION, tags=tags, summary="top-k items after a session's events")
     async def session_recommendations(
             session_id: SessionId, k: K = default_k, exclude_seen: bool = False,
             exclude: Annotated[list[str], Query(max_length=max_exclude,
@@ -426,37 +580,71 @@ def _add_sessions(app: FastAPI, rec: Recommender, worker: ModelWorker, sessions:
             unknown: Annotated[Literal["error", "drop"], Query(
                 description="an excluded item id the run never saw: a 422 naming it, or dropped")] = "error",
     ) -> dict[str, Any]:
-        session = sessions.get(session_id)
+        slot = resolve()
+        session = await slot.sessions.read(session_id, slot.served.rec)
         if session is None:
             raise StarletteHTTPException(404, f"no session {session_id!r} (never created, deleted or expired)")
         with option_style("query"):
             answer = await worker.run(session.recommend, k, exclude_seen, exclude, fallback, unknown)
         return {"session": session_id, "length": session.length, "recommendations": _recommendations(answer)}
 
-    @app.delete("/sessions/{session_id}", response_model=Deleted, responses=NO_SESSION, summary="forget a session")
+    @app.delete(f"{prefix}/sessions/{{session_id}}", response_model=Deleted, responses=NO_SESSION, tags=tags,
+                summary="forget a session")
     async def delete_session(session_id: SessionId) -> dict[str, Any]:
-        if not sessions.delete(session_id):
+        if not await resolve().sessions.remove(session_id):
             raise StarletteHTTPException(404, f"no session {session_id!r} (never created, deleted or expired)")
         return {"session": session_id, "deleted": True}
 
 
-def _add_status(app: FastAPI, rec: Recommender, sessions: Sessions, limits: dict[str, Any],
+def _model_info(slot: Slot, default: str | None) -> dict[str, Any]:
+    rec = slot.served.rec
+    return {"name": slot.name, "model": rec.config.model, "dataset": str(rec.config.dataset),
+            "run_dir": str(rec.run_dir) if rec.run_dir is not None else None, "items": rec.items.n_items,
+            "fingerprint": rec.fingerprint[:16], "loaded_at": slot.served.loaded, "default": slot.name == default}
+
+
+def _add_models(app: FastAPI, slots: dict[str, Slot], default: str | None) -> None:
+    """GET /models, and POST /models/NAME/reload for each model."""
+
+    @app.get("/models", response_model=ModelList, summary="the models served")
+    async def models() -> dict[str, Any]:
+        return {"default": default, "models": [_model_info(slot, default) for slot in slots.values()]}
+
+    for name, slot in slots.items():
+        def reloader(slot: Slot = slot):
+            async def reload() -> dict[str, Any]:
+                """Load the model's run directory again (a newer training published there), verified
+                against its manifest, and serve it from now on; requests keep being answered meanwhile.
+                Sessions made by the run before are refused (409) from then on: delete them and start
+                new ones."""
+                before, after = await slot.reload()
+                log.info("reloaded %s: %s -> %s", slot.name, before.rec.fingerprint[:16], after.rec.fingerprint[:16])
+                return {"name": slot.name, "previous": before.rec.fingerprint[:16],
+                        "model": _model_info(slot, default)}
+            return reload
+
+        app.post(f"/models/{name}/reload", response_model=Reloaded, tags=[name], summary="serve the run again",
+                 responses={409: {"model": ErrorBody, "description": "the run cannot be loaded; the one before is "
+                                                                     "still served"}})(reloader())
+
+
+def _add_status(app: FastAPI, slots: dict[str, Slot], first: Slot, limits: dict[str, Any],
                 registry: CollectorRegistry) -> None:
     """GET /health and /metrics."""
 
-    model, dataset = rec.config.model, str(rec.config.dataset)
-
-    @app.get("/health", response_model=Health, summary="the run served and the live sessions")
+    @app.get("/health", response_model=Health, summary="the runs served and the live sessions")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model, "dataset": dataset, "items": rec.items.n_items,
-                "max_item_list_length": rec.max_seq_length, "streams": rec.streams, "sessions": len(sessions),
-                "limits": limits}
+        rec = first.served.rec
+        counts = [await slot.sessions.count() for slot in slots.values()]
+        return {"status": "ok", "model": rec.config.model, "dataset": str(rec.config.dataset),
+                "items": rec.items.n_items, "max_item_list_length": rec.max_seq_length, "streams": rec.streams,
+                "sessions": None if None in counts else sum(counts), "session_store": app.state.session_store,
+                "models": list(slots), "limits": limits}
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics (text format)")
     async def metrics() -> PlainTextResponse:
         """Requests by endpoint and status, a latency histogram, live and dropped sessions, batch sizes."""
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
 
 
 def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:

@@ -79,14 +79,15 @@ def decode_session(rec: Recommender, data: bytes) -> Session:
 
 
 class RedisSessions:
-    """The session store of ``mlsa4rec serve --sessions redis://HOST:PORT/DB`` (``url``)."""
+    """The session store of ``mlsa4rec serve --sessions redis://HOST:PORT/DB`` (``url``); the keys of
+    one served model share ``prefix``."""
 
-    def __init__(self, url: str, rec: Recommender, ttl_s: float, max_bytes: int, prefix: str = PREFIX,
+    def __init__(self, url: str, ttl_s: float, max_bytes: int, prefix: str = PREFIX,
                  timeout_s: float = TIMEOUT_S) -> None:
         import redis.asyncio as redis
 
         check_url(url)
-        self.url, self.rec, self.prefix = url, rec, prefix
+        self.url, self.prefix = url, prefix
         self.ttl_ms = max(1, math.ceil(ttl_s * 1000))
         self.max_bytes = max_bytes
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
@@ -96,13 +97,13 @@ class RedisSessions:
     def _key(self, sid: str) -> str:
         return f"{self.prefix}:{sid}"
 
-    async def read(self, sid: str) -> Session | None:
+    async def read(self, sid: str, rec: Recommender) -> Session | None:
         """The live session ``sid`` (its time to live starts again), or None."""
         async with self._available():
             data = await self.client.getex(self._key(sid), px=self.ttl_ms)
-        return None if data is None else decode_session(self.rec, data)
+        return None if data is None else decode_session(rec, data)
 
-    async def update(self, sid: str, apply: Callable[[Session], Awaitable[T]],
+    async def update(self, sid: str, rec: Recommender, apply: Callable[[Session], Awaitable[T]],
                      new: Callable[[], Awaitable[Session]]) -> T:
         """Apply ``apply`` to session ``sid`` (made by ``new`` if it is not live) and store the result,
         as one transaction: when another request changed the session meanwhile, start again from
@@ -116,7 +117,7 @@ class RedisSessions:
                     try:
                         await pipe.watch(key)
                         data = await pipe.get(key)
-                        session = await new() if data is None else decode_session(self.rec, data)
+                        session = await new() if data is None else decode_session(rec, data)
                         result = await apply(session)
                         blob = encode_session(session)
                         if len(blob) > self.max_bytes:

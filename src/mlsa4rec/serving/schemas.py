@@ -51,13 +51,37 @@ class Deleted(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"]
-    model: str
+    model: str = Field(description="the default model's (or, without one, the first's)")
     dataset: str
     items: int = Field(description="items the run knows (the largest k)")
     max_item_list_length: int = Field(description="L: the history length the model reads")
     streams: bool = Field(description="sessions keep a constant-size model state")
-    sessions: int = Field(description="live sessions")
+    sessions: int | None = Field(description="live sessions (null where Redis keeps them: not counted)")
+    session_store: str = Field(description="memory, or the Redis URL (without its password)")
+    models: list[str] = Field(description="the names of the models served (/models/NAME/...)")
     limits: dict[str, Union[int, float]]  # noqa: UP007
+
+
+class ModelInfo(BaseModel):
+    name: str
+    model: str
+    dataset: str
+    run_dir: str | None
+    items: int
+    fingerprint: str = Field(description="the first 16 hex digits of the run's identity (weights and items)")
+    loaded_at: float = Field(description="when this run was loaded (Unix time)")
+    default: bool = Field(description="served at the root endpoints (/recommend, /sessions/...) too")
+
+
+class ModelList(BaseModel):
+    default: str | None
+    models: list[ModelInfo]
+
+
+class Reloaded(BaseModel):
+    name: str
+    previous: str = Field(description="the fingerprint of the run served before")
+    model: ModelInfo
 
 
 class FieldError(BaseModel):

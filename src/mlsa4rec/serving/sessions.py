@@ -12,7 +12,7 @@ from typing import Protocol, TypeVar
 from prometheus_client import Counter, Gauge
 
 from mlsa4rec.errors import MLSA4RecError
-from mlsa4rec.serving.recommender import Session
+from mlsa4rec.serving.recommender import Recommender, Session
 
 T = TypeVar("T")
 
@@ -30,13 +30,15 @@ class SessionTooLarge(MLSA4RecError):
 
 
 class Sessions(Protocol):
-    """Live sessions by id, each dropped after a while unused; what the app needs of a store."""
+    """Live sessions by id, each dropped after a while unused; what the app needs of a store. ``rec``
+    is the run now served: a session another run made (before a reload, or by another server) is
+    refused with ``SessionRefused``, never continued with the wrong model."""
 
-    async def read(self, sid: str) -> Session | None:
+    async def read(self, sid: str, rec: Recommender) -> Session | None:
         """The live session ``sid`` (now its most recent use), or None."""
         ...
 
-    async def update(self, sid: str, apply: Callable[[Session], Awaitable[T]],
+    async def update(self, sid: str, rec: Recommender, apply: Callable[[Session], Awaitable[T]],
                      new: Callable[[], Awaitable[Session]]) -> T:
         """``apply`` session ``sid`` (``new()`` when it is not live) and keep the result, no other
         change to the session coming in between; returns what ``apply`` returned."""
@@ -54,6 +56,15 @@ class Sessions(Protocol):
         """Drop the sessions idle too long (the app calls this periodically); how many were dropped."""
         ...
 
+    async def close(self) -> None:
+        """Let go of what the store holds open (connections), when the app stops."""
+        ...
+
+
+def other_run(sid: str) -> SessionRefused:
+    return SessionRefused(f"session {sid!r} was made by another run than the one served now (the model was "
+                          "reloaded); delete it and start a new session")
+
 
 @dataclass
 class _Entry:
@@ -63,9 +74,10 @@ class _Entry:
 
 class SessionStore:
     """Live sessions by id in this process: least recently used first, dropped beyond ``cap`` or after
-    ``ttl_s`` idle; ``gauge`` follows their number and ``dropped`` counts drops by reason (lru, idle)."""
+    ``ttl_s`` idle; ``gauge`` (if any) follows their number and ``dropped`` counts drops by reason
+    (lru, idle)."""
 
-    def __init__(self, cap: int, ttl_s: float, gauge: Gauge, dropped: Counter,
+    def __init__(self, cap: int, ttl_s: float, gauge: Gauge | None, dropped: Counter,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cap = cap
         self.ttl_s = ttl_s
@@ -95,26 +107,29 @@ class SessionStore:
         self._entries.move_to_end(sid)
         while len(self._entries) > self.cap:
             self._drop(next(iter(self._entries)), "lru")
-        self._gauge.set(len(self._entries))
+        self._set_gauge()
 
     def delete(self, sid: str) -> bool:
         if self.get(sid) is None:
             return False
         del self._entries[sid]
-        self._gauge.set(len(self._entries))
+        self._set_gauge()
         return True
 
     # --- the app's interface (``Sessions``): the model thread runs ``apply`` one call at a time, so a
     # session object changed in place never loses an event here
-    async def read(self, sid: str) -> Session | None:
-        return self.get(sid)
-
-    async def update(self, sid: str, apply: Callable[[Session], Awaitable[T]],
-                     new: Callable[[], Awaitable[Session]]) -> T:
+    async def read(self, sid: str, rec: Recommender) -> Session | None:
         session = self.get(sid)
+        if session is not None and session.rec is not rec:
+            raise other_run(sid)
+        return session
+
+    async def update(self, sid: str, rec: Recommender, apply: Callable[[Session], Awaitable[T]],
+                     new: Callable[[], Awaitable[Session]]) -> T:
+        session = await self.read(sid, rec)
         if session is None:
             session = await new()
-            earlier = self.get(sid)  # a request for the same id that got there while this one waited
+            earlier = await self.read(sid, rec)  # a request for the same id that got there while this one waited
             if earlier is not None:
                 session = earlier
             else:
@@ -127,6 +142,9 @@ class SessionStore:
     async def count(self) -> int | None:
         return len(self)
 
+    async def close(self) -> None:
+        return None
+
     def sweep(self) -> int:
         """Drop every session idle longer than the ttl; the oldest come first, so stop at a live one."""
         now, dropped = self.clock(), 0
@@ -138,7 +156,11 @@ class SessionStore:
             dropped += 1
         return dropped
 
+    def _set_gauge(self) -> None:
+        if self._gauge is not None:
+            self._gauge.set(len(self._entries))
+
     def _drop(self, sid: str, reason: str) -> None:
         del self._entries[sid]
         self._dropped.labels(reason).inc()
-        self._gauge.set(len(self._entries))
+        self._set_gauge()
