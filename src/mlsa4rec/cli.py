@@ -22,6 +22,7 @@ import os
 import re
 import shlex
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     access.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="an origin (scheme://host[:port]) whose web pages may call the service from a browser; "
                              "repeatable; * for any origin (default: none, no CORS headers)")
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="server processes sharing the port, each with the models loaded (needs --sessions "
+                            "redis://...; default 1: one process, model calls on one thread)")
+    serve.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # a worker's socket, bound by its parent
     serve.add_argument("--no-access-log", action="store_true", help="do not log every request")
     _add_data_args(serve)
     _add_quiet(serve)
@@ -371,13 +376,19 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
 
 def _without_nproc(argv: Sequence[str]) -> list[str]:
     """``argv`` minus ``--nproc N`` / ``--nproc=N`` (and argparse's abbreviations of it)."""
+    return _without_flag(argv, "--nproc", 3)
+
+
+def _without_flag(argv: Sequence[str], flag: str, shortest: int) -> list[str]:
+    """``argv`` minus ``flag N`` / ``flag=N``, and argparse's abbreviations of ``flag`` longer than
+    ``shortest`` characters."""
     out, skip = [], False
     for token in argv:
         if skip:
             skip = False
             continue
         name, eq, _ = token.partition("=")
-        if len(name) > 3 and "--nproc".startswith(name):
+        if len(name) > shortest and flag.startswith(name):
             skip = not eq
             continue
         out.append(token)
@@ -574,17 +585,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             return rec
         return load
 
+    if args.workers < 1:
+        raise MLSA4RecError(f"--workers must be at least 1, got {args.workers}")
+    if args.workers > 1 and args.sessions == "memory":
+        raise MLSA4RecError(f"--workers {args.workers} needs --sessions redis://HOST:PORT/DB: sessions kept in one "
+                            "process's memory are not seen by the others")
+    if args.workers > 1:
+        return _serve_workers(args, listen)
     loaders = {name: loader(directory) for name, directory in runs.items()}
     served = {name: load() for name, load in loaders.items()}
     with option_style("cli"):  # a bad limit is named as its flag: --max-k
         app = create_app(served, **{name: getattr(args, flag) for flag, name in SERVE_LIMITS.items()
                                     if hasattr(args, flag)}, **access, sessions=args.sessions,
                          default_model=args.default_model, loaders=loaders)
-    try:  # bound here, so a taken port is one error line rather than uvicorn's exit
-        sock = listen(args.host, args.port)
-    except (OSError, OverflowError) as exc:
-        raise MLSA4RecError(f"cannot listen on {args.host}:{args.port}: {getattr(exc, 'strerror', None) or exc}"
-                            ) from None
+    if args.listen_fd is not None:  # a worker of `serve --workers N`: the socket its parent bound
+        import socket
+
+        sock = socket.socket(fileno=args.listen_fd)
+    else:
+        sock = _bound(listen, args.host, args.port)
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
     shown = ", ".join(f"{name} ({rec.config.model}, {runs[name]})" for name, rec in served.items())
@@ -610,6 +629,58 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         for handler in restore:
             signal.signal(signal.SIGTERM, handler)
     return 0
+
+
+def _bound(listen: Callable[[str, int], Any], host: str, port: int) -> Any:
+    """The listening socket, bound here so that a taken port is one error line rather than uvicorn's exit."""
+    try:
+        return listen(host, port)
+    except (OSError, OverflowError) as exc:
+        raise MLSA4RecError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _serve_workers(args: argparse.Namespace, listen: Callable[[str, int], Any]) -> int:
+    """``serve --workers N``: bind the socket here, then run N ``serve`` processes that accept on it
+    (each with the models loaded, all keeping their sessions in one Redis); SIGTERM and Ctrl-C go to
+    all of them. One that exits on its own stops the others: this is not a process supervisor
+    (run it under one: systemd, Kubernetes)."""
+    import signal
+    import subprocess
+
+    sock = _bound(listen, args.host, args.port)
+    port = sock.getsockname()[1]
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    argv = [*_without_flag(_without_flag(args.argv, "--workers", 3), "--port", 4), "--port", str(port),
+            "--listen-fd", str(sock.fileno())]
+    children = [subprocess.Popen([sys.executable, "-m", "mlsa4rec", *argv], pass_fds=(sock.fileno(),))
+                for _ in range(args.workers)]
+    print(f"serving with {args.workers} worker processes (pids {', '.join(str(c.pid) for c in children)}) on "
+          f"http://{host}:{port}", flush=True)
+
+    def forward(signum, frame):  # as SIGTERM: a graceful stop (a Ctrl-C also reached them from the terminal)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    restore = [(sig, signal.signal(sig, forward)) for sig in (signal.SIGTERM, signal.SIGINT)]
+    try:
+        while True:
+            codes = [child.poll() for child in children]
+            if all(code is not None for code in codes):
+                break
+            ended = next((c for c in codes if c is not None), None)
+            if ended is not None:  # one stopped: the others follow
+                forward(signal.SIGTERM, None)
+                for child in children:
+                    child.wait()
+                break
+            time.sleep(0.2)
+    finally:
+        for sig, handler in restore:
+            signal.signal(sig, handler)
+        sock.close()
+    codes = [child.returncode for child in children]
+    return 0 if all(code in (0, 130, -signal.SIGTERM) for code in codes) else max(abs(c) for c in codes)
 
 
 def _serve_access(args: argparse.Namespace, origin_problem: Callable[[object], str | None],

@@ -200,8 +200,44 @@ def test_redis_down_is_a_503_for_sessions_only_and_the_service_recovers(redis_se
     (["--run-dir", "a=", "--run-dir", "b=y"], "name the run directory after '='"),
     (["--run-dir", "x", "--default-model", "nope"], "--default-model 'nope' is not one of the models served (x)"),
     (["--run-dir", "x", "--sessions", "mongodb://h"], "--sessions takes memory or a Redis URL"),
+    (["--run-dir", "x", "--workers", "2"], "--workers 2 needs --sessions redis://HOST:PORT/DB"),
+    (["--run-dir", "x", "--workers", "0"], "--workers must be at least 1"),
 ])
 def test_bad_serve_flags_are_one_line_before_anything_loads(capsys, argv: list[str], message: str) -> None:
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_worker_processes_share_the_port_and_the_sessions(redis_server: RedisServer) -> None:
+    run = tiny_run("gru4rec")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    process = subprocess.Popen([sys.executable, "-m", "mlsa4rec", "serve", "--run-dir", str(run), "--port", "0",
+                                "--sessions", redis_server.url, "--workers", "2", "--no-access-log"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        found = re.search(r"with 2 worker processes \(pids (\d+), (\d+)\) on (http://127\.0\.0\.1:\d+)",
+                          process.stdout.readline())
+        assert found, process.stderr.read()[-2000:]
+        url = found.group(3)
+        with httpx.Client(base_url=url, timeout=20) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if client.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+            lengths = []
+            for _ in range(20):  # new connections: the kernel hands them to either worker
+                with httpx.Client(base_url=url, timeout=20) as fresh:
+                    lengths.append(fresh.post("/sessions/both/events", json={"items": ["i2"]}).json()["length"])
+            assert lengths == list(range(1, 21))
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        process.kill()
+        process.wait(20)
+        process.stdout.close()
+        process.stderr.close()
