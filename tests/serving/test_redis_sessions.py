@@ -14,7 +14,7 @@ from conftest import RedisServer
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.serving.recommender import Recommender
 from mlsa4rec.serving.redis_sessions import RedisSessions, check_url, decode_session, encode_session
-from mlsa4rec.serving.sessions import SessionRefused, SessionTooLarge, StoreUnavailable
+from mlsa4rec.serving.sessions import ServedRun, SessionRefused, SessionTooLarge, StoreUnavailable
 
 pytest.importorskip("redis")
 
@@ -66,6 +66,15 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def here(fn, *args):
+    return fn(*args)
+
+
+def served(rec: Recommender, earlier: frozenset = frozenset()) -> ServedRun:
+    """The run a store serves sessions for; ``earlier``: runs it served before (reloads)."""
+    return ServedRun(rec, earlier, here)
+
+
 def store(rec: Recommender, url: str, **kwargs) -> RedisSessions:
     return RedisSessions(url, ttl_s=kwargs.pop("ttl_s", 60.0), max_bytes=kwargs.pop("max_bytes", 1 << 20),
                          prefix=f"test:{uuid.uuid4().hex}", **kwargs)
@@ -84,15 +93,16 @@ def test_update_read_remove_and_expiry(redis_server: RedisServer) -> None:
             session.add_many(["i1", "i2"])
             return session.length
 
-        assert await sessions.read("a", rec) is None
-        assert await sessions.update("a", rec, add, new) == 2 and await sessions.update("a", rec, add, new) == 4
-        back = await sessions.read("a", rec)
+        assert await sessions.read("a", served(rec)) is None
+        me = served(rec)
+        assert await sessions.update("a", me, add, new) == 2 and await sessions.update("a", me, add, new) == 4
+        back = await sessions.read("a", served(rec))
         whole = rec.session()
         whole.add_many(["i1", "i2", "i1", "i2"])
         assert torch.equal(back.scores(), whole.scores())
         ttl = await sessions.client.pttl(sessions._key("a"))
         assert 0 < ttl <= 30_000  # Redis expires it
-        assert await sessions.remove("a") and not await sessions.remove("a") and await sessions.read("a", rec) is None
+        assert await sessions.remove("a") and not await sessions.remove("a") and await sessions.read("a", me) is None
         await sessions.close()
 
     run(go())
@@ -113,8 +123,8 @@ def test_concurrent_changes_of_one_session_lose_no_event(redis_server: RedisServ
             session.add_many(["i3"])
             return session.length
 
-        await asyncio.gather(*(sessions[i % 2].update("s", rec, add, new) for i in range(12)))
-        length = (await sessions[0].read("s", rec)).length
+        await asyncio.gather(*(sessions[i % 2].update("s", served(rec), add, new) for i in range(12)))
+        length = (await sessions[0].read("s", served(rec))).length
         for s in sessions:
             await s.close()
         return length
@@ -139,8 +149,8 @@ def test_a_session_over_the_size_limit_is_refused_and_not_written(redis_server: 
             return session.length
 
         with pytest.raises(SessionTooLarge, match=f"over the limit of {limit:,}"):
-            await sessions.update("big", rec, add, new)
-        assert await sessions.read("big", rec) is None
+            await sessions.update("big", served(rec), add, new)
+        assert await sessions.read("big", served(rec)) is None
         await sessions.close()
 
     run(go())
@@ -161,18 +171,44 @@ def test_redis_going_away_is_one_line_and_the_store_recovers(redis_server: Redis
             session.add_many(["i1"])
             return session.length
 
-        assert await sessions.update("x", rec, add, new) == 1
+        assert await sessions.update("x", served(rec), add, new) == 1
         server.stop()
-        calls = (sessions.read("x", rec), sessions.update("x", rec, add, new), sessions.remove("x"), sessions.check())
+        me = served(rec)
+        calls = (sessions.read("x", me), sessions.update("x", me, add, new), sessions.remove("x"), sessions.check())
         for call in calls:
             with pytest.raises(StoreUnavailable, match=r"^the session store redis://127\.0\.0\.1:\d+/0 cannot be "
                                                        r"reached \(\w+\); try again shortly$"):
                 await call
         server.start()  # an empty Redis (nothing was saved): the session is gone, the store works again
-        assert await sessions.read("x", rec) is None and await sessions.update("x", rec, add, new) == 1
+        assert await sessions.read("x", served(rec)) is None and await sessions.update("x", served(rec), add, new) == 1
         await sessions.close()
 
     try:
         run(go())
     finally:
         server.stop()
+
+
+def test_a_session_of_the_run_before_a_reload_is_re_encoded_and_any_other_refused(redis_server: RedisServer) -> None:
+    old, new = recommender("mlsa4rec-causal"), recommender("mlsa4rec")  # two runs of one model (name)
+    expected = new.session()
+    expected.add_many(["i1", "i2", "i3"])
+
+    async def go() -> None:
+        sessions = store(old, redis_server.url)
+
+        async def fresh():
+            return old.session()
+
+        async def add(session):
+            session.add_many(["i1", "i2", "i3"])
+            return session.length
+
+        await sessions.update("r", served(old), add, fresh)
+        with pytest.raises(SessionRefused, match="a run this server never served"):
+            await sessions.read("r", served(new))
+        again = await sessions.read("r", served(new, frozenset({old.fingerprint})))
+        assert again.rec is new and again.length == 3 and torch.equal(again.scores(), expected.scores())
+        await sessions.close()
+
+    run(go())

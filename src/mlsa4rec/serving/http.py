@@ -89,7 +89,14 @@ from mlsa4rec.serving.schemas import (
     SessionRecommendations,
     request_models,
 )
-from mlsa4rec.serving.sessions import SessionRefused, Sessions, SessionStore, SessionTooLarge, StoreUnavailable
+from mlsa4rec.serving.sessions import (
+    ServedRun,
+    SessionRefused,
+    Sessions,
+    SessionStore,
+    SessionTooLarge,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("mlsa4rec")
 
@@ -121,7 +128,7 @@ INTERNAL = "internal error; the server log has the details"
 FASTAPI_UNREADABLE = "There was an error parsing the body"
 UNREADABLE = "the body cannot be read as JSON (it is not UTF-8 text, or it is nested too deeply); send a JSON object"
 STORE_ERRORS: dict[int | str, dict[str, Any]] = {
-    409: {"model": ErrorBody, "description": "the session was made by another run (the model was reloaded)"},
+    409: {"model": ErrorBody, "description": "the session was made by a run this server never served"},
     503: {"model": ErrorBody, "description": "the session store cannot be reached; send the request again"}}
 NO_SESSION = {404: {"model": ErrorBody, "description": "no such session (or it expired)"}, 422: ERRORS[422],
               **STORE_ERRORS}
@@ -344,6 +351,12 @@ class Slot:
         self.name, self.served, self.sessions, self.load = name, served, sessions, load
         self.batcher_for = batcher_for
         self.reloading = asyncio.Lock()  # one reload at a time per model
+        self.earlier: set[str] = set()  # fingerprints of the runs served before (their sessions are re-encoded)
+
+    def run(self, worker: ModelWorker) -> ServedRun:
+        """What the session store needs of the run served now."""
+        rec = self.served.rec
+        return ServedRun(rec, frozenset(self.earlier - {rec.fingerprint}), worker.run)
 
     async def reload(self) -> tuple[Served, Served]:
         """Load the run again (checked against its manifest), off the model's thread so that requests
@@ -358,6 +371,7 @@ class Slot:
                 raise ReloadFailed(f"cannot reload {self.name!r}: {exc.strerror or exc}; the run served before is "
                                    "still served") from None
             before = self.served
+            self.earlier.add(before.rec.fingerprint)
             after = Served(rec, self.batcher_for(rec), time.time())
             if after.batcher is not None:
                 after.batcher.start()
@@ -566,7 +580,7 @@ def _add_model_routes(app: FastAPI, prefix: str, resolve: Callable[[], Slot], wo
         async def apply(session: Session) -> int:
             return await worker.run(add, session)  # the model's steps, on the model's thread
 
-        length = await slot.sessions.update(session_id, rec, apply, lambda: worker.run(rec.session))
+        length = await slot.sessions.update(session_id, slot.run(worker), apply, lambda: worker.run(rec.session))
         return {"session": session_id, "length": length, "added": len(known), "dropped": missing}
 
     @app.get(f"{prefix}/sessions/{{session_id}}/recommendations", response_model=SessionRecommendations,
@@ -581,7 +595,7 @@ def _add_model_routes(app: FastAPI, prefix: str, resolve: Callable[[], Slot], wo
                 description="an excluded item id the run never saw: a 422 naming it, or dropped")] = "error",
     ) -> dict[str, Any]:
         slot = resolve()
-        session = await slot.sessions.read(session_id, slot.served.rec)
+        session = await slot.sessions.read(session_id, slot.run(worker))
         if session is None:
             raise StarletteHTTPException(404, f"no session {session_id!r} (never created, deleted or expired)")
         with option_style("query"):
@@ -615,8 +629,8 @@ def _add_models(app: FastAPI, slots: dict[str, Slot], default: str | None) -> No
             async def reload() -> dict[str, Any]:
                 """Load the model's run directory again (a newer training published there), verified
                 against its manifest, and serve it from now on; requests keep being answered meanwhile.
-                Sessions made by the run before are refused (409) from then on: delete them and start
-                new ones."""
+                A session made by the run before continues: its last L events are re-encoded by the new
+                run when it is next used (the batch path on those items)."""
                 before, after = await slot.reload()
                 log.info("reloaded %s: %s -> %s", slot.name, before.rec.fingerprint[:16], after.rec.fingerprint[:16])
                 return {"name": slot.name, "previous": before.rec.fingerprint[:16],

@@ -376,6 +376,27 @@ class Session:
             return self.rec.popular(k, exclude=exclude)
         return self.rec.top_k(self.scores(), k, [self.seen] if exclude_seen else None, exclude)[0]
 
+    @classmethod
+    def from_events(cls, rec: Recommender, recent: Iterable[Any], seen: Iterable[Any], length: int) -> Session:
+        """A session of ``rec`` continued from another run's: its last L events (raw ids) re-encoded by
+        ``rec`` (for a streaming model, stepped through from an empty state: the batch path on those
+        items), its seen items and its length kept; ids ``rec`` does not know are dropped. What a
+        session made before a reload becomes, rather than its state read by the wrong weights."""
+        session = cls(rec)
+        known, _ = rec.items.ids(_id_list(list(recent), "the session's recent items"))
+        session.add_ids(known[-rec.max_seq_length:])
+        session.seen = set(rec.items.ids(_id_list(list(seen), "the session's seen items"))[0]) | session.seen
+        session.length = max(int(length), session.length)
+        limit = getattr(rec.model, "stream_limit", None)
+        if session.state is not None and limit is not None and session.length >= limit:
+            session.state = session.representation = None  # past the learned positions: re-encoded from now on
+        return session
+
+    def rebased(self, rec: Recommender) -> Session:
+        """This session continued by ``rec`` (``from_events`` on its own events)."""
+        return Session.from_events(rec, [self.rec.items.token(i) for i in self.recent],
+                                   [self.rec.items.token(i) for i in self.seen], self.length)
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this session after a restart: plain values and tensors
         (save it with ``torch.save`` and load it with ``torch.load(weights_only=True)``). ``run`` is

@@ -30,7 +30,7 @@ from safetensors.torch import save as save_tensors
 
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.serving.recommender import Recommender, Session
-from mlsa4rec.serving.sessions import SessionRefused, SessionTooLarge, StoreUnavailable
+from mlsa4rec.serving.sessions import ServedRun, SessionRefused, SessionTooLarge, StoreUnavailable, other_run
 
 T = TypeVar("T")
 MAGIC = b"MLSA4REC-SESSION\x01"  # the value's first bytes: a key written by something else is refused
@@ -52,9 +52,8 @@ def encode_session(session: Session) -> bytes:
     return MAGIC + struct.pack(">I", len(header)) + header + save_tensors(tensors)
 
 
-def decode_session(rec: Recommender, data: bytes) -> Session:
-    """The session ``encode_session`` stored, checked by ``Session.load_state_dict`` against this
-    run: ``SessionRefused`` naming why when it cannot be used here."""
+def parse_session(data: bytes) -> dict[str, Any]:
+    """The ``state_dict`` ``encode_session`` stored (``SessionRefused`` when the value is not one)."""
     if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
         raise SessionRefused("the stored value is not a session of mlsa4rec (or of another version of its format)")
     (size,) = struct.unpack(">I", data[len(MAGIC):len(MAGIC) + 4])
@@ -70,12 +69,35 @@ def decode_session(rec: Recommender, data: bytes) -> Session:
         raise SessionRefused("the stored session is damaged (its header does not match its tensors)")
     state["state"] = [tensors[name] for name in names if name in tensors]
     state["representation"] = tensors.get("representation")
+    return state
+
+
+def decode_session(rec: Recommender, data: bytes) -> Session:
+    """The session ``encode_session`` stored, continued by the run that stored it (``rec``): its
+    state checked by ``Session.load_state_dict``, ``SessionRefused`` naming why it cannot be used."""
     session = rec.session()
     try:
-        session.load_state_dict(state)
+        session.load_state_dict(parse_session(data))
+    except SessionRefused:
+        raise
     except MLSA4RecError as exc:
         raise SessionRefused(str(exc)) from None
     return session
+
+
+async def session_of(data: bytes, run: ServedRun, sid: str) -> Session:
+    """The stored session as the run served now continues it: its state (the same run), its events
+    re-encoded (a run this model served before a reload), or refused (any other run)."""
+    state = parse_session(data)
+    if state.get("run") == run.rec.fingerprint:
+        return decode_session(run.rec, data)
+    if state.get("run") in run.earlier:
+        try:
+            return await run.on_model_thread(Session.from_events, run.rec, state["recent"], state["seen"],
+                                             state["length"])
+        except (MLSA4RecError, KeyError, TypeError, ValueError):
+            raise SessionRefused("the stored session is damaged (its events cannot be read)") from None
+    raise other_run(sid)
 
 
 class RedisSessions:
@@ -97,13 +119,13 @@ class RedisSessions:
     def _key(self, sid: str) -> str:
         return f"{self.prefix}:{sid}"
 
-    async def read(self, sid: str, rec: Recommender) -> Session | None:
+    async def read(self, sid: str, run: ServedRun) -> Session | None:
         """The live session ``sid`` (its time to live starts again), or None."""
         async with self._available():
             data = await self.client.getex(self._key(sid), px=self.ttl_ms)
-        return None if data is None else decode_session(rec, data)
+        return None if data is None else await session_of(data, run, sid)
 
-    async def update(self, sid: str, rec: Recommender, apply: Callable[[Session], Awaitable[T]],
+    async def update(self, sid: str, run: ServedRun, apply: Callable[[Session], Awaitable[T]],
                      new: Callable[[], Awaitable[Session]]) -> T:
         """Apply ``apply`` to session ``sid`` (made by ``new`` if it is not live) and store the result,
         as one transaction: when another request changed the session meanwhile, start again from
@@ -117,7 +139,7 @@ class RedisSessions:
                     try:
                         await pipe.watch(key)
                         data = await pipe.get(key)
-                        session = await new() if data is None else decode_session(rec, data)
+                        session = await new() if data is None else await session_of(data, run, sid)
                         result = await apply(session)
                         blob = encode_session(session)
                         if len(blob) > self.max_bytes:

@@ -7,7 +7,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from prometheus_client import Counter, Gauge
 
@@ -29,16 +29,39 @@ class SessionTooLarge(MLSA4RecError):
     """A session over the store's size limit: HTTP 413."""
 
 
-class Sessions(Protocol):
-    """Live sessions by id, each dropped after a while unused; what the app needs of a store. ``rec``
-    is the run now served: a session another run made (before a reload, or by another server) is
-    refused with ``SessionRefused``, never continued with the wrong model."""
+class ServedRun(NamedTuple):
+    """What a store needs of the run served now: the recommender, the fingerprints of the runs the
+    same model served before it (its reloads: their sessions are re-encoded, those of any other run
+    refused), and how to run a call on the model's thread (re-encoding steps the model)."""
 
-    async def read(self, sid: str, rec: Recommender) -> Session | None:
+    rec: Recommender
+    earlier: frozenset[str]
+    on_model_thread: Callable[..., Awaitable[Any]]
+
+
+async def continued(session: Session, run: ServedRun, sid: str) -> Session:
+    """``session`` as the run served now continues it: itself (the same run, or the same weights
+    loaded again), its events re-encoded (a run this model served before a reload), or refused."""
+    if session.rec is run.rec:
+        return session
+    if session.rec.fingerprint == run.rec.fingerprint:  # the same weights loaded again: exactly the same state
+        session.rec = run.rec
+        return session
+    if session.rec.fingerprint in run.earlier:
+        return await run.on_model_thread(session.rebased, run.rec)
+    raise other_run(sid)
+
+
+class Sessions(Protocol):
+    """Live sessions by id, each dropped after a while unused; what the app needs of a store. ``run``
+    is the run now served: a session its model made before a reload is re-encoded by it, one any
+    other run made is refused with ``SessionRefused``; a state is never read by the wrong weights."""
+
+    async def read(self, sid: str, run: ServedRun) -> Session | None:
         """The live session ``sid`` (now its most recent use), or None."""
         ...
 
-    async def update(self, sid: str, rec: Recommender, apply: Callable[[Session], Awaitable[T]],
+    async def update(self, sid: str, run: ServedRun, apply: Callable[[Session], Awaitable[T]],
                      new: Callable[[], Awaitable[Session]]) -> T:
         """``apply`` session ``sid`` (``new()`` when it is not live) and keep the result, no other
         change to the session coming in between; returns what ``apply`` returned."""
@@ -62,8 +85,8 @@ class Sessions(Protocol):
 
 
 def other_run(sid: str) -> SessionRefused:
-    return SessionRefused(f"session {sid!r} was made by another run than the one served now (the model was "
-                          "reloaded); delete it and start a new session")
+    return SessionRefused(f"session {sid!r} was made by a run this server never served under this model's name "
+                          "(another replica serves another run?); delete it and start a new session")
 
 
 @dataclass
@@ -118,18 +141,21 @@ class SessionStore:
 
     # --- the app's interface (``Sessions``): the model thread runs ``apply`` one call at a time, so a
     # session object changed in place never loses an event here
-    async def read(self, sid: str, rec: Recommender) -> Session | None:
+    async def read(self, sid: str, run: ServedRun) -> Session | None:
         session = self.get(sid)
-        if session is not None and session.rec is not rec:
-            raise other_run(sid)
-        return session
+        if session is None or session.rec is run.rec:
+            return session
+        now = await continued(session, run, sid)
+        if now is not session and self._entries.get(sid) is not None and self._entries[sid].session is session:
+            self._entries[sid].session = now  # re-encoded once, not at every read
+        return now
 
-    async def update(self, sid: str, rec: Recommender, apply: Callable[[Session], Awaitable[T]],
+    async def update(self, sid: str, run: ServedRun, apply: Callable[[Session], Awaitable[T]],
                      new: Callable[[], Awaitable[Session]]) -> T:
-        session = await self.read(sid, rec)
+        session = await self.read(sid, run)
         if session is None:
             session = await new()
-            earlier = await self.read(sid, rec)  # a request for the same id that got there while this one waited
+            earlier = await self.read(sid, run)  # a request for the same id that got there while this one waited
             if earlier is not None:
                 session = earlier
             else:
