@@ -189,6 +189,17 @@ class Recommender:
         return [] if exclude is None else self.to_ids(exclude, unknown, what=flag("exclude"))
 
     @functools.cached_property
+    def state_layout(self) -> tuple[list[tuple[torch.Size, torch.dtype, torch.device]], Any, tuple[int, torch.dtype]]:
+        """What a session's saved state must look like for this run (checked on every load): the
+        streaming state's leaves (shape, dtype, device) and tree, and the representation's width
+        and dtype. Computed once (a served run's model does not change)."""
+        leaves, spec = pytree.tree_flatten(self.model.initial_state(1, device=self.device)) if self.streams \
+            else ([], None)
+        with torch.no_grad():
+            table = self.model.item_table()
+        return [(t.shape, t.dtype, t.device) for t in leaves], spec, (int(table.shape[1]), table.dtype)
+
+    @functools.cached_property
     def fingerprint(self) -> str:
         """The identity of this run: SHA-256 of the model's name, L, the item ids and every
         weight, so a session state saved by another run (or another training of it) is told apart.
@@ -467,32 +478,40 @@ class Session:
                 raise _bad_state("it holds a model state, but this model re-encodes " + (
                     "its sessions" if not rec.streams else f"a session past {limit} events"))
             return None, None
-        fresh = rec.model.initial_state(1, device=rec.device)
-        leaves, spec = pytree.tree_flatten(fresh)
+        leaves, spec, (width, table_dtype) = rec.state_layout
         if len(saved) != len(leaves):
             raise _bad_state(f"its model state has {len(saved)} tensors, this model's {len(leaves)}")
         restored = []
-        for i, (tensor, like) in enumerate(zip(saved, leaves)):
-            if tensor.shape != like.shape or tensor.dtype != like.dtype:
+        for i, (tensor, (shape, dtype, device)) in enumerate(zip(saved, leaves)):
+            if tensor.shape != shape or tensor.dtype != dtype:
                 raise _bad_state(f"state tensor {i} is {tuple(tensor.shape)} {tensor.dtype}, this model's "
-                                 f"{tuple(like.shape)} {like.dtype}")
-            if (tensor.is_complex() and not bool(torch.isfinite(tensor).all())) or (tensor.is_floating_point() and bool(
-                    (torch.isnan(tensor) | torch.isposinf(tensor)).any())):  # -inf is an empty running log-sum
+                                 f"{tuple(shape)} {dtype}")
+            if _bad_numbers(tensor):
                 raise _bad_state(f"state tensor {i} holds NaN or infinite numbers")
-            restored.append(tensor.detach().to(device=like.device, copy=True))
+            restored.append(tensor.detach().to(device=device, copy=True))
         if length == 0:
             if representation is not None:
                 raise _bad_state("it has a representation but no events")
             return pytree.tree_unflatten(restored, spec), None
-        with torch.no_grad():
-            table = rec.model.item_table()
-        if representation is None or representation.shape != (1, table.shape[1]) \
-                or representation.dtype != table.dtype:
+        if representation is None or representation.shape != (1, width) or representation.dtype != table_dtype:
             got = "None" if representation is None else f"{tuple(representation.shape)} {representation.dtype}"
-            raise _bad_state(f"its representation is {got}, this model's (1, {table.shape[1]}) {table.dtype}")
-        if not bool(torch.isfinite(representation).all()):
+            raise _bad_state(f"its representation is {got}, this model's (1, {width}) {table_dtype}")
+        if _bad_numbers(representation, empty_sum=False):
             raise _bad_state("its representation holds NaN or infinite numbers")
         return pytree.tree_unflatten(restored, spec), representation.detach().to(device=rec.device, copy=True)
+
+
+def _bad_numbers(tensor: torch.Tensor, empty_sum: bool = True) -> bool:
+    """NaN or +inf in ``tensor`` (and -inf unless ``empty_sum``: a running log-sum of nothing is -inf),
+    by one reduction for real tensors: NaN and +inf propagate to the maximum."""
+    if tensor.is_complex():
+        return not bool(torch.isfinite(tensor).all())
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return False
+    high = tensor.max()
+    if bool(torch.isnan(high)) or bool(torch.isposinf(high)):
+        return True
+    return not empty_sum and bool(torch.isneginf(tensor.min()))
 
 
 def _bad_state(reason: str) -> MLSA4RecError:

@@ -9,8 +9,9 @@ misread. Expiry is Redis's own: each write and each read sets the key's time to 
 session ttl. A session over ``max_bytes`` is refused on write (``SessionTooLarge``, 413): a
 session's ``seen`` items grow with its events.
 
-Changes are optimistic transactions (WATCH, read, apply, MULTI/SET/EXEC, again on a conflict), so
-two requests for one session, in one process or in two, never lose an event. Redis down or too
+Changes are optimistic: read the value (it begins with a random version), apply the events, write
+the new value only if the version is unchanged (a compare-and-set Lua script), else again; so two
+requests for one session, in one process or in two, never lose an event. Redis down or too
 slow is ``StoreUnavailable`` (503) for the session endpoints only; the store reconnects by itself
 when Redis is back.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -36,6 +38,13 @@ T = TypeVar("T")
 MAGIC = b"MLSA4REC-SESSION\x01"  # the value's first bytes: a key written by something else is refused
 PREFIX = "mlsa4rec:session"
 RETRIES = 16  # optimistic transactions of one change before the store is reported busy
+VERSION_BYTES = 16  # a stored value: a random version, then the session (encode_session)
+# set KEYS[1] to ARGV[2] (time to live ARGV[3] ms) if its version is still ARGV[1] ('' : absent)
+SWAP = """
+if redis.call('GETRANGE', KEYS[1], 0, 15) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
 TIMEOUT_S = 2.0  # a Redis call slower than this counts as Redis unavailable
 
 
@@ -72,14 +81,14 @@ def parse_session(data: bytes) -> dict[str, Any]:
     return state
 
 
-def decode_session(rec: Recommender, data: bytes) -> Session:
-    """The session ``encode_session`` stored, continued by the run that stored it (``rec``): its
-    state checked by ``Session.load_state_dict``, ``SessionRefused`` naming why it cannot be used."""
+def decode_session(rec: Recommender, data: bytes | dict[str, Any]) -> Session:
+    """The session ``encode_session`` stored (or its ``parse_session``), continued by the run that
+    stored it (``rec``): its state checked by ``Session.load_state_dict``, ``SessionRefused`` naming
+    why it cannot be used."""
+    state = parse_session(data) if isinstance(data, bytes) else data
     session = rec.session()
     try:
-        session.load_state_dict(parse_session(data))
-    except SessionRefused:
-        raise
+        session.load_state_dict(state)
     except MLSA4RecError as exc:
         raise SessionRefused(str(exc)) from None
     return session
@@ -90,7 +99,7 @@ async def session_of(data: bytes, run: ServedRun, sid: str) -> Session:
     re-encoded (a run this model served before a reload), or refused (any other run)."""
     state = parse_session(data)
     if state.get("run") == run.rec.fingerprint:
-        return decode_session(run.rec, data)
+        return decode_session(run.rec, state)
     if state.get("run") in run.earlier:
         try:
             return await run.on_model_thread(Session.from_events, run.rec, state["recent"], state["seen"],
@@ -114,6 +123,7 @@ class RedisSessions:
         self.max_bytes = max_bytes
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                            retry_on_timeout=False, health_check_interval=30)
+        self._swap = self.client.register_script(SWAP)
         self.where = _shown(url)
 
     def _key(self, sid: str) -> str:
@@ -123,35 +133,28 @@ class RedisSessions:
         """The live session ``sid`` (its time to live starts again), or None."""
         async with self._available():
             data = await self.client.getex(self._key(sid), px=self.ttl_ms)
-        return None if data is None else await session_of(data, run, sid)
+        return None if data is None else await session_of(data[VERSION_BYTES:], run, sid)
 
     async def update(self, sid: str, run: ServedRun, apply: Callable[[Session], Awaitable[T]],
                      new: Callable[[], Awaitable[Session]]) -> T:
         """Apply ``apply`` to session ``sid`` (made by ``new`` if it is not live) and store the result,
-        as one transaction: when another request changed the session meanwhile, start again from
-        its new state."""
-        from redis.exceptions import WatchError
-
+        as one compare-and-set: each stored value begins with a random version, and the new value is
+        written only if the version is still the one read (a Lua script, atomic in Redis); when
+        another request changed the session meanwhile, start again from its new state. Two round
+        trips an event."""
         key = self._key(sid)
         async with self._available():
             for _ in range(RETRIES):
-                async with self.client.pipeline(transaction=True) as pipe:
-                    try:
-                        await pipe.watch(key)
-                        data = await pipe.get(key)
-                        session = await new() if data is None else await session_of(data, run, sid)
-                        result = await apply(session)
-                        blob = encode_session(session)
-                        if len(blob) > self.max_bytes:
-                            raise SessionTooLarge(f"session {sid!r} would take {len(blob):,} bytes, over the limit of "
-                                                  f"{self.max_bytes:,} (--max-session-bytes); delete it and start "
-                                                  "another")
-                        pipe.multi()
-                        pipe.set(key, blob, px=self.ttl_ms)
-                        await pipe.execute()
-                        return result
-                    except WatchError:
-                        continue
+                data = await self.client.get(key)
+                session = await new() if data is None else await session_of(data[VERSION_BYTES:], run, sid)
+                result = await apply(session)
+                blob = encode_session(session)
+                if len(blob) > self.max_bytes:
+                    raise SessionTooLarge(f"session {sid!r} would take {len(blob):,} bytes, over the limit of "
+                                          f"{self.max_bytes:,} (--max-session-bytes); delete it and start another")
+                seen = b"" if data is None else data[:VERSION_BYTES]
+                if await self._swap(keys=[key], args=[seen, os.urandom(VERSION_BYTES) + blob, self.ttl_ms]):
+                    return result
         raise StoreUnavailable(f"session {sid!r} kept changing under {RETRIES} attempts to update it; send the "
                                "events again")
 
