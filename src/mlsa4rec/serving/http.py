@@ -10,11 +10,15 @@ Endpoints (item ids are always the data file's own ids; the OpenAPI docs are at 
     GET    /sessions/{id}/recommendations  ?k=10&exclude_seen=false
     DELETE /sessions/{id}
     GET    /health, /metrics (Prometheus text), /openapi.json, /docs, /redoc
+    GET    /models                         the runs served by name
+    POST   /models/{name}/reload           load that run's directory again and serve it
+    ...    /models/{name}/recommend, /models/{name}/sessions/...   a named model's own endpoints
 
 Every error is JSON ``{"error": "one line"}`` (validation errors add ``detail``, one entry per
 field): 422 for a body or parameter that cannot be used (naming the field, or the unknown item
 ids), 400 for a body that is not JSON, 415 for a POST without ``Content-Type: application/json``,
-404 for an unknown session, 413 for a body over the limit.
+404 for an unknown session, 413 for a body over the limit (or a session over its size), 409 for
+a session another run made or a reload that failed, 503 while the session store is unreachable.
 An unexpected failure is a 500 ``{"error": "internal error ..."}``, never a traceback (that goes
 to the server log).
 
@@ -26,6 +30,22 @@ as the previous batch held, while a lone request never waits (see ``batcher.Batc
 ``batch_window_ms=0`` scores every request alone. Sessions live in memory,
 at most ``max_sessions`` (the least recently used is dropped first) and each for
 ``session_ttl_s`` after its last use (checked on every access and by a periodic sweep).
+
+Models and sessions (keyword arguments of ``create_app``):
+
+    recommender     one Recommender (named after its run directory), or {name: Recommender}
+    default_model   the name the root endpoints serve (default: the only one; with several, none:
+                    the root endpoints are a 404 naming them)
+    loaders         {name: a function loading the run again}, for POST /models/{name}/reload
+                    (default: Recommender.from_run of the run directory on its device)
+    sessions        "memory" (default), or a Redis URL (``redis_sessions``): shared by every server
+                    process of the run, kept across restarts; 503 while Redis cannot be reached
+    max_session_bytes  a session whose stored state would grow past this is refused (413; Redis)
+
+A reload loads the run off the model thread, verified against its manifest, swaps it in at once
+and lets the previous batcher answer what it holds (a run that cannot be loaded is a 409 and
+changes nothing). Sessions made by the run before are re-encoded from their last L events by the
+new run when next used; a session of a run this model never served is refused (409).
 
 Access (keyword arguments of ``create_app``; everything is open by default, as on a trusted network):
 
