@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -89,27 +90,30 @@ class Connection:
 
 # --- the server -----------------------------------------------------------------------------------------
 class Server:
-    """`mlsa4rec serve` in a subprocess on 127.0.0.1, port 0, under `timeout` (it stops by itself)."""
+    """`mlsa4rec serve ARGS` in a subprocess on 127.0.0.1 (``port`` 0: a free one); under `timeout`
+    when ``limit_s`` is given, so it stops by itself even if the benchmark dies."""
 
-    def __init__(self, run_dir: str, window_ms: float, limit_s: int, log: Path) -> None:
-        self.command = ["timeout", "--signal=INT", "--kill-after=5", str(limit_s), sys.executable, "-m", "mlsa4rec",
-                        "serve", "--run-dir", run_dir, "--host", HOST, "--port", "0", "--batch-window-ms",
-                        str(window_ms), "--no-access-log", "-q"]
-        self.log = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=self.log, text=True)
+    def __init__(self, args: list[str], log: Path, limit_s: int | None = None, port: int = 0) -> None:
+        guard = ["timeout", "--signal=INT", "--kill-after=5", str(limit_s)] if limit_s else []
+        self.command = [*guard, sys.executable, "-m", "mlsa4rec", "serve", "--host", HOST, "--port", str(port),
+                        "--no-access-log", "-q", *args]
+        self.log = open(log, "a")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
         line: list[str] = []
         reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
         reader.start()
-        reader.join(120)
+        reader.join(180)
         found = re.search(r"http://127\.0\.0\.1:(\d+)", line[0] if line else "")
         if not found:
             self.stop()
             raise SystemExit(f"the server did not start: {line[0] if line else 'no output'}; see {log}")
         self.port = int(found.group(1))
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """A graceful stop (SIGINT, which `timeout` passes on), or SIGKILL with ``kill``."""
         if self.proc.poll() is None:
-            self.proc.send_signal(2)  # SIGINT reaches `timeout`, which passes it on: a graceful shutdown
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGINT)
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
@@ -266,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for window in args.windows:
-            server = Server(str(run), window, server_limit, Path(tmp) / f"server-{window}.log")
+            server = Server(["--run-dir", str(run), "--batch-window-ms", str(window)],
+                            Path(tmp) / f"server-{window}.log", limit_s=server_limit)
             try:
                 health = asyncio.run(wait_healthy(server.port))
                 rows += asyncio.run(bench_server(server.port, args, histories, window))

@@ -25,13 +25,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -41,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from common import command, machine, table, write_report
-from serving_load import HOST, Connection, make_histories, wait_healthy
+from serving_load import HOST, Connection, Server, make_histories, wait_healthy
 
 
 def free_port() -> int:
@@ -64,36 +60,6 @@ class Redis:
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait()
-
-
-class Server:
-    """``mlsa4rec serve`` in a subprocess (stopped by SIGTERM, or killed)."""
-
-    def __init__(self, run_dirs: list[str], *extra: str, port: int = 0, log: Path) -> None:
-        argv = [sys.executable, "-m", "mlsa4rec", "serve", "--host", HOST, "--port", str(port), "--no-access-log",
-                "-q", *[a for d in run_dirs for a in ("--run-dir", d)], *extra]
-        self.log = open(log, "a")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(180)
-        found = re.search(r"http://127\.0\.0\.1:(\d+)", line[0] if line else "")
-        if not found:
-            self.stop()
-            raise SystemExit(f"error: the server did not start ({line[0] if line else 'no output'}); see {log}")
-        self.port = int(found.group(1))
-
-    def stop(self, kill: bool = False) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:
@@ -216,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         # 1. session latency, in-process store against Redis
         latency = {}
         for store in ("memory", redis.url):
-            server = Server([str(run)], "--sessions", store, log=log)
+            server = Server(["--run-dir", str(run), "--sessions", store], log)
             asyncio.run(wait_healthy(server.port))
             latency["memory" if store == "memory" else "redis"] = asyncio.run(
                 session_latency(server.port, tokens, args.events, args.sessions, f"lat-{len(latency)}"))
@@ -229,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         for label, extra in (("1 process, sessions in memory", ["--sessions", "memory"]),
                              ("1 process, sessions in Redis", ["--sessions", redis.url]),
                              ("2 worker processes, sessions in Redis", ["--sessions", redis.url, "--workers", "2"])):
-            server = Server([str(run)], *extra, log=log)
+            server = Server(["--run-dir", str(run), *extra], log)
             asyncio.run(wait_healthy(server.port))
             for kind in ("recommend", "events"):
                 row = {"case": label, "kind": kind, "clients": args.concurrency, **asyncio.run(
@@ -243,8 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         served = work / "served"
         shutil.copytree(run, served)
         name = f"shop={served}"
-        a = Server([name], "--sessions", redis.url, log=log)
-        b = Server([name], "--sessions", redis.url, log=log)
+        a = Server(["--run-dir", name, "--sessions", redis.url], log)
+        b = Server(["--run-dir", name, "--sessions", redis.url], log)
         ports = [a.port, b.port]
         asyncio.run(wait_healthy(a.port))
         asyncio.run(wait_healthy(b.port))
@@ -261,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             b.stop(kill=True)
             actions.append("replica B killed (SIGKILL)")
             time.sleep(1.0)
-            restarted = Server([name], "--sessions", redis.url, port=ports[1], log=log)
+            restarted = Server(["--run-dir", name, "--sessions", redis.url], log, port=ports[1])
             asyncio.run(wait_healthy(restarted.port))
             actions.append("replica B started again")
             holder.append(restarted)
