@@ -384,3 +384,14 @@ def test_the_models_in_focus_are_also_compared_with_the_best_of_the_others(succe
 def test_a_bad_focus_is_refused(successor_file: Path, tmp_path: Path, focus: list, message: str) -> None:
     with pytest.raises(MLSA4RecError, match=message):
         load_study(write_study(tmp_path, successor_file, focus=focus), check=False)
+
+
+def test_the_committed_small_studys_report_is_rebuilt_from_its_records_alone() -> None:
+    """studies/beauty-quick commits records, not runs: its report's tables come back the same from
+    them on any machine (a record that changed, or a change to the report's arithmetic, shows here)."""
+    root = Path(__file__).resolve().parents[2] / "studies" / "beauty-quick"
+    committed = json.loads((root / "report" / "report.json").read_text())
+    rebuilt = json.loads(json.dumps(build_report(root, n_resamples=10_000)))
+    assert rebuilt["tables"] == committed["tables"] and not rebuilt["missing"]
+    cells = {c["cell"] for c in rebuilt["cells"]}
+    assert cells == {c["cell"] for c in committed["cells"]} and len(cells) == 6
