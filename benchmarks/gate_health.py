@@ -25,7 +25,7 @@ import torch
 
 from common import command, machine, table, write_report
 from mlsa4rec.errors import MLSA4RecError
-from mlsa4rec.evaluation.gate import BINS, NEAR_ZERO, SATURATED, gate_summary, gate_values
+from mlsa4rec.evaluation.gate import BINS, NEAR_ZERO, SATURATION, gate_summary, gate_values
 from mlsa4rec.runs.loading import build_run_model, load_run
 
 
@@ -42,7 +42,8 @@ def run_gates(run_dir: str, data_dir: str | None, batch_size: int) -> dict[str, 
     for i in range(len(states["trained"])):
         every = np.concatenate([states[s][i][1].ravel() for s in states])
         bins = np.linspace(every.min(), every.max(), BINS + 1)  # shared, so the histograms compare
-        layers.append({state: gate_summary(*values[i], bins=bins) for state, values in states.items()})
+        layers.append({state: gate_summary(*values[i], act=config.hyper.gate_act, bins=bins)
+                       for state, values in states.items()})
     return {"run": str(run_dir), "variant": config.hyper.variant, "gate_act": config.hyper.gate_act,
             "dataset": str(config.dataset), "users": int(len(run.data.eval_targets("test"))), "layers": layers}
 
@@ -75,11 +76,14 @@ def page(report: dict[str, Any]) -> str:
             q = s["quantiles"]
             rows.append([r["run"], r["variant"], state, f"{s['mean']:.3f}", f"{s['std']:.3f}",
                          f"{q['0.05']:.2f} / {q['0.5']:.2f} / {q['0.95']:.2f}", f"{100 * s['near_zero']:.1f} %",
-                         f"{100 * s['saturated_low']:.1f} %", f"{100 * s['saturated_high']:.1f} %"])
+                         f"{100 * s['saturated_low']:.1f} %",
+                         "-" if s["saturated_high"] is None else f"{100 * s['saturated_high']:.1f} %"])
     return (f"# Gate health (issue 26)\n\nThe gate act(W1 A) of MLSA4Rec's interaction layer at every test user's "
             f"last history item, every channel, at initialisation (the run's seed) and after training. Near 0: "
-            f"|value| < {NEAR_ZERO}; saturated: pre-activation below -{SATURATED} or above {SATURATED} "
-            f"(slope < 0.012 on the flat side). CPU: {report['machine']['cpu']}.\n\n"
+            f"|value| < {NEAR_ZERO}; saturated: the pre-activation where the activation is flat (slope about 0.01 "
+            f"or less: GELU below {SATURATION['gelu'][0]}, where above it GELU is the identity, so a dash; the sigmoid "
+            f"below {SATURATION['sigmoid'][0]} or above {SATURATION['sigmoid'][1]}). "
+            f"CPU: {report['machine']['cpu']}.\n\n"
             f"```bash\n{report['command']}\n```\n\n"
             + table(["run", "variant", "state", "mean", "std", "5 / 50 / 95 %", "near 0", "saturated low",
                      "saturated high"], rows, align="lllrrrrrr") + "\n"

@@ -590,7 +590,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1 and args.sessions == "memory":
         raise MLSA4RecError(f"--workers {args.workers} needs --sessions redis://HOST:PORT/DB: sessions kept in one "
                             "process's memory are not seen by the others")
-    if args.workers > 1:
+    if args.workers > 1 and args.listen_fd is None:  # a worker itself (--listen-fd) serves
         return _serve_workers(args, listen)
     loaders = {name: loader(directory) for name, directory in runs.items()}
     served = {name: load() for name, load in loaders.items()}
@@ -650,8 +650,7 @@ def _serve_workers(args: argparse.Namespace, listen: Callable[[str, int], Any]) 
     sock = _bound(listen, args.host, args.port)
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
-    argv = [*_without_flag(_without_flag(args.argv, "--workers", 3), "--port", 4), "--port", str(port),
-            "--listen-fd", str(sock.fileno())]
+    argv = [*args.argv, "--port", str(port), "--workers", "1", "--listen-fd", str(sock.fileno())]  # last wins
     children = [subprocess.Popen([sys.executable, "-m", "mlsa4rec", *argv], pass_fds=(sock.fileno(),))
                 for _ in range(args.workers)]
     print(f"serving with {args.workers} worker processes (pids {', '.join(str(c.pid) for c in children)}) on "

@@ -52,7 +52,9 @@ def test_the_summary_counts_what_it_says() -> None:
     s = gate_summary(pre, gate)
     assert s["values"] == 8 and s["mean"] == pytest.approx(gate.mean())
     assert s["near_zero"] == pytest.approx(3 / 8)  # gelu(-5) ~ -1.4e-6, gelu(0), gelu(0.01)
-    assert (s["saturated_low"], s["saturated_high"]) == (1 / 8, 2 / 8)
+    assert (s["saturated_low"], s["saturated_high"]) == (1 / 8, None)  # GELU is the identity above: not flat
+    sig = gate_summary(pre, torch.sigmoid(torch.from_numpy(pre)).numpy(), act="sigmoid")
+    assert (sig["saturated_low"], sig["saturated_high"]) == (1 / 8, 1 / 8)  # -5; 10 (4 is not past 4.6)
     assert sum(s["histogram"]["counts"]) == 8 and s["quantiles"]["0.5"] == pytest.approx(np.median(gate))
     shared = gate_summary(pre, gate, bins=np.linspace(-1, 11, 13))
     assert shared["histogram"]["edges"][0] == -1 and len(shared["histogram"]["counts"]) == 12

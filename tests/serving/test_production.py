@@ -215,7 +215,7 @@ def test_worker_processes_share_the_port_and_the_sessions(redis_server: RedisSer
     run = tiny_run("gru4rec")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     process = subprocess.Popen([sys.executable, "-m", "mlsa4rec", "serve", "--run-dir", str(run), "--port", "0",
-                                "--sessions", redis_server.url, "--workers", "2", "--no-access-log"],
+                                "--sessions", redis_server.url, "--w=2", "--no-access-log"],  # argparse's abbreviation
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         found = re.search(r"with 2 worker processes \(pids (\d+), (\d+)\) on (http://127\.0\.0\.1:\d+)",

@@ -20,7 +20,9 @@ from mlsa4rec.data.dataset import SequenceData
 from mlsa4rec.data.sampling import eval_batches
 
 NEAR_ZERO = 0.05  # |act(W1 A)| below this: the gate shuts its channel of M
-SATURATED = 3.0  # |W1 A| beyond this: GELU's and the sigmoid's slope < 0.012 on the flat side
+# where each activation is flat (slope under about 0.01), as (below, above) pre-activations: GELU only
+# below (above it is the identity), the sigmoid on both sides
+SATURATION = {"gelu": (-3.0, None), "sigmoid": (-4.6, 4.6)}
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 BINS = 60
 
@@ -64,10 +66,13 @@ def gate_values(model: torch.nn.Module, data: SequenceData, split: str, max_seq_
     return out
 
 
-def gate_summary(pre: np.ndarray, gate: np.ndarray, bins: np.ndarray | None = None) -> dict[str, Any]:
+def gate_summary(pre: np.ndarray, gate: np.ndarray, act: str = "gelu", bins: np.ndarray | None = None
+                 ) -> dict[str, Any]:
     """What a reader needs to judge a gate: its mean and spread, the share of values near 0, the
-    share saturated on either side, quantiles, and a histogram (over ``bins`` edges if given, so
-    that two gates can share them)."""
+    share of pre-activations where ``act`` is flat (``SATURATION``: no gradient, the gate no longer
+    adapts), quantiles, and a histogram (over ``bins`` edges if given, so that two gates can share
+    them)."""
+    low, high = SATURATION[act]
     values = gate.ravel().astype(np.float64)
     if bins is None:
         bins = np.linspace(values.min(), values.max(), BINS + 1)
@@ -78,7 +83,7 @@ def gate_summary(pre: np.ndarray, gate: np.ndarray, bins: np.ndarray | None = No
         "std": float(values.std()),
         "quantiles": {str(q): float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES), strict=True)},
         "near_zero": float(np.mean(np.abs(values) < NEAR_ZERO)),
-        "saturated_low": float(np.mean(pre.ravel() < -SATURATED)),
-        "saturated_high": float(np.mean(pre.ravel() > SATURATED)),
+        "saturated_low": float(np.mean(pre.ravel() < low)),
+        "saturated_high": None if high is None else float(np.mean(pre.ravel() > high)),
         "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]},
     }

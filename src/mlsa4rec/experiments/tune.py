@@ -308,7 +308,7 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
                     time.sleep(BUSY_WAIT_S)  # let the other worker get on before drawing again
     finally:
         optuna_log.setLevel(level)
-    write_summary(opt, root, metric, trials)
+    write_summary(opt, root, metric, trials, finished())
     if paused:
         return None
     done = opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -364,10 +364,12 @@ def trial_rows(opt, root: Path) -> list[dict[str, Any]]:
     return sorted(rows.values(), key=lambda r: r["trial"])
 
 
-def write_summary(opt, root: Path, metric: str, wanted: int) -> None:
+def write_summary(opt, root: Path, metric: str, wanted: int, finished: int) -> None:
     """``DIR/trials.json`` and ``DIR/trials.md``: every trained setting with its outcome, the total
     compute (the budget a comparison of tunings must hold equal) and the best setting, rewritten
-    after every call, paused or finished, so that a tuning's progress can be committed and read."""
+    after every call, paused or finished, so that a tuning's progress can be committed and read.
+    ``finished`` counts trials as the tuning does (settings TPE drew again count again, from their
+    run's result), so it can exceed the rows."""
     inputs = json.loads((root / "tune.json").read_text(encoding="utf-8"))
     rows = trial_rows(opt, root)
     count = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "failed", "paused", "running")}
@@ -375,7 +377,7 @@ def write_summary(opt, root: Path, metric: str, wanted: int) -> None:
     best = max(complete, key=lambda r: r["value"]) if complete else None
     summary = {"study": opt.study_name, "model": inputs["model"], "dataset": inputs["dataset"],
                "config": [f["file"] for f in inputs["config"]], "set": inputs["set"], "space": inputs["space"],
-               "metric": metric, "trials_wanted": wanted, "finished": count["complete"] + count["pruned"],
+               "metric": metric, "trials_wanted": wanted, "finished": finished,
                **count, "epochs": sum(r["epochs"] for r in rows),
                "seconds": round(sum(r["seconds"] for r in rows), 1), "best": best, "trials": rows}
     write_json_atomic(root / "trials.json", summary)
@@ -383,8 +385,9 @@ def write_summary(opt, root: Path, metric: str, wanted: int) -> None:
     shown = [m for m in ("hit@10", "ndcg@10") if best is not None and m in best.get("test", {})]
     lines = [f"# Tuning {inputs['model']} on {Path(inputs['dataset']).name}",
              "",
-             f"Study `{opt.study_name}`: {summary['finished']} of {wanted} trials finished ({count['complete']} "
-             f"complete, {count['pruned']} pruned), {count['failed']} failed, {summary['epochs']} epochs in "
+             f"Study `{opt.study_name}`: {summary['finished']} of {wanted} trials finished ({len(rows)} settings "
+             f"trained: {count['complete']} complete, {count['pruned']} pruned, {count['failed']} failed), "
+             f"{summary['epochs']} epochs in "
              f"{summary['seconds'] / 3600:.2f} h. Objective: valid {metric}. Config files: "
              f"{', '.join(Path(f).name for f in summary['config']) or 'none'}; fixed: "
              f"{', '.join(f'{k}={v}' for k, v in inputs['set'].items()) or 'none'}.",

@@ -44,8 +44,8 @@ Models and sessions (keyword arguments of ``create_app``):
 
 A reload loads the run off the model thread, verified against its manifest, swaps it in at once
 and lets the previous batcher answer what it holds (a run that cannot be loaded is a 409 and
-changes nothing). Sessions made by the run before are re-encoded from their last L events by the
-new run when next used; a session of a run this model never served is refused (409).
+changes nothing). A session made by another run (before the reload, or by a replica serving
+another run) is re-encoded from its last L events by the run served now when next used.
 
 Access (keyword arguments of ``create_app``; everything is open by default, as on a trusted network):
 
@@ -148,7 +148,7 @@ INTERNAL = "internal error; the server log has the details"
 FASTAPI_UNREADABLE = "There was an error parsing the body"
 UNREADABLE = "the body cannot be read as JSON (it is not UTF-8 text, or it is nested too deeply); send a JSON object"
 STORE_ERRORS: dict[int | str, dict[str, Any]] = {
-    409: {"model": ErrorBody, "description": "the session was made by a run this server never served"},
+    409: {"model": ErrorBody, "description": "the stored session is damaged"},
     503: {"model": ErrorBody, "description": "the session store cannot be reached; send the request again"}}
 NO_SESSION = {404: {"model": ErrorBody, "description": "no such session (or it expired)"}, 422: ERRORS[422],
               **STORE_ERRORS}
@@ -173,6 +173,8 @@ def create_app(recommender: Recommender | Mapping[str, Recommender], *,
     """A FastAPI app serving ``recommender``, or several runs by name (``{name: recommender}``); the
     limits, the access settings and the model settings are described in the module docstring."""
     served = _named(recommender)
+    for rec in served.values():
+        rec.fingerprint  # noqa: B018 - hashed now, not on the event loop at the first session request
     limits = {"max_body_bytes": max_body_bytes, "max_histories": max_histories,
               "max_history_length": max_history_length, "max_k": max_k, "max_sessions": max_sessions,
               "session_ttl_s": session_ttl_s, "batch_window_ms": batch_window_ms, "max_batch": max_batch,
@@ -371,19 +373,22 @@ class Slot:
         self.name, self.served, self.sessions, self.load = name, served, sessions, load
         self.batcher_for = batcher_for
         self.reloading = asyncio.Lock()  # one reload at a time per model
-        self.earlier: set[str] = set()  # fingerprints of the runs served before (their sessions are re-encoded)
 
     def run(self, worker: ModelWorker) -> ServedRun:
         """What the session store needs of the run served now."""
-        rec = self.served.rec
-        return ServedRun(rec, frozenset(self.earlier - {rec.fingerprint}), worker.run)
+        return ServedRun(self.served.rec, worker.run)
+
+    def _load(self) -> Recommender:
+        rec = self.load()
+        rec.fingerprint  # noqa: B018 - hashed here, off the event loop (it reads every weight)
+        return rec
 
     async def reload(self) -> tuple[Served, Served]:
         """Load the run again (checked against its manifest), off the model's thread so that requests
         keep being answered, then swap it in; returns (before, after)."""
         async with self.reloading:
             try:
-                rec = await asyncio.to_thread(self.load)
+                rec = await asyncio.to_thread(self._load)
             except MLSA4RecError as exc:
                 raise ReloadFailed(f"cannot reload {self.name!r}: {str(exc).splitlines()[0] if str(exc) else exc}; "
                                    "the run served before is still served") from None
@@ -391,7 +396,6 @@ class Slot:
                 raise ReloadFailed(f"cannot reload {self.name!r}: {exc.strerror or exc}; the run served before is "
                                    "still served") from None
             before = self.served
-            self.earlier.add(before.rec.fingerprint)
             after = Served(rec, self.batcher_for(rec), time.time())
             if after.batcher is not None:
                 after.batcher.start()

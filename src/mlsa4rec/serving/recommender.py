@@ -392,14 +392,15 @@ class Session:
         """A session of ``rec`` continued from another run's: its last L events (raw ids) re-encoded by
         ``rec`` (for a streaming model, stepped through from an empty state: the batch path on those
         items), its seen items and its length kept; ids ``rec`` does not know are dropped. What a
-        session made before a reload becomes, rather than its state read by the wrong weights."""
+        session made by another run (before a reload, or by a replica serving another run) becomes,
+        rather than its state read by the wrong weights."""
         session = cls(rec)
         known, _ = rec.items.ids(_id_list(list(recent), "the session's recent items"))
         session.add_ids(known[-rec.max_seq_length:])
         session.seen = set(rec.items.ids(_id_list(list(seen), "the session's seen items"))[0]) | session.seen
         session.length = max(int(length), session.length)
         limit = getattr(rec.model, "stream_limit", None)
-        if session.state is not None and limit is not None and session.length >= limit:
+        if session.state is not None and limit is not None and session.length > limit:
             session.state = session.representation = None  # past the learned positions: re-encoded from now on
         return session
 
@@ -448,7 +449,9 @@ class Session:
             raise _bad_state(f"'length' must be a whole number of at least 0, got {length!r:.40}")
         length = int(length)
         recent, seen = self._saved_ids(state["recent"], "recent"), self._saved_ids(state["seen"], "seen")
-        if len(recent) != min(length, rec.max_seq_length) or len(set(seen)) != len(seen) or len(seen) > length \
+        # fewer recent items than events is allowed: a session re-encoded by another run keeps only the
+        # events that run knows (Session.from_events), and a run with a larger L sees only what was kept
+        if len(recent) > min(length, rec.max_seq_length) or len(set(seen)) != len(seen) or len(seen) > length \
                 or not set(recent) <= set(seen):
             raise _bad_state(f"its {length} events, {len(recent)} recent and {len(seen)} seen items do not agree")
         new_state, representation = self._saved_model_state(state["state"], state["representation"], length)

@@ -2,10 +2,11 @@
 
 A session is stored under ``PREFIX:ID`` as one value (``encode_session``): a JSON header (the
 session's events as item ids, and the fingerprint of the run that made it) and its model state
-as safetensors, never a pickle. Reading it back (``decode_session``) goes through
-``Session.load_state_dict``, which refuses a state made by another run or model, or one whose
-tensors do not fit this model: such a session is refused (``SessionRefused``, HTTP 409), never
-misread. Expiry is Redis's own: each write and each read sets the key's time to live to the
+as safetensors, never a pickle. The run that made it reads its state back (``decode_session``,
+through ``Session.load_state_dict``, which checks it); another run (before a reload, or on a
+replica serving another run) re-encodes its events instead, never reading the state with other
+weights; a value that is not such a session, or a damaged one, is refused (``SessionRefused``,
+HTTP 409). Expiry is Redis's own: each write and each read sets the key's time to live to the
 session ttl. A session over ``max_bytes`` is refused on write (``SessionTooLarge``, 413): a
 session's ``seen`` items grow with its events.
 
@@ -32,7 +33,7 @@ from safetensors.torch import save as save_tensors
 
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.serving.recommender import Recommender, Session
-from mlsa4rec.serving.sessions import ServedRun, SessionRefused, SessionTooLarge, StoreUnavailable, other_run
+from mlsa4rec.serving.sessions import ServedRun, SessionRefused, SessionTooLarge, StoreUnavailable
 
 T = TypeVar("T")
 MAGIC = b"MLSA4REC-SESSION\x01"  # the value's first bytes: a key written by something else is refused
@@ -94,19 +95,19 @@ def decode_session(rec: Recommender, data: bytes | dict[str, Any]) -> Session:
     return session
 
 
-async def session_of(data: bytes, run: ServedRun, sid: str) -> Session:
-    """The stored session as the run served now continues it: its state (the same run), its events
-    re-encoded (a run this model served before a reload), or refused (any other run)."""
+async def session_of(data: bytes, run: ServedRun) -> tuple[Session, bool]:
+    """The stored session as the run served now continues it, and whether it was re-encoded: its
+    state (the same run), or its events re-encoded by this run (another run made it: before a
+    reload, or on a replica serving another run); a state is never read by other weights."""
     state = parse_session(data)
     if state.get("run") == run.rec.fingerprint:
-        return decode_session(run.rec, state)
-    if state.get("run") in run.earlier:
-        try:
-            return await run.on_model_thread(Session.from_events, run.rec, state["recent"], state["seen"],
-                                             state["length"])
-        except (MLSA4RecError, KeyError, TypeError, ValueError):
-            raise SessionRefused("the stored session is damaged (its events cannot be read)") from None
-    raise other_run(sid)
+        return decode_session(run.rec, state), False
+    try:
+        session = await run.on_model_thread(Session.from_events, run.rec, state["recent"], state["seen"],
+                                            state["length"])
+    except (MLSA4RecError, KeyError, TypeError, ValueError):
+        raise SessionRefused("the stored session is damaged (its events cannot be read)") from None
+    return session, True
 
 
 class RedisSessions:
@@ -130,10 +131,21 @@ class RedisSessions:
         return f"{self.prefix}:{sid}"
 
     async def read(self, sid: str, run: ServedRun) -> Session | None:
-        """The live session ``sid`` (its time to live starts again), or None."""
+        """The live session ``sid`` (its time to live starts again), or None. A session another run
+        made is re-encoded and written back (if nobody changed it meanwhile), so once, not at every
+        read."""
+        key = self._key(sid)
         async with self._available():
-            data = await self.client.getex(self._key(sid), px=self.ttl_ms)
-        return None if data is None else await session_of(data[VERSION_BYTES:], run, sid)
+            data = await self.client.getex(key, px=self.ttl_ms)
+            if data is None:
+                return None
+            session, reencoded = await session_of(data[VERSION_BYTES:], run)
+            if reencoded:
+                blob = encode_session(session)
+                if len(blob) <= self.max_bytes:
+                    await self._swap(keys=[key], args=[data[:VERSION_BYTES], os.urandom(VERSION_BYTES) + blob,
+                                                       self.ttl_ms])
+        return session
 
     async def update(self, sid: str, run: ServedRun, apply: Callable[[Session], Awaitable[T]],
                      new: Callable[[], Awaitable[Session]]) -> T:
@@ -146,7 +158,7 @@ class RedisSessions:
         async with self._available():
             for _ in range(RETRIES):
                 data = await self.client.get(key)
-                session = await new() if data is None else await session_of(data[VERSION_BYTES:], run, sid)
+                session = await new() if data is None else (await session_of(data[VERSION_BYTES:], run))[0]
                 result = await apply(session)
                 blob = encode_session(session)
                 if len(blob) > self.max_bytes:
@@ -220,7 +232,8 @@ def check_url(url: str) -> None:
 
 
 def _shown(url: str) -> str:
-    """The URL without its password (it may sit in the URL: redis://:PASSWORD@host)."""
-    parts = urlsplit(url)
-    where = parts.netloc.rpartition("@")[2] or "?"  # host[:port], whatever the port holds
-    return f"{parts.scheme}://{where}{parts.path}"
+    """The URL without its password (it may sit in the URL: redis://:PASSWORD@host, and may hold a
+    '/', '#' or '?' a URL parser would take for the path): everything up to the last '@' goes."""
+    scheme, sep, rest = url.partition("://")
+    where = rest.rpartition("@")[2] if sep else "?"
+    return f"{scheme}://{where or '?'}"

@@ -30,32 +30,30 @@ class SessionTooLarge(MLSA4RecError):
 
 
 class ServedRun(NamedTuple):
-    """What a store needs of the run served now: the recommender, the fingerprints of the runs the
-    same model served before it (its reloads: their sessions are re-encoded, those of any other run
-    refused), and how to run a call on the model's thread (re-encoding steps the model)."""
+    """What a store needs of the run served now: the recommender, and how to run a call on the
+    model's thread (re-encoding a session steps the model)."""
 
     rec: Recommender
-    earlier: frozenset[str]
     on_model_thread: Callable[..., Awaitable[Any]]
 
 
-async def continued(session: Session, run: ServedRun, sid: str) -> Session:
+async def continued(session: Session, run: ServedRun) -> Session:
     """``session`` as the run served now continues it: itself (the same run, or the same weights
-    loaded again), its events re-encoded (a run this model served before a reload), or refused."""
+    loaded again: exactly the same state), or its events re-encoded by this run (a session made by
+    another run: before a reload, or on a replica serving another run); a state is never read by
+    other weights."""
     if session.rec is run.rec:
         return session
-    if session.rec.fingerprint == run.rec.fingerprint:  # the same weights loaded again: exactly the same state
+    if session.rec.fingerprint == run.rec.fingerprint:
         session.rec = run.rec
         return session
-    if session.rec.fingerprint in run.earlier:
-        return await run.on_model_thread(session.rebased, run.rec)
-    raise other_run(sid)
+    return await run.on_model_thread(session.rebased, run.rec)
 
 
 class Sessions(Protocol):
     """Live sessions by id, each dropped after a while unused; what the app needs of a store. ``run``
-    is the run now served: a session its model made before a reload is re-encoded by it, one any
-    other run made is refused with ``SessionRefused``; a state is never read by the wrong weights."""
+    is the run now served: a session another run made is re-encoded from its events by it
+    (``continued``), a damaged one refused with ``SessionRefused``."""
 
     async def read(self, sid: str, run: ServedRun) -> Session | None:
         """The live session ``sid`` (now its most recent use), or None."""
@@ -82,11 +80,6 @@ class Sessions(Protocol):
     async def close(self) -> None:
         """Let go of what the store holds open (connections), when the app stops."""
         ...
-
-
-def other_run(sid: str) -> SessionRefused:
-    return SessionRefused(f"session {sid!r} was made by a run this server never served under this model's name "
-                          "(another replica serves another run?); delete it and start a new session")
 
 
 @dataclass
@@ -145,9 +138,13 @@ class SessionStore:
         session = self.get(sid)
         if session is None or session.rec is run.rec:
             return session
-        now = await continued(session, run, sid)
-        if now is not session and self._entries.get(sid) is not None and self._entries[sid].session is session:
-            self._entries[sid].session = now  # re-encoded once, not at every read
+        now = await continued(session, run)
+        entry = self._entries.get(sid)
+        if entry is None:
+            return now  # deleted or dropped meanwhile: this request still answers from it
+        if entry.session is not session:  # another request re-encoded (or replaced) it first: use that one
+            return entry.session
+        entry.session = now  # re-encoded once, not at every read
         return now
 
     async def update(self, sid: str, run: ServedRun, apply: Callable[[Session], Awaitable[T]],
