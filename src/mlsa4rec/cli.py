@@ -231,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "share one model call, which under load waits up to this many ms for "
                                          "more (a lone request never waits); 0 turns merging off (default 2)"),
             ("--max-batch", int, "histories in one shared model call (default 64)"),
-            ("--max-session-bytes", int, "a session whose stored state would grow over this many bytes is refused "
-                                         "with 413 (default 1048576)")):
+            ("--max-session-bytes", int, "with --sessions redis://...: a session whose stored state would grow "
+                                         "over this many bytes is refused with 413 (default 1048576)")):
         limits.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar="N", help=text)
     access = serve.add_argument_group("access (without tokens, anyone who can reach --host:--port may call it)")
     access.add_argument("--token-file", metavar="PATH",
@@ -679,7 +679,8 @@ def _serve_workers(args: argparse.Namespace, listen: Callable[[str, int], Any]) 
             signal.signal(sig, handler)
         sock.close()
     codes = [child.returncode for child in children]
-    return 0 if all(code in (0, 130, -signal.SIGTERM) for code in codes) else max(abs(c) for c in codes)
+    failed = [c for c in codes if c not in (0, 130, -signal.SIGTERM)]
+    return failed[0] if failed and failed[0] > 0 else (1 if failed else 0)  # a worker's own code (2: its error line)
 
 
 def _serve_access(args: argparse.Namespace, origin_problem: Callable[[object], str | None],

@@ -57,6 +57,7 @@ def test_another_runs_or_a_damaged_session_is_refused_not_misread() -> None:
     ("redis://:secret@h:6379/x", "database of --sessions redis://h:6379/x must be a number"),
     ("redis://:se/cret@h:6379/0", "--sessions takes memory or a Redis URL"),  # a '/' in the password
     ("redis://:se#cret@h:6379/0", "--sessions takes memory or a Redis URL"),
+    ("redis://[::1", "--sessions takes memory or a Redis URL"),
 ])
 def test_bad_redis_urls_are_one_line_and_hide_the_password(url: str, message: str) -> None:
     with pytest.raises(MLSA4RecError, match=message) as info:

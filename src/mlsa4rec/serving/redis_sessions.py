@@ -218,8 +218,13 @@ class _Translate:
 
 def check_url(url: str) -> None:
     """A Redis URL ``serve`` can use: redis:// or rediss:// (TLS), with a host."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # e.g. an unclosed [IPv6 address
+        host = None
+        parts = None
+    if parts is None or parts.scheme not in ("redis", "rediss") or not host:
         raise MLSA4RecError(f"--sessions takes memory or a Redis URL such as redis://127.0.0.1:6379/0, got "
                             f"{_shown(url)!r:.200}")
     try:
