@@ -376,19 +376,13 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
 
 def _without_nproc(argv: Sequence[str]) -> list[str]:
     """``argv`` minus ``--nproc N`` / ``--nproc=N`` (and argparse's abbreviations of it)."""
-    return _without_flag(argv, "--nproc", 3)
-
-
-def _without_flag(argv: Sequence[str], flag: str, shortest: int) -> list[str]:
-    """``argv`` minus ``flag N`` / ``flag=N``, and argparse's abbreviations of ``flag`` longer than
-    ``shortest`` characters."""
     out, skip = [], False
     for token in argv:
         if skip:
             skip = False
             continue
         name, eq, _ = token.partition("=")
-        if len(name) > shortest and flag.startswith(name):
+        if len(name) > 3 and "--nproc".startswith(name):
             skip = not eq
             continue
         out.append(token)
