@@ -167,8 +167,15 @@ def _stale(exc: BaseException | None) -> ValueError | None:
     return None
 
 
+def _shown(path: str | Path) -> str:
+    """A path as the preset's header shows it: relative to the working directory when inside it (a
+    preset committed with its tuning must not name one machine's folders), else absolute."""
+    relative = os.path.relpath(Path(path).resolve())
+    return str(Path(path).resolve()) if relative.startswith("..") else relative
+
+
 def _shown_configs(inputs: dict[str, Any]) -> str:
-    return " ".join(f"--config {shlex.quote(f['file'])}" for f in inputs["config"])
+    return " ".join(f"--config {shlex.quote(_shown(f['file']))}" for f in inputs["config"])
 
 
 def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir: str | Path, *,
@@ -318,8 +325,8 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
     best = opt.best_trial
     preset = {"model": model, **fixed, **best.params}
     configs = _shown_configs(inputs)
-    use = (f"pass it after them: {configs} --config {shlex.quote(str(root / 'best.yaml'))}" if configs
-           else f"pass it with --config {shlex.quote(str(root / 'best.yaml'))}")
+    preset_file = shlex.quote(_shown(root / "best.yaml"))
+    use = f"pass it after them: {configs} --config {preset_file}" if configs else f"pass it with --config {preset_file}"
     header = (f"# best of {finished()} trials of `mlsa4rec tune` (study {name}): {metric} {best.value:.4f} on "
               f"valid, trial {best.number} (trials/{best.user_attrs.get('run', '?')})\n"
               f"# the trials used {'the config files ' + configs if configs else 'no config file'}; {use}\n")
