@@ -55,3 +55,25 @@ def test_the_committed_study_files_build_every_cell(shared_data: Path, study_fil
 
     study = load_study(REPO / "studies" / study_file)  # checks every cell
     assert study.cells and all(cell_config(c, study).train.seed == c.seed for c in study.cells)
+
+
+# the processed arrays (SHA-256 prefixes of items, offsets, item_tokens, user_tokens) and the fingerprint
+# of each registered dataset, as every finished run and study cell was trained on them: a change to
+# the pipeline that moves one would invalidate them all (measured on mlsa4rec d5077ad, before the
+# Parquet reader and the columnar remap of issue 27)
+PINNED = {
+    "ml-1m": ("880f40becbafc147b97d", ("ec4f072adaf8", "1affaad0a299", "3e6b4de0dc7a", "0ca0c2dcbd2d")),
+    "amazon-beauty": ("04307da72ddeae0879d2", ("59a51a49b63d", "ef592a8a143d", "b60bc5a51ea5", "6a8cb9802ba4")),
+    "amazon-video-games": ("a43aee96350b52b6d6ea", ("10a0bb32e6f0", "6b9319b8f0be", "89bba1f48a9b", "3a2bdfe48af9")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_the_registered_datasets_process_to_the_same_arrays(shared_data: Path, name: str) -> None:
+    from mlsa4rec.data import REGISTRY
+    from mlsa4rec.data.dataset import array_digest, load_sequences
+
+    spec = REGISTRY[name]
+    data = load_sequences(shared_data / spec.local_path, spec.reader, name, use_cache=False)
+    digests = tuple(array_digest(getattr(data, a))[:12] for a in ("items", "offsets", "item_tokens", "user_tokens"))
+    assert (data.fingerprint, digests) == PINNED[name]

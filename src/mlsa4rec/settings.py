@@ -24,6 +24,9 @@ from mlsa4rec.metrics import METRICS, parse_metric
 TRAIN_SCHEMES = ("auto", "prefix", "all_positions", "cloze")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 DUPLICATE_RULES = ("drop", "keep")  # what happens to events equal to an earlier one (data/dataset.py)
+SPLITS = ("leave_one_out", "time")  # how users' events become train/valid/test targets (data/dataset.py)
+LOSS_TYPES = ("CE", "sampled_softmax", "gBCE")  # training/losses.py; matched without regard to case
+NEGATIVE_SAMPLERS = ("uniform", "popularity", "in_batch")
 _INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*$")
 
 
@@ -80,6 +83,36 @@ def parse_interval(text: str, key: str = "interval") -> tuple[float, float]:
     return lo, hi
 
 
+def parse_time(value: Any, key: str = "time") -> float:
+    """A cut-off date as Unix seconds: a number of seconds, or an ISO-8601 date or date-time
+    (``2014-01-01``, ``2014-01-01T12:00:00+02:00``; UTC where it names no zone). YAML reads a bare
+    date as a ``date`` object and ``--set`` values are YAML, so those are taken too."""
+    import datetime as dt
+
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, (dt.date, str)):
+        when = value
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                seconds = float(text)
+            except ValueError:
+                try:  # Python 3.10's fromisoformat does not read a trailing Z
+                    when = dt.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+                except ValueError:
+                    when = None
+        if seconds is None and when is not None:
+            if not isinstance(when, dt.datetime):  # a date: its midnight
+                when = dt.datetime(when.year, when.month, when.day)
+            seconds = (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).timestamp()
+    if seconds is None or not math.isfinite(seconds):
+        raise ConfigError(f"{key}: expected Unix seconds or an ISO-8601 date like 2014-01-01 (UTC unless it names a "
+                          f"zone), got {value!r}")
+    return seconds
+
+
 MAX_LAYERS = 1000  # more than any published sequential recommender by two orders of magnitude
 
 
@@ -123,6 +156,13 @@ class TrainConfig:
     item_inter_num_interval: str = setting("[5,inf)", "keep items with this many events (iterative k-core)")
     duplicate_events: str = setting("drop", "drop | keep: events equal to an earlier one in user, item and timestamp "
                                             "(they put test targets in their own history); keep where they are real")
+    split: str = setting("leave_one_out", "leave_one_out: each user's last event is test, the one before valid "
+                                          "(RecBole's) | time: global cut-offs valid_time and test_time "
+                                          "(docs/protocol.md)")
+    valid_time: Any = setting(None, "split=time: validation starts here (Unix seconds or an ISO-8601 date; UTC "
+                                    "unless it names a zone); training targets are the events before it")
+    test_time: Any = setting(None, "split=time: test starts here (Unix seconds or an ISO-8601 date, after "
+                                   "valid_time)")
     max_seq_length: int = setting(50, "L: history truncated to the most recent L items", key="MAX_ITEM_LIST_LENGTH")
     # --- training ------------------------------------------------------------------------------
     train_scheme: str = setting("auto", "prefix | all_positions | cloze (BERT4Rec) | auto (the model's preferred "
@@ -139,7 +179,17 @@ class TrainConfig:
                                             "epoch")
     weight_decay: float = setting(0.0, "Adam's L2 penalty")
     clip_grad_norm: float = setting(0.0, "clip the gradient's norm to this; 0 disables clipping")
-    loss_type: str = setting("CE", "full-softmax cross-entropy over all items (the only loss offered)")
+    loss_type: str = setting("CE", "CE: full-softmax cross-entropy over all items (the protocol's) | sampled_softmax "
+                                   "| gBCE (gSASRec): sampled losses for large catalogs (docs/training.md)")
+    negatives: int = setting(1024, "K: negatives drawn per step, shared by all its targets (sampled_softmax with "
+                                   "uniform or popularity, gBCE)")
+    negative_sampler: str = setting("uniform", "sampled_softmax's negatives: uniform over the items | popularity "
+                                               "(training-target counts) | in_batch (the step's other targets; "
+                                               "negatives unused)")
+    logq_correction: bool = setting(True, "sampled_softmax: subtract log(expected count under the sampler) from "
+                                          "each negative's logit")
+    gbce_t: float = setting(0.75, "gBCE's calibration t in [0, 1]: beta = alpha (t (1 - 1/alpha) + 1/alpha), "
+                                  "alpha = negatives / (items - 1); 0 = plain BCE")
     stopping_step: int = setting(10, "stop after more than this many validations without a better valid_metric "
                                      "(RecBole's rule: a tie counts as better; 0 stops at the first miss)")
     eval_step: int = setting(1, "validate every eval_step epochs")
@@ -157,14 +207,17 @@ class TrainConfig:
                                          "misses)")
     exclude_history: bool = setting(False, "rank history items too (RecBole's sequential protocol); true: leave "
                                            "them out")
+    eval_item_chunk: int = setting(65536, "items scored at once in evaluation (memory: eval_batch_size x this x 4 "
+                                          "bytes); catalogs up to it are one product, as before; 0 = always one")
 
     def __post_init__(self) -> None:
         for key in ("epochs", "train_batch_size", "eval_batch_size", "max_seq_length", "eval_step",
-                    "learning_rate", "dist_timeout"):
+                    "learning_rate", "dist_timeout", "negatives"):
             if not getattr(self, key) > 0:
                 shown = key_of(self.__dataclass_fields__[key])  # as the user wrote it
                 raise ConfigError(f"{shown} must be > 0, got {getattr(self, key)!r}")
-        for key in ("weight_decay", "clip_grad_norm", "stopping_step", "all_positions_stride", "checkpoint_steps"):
+        for key in ("weight_decay", "clip_grad_norm", "stopping_step", "all_positions_stride", "checkpoint_steps",
+                    "eval_item_chunk"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
         if not 0 <= self.seed < 2 ** 32:  # the range every generator seeded from it (numpy's) accepts
@@ -172,10 +225,19 @@ class TrainConfig:
         for key in ("user_inter_num_interval", "item_inter_num_interval"):
             parse_interval(getattr(self, key), key)
         check_choice("duplicate_events", self.duplicate_events, DUPLICATE_RULES, ConfigError)
+        self._check_split()
         check_choice("train_scheme", self.train_scheme, TRAIN_SCHEMES, ConfigError)
         check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS, ConfigError)
-        if str(self.loss_type).upper() != "CE":
-            raise ConfigError(f"loss_type {self.loss_type!r} is not offered; only CE (full softmax) is")
+        loss = str(self.loss_type).lower()  # kept as written: a CE run's config.yaml stays as it was
+        if loss not in {name.lower() for name in LOSS_TYPES}:
+            raise ConfigError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {self.loss_type!r} (the "
+                              "protocol's numbers use only CE, the full softmax)")
+        check_choice("negative_sampler", self.negative_sampler, NEGATIVE_SAMPLERS, ConfigError)
+        if self.negative_sampler != "uniform" and loss != "sampled_softmax":
+            raise ConfigError(f"negative_sampler={self.negative_sampler} needs loss_type=sampled_softmax (gBCE draws "
+                              f"uniform negatives, as gSASRec does; CE draws none); got loss_type={self.loss_type}")
+        if not 0.0 <= self.gbce_t <= 1.0:
+            raise ConfigError(f"gbce_t must be in [0, 1], got {self.gbce_t!r}")
         metrics = [str(m).lower() for m in self.metrics]
         for m in metrics:
             if m not in METRICS:
@@ -200,6 +262,27 @@ class TrainConfig:
         object.__setattr__(self, "metrics", metrics)
         object.__setattr__(self, "topk", topk)
         object.__setattr__(self, "valid_metric", f"{name}@{k}")
+
+    def _check_split(self) -> None:
+        """``split`` and its cut-offs: both given for a time split (their order checked; a date
+        object that YAML read is recorded as its ISO text), neither for leave-one-out."""
+        check_choice("split", self.split, SPLITS, ConfigError)
+        given = [key for key in ("valid_time", "test_time") if getattr(self, key) is not None]
+        if self.split == "leave_one_out":
+            if given:
+                raise ConfigError(f"{' and '.join(given)} only go with split=time (split is leave_one_out); add "
+                                  "--set split=time or remove them")
+            return
+        if len(given) < 2:
+            raise ConfigError("split=time needs both valid_time and test_time (validation targets drive early "
+                              "stopping and the best epoch), e.g. --set valid_time=2014-01-01 --set "
+                              "test_time=2014-03-01")
+        valid, test = parse_time(self.valid_time, "valid_time"), parse_time(self.test_time, "test_time")
+        if not valid < test:
+            raise ConfigError(f"valid_time ({self.valid_time}) must be before test_time ({self.test_time})")
+        for key in given:
+            if not isinstance(getattr(self, key), (int, float, str)):  # a date or datetime YAML read
+                object.__setattr__(self, key, getattr(self, key).isoformat())
 
 
 # --- values as users write them: checked against each default's type ---------------------------

@@ -319,3 +319,34 @@ def test_a_cache_that_cannot_be_read_is_rebuilt_not_called_the_data_file(tmp_pat
         again = load_dataset(str(path))
     assert np.array_equal(again.items, clean.items)
     assert any("unreadable" in r.getMessage() for r in caplog.records)
+
+
+def _is_mapped(a: np.ndarray) -> bool:
+    base = a
+    while base is not None and not isinstance(base, np.memmap):
+        base = getattr(base, "base", None)
+    return base is not None
+
+
+@pytest.mark.parametrize("damage", [None, "items"])
+def test_a_large_cache_is_memory_mapped_and_still_verified(tmp_path: Path, monkeypatch, caplog, damage) -> None:
+    import mlsa4rec.data.dataset as dataset
+
+    path = write_csv(tmp_path / "mapped.csv", successor_sequences(40, 15, seed=5))
+    built = load_dataset(str(path))
+    assert not _is_mapped(built.items)
+    monkeypatch.setattr(dataset, "MAP_BYTES", 0)  # every array counts as large
+    cached = cache_file_of("mapped")
+    if damage:
+        with np.load(cached) as z:
+            items = z["items"].copy()
+        items[3] = items[4]
+        rewrite_npz(cached, items=items)
+    with caplog.at_level(logging.WARNING):
+        again = load_dataset(str(path))
+    assert np.array_equal(again.items, built.items) and np.array_equal(again.offsets, built.offsets)
+    assert np.array_equal(again.item_tokens, built.item_tokens) and np.array_equal(again.user_tokens, built.user_tokens)
+    if damage:  # refused, rebuilt from the file (in memory), one warning
+        assert "checksum mismatch" in caplog.text and not _is_mapped(again.items)
+    else:
+        assert _is_mapped(again.items) and not again.items.flags.writeable and caplog.text == ""

@@ -122,7 +122,7 @@ def test_amazon_json(tmp_path: Path) -> None:
 
 def test_unknown_suffix_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cannot tell the format"):
-        detect_format(tmp_path / "data.parquet")
+        detect_format(tmp_path / "data.xlsx")
     with pytest.raises(DataError, match="does not exist"):
         read_interactions(tmp_path / "nope.csv")
 
@@ -207,3 +207,73 @@ def test_user_lines_error_says_ids_must_be_integers(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"line 1: 'u1' is not an integer id; the \.txt format takes integer user "
                                         r"and item ids .*\.csv or \.inter"):
         read_interactions(path)
+
+
+# --- Parquet -------------------------------------------------------------------------------------
+def _parquet(path: Path, columns: dict) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_parquet_reads_like_the_csv_of_the_same_table(tmp_path: Path) -> None:
+    rows = {"user_id": [3, 1, 3, 2], "item_id": ["a", "007", "7", "a"], "timestamp": [5, 2, 1, 9]}
+    got = read_interactions(_parquet(tmp_path / "d.parquet", rows))
+    csv = tmp_path / "d.csv"
+    csv.write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in zip(*rows.values())))
+    want = read_interactions(csv)
+    assert detect_format(tmp_path / "d.parquet") == detect_format(tmp_path / "d.pq") == "parquet"
+    assert got.timed and got.user.tolist() == want.user.tolist() and got.item.tolist() == want.item.tolist()
+    assert got.item.tolist() == ["a", "007", "7", "a"]  # "007" stays distinct from "7", as in a CSV
+    assert np.array_equal(got.time, want.time)
+
+
+def test_parquet_integer_ids_stay_integers_and_timestamps_become_seconds(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    path = _parquet(tmp_path / "d.parquet", {"User": pa.array([1, 2], pa.int32()),
+                                             "ITEM": pa.array([7, 8], pa.uint16()),
+                                             "time": pa.array([1_000, 2_500], pa.timestamp("ms"))})
+    got = read_interactions(path)
+    assert got.user.dtype == np.int64 and got.item.tolist() == [7, 8] and got.time.tolist() == [1.0, 2.5]
+
+
+def test_parquet_without_timestamps_is_taken_in_row_order(tmp_path: Path, caplog) -> None:
+    got = read_interactions(_parquet(tmp_path / "d.parquet", {"user_id": [1, 1], "item_id": [5, 6]}))
+    assert not got.timed and got.time.tolist() == [0.0, 1.0]
+    assert "no timestamp column" in caplog.text
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"user_id": [1, None], "item_id": [1, 2], "timestamp": [1, 2]}, r"row 2: missing 'user_id' value"),
+    ({"user_id": ["a", ""], "item_id": [1, 2]}, r"row 2: missing 'user_id' value \(an empty string\)"),
+    ({"user_id": [1, 2], "item_id": [1.0, 2.0], "timestamp": [1, 2]}, r"'item_id' has type double; ids must be"),
+    ({"user_id": [1, 2], "item_id": [1, 2], "timestamp": ["x", "y"]}, r"'timestamp' has type string"),
+    ({"user_id": [1, 2], "item_id": [1, 2], "timestamp": [1, -2]}, r"row 2: timestamp -2 is negative"),
+    ({"user_id": [1, 2], "item_id": [1, 2], "timestamp": [1.0, float("inf")]}, r"row 2: timestamp inf is not a finite"),
+    ({"uid": [1, 2], "item_id": [1, 2]}, r"no user column \(found uid, item_id\)"),
+    ({"user_id": [1], "item": [1], "item_id": [1]}, r"columns 'item' and 'item_id' both name the item"),
+    ({"user_id": [], "item_id": []}, r"holds no interactions"),
+    ({"user_id": [1], "item_id": [2 ** 64 - 1]}, r"'item_id' holds ids too large for 64 bits"),
+])
+def test_bad_parquet_is_one_line(tmp_path: Path, columns: dict, message: str) -> None:
+    import pyarrow as pa
+
+    if not columns.get("user_id", [0]):
+        columns = {"user_id": pa.array([], pa.int64()), "item_id": pa.array([], pa.int64())}
+    elif columns.get("item_id") == [2 ** 64 - 1]:
+        columns = {"user_id": columns["user_id"], "item_id": pa.array(columns["item_id"], pa.uint64())}
+    with pytest.raises(DataError, match=message) as err:
+        read_interactions(_parquet(tmp_path / "bad.parquet", columns))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"hello", b"PAR1" + b"\0" * 20])
+def test_a_file_that_is_not_parquet_is_one_line(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match="empty|not a readable Parquet file") as err:
+        read_interactions(path)
+    assert "\n" not in str(err.value)

@@ -9,10 +9,14 @@ from pathlib import Path
 from mlsa4rec.data.dataset import (
     DEFAULT_INTERVAL,
     DUPLICATE_RULES,
+    LeaveOneOut,
     SequenceData,
+    SplitRule,
+    TimeSplit,
     cache_dir,
     duplicates_mismatch,
     load_sequences,
+    split_rule,
 )
 from mlsa4rec.data.readers import READERS, Interactions, detect_format, read_error, read_interactions
 from mlsa4rec.data.registry import REGISTRY, DatasetSpec, data_dir_from, get_spec, locate
@@ -22,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 __all__ = [
-    "DEFAULT_INTERVAL", "DUPLICATE_RULES", "READERS", "REGISTRY", "DatasetSpec", "Interactions", "SequenceData",
-    "data_dir_from", "detect_format", "duplicates_mismatch", "load_dataset", "read_interactions", "resolve",
+    "DEFAULT_INTERVAL", "DUPLICATE_RULES", "READERS", "REGISTRY", "DatasetSpec", "Interactions", "LeaveOneOut",
+    "SequenceData", "SplitRule", "TimeSplit", "data_dir_from", "detect_format", "duplicates_mismatch", "load_dataset",
+    "read_interactions", "resolve", "split_of", "split_rule",
 ]
 
 
@@ -53,8 +58,10 @@ def load_dataset(
     item_inter_num_interval: str = DEFAULT_INTERVAL,
     use_cache: bool = True,
     duplicate_events: str = "drop",
+    split: SplitRule | None = None,
 ) -> SequenceData:
-    """A registered dataset name or a data file path, deduplicated, filtered, remapped and sorted."""
+    """A registered dataset name or a data file path, deduplicated, filtered, remapped and sorted;
+    split leave-one-out, or by ``split`` (``split_rule``: a time split, checked against the data)."""
     name, path, fmt, spec = resolve(dataset, data_dir)
     try:
         data = load_sequences(path, fmt, name, user_inter_num_interval, item_inter_num_interval, use_cache,
@@ -66,4 +73,10 @@ def load_dataset(
         if got != spec.expected:
             log.warning("%s from %s has %s users/items/interactions; the reference counts are %s",
                         name, path, got, spec.expected)
-    return data
+    return data if split is None else data.with_split(split)
+
+
+def split_of(settings: object) -> SplitRule:
+    """The split rule of a run's settings (a ``TrainConfig``: ``split``, ``valid_time``, ``test_time``)."""
+    return split_rule(getattr(settings, "split", "leave_one_out"), getattr(settings, "valid_time", None),
+                      getattr(settings, "test_time", None))

@@ -11,6 +11,11 @@ Steps, as in RecBole 1.2's sequential pipeline (``MLSA4REC.md`` section 5):
    validation, the rest train; with only 2 samples there is no validation target, with 1 sample
    it is a training sample.
 
+The split is a property of the loaded data (``SequenceData.split``): leave-one-out by default, or
+a ``TimeSplit`` (global cut-off dates, ``with_split``) that reads the event times kept beside the
+items (``times``); every consumer asks the split methods (``train_target_range``,
+``train_targets``, ``eval_targets``, ``history_start``), never the arrays' layout.
+
 Before step 1, exact duplicate events (same user, item and timestamp) are dropped, keeping the
 first: a duplicated file would otherwise put each test target right after itself in the history
 and report near-perfect metrics. ``duplicate_events: keep`` keeps them where they are real.
@@ -28,8 +33,11 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import time
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +46,77 @@ import pandas as pd
 from mlsa4rec.data.readers import Interactions, read_interactions
 from mlsa4rec.errors import DataError, check_choice
 from mlsa4rec.fileio import atomic_path, sha256_file
-from mlsa4rec.settings import DUPLICATE_RULES, parse_interval
+from mlsa4rec.settings import DUPLICATE_RULES, SPLITS, parse_interval, parse_time
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = "[5,inf)"  # the protocol's 5-core filter, RecBole's notation
 PROCESSING_VERSION = 1  # bump when the processing below changes what it produces
-CACHE_FORMAT = 2  # 2: arrays carry their SHA-256 and the cache its lookup key
+CACHE_FORMAT = 3  # 2: arrays carry their SHA-256 and the cache its lookup key; 3: event times kept
+MAP_BYTES = 64 * 2 ** 20  # a cached array this large is memory-mapped (8.4 million events); smaller ones are read
+
+
+@dataclass(frozen=True)
+class LeaveOneOut:
+    """RecBole's split: each user's last event is the test target, the one before it validation."""
+
+    name = "leave_one_out"
+
+    def describe(self) -> str:
+        return "leave-one-out"
+
+
+@dataclass(frozen=True)
+class TimeSplit:
+    """Global cut-offs (Unix seconds): training targets before ``valid_time``, each user's first
+    event in [``valid_time``, ``test_time``) validation, their first at or after ``test_time`` test."""
+
+    valid_time: float
+    test_time: float
+    name = "time"
+
+    def __post_init__(self) -> None:
+        if not self.valid_time < self.test_time:
+            raise DataError(f"valid_time ({when(self.valid_time)}) must be before test_time ({when(self.test_time)})")
+
+    def describe(self) -> str:
+        return f"time (valid from {when(self.valid_time)}, test from {when(self.test_time)})"
+
+
+SplitRule = LeaveOneOut | TimeSplit
+
+
+def split_rule(split: str = "leave_one_out", valid_time: object = None, test_time: object = None) -> SplitRule:
+    """The rule of the settings ``split``, ``valid_time``, ``test_time`` (``TrainConfig``'s)."""
+    check_choice("split", split, SPLITS, DataError)
+    if split == "leave_one_out":
+        if valid_time is not None or test_time is not None:
+            raise DataError("valid_time and test_time only go with split=time (split is leave_one_out)")
+        return LeaveOneOut()
+    if valid_time is None or test_time is None:
+        raise DataError("split=time needs both valid_time and test_time (validation targets drive early stopping)")
+    return TimeSplit(parse_time(valid_time, "valid_time"), parse_time(test_time, "test_time"))
+
+
+def when(seconds: float) -> str:
+    """Unix seconds as a UTC date (and time, where it is not midnight) for messages."""
+    try:
+        moment = datetime.fromtimestamp(seconds, timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds:g} s"
+    return moment.strftime("%Y-%m-%d" if moment.time() == datetime.min.time() else "%Y-%m-%d %H:%M:%S UTC")
+
+
+@dataclass(frozen=True)
+class _TimeTargets:
+    """A time split worked out once on the data: per user the end of its training targets, and the
+    valid and test targets (flat indices, user order) left after dropping cold items."""
+
+    train_end: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    dropped: dict[str, int]      # targets dropped per split because their item never occurs in training
+    cold_users: dict[str, int]   # users with an event in the period but none before it
 
 
 @dataclass
@@ -63,6 +135,9 @@ class SequenceData:
     duplicates_dropped: bool = False  # whether they were dropped (the default) or kept
     timed: bool = True       # the file has timestamps (else duplicates cannot be told from repeats)
     fingerprint_kept: str = ""  # the fingerprint with duplicates kept (what mlsa4rec <= 0.2 computed)
+    times: np.ndarray | None = None  # float64 beside ``items``: each event's time (file order where not timed)
+    split: SplitRule = LeaveOneOut()  # how events become targets (``with_split``); not part of the fingerprint
+    _time_targets: _TimeTargets | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_users(self) -> int:
@@ -97,7 +172,15 @@ class SequenceData:
             "duplicates": ("n/a" if not self.timed else "none" if not self.duplicate_events
                            else "dropped" if self.duplicates_dropped else "kept"),
             "repeated_items": self.repeated_items(),
+            **(self._split_stats() if isinstance(self.split, TimeSplit) else {}),
         }
+
+    def _split_stats(self) -> dict[str, int | str]:
+        t = self._timed_targets()
+        return {"split": self.split.describe(), "train_targets": int(self.train_targets().shape[0]),
+                "valid_targets": int(t.valid.shape[0]), "test_targets": int(t.test.shape[0]),
+                "valid_dropped_cold_items": t.dropped["valid"], "test_dropped_cold_items": t.dropped["test"],
+                "valid_cold_users": t.cold_users["valid"], "test_cold_users": t.cold_users["test"]}
 
     def repeated_items(self) -> int:
         """Events whose item the same user had before (repeat consumption, or duplicates in a file
@@ -106,17 +189,36 @@ class SequenceData:
         pairs = users * (self.n_items + 1) + self.items
         return int(pairs.shape[0] - np.unique(pairs).shape[0])
 
-    # --- leave-one-out split -------------------------------------------------------------------
+    # --- the split: leave-one-out or time ------------------------------------------------------
+    def with_split(self, rule: SplitRule) -> SequenceData:
+        """This data under another split rule: a copy sharing every array. A time split is worked
+        out (and checked against the data: timestamps, dates inside it, targets in each split) here,
+        once, and its summary logged."""
+        if rule == self.split:
+            return self
+        data = replace(self, split=rule, _time_targets=None)
+        if isinstance(rule, TimeSplit):
+            data._timed_targets()
+        return data
+
+    def _timed_targets(self) -> _TimeTargets:
+        if self._time_targets is None:
+            self._time_targets = _time_split(self, self.split)
+        return self._time_targets
+
     def _split_counts(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per user: number of samples (n - 1) and how many are held out (0, 1 or 2)."""
+        """Leave-one-out, per user: number of samples (n - 1) and how many are held out (0, 1 or 2)."""
         samples = np.maximum(self.lengths - 1, 0)
         held_out = np.clip(samples - 1, 0, 2)
         return samples, held_out
 
     def train_target_range(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per user, the flat half-open range [first, end) of training targets."""
-        samples, held_out = self._split_counts()
+        """Per user, the flat half-open range [first, end) of training targets (every event after
+        the user's first one, up to the held-out targets or, in a time split, up to valid_time)."""
         first = self.offsets[:-1] + 1
+        if isinstance(self.split, TimeSplit):
+            return first, self._timed_targets().train_end
+        samples, held_out = self._split_counts()
         end = first + np.maximum(samples - held_out, 0)
         return first, end
 
@@ -129,6 +231,11 @@ class SequenceData:
 
     def eval_targets(self, split: str) -> np.ndarray:
         """Flat index of the target of each user that has one in ``split`` ('valid' or 'test')."""
+        if split not in ("valid", "test"):
+            raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+        if isinstance(self.split, TimeSplit):
+            t = self._timed_targets()
+            return t.valid if split == "valid" else t.test
         _, held_out = self._split_counts()
         last = self.offsets[1:] - 1
         if split == "test":
@@ -137,10 +244,72 @@ class SequenceData:
             return last[held_out == 2] - 1
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
 
+    def training_counts(self) -> np.ndarray:
+        """Events per item id that training saw (index 0, padding, is 0): every event but the
+        held-out targets under leave-one-out; the events before valid_time under a time split.
+        Popularity for serving's fallback and for popularity samplers, with nothing held out in it."""
+        if isinstance(self.split, TimeSplit):
+            counts = np.bincount(self.items[self.times < self.split.valid_time], minlength=self.n_items + 1)
+        else:
+            counts = np.bincount(self.items, minlength=self.n_items + 1)
+            for split in ("valid", "test"):
+                np.subtract.at(counts, self.items[self.eval_targets(split)], 1)
+        counts[0] = 0
+        return counts
+
     def history_start(self, targets: np.ndarray) -> np.ndarray:
-        """Flat index where the history of each target begins (its user's first event)."""
+        """Flat index where the history of each target begins (its user's first event: under both
+        splits a target's history is every earlier event of its user)."""
         users = np.searchsorted(self.offsets, targets, side="right") - 1
         return self.offsets[users]
+
+
+def _time_split(data: SequenceData, rule: TimeSplit) -> _TimeTargets:
+    """Work out ``rule`` on ``data`` (docs/protocol.md, "Time-based split"), or refuse it in one line.
+
+    Each user's events are sorted by time, so the events before a cut-off are a prefix of the
+    user's sequence: a count per user (``np.add.reduceat``) gives where each period begins."""
+    if not data.timed or data.times is None:
+        raise DataError(f"{data.name} has no timestamps (its events are in file order), so split=time cannot cut it "
+                        "by date; use split=leave_one_out, or a file with a timestamp column")
+    times, starts, ends = data.times, data.offsets[:-1], data.offsets[1:]
+    first, last = float(times[starts].min()), float(times[ends - 1].max())
+    span = f"{data.name}'s events run from {when(first)} to {when(last)}"
+    if last > 1e11:  # after the year 5000 as seconds: a file in milliseconds
+        span += " (its timestamps look like milliseconds; the cut-offs are read as seconds)"
+    if rule.valid_time <= first:
+        raise DataError(f"valid_time {when(rule.valid_time)} is not after the first event, so there is nothing to "
+                        f"train on; {span}")
+    if rule.test_time > last:
+        raise DataError(f"test_time {when(rule.test_time)} is after the last event, so there is nothing to test; "
+                        f"{span}")
+    before_valid = times < rule.valid_time
+    valid_start = starts + np.add.reduceat(before_valid, starts, dtype=np.int64)  # first event >= valid_time
+    test_start = starts + np.add.reduceat(times < rule.test_time, starts, dtype=np.int64)
+    train_end = np.maximum(valid_start, starts + 1)
+    seen = np.zeros(data.n_items + 1, dtype=bool)
+    seen[data.items[before_valid]] = True   # items with an event in the training period
+    targets, dropped, cold_users = {}, {}, {}
+    for split, candidate, has_one in (("valid", valid_start, valid_start < test_start),
+                                      ("test", test_start, test_start < ends)):
+        cold_users[split] = int((has_one & (candidate == starts)).sum())
+        target = candidate[has_one & (candidate > starts)]
+        known = seen[data.items[target]]
+        targets[split], dropped[split] = target[known], int((~known).sum())
+    n_train = int((train_end - starts - 1).sum())
+    if n_train == 0 or not len(targets["valid"]) or not len(targets["test"]):
+        empty = "training" if n_train == 0 else "validation" if not len(targets["valid"]) else "test"
+        raise DataError(f"the time split (valid_time {when(rule.valid_time)}, test_time {when(rule.test_time)}) "
+                        f"leaves no {empty} target (a target needs an earlier event of its user and, held out, an "
+                        f"item with an event before valid_time); {span}")
+    log.info("%s, split by %s: %d training, %d validation, %d test targets; dropped %d validation and %d test "
+             "targets whose item has no event before valid_time (no model learns an item it never trained on); "
+             "%d validation and %d test users have no earlier event (cold users: no target)", data.name,
+             rule.describe(), n_train, len(targets["valid"]), len(targets["test"]), dropped["valid"], dropped["test"],
+             cold_users["valid"], cold_users["test"])
+    for array in (train_end, *targets.values()):
+        array.setflags(write=False)  # shared by every caller
+    return _TimeTargets(train_end, targets["valid"], targets["test"], dropped, cold_users)
 
 
 def kcore_filter(user_codes: np.ndarray, item_codes: np.ndarray, user_interval: str, item_interval: str) -> np.ndarray:
@@ -163,7 +332,7 @@ def kcore_filter(user_codes: np.ndarray, item_codes: np.ndarray, user_interval: 
 def duplicate_mask(user_codes: np.ndarray, item_codes: np.ndarray, times: np.ndarray) -> np.ndarray:
     """True for every event equal in user, item and time to an earlier event of the file (the
     first of each group stays False, so dropping the mask keeps file order among the rest)."""
-    order = np.lexsort((np.arange(user_codes.shape[0]), times, item_codes, user_codes))
+    order = np.lexsort((times, item_codes, user_codes))  # stable: the first of a group is the earliest line
     u, i, t = user_codes[order], item_codes[order], times[order]
     same = (u[1:] == u[:-1]) & (i[1:] == i[:-1]) & (t[1:] == t[:-1])
     mask = np.zeros(user_codes.shape[0], dtype=bool)
@@ -185,23 +354,25 @@ def build_sequences(
     check_choice("duplicate_events", duplicate_events, DUPLICATE_RULES, DataError)
     if len(inter) == 0:
         raise DataError(f"{name}: the file holds no interactions")
-    user_codes, _ = pd.factorize(inter.user)
-    item_codes, _ = pd.factorize(inter.item)
-    if inter.normalised and fingerprint:  # read differently from earlier versions: not their data
+    timed, normalised, times = inter.timed, inter.normalised, inter.time
+    user_codes, user_uniques = pd.factorize(inter.user)
+    item_codes, item_uniques = pd.factorize(inter.item)
+    del inter  # past their codes the raw ids are not needed: at 10^7 events they are much of the memory
+    if normalised and fingerprint:  # read differently from earlier versions: not their data
         fingerprint = _derive(fingerprint, "normalised")
     n_dup, dropped, result_fingerprint = 0, False, fingerprint
-    if inter.timed:
-        dup = duplicate_mask(user_codes, item_codes, inter.time)
+    if timed:
+        dup = duplicate_mask(user_codes, item_codes, times)
         n_dup = int(dup.sum())
         if n_dup and duplicate_events == "drop":
             log.warning("%s: dropped %d duplicate events (same user, item and timestamp as an earlier line); they "
                         "would put test targets in their own history. --set duplicate_events=keep keeps them",
                         name, n_dup)
             keep_rows = ~dup
-            inter = Interactions(inter.user[keep_rows], inter.item[keep_rows], inter.time[keep_rows], inter.timed)
-            user_codes, item_codes = user_codes[keep_rows], item_codes[keep_rows]
+            user_codes, item_codes, times = user_codes[keep_rows], item_codes[keep_rows], times[keep_rows]
             dropped = True
             result_fingerprint = _derive(fingerprint, "duplicates-dropped") if fingerprint else ""
+        del dup
     keep = kcore_filter(user_codes, item_codes, user_interval, item_interval)
     if not keep.any():
         raise DataError(
@@ -209,25 +380,30 @@ def build_sequences(
             f"item_inter_num_interval={item_interval} leaves no interactions; loosen them, e.g. "
             "--set user_inter_num_interval='[0,inf)' --set item_inter_num_interval='[0,inf)'"
         )
-    users_raw, items_raw, times = inter.user[keep], inter.item[keep], inter.time[keep]
-    user_ids, user_tokens = pd.factorize(users_raw)       # 0-based, first appearance
-    item_ids, item_tokens = pd.factorize(items_raw)
-    item_ids = item_ids + 1                               # 0 is padding
-    order = np.lexsort((np.arange(user_ids.shape[0]), times, user_ids))  # stable by construction
+    # remap by first appearance among the kept events (RecBole's factorize of the kept tokens):
+    # factorizing the codes gives the same ids, and the tokens are looked up once per id
+    user_ids, user_seen = pd.factorize(user_codes[keep])  # 0-based
+    item_ids, item_seen = pd.factorize(item_codes[keep])
+    item_ids += 1                                         # 0 is padding
+    times = times[keep]
+    del keep, user_codes, item_codes
+    user_tokens, item_tokens = np.asarray(user_uniques)[user_seen], np.asarray(item_uniques)[item_seen]
+    order = np.lexsort((times, user_ids))                 # a stable sort: ties keep file order
     counts = np.bincount(user_ids, minlength=len(user_tokens))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     item_tok, user_tok = _token_array(np.asarray(item_tokens)), _token_array(np.asarray(user_tokens))
     pad = np.zeros(1, dtype=np.int64) if item_tok.dtype.kind == "i" else np.array(["[PAD]"])
     return SequenceData(
         name=name,
-        items=item_ids[order].astype(np.int64),
+        times=times[order].astype(np.float64, copy=False),
+        items=item_ids[order].astype(np.int64, copy=False),
         offsets=offsets,
         item_tokens=np.concatenate([pad, item_tok]),
         user_tokens=user_tok,
         fingerprint=result_fingerprint,
         duplicate_events=n_dup,
         duplicates_dropped=dropped,
-        timed=inter.timed,
+        timed=timed,
         fingerprint_kept=fingerprint,
     )
 
@@ -259,7 +435,7 @@ def _token_array(a: np.ndarray) -> np.ndarray:
     return a.astype(np.int64) if a.dtype.kind in "iu" else a.astype(str)
 
 
-_ARRAYS = ("items", "offsets", "item_tokens", "user_tokens")
+_ARRAYS = ("items", "offsets", "item_tokens", "user_tokens", "times")
 
 
 def array_digest(a: np.ndarray) -> str:
@@ -276,6 +452,8 @@ def array_digest(a: np.ndarray) -> str:
 def save_cached(data: SequenceData, path: Path, key: str) -> None:
     """Write the arrays with their checksums and the ``key`` the cache is looked up by."""
     arrays = {name: getattr(data, name) for name in _ARRAYS}
+    if arrays["times"] is None:  # built in code without times: their order stands in (as for untimed files)
+        arrays["times"] = np.arange(data.n_interactions, dtype=np.float64)
     meta = {
         "format": CACHE_FORMAT, "key": key, "name": data.name, "fingerprint": data.fingerprint,
         "fingerprint_kept": data.fingerprint_kept, "duplicate_events": data.duplicate_events,
@@ -291,6 +469,20 @@ class CacheInvalid(Exception):
     """A cached dataset that must not be used: the message says why."""
 
 
+class CacheOutdated(CacheInvalid):
+    """A cached dataset in another cache format: rebuilt once, in the current one."""
+
+
+def _format_problem(meta: object) -> str:
+    """Why a cache file's format is not ``CACHE_FORMAT`` (said in the warning before it is rebuilt)."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("format"), int):
+        return "it was written by an older mlsa4rec (0.2 or earlier: no checksums)"
+    if meta["format"] < CACHE_FORMAT:
+        return (f"it was written by an older mlsa4rec (cache format {meta['format']}: no event times, which "
+                "split=time needs)")
+    return f"it was written by a newer mlsa4rec (cache format {meta['format']}; this one reads {CACHE_FORMAT})"
+
+
 def _check_structure(data: SequenceData) -> None:
     """Cheap O(events) checks that the arrays are a dataset at all (a forged or foreign file)."""
     items, offsets = data.items, data.offsets
@@ -303,6 +495,40 @@ def _check_structure(data: SequenceData) -> None:
         raise CacheInvalid("it has a different number of users and user ids")
     if n and (items.min() < 1 or items.max() > data.item_tokens.shape[0] - 1):
         raise CacheInvalid("it holds item ids outside its catalog")
+    if data.times is None or data.times.dtype != np.float64 or data.times.shape != (n,):
+        raise CacheInvalid("its event times do not match its events")
+
+
+def mapped_member(path: Path, name: str) -> np.ndarray:
+    """Array ``name`` of an uncompressed ``.npz`` (what ``np.savez`` writes), memory-mapped read-only
+    in place instead of read into memory: a processed dataset of 5·10^7 events then costs its pages
+    as they are touched, shared by every process that maps it (torchrun's ranks, serving workers).
+
+    The member's bytes are a ``.npy`` file stored uncompressed inside the zip: its local header says
+    where they begin, numpy's own header parser says where the array begins after them."""
+    with open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
+        info = zf.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CacheInvalid(f"its {name!r} array is compressed")
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise CacheInvalid("its zip headers are inconsistent")
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        fh.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(fh)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
+                                 else np.lib.format.read_array_header_2_0(fh))
+        if dtype.hasobject:
+            raise CacheInvalid(f"its {name!r} array holds Python objects")
+        offset = fh.tell()
+        if offset + int(np.prod(shape)) * dtype.itemsize > info.header_offset + 30 + name_length + extra_length \
+                + info.compress_size:
+            raise CacheInvalid(f"its {name!r} array is longer than its zip member")
+    if not np.prod(shape):  # a zero-length map is not allowed
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                     order="F" if fortran else "C").view(np.ndarray)
 
 
 def load_cached(path: Path, key: str, name: str) -> SequenceData | None:
@@ -310,17 +536,21 @@ def load_cached(path: Path, key: str, name: str) -> SequenceData | None:
 
     Checked before use: the key stored in the file equals ``key`` (a cache copied or renamed over
     another dataset's is refused) and every array's SHA-256 equals the one recorded at write time
-    (an edited array is refused). A failure is one warning line; the caller rebuilds and rewrites."""
+    (an edited array is refused). A failure is one warning line; the caller rebuilds and rewrites.
+    Arrays of ``MAP_BYTES`` or more are memory-mapped (``mapped_member``), not read whole: the file
+    is replaced by renaming, never rewritten in place, so a mapping keeps the verified bytes (a
+    program that writes into the file in place would change them; the cache is ours alone)."""
     if not os.path.isfile(path):  # never raises: a cache folder we may not enter is a missing cache
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"][()])) if z["meta"].ndim == 0 else None
             if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
-                raise CacheInvalid("it was written by an older mlsa4rec, without checksums")
+                raise CacheOutdated(_format_problem(meta))
             if meta.get("key") != key or meta.get("name") != name:
                 raise CacheInvalid("it holds other data than its name says (a cache file copied or renamed)")
-            arrays = {a: z[a] for a in _ARRAYS}
+        arrays = {a: mapped_member(path, a) for a in _ARRAYS}
+        arrays = {a: arr if arr.nbytes >= MAP_BYTES else np.array(arr) for a, arr in arrays.items()}
         for a, arr in arrays.items():
             if array_digest(arr) != meta["sha256"][a]:
                 raise CacheInvalid(f"its {a!r} array differs from what was written (checksum mismatch)")
@@ -331,6 +561,8 @@ def load_cached(path: Path, key: str, name: str) -> SequenceData | None:
         )
         _check_structure(data)
         return data
+    except CacheOutdated as exc:
+        log.warning("dataset cache %s is not used: %s; rebuilding it once from the data file", path, exc)
     except CacheInvalid as exc:
         log.warning("dataset cache %s cannot be trusted: %s; rebuilding it from the data file", path, exc)
     except Exception as exc:  # a corrupt cache is not the user's problem: rebuild it

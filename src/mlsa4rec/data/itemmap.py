@@ -43,10 +43,10 @@ class ItemMap:
 
     @classmethod
     def from_data(cls, data: SequenceData) -> ItemMap:
-        """The map of a processed dataset; popularity counts every event but the held-out targets."""
-        counts = np.bincount(data.items, minlength=data.n_items + 1)
-        for split in ("valid", "test"):
-            np.subtract.at(counts, data.items[data.eval_targets(split)], 1)
+        """The map of a processed dataset; popularity counts the events training saw
+        (``SequenceData.training_counts``: every event but the held-out targets, or those before
+        valid_time under a time split)."""
+        counts = data.training_counts()
         return cls([t.item() if isinstance(t, np.generic) else t for t in data.item_tokens[1:]], counts[1:])
 
     def to_json(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -341,12 +342,106 @@ def read_amazon_json(path: str | Path) -> Interactions:
     return Interactions(users.to_numpy(), items.to_numpy(), time)
 
 
+def _parquet_column(column: Any, name: str, path: Path, field: str) -> np.ndarray:
+    """One Parquet column as numpy, refused with one line when it has nulls or a type ids or times cannot have.
+
+    Ids: integers (int64) or strings, as in a CSV; a float or other column is refused rather than
+    rounded (5.0 and 5.1 would otherwise become one item). Times: numbers or timestamps (seconds),
+    finite and not negative."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if column.null_count:
+        row = int(np.argmax(np.asarray(pc.is_null(column))))
+        raise DataError(f"{str(path)!r} row {row + 1}: missing {field!r} value (null); fill or drop the row")
+    kind = column.type
+    if name != "timestamp":
+        if pa.types.is_integer(kind):
+            if pa.types.is_unsigned_integer(kind) and len(column) and pc.max(column).as_py() >= 2 ** 63:
+                raise DataError(f"{str(path)!r}: column {field!r} holds ids too large for 64 bits; store them as "
+                                "strings")
+            return column.cast(pa.int64()).to_numpy()
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_dictionary(kind):
+            values = column.cast(pa.string()) if pa.types.is_dictionary(kind) else column
+            lengths = np.asarray(pc.utf8_length(values))
+            if lengths.size and int(lengths.min()) == 0:
+                raise DataError(f"{str(path)!r} row {int(np.argmin(lengths)) + 1}: missing {field!r} value (an empty "
+                                "string); fill or drop the row")
+            _check_id_lengths(path, lengths, f"{field} id", 1)
+            return _ids(np.asarray(values.to_numpy(zero_copy_only=False)).astype(str))
+        raise DataError(f"{str(path)!r}: column {field!r} has type {kind}; ids must be integers or strings (cast the "
+                        "column, e.g. with pyarrow or pandas, and write the file again)")
+    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
+        seconds = column.cast(pa.timestamp("s")) if pa.types.is_date(kind) else column
+        unit = {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}[seconds.type.unit]
+        values = seconds.cast(pa.int64()).to_numpy().astype(np.float64) / unit
+    elif pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        values = column.cast(pa.float64()).to_numpy()
+    else:
+        raise DataError(f"{str(path)!r}: column {field!r} has type {kind}; a timestamp must be a number of seconds or "
+                        "a timestamp type")
+    bad = ~np.isfinite(values) | (values < 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        what = "not a finite number" if not np.isfinite(values[i]) else "negative"
+        raise DataError(f"{str(path)!r} row {i + 1}: {field} {float(values[i]):g} is {what}; times are seconds since "
+                        "1970, fix or remove the row")
+    return values
+
+
+def read_parquet(path: str | Path) -> Interactions:
+    """A Parquet table with user and item columns and, usually, a timestamp (the CSV names:
+    ``user_id``/``user``, ``item_id``/``item``, ``timestamp``/``time``, any case). Read by pyarrow
+    column by column, only the columns needed: integer ids stay int64 (no text per event)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"data file {str(path)!r} is empty (0 bytes); is it the right file?")
+        schema = pq.read_schema(path)
+    except OSError as exc:
+        raise read_error(path, exc) from None
+    except (pa.ArrowInvalid, pa.ArrowException) as exc:
+        raise DataError(f"{str(path)!r} is not a readable Parquet file ({str(exc).splitlines()[0][:160]}); is it "
+                        "the right file, and complete?") from None
+    columns: dict[str, str] = {}
+    for name in schema.names:
+        role = _CSV_ALIASES.get(_header_field(name))
+        if role in ("user", "item", "timestamp"):
+            if role in columns:
+                raise DataError(f"{str(path)!r}: columns {columns[role]!r} and {name!r} both name the {role}; keep one")
+            columns[role] = name
+    missing = [role for role in ("user", "item") if role not in columns]
+    if missing:
+        raise DataError(f"{str(path)!r}: no {' or '.join(missing)} column (found {', '.join(schema.names)}); name "
+                        "them user_id, item_id and timestamp")
+    try:
+        table = pq.read_table(path, columns=list(columns.values()))
+    except OSError as exc:
+        raise read_error(path, exc) from None
+    except (pa.ArrowInvalid, pa.ArrowException) as exc:
+        raise DataError(f"cannot read {str(path)!r}: {str(exc).splitlines()[0][:160]}; copy or write it "
+                        "again") from None
+    if table.num_rows == 0:
+        raise DataError(f"{str(path)!r} holds no interactions")
+    user = _parquet_column(table.column(columns["user"]), "user", path, columns["user"])
+    item = _parquet_column(table.column(columns["item"]), "item", path, columns["item"])
+    timed = "timestamp" in columns
+    time = (_parquet_column(table.column(columns["timestamp"]), "timestamp", path, columns["timestamp"]) if timed
+            else _file_order(path, table.num_rows))
+    return Interactions(user, item, time, timed)
+
+
 READERS: dict[str, Callable[[str | Path], Interactions]] = {
     "user-lines": read_user_lines,
     "inter": read_inter,
     "ratings-dat": read_ratings_dat,
     "csv": read_csv,
     "amazon-json": read_amazon_json,
+    "parquet": read_parquet,
 }
 
 
@@ -365,9 +460,12 @@ def detect_format(path: str | Path) -> str:
         return "user-lines"
     if name.endswith(".json") or name.endswith(".jsonl"):
         return "amazon-json"
+    if name.endswith(".parquet") or name.endswith(".pq"):
+        return "parquet"
     raise DataError(
         f"cannot tell the format of {str(path)!r}: use a .inter (RecBole atomic), ratings.dat "
-        "(MovieLens), .csv (user,item[,rating],timestamp) or .txt[.gz] (one line per user, integer ids) file"
+        "(MovieLens), .csv (user,item[,rating],timestamp), .parquet (user_id, item_id, timestamp columns) or "
+        ".txt[.gz] (one line per user, integer ids) file"
     )
 
 

@@ -1,7 +1,8 @@
 """Finished runs re-evaluated on valid and test, and compared user by user.
 
 Runs are loaded by ``runs.loading.load_run`` (files checked against the manifest, the data against
-the fingerprint the run recorded, the model rebuilt exactly as training built it).
+the fingerprint the run recorded, the model rebuilt exactly as training built it, the data split as
+the run's settings say).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def run_ranks(run: LoadedRun, split: str = "test", exclude_history: bool | None 
     ranks them (same L, padding, batch size and history rule, unless ``exclude_history`` is given)."""
     t = run.config.train
     exclude = t.exclude_history if exclude_history is None else exclude_history
-    return split_ranks(run.model, run.data, split, t.max_seq_length, t.eval_batch_size, exclude, run.device)
+    return split_ranks(run.model, run.data, split, t.max_seq_length, t.eval_batch_size, exclude, run.device,
+                       item_chunk=t.eval_item_chunk)
 
 
 def compare_runs(run_dirs: list[str | Path], split: str = "test",
@@ -80,6 +82,10 @@ def compare_runs(run_dirs: list[str | Path], split: str = "test",
         if runs and run.data.fingerprint != runs[0].data.fingerprint:
             raise MLSA4RecError(f"{str(path)!r} was trained on other data than {str(runs[0].path)!r} (dataset, file "
                                 "or filtering differ); a paired comparison needs the same users")
+        if runs and run.data.split != runs[0].data.split:
+            raise MLSA4RecError(f"{str(path)!r} was split otherwise than {str(runs[0].path)!r} "
+                                f"({run.data.split.describe()} vs {runs[0].data.split.describe()}); a paired "
+                                "comparison needs the same users and targets")
         ranks.append(run_ranks(run, split, exclude))
         run.model.cpu()  # free an accelerator for the next run
         runs.append(run)

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from mlsa4rec.config import build_config, load_yaml_file
+from mlsa4rec.config import build_config, known_keys, load_yaml_file
 from mlsa4rec.data import REGISTRY, resolve
 from mlsa4rec.data.dataset import array_digest
 from mlsa4rec.errors import MLSA4RecError, TimeBudgetSpent
@@ -447,6 +447,8 @@ def stale_cells(study: Study) -> list[tuple[str, list[str]]]:
         else:
             continue
         now = cell_config(cell, study).to_dict()
+        # a setting added after the cell finished ran at its default (as checkpoint.check_resumable reads it)
+        saved = {**{k: v for k, v in known_keys(now["model"]).items() if k not in saved}, **saved}
         differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if differ:
             stale.append((cell.id, differ))

@@ -175,7 +175,8 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
 # Settings that may change when a run is resumed: they steer when the run stops, how often it
 # saves, how evaluation is batched (same metrics) or a stateless safeguard, not what the training
 # steps compute. Everything else must match, or the resumed run would be a different experiment.
-RESUMABLE_KEYS = ("epochs", "stopping_step", "checkpoint_steps", "eval_batch_size", "clip_grad_norm", "dist_timeout")
+RESUMABLE_KEYS = ("epochs", "stopping_step", "checkpoint_steps", "eval_batch_size", "eval_item_chunk", "clip_grad_norm",
+                  "dist_timeout")
 
 
 def world_size_message(saved: int, now: int) -> str:

@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 
 from mlsa4rec.config import Config, build_config, load_yaml_file
-from mlsa4rec.data import REGISTRY, SequenceData, data_dir_from, duplicates_mismatch, load_dataset, resolve
+from mlsa4rec.data import REGISTRY, SequenceData, data_dir_from, duplicates_mismatch, load_dataset, resolve, split_of
 from mlsa4rec.data.itemmap import ItemMap
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.models import build_model, get_class
@@ -128,10 +128,12 @@ def build_run_model(config: Config, n_items: int, device: torch.device | str | N
 
 
 def load_run_data(config: Config, data_dir: str | Path | None) -> SequenceData:
-    """The run's dataset, filtered as its settings say (the cache verifies itself)."""
+    """The run's dataset, filtered and split as its settings say (the cache verifies itself): every
+    reader of a run (training, ``load_run``, evaluation, records, serving's item map) sees the same
+    users and targets."""
     t = config.train
     return load_dataset(config.dataset, data_dir, t.user_inter_num_interval, t.item_inter_num_interval,
-                        duplicate_events=t.duplicate_events)
+                        duplicate_events=t.duplicate_events).with_split(split_of(t))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

@@ -32,6 +32,7 @@ from mlsa4rec.config import Config, build_config
 from mlsa4rec.data import REGISTRY, SequenceData, data_dir_from
 from mlsa4rec.data.itemmap import ItemMap
 from mlsa4rec.errors import MLSA4RecError, RunStopped, TimeBudgetSpent
+from mlsa4rec.evaluation.evaluator import evaluation_bytes
 from mlsa4rec.models import get_class
 from mlsa4rec.ops.scan import check_environment
 from mlsa4rec.runs import checkpoint, directory
@@ -39,6 +40,7 @@ from mlsa4rec.runs.loading import build_run_model, load_run_data
 from mlsa4rec.runtime import resolve_device
 from mlsa4rec.training import distributed
 from mlsa4rec.training.distributed import DistContext
+from mlsa4rec.training.losses import check_loss_memory, loss_memory_bytes, targets_per_step
 from mlsa4rec.training.tracking import MLFLOW_RUN_FILE, Trackers, check_tracking, start_trackers, status_for
 from mlsa4rec.training.trainer import FitResult, NonFiniteLoss, Trainer
 
@@ -79,14 +81,18 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_memory(config: Config, data: SequenceData, device: torch.device) -> None:
+def check_memory(config: Config, data: SequenceData, device: torch.device, world_size: int = 1) -> None:
     """Refuse a run that cannot fit before anything large is allocated.
 
-    The estimate is a floor, never an overestimate: parameters with their gradient and Adam's two
-    moments (the model is built on the ``meta`` device, so this costs nothing), plus the larger of
-    one training batch (its item ids, one hidden-state tensor and the score rows the loss holds at
-    once: a chunk of 256 targets in the fused CPU loss, every target elsewhere) and one evaluation
-    batch's full-ranking scores.
+    First the loss alone (``losses.check_loss_memory``): a full softmax over a catalog too large
+    for this device is refused with the sampled loss that fits (``--set loss_type=sampled_softmax
+    --set negatives=1024``); ``world_size`` ranks each take their share of a step's targets.
+    Then the whole run. That estimate is a floor, never an overestimate: parameters with their
+    gradient and Adam's two moments (the model is built on the ``meta`` device, so this costs
+    nothing), plus the larger of one training batch (its item ids, one hidden-state tensor and the
+    score rows the loss holds at once: for CE a chunk of 256 targets in the fused CPU loss, every
+    target elsewhere; for a sampled loss its ``loss_memory_bytes``) and one evaluation batch's
+    full-ranking scores.
     """
     try:
         net = build_run_model(config, data.n_items, device="meta")
@@ -103,10 +109,17 @@ def check_memory(config: Config, data: SequenceData, device: torch.device) -> No
     score_rows = min(targets, 256) if device.type == "cpu" else targets
     hidden = int(getattr(config.hyper, "hidden_size", 64))
     columns = data.n_items + 1
-    step_bytes = max(batch * width * (8 + 4 * hidden) + score_rows * columns * 4,
-                     config.train.eval_batch_size * columns * 4)
-    need = 4 * param_bytes + step_bytes
+    t = config.train
     free = available_memory(device)
+    per_rank = -(-targets_per_step(scheme, batch, width, float(getattr(config.hyper, "mask_ratio", 0.0)))
+                 // max(world_size, 1))
+    check_loss_memory(free, loss_type=t.loss_type, device=str(device), n_items=data.n_items, hidden_size=hidden,
+                      targets=per_rank, negatives=t.negatives, sampler=t.negative_sampler)
+    loss_bytes = score_rows * columns * 4 if str(t.loss_type).lower() == "ce" else loss_memory_bytes(
+        t.loss_type, device.type, data.n_items, hidden, targets, t.negatives, t.negative_sampler)
+    step_bytes = max(batch * width * (8 + 4 * hidden) + loss_bytes,
+                     evaluation_bytes(config.train.eval_batch_size, columns, config.train.eval_item_chunk))
+    need = 4 * param_bytes + step_bytes
     if free is not None and need > free:
         raise MLSA4RecError(
             f"this run needs at least {_gib(need)} of memory on {device} (parameters, gradients and Adam state "
@@ -144,7 +157,7 @@ def preflight(model: str, dataset: str, output_dir: str | Path, config_files: li
     out = directory.resolve_output_dir(output_dir, overwrite=overwrite)
     _, _, payload = directory.open_stage(out, overwrite=overwrite, resume=resume, dry=True)
     data = load_run_data(config, data_dir)
-    check_memory(config, data, device)
+    check_memory(config, data, device, world_size)
     if payload:
         state = checkpoint.decode_training_state(payload)
         checkpoint.check_resumable(state, config.to_dict(), data.fingerprint, world_size,
@@ -343,7 +356,7 @@ def _prepare(config: Config, data_dir: str | Path | None, payload: bytes | None,
         where = str(stage.path / "config.yaml") if stage is not None else "the interrupted run's config.yaml"
         changed = checkpoint.check_resumable(state, config.to_dict(), data.fingerprint, group.world_size, where,
                                              data=data)
-    check_memory(config, data, device)
+    check_memory(config, data, device, group.world_size)
     if stage is not None:
         stage.begin()
     stats = data.stats()

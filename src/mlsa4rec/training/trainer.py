@@ -4,6 +4,8 @@ The loss of one step is the mean cross-entropy over all of its targets, whicheve
 one target per sample for ``prefix``, one per real position for ``all_positions``, one per
 predicted mask for ``cloze``. Logits are
 taken against the real items only (the padding row of the item table is never a class).
+``loss_type`` other than CE (``training.losses``: a sampled softmax, gBCE) replaces the full
+softmax over those same targets; their negatives are drawn from the run's seed and the step.
 
 With several ranks (torchrun) every rank draws the same global batches; each computes the rows
 ``shard_rows`` gives it and the loss ``sum of CE over its targets / targets in the global batch``;
@@ -36,8 +38,9 @@ from mlsa4rec.evaluation import evaluate_split
 from mlsa4rec.models.base import SequentialRecommender
 from mlsa4rec.runs import checkpoint
 from mlsa4rec.runtime import peak_rss_bytes, reset_peak_rss
+from mlsa4rec.settings import TrainConfig
 from mlsa4rec.training.distributed import DistContext, rank_seed, shard_rows
-from mlsa4rec.training.losses import full_softmax_cross_entropy
+from mlsa4rec.training.losses import TrainingLoss, full_softmax_cross_entropy
 
 log = logging.getLogger("mlsa4rec")
 
@@ -72,8 +75,11 @@ def cloze_settings(model: SequentialRecommender, scheme: str) -> Cloze | None:
     return Cloze(mask_token=model.mask_token, mask_ratio=model.mask_ratio, ft_ratio=model.ft_ratio)
 
 
-def cross_entropy(model: SequentialRecommender, batch: Batch, scheme: str, device: torch.device) -> torch.Tensor:
-    """Mean full-softmax CE over the batch's targets; classes are the real items 1..N."""
+def cross_entropy(model: SequentialRecommender, batch: Batch, scheme: str, device: torch.device,
+                  loss: TrainingLoss | None = None, step: int = 0) -> torch.Tensor:
+    """Mean full-softmax CE over the batch's targets; classes are the real items 1..N. ``loss``
+    (the run's ``TrainingLoss``; None: CE) takes the same targets instead, ``step`` seeding its
+    negatives."""
     seq, lengths, targets = batch.item_seq.to(device), batch.lengths.to(device), batch.targets.to(device)
     if scheme == "prefix":
         hidden = model(seq, lengths)
@@ -83,7 +89,20 @@ def cross_entropy(model: SequentialRecommender, batch: Batch, scheme: str, devic
         targets = targets[mask]
         if targets.numel() == 0:  # a cloze batch can draw no target: a zero loss, not 0 / 0
             return model.item_table().sum() * 0.0
-    return full_softmax_cross_entropy(hidden, model.item_table()[1:], targets - 1)
+    if loss is None:
+        return full_softmax_cross_entropy(hidden, model.item_table()[1:], targets - 1)
+    return loss(hidden, model.item_table()[1:], targets - 1, step)
+
+
+def training_loss(settings: TrainConfig, data: SequenceData) -> TrainingLoss:
+    """The run's loss from its settings (``config.train``); the popularity and in-batch samplers
+    get each item's count among ``data``'s training targets."""
+    counts = None
+    if str(settings.loss_type).lower() == "sampled_softmax" and settings.negative_sampler != "uniform":
+        counts = torch.from_numpy(np.bincount(data.items[data.train_targets()], minlength=data.n_items + 1)[1:])
+    return TrainingLoss(settings.loss_type, data.n_items, negatives=settings.negatives,
+                        sampler=settings.negative_sampler, logq_correction=settings.logq_correction,
+                        gbce_t=settings.gbce_t, seed=settings.seed, counts=counts)
 
 
 def peak_memory_bytes(device: torch.device) -> int | None:
@@ -183,6 +202,7 @@ class Trainer:
         if self.group.active:  # same start on every rank, then a dropout stream of its own per rank
             self.group.broadcast_module(self.model)
             torch.manual_seed(rank_seed(t.seed, self.group.rank))
+        self.criterion = training_loss(t, data)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=t.learning_rate,
                                           weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -201,11 +221,13 @@ class Trainer:
     def shard_loss(self, rows: np.ndarray) -> torch.Tensor | None:
         """This rank's share of the loss of the global batch ``rows`` (None for an empty shard):
         the sum of CE over its targets divided by the number of targets in the whole batch, so
-        the shares of all ranks add up to the batch's mean CE."""
+        the shares of all ranks add up to the batch's mean CE. Sampled losses draw the negatives
+        of the step ``global_step`` (the same on every rank; in-batch: the rank's own targets)."""
         shard = shard_rows(rows, self.group.rank, self.group.world_size)
         if len(shard) == 0:
             return None
-        loss = cross_entropy(self.model, self.sampler.batch(shard), self.scheme, self.device)
+        loss = cross_entropy(self.model, self.sampler.batch(shard), self.scheme, self.device,
+                             loss=self.criterion, step=self.progress.global_step)
         if self.group.active:
             loss = loss * (self.sampler.targets_in(shard) / max(self.sampler.targets_in(rows), 1))
         return loss
