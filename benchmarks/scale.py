@@ -314,6 +314,14 @@ def _cell(row: dict[str, Any] | None, value: str, unit: str = "") -> str:
     return f"{row[value]:,.3g}{unit}"
 
 
+def _where(row: dict[str, Any] | None) -> str:
+    """A row's conditions in a word: quiet, or beside a training (which slows a probe)."""
+    if row is None:
+        return ""
+    note = row.get("note") or ""
+    return "quiet" if note.startswith("quiet") else "beside a training" if "training" in note else note or "?"
+
+
 def page(results: dict[str, Any]) -> str:
     rows = results["rows"]
 
@@ -336,7 +344,7 @@ def page(results: dict[str, Any]) -> str:
     if prep:
         out += ["## Data preparation (read, 5-core, remap, sort)", ""]
         header = ["events", "items"] + [f"{p}: {what}" for p in phases
-                                        for what in ("s", "peak GiB", "bytes/event above the start")]
+                                        for what in ("s", "peak GiB", "bytes/event above the start", "conditions")]
         body = []
         for events in sorted({r["events"] for r in prep}):
             for items in sorted({r["items"] for r in prep}):
@@ -345,9 +353,9 @@ def page(results: dict[str, Any]) -> str:
                     r = find(stage="prepare", phase=p, events=events, items=items)
                     cells += [_cell(r, "seconds"), f"{r['peak_rss_gib']:.2f}" if r else "",
                               f"{(r['peak_rss_gib'] - r.get('start_rss_gib', 0)) * GIB / events:,.0f}"
-                              if r and r["status"] == "ok" else ""]
+                              if r and r["status"] == "ok" else "", _where(r)]
                 body.append(cells)
-        out += [table(header, body, "rr" + "r" * (3 * len(phases))), ""]
+        out += [table(header, body, "rr" + "rrrl" * len(phases)), ""]
     for stage, title, value, unit in (("step", "One training step (SASRec, B = 256, all positions)", "seconds", " s"),
                                       ("evaluate", "Full-ranking evaluation of 10^5 users", "seconds", " s"),
                                       ("serve", "Serving one request (50 items, top 10)", "p99_ms", " ms")):
@@ -357,7 +365,7 @@ def page(results: dict[str, Any]) -> str:
         out += [f"## {title}", ""]
         variants = sorted({(r.get("length"), r.get("loss"), tuple(r.get("set") or ())) for r in got},
                           key=lambda v: (v[0] or 0, str(v[1]), v[2]))
-        header = ["items", "L", "loss", "phase", value, "peak GiB"]
+        header = ["items", "L", "loss", "phase", value, "peak GiB", "conditions"]
         body = []
         for length, loss, sets in variants:
             for items in sorted({r["items"] for r in got}):
@@ -366,7 +374,7 @@ def page(results: dict[str, Any]) -> str:
                     if r is not None:
                         shown = f"{loss} ({', '.join(sets)})" if sets else (loss or "")
                         body.append([f"{items:,}", length or "", shown, p, _cell(r, value, unit),
-                                     f"{r['peak_rss_gib']:.2f}"])
+                                     f"{r['peak_rss_gib']:.2f}", _where(r)])
         out += [table(header, body, "rr"), ""]
     return "\n".join(out)
 

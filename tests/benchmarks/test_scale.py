@@ -91,6 +91,6 @@ def test_the_report_is_made_from_the_rows_alone(tmp_path: Path, monkeypatch) -> 
     monkeypatch.setattr(sys, "argv", ["scale.py", "report", "--results", str(results)])
     scale.main(["report", "--results", str(results)])
     page = results.with_suffix(".md").read_text()
-    assert "| 10,000,000 | 10,000 | 10 | 30.30 | 3,221 | 10 | 10.30 | 1,074 |" in page
-    assert "| 1,000,000 | 50 | CE | before | over 900 s | 1.50 |" in page
+    assert "| 10,000,000 | 10,000 | 10 | 30.30 | 3,221 | quiet | 10 | 10.30 | 1,074 | quiet |" in page
+    assert "| 1,000,000 | 50 | CE | before | over 900 s | 1.50 | quiet |" in page
     assert "bytes/event at 1,000,000" in page and results.with_suffix(".png").stat().st_size > 10_000
