@@ -264,6 +264,7 @@ KEYS = ("stage", "phase", "items", "events", "length", "loss", "set", "format")
 
 def run(args: argparse.Namespace) -> None:
     cap, env_note = int(args.memory_cap * GIB), machine(threads=args.threads, commit=False)
+    commit = _mlsa4rec_commit()  # the probes import the same mlsa4rec (a stopped probe prints nothing)
     os.environ["SCALE_THREADS"] = str(args.threads)
     sizes: list[dict[str, Any]] = []
     if args.stage == "prepare":
@@ -286,8 +287,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"{args.stage} {args.phase}: {json.dumps({k: v for k, v in params.items() if k != 'file'})} ...",
               flush=True)
         row = {"stage": args.stage, "phase": args.phase, **{k: v for k, v in params.items() if k not in ("file",)},
-               **measure(args.stage, params, args.limit, cap), "command": command(__file__),
-               "machine": env_note, "note": args.note}
+               "mlsa4rec_commit": commit, **measure(args.stage, params, args.limit, cap),
+               "command": command(__file__), "machine": env_note, "note": args.note}
         print("   ", {k: row[k] for k in row if k not in ("machine", "command")}, flush=True)
         save_row(args.results, row, KEYS)
 
@@ -376,6 +377,11 @@ def page(results: dict[str, Any]) -> str:
                         body.append([f"{items:,}", length or "", shown, p, _cell(r, value, unit),
                                      f"{r['peak_rss_gib']:.2f}", _where(r)])
         out += [table(header, body, "rr"), ""]
+    made = sorted({(r.get("mlsa4rec_commit", "?"), r.get("command", "?")) for r in rows if r.get("command")})
+    out += ["## Commands", "", "Each with the mlsa4rec it imported (a before row ran the commit of before the change, "
+            "`git worktree add /tmp/before COMMIT` and `PYTHONPATH=/tmp/before/src`; the data files come from "
+            "`python benchmarks/scale.py data --dir /tmp/scale --format csv|parquet`):", "",
+            *(f"- `{cmd}` (mlsa4rec {commit})" for commit, cmd in made), ""]
     return "\n".join(out)
 
 
@@ -503,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--users", type=int, default=100_000)
             p.add_argument("--loss", default="CE")
             p.add_argument("--set", action="append", default=[], help="KEY=VALUE for the step's loss")
-            p.add_argument("--note", default="", help="the conditions: quiet, beside a training, ... (recorded with the row)")
+            p.add_argument("--note", default="", help="the conditions: quiet, beside a training, ... (kept with the row)")
         p.add_argument("--dir", type=Path, default=Path("/tmp/scale"))
         p.add_argument("--format", choices=("csv", "parquet"), default="csv")
         p.add_argument("--items", type=lambda s: int(float(s)), nargs="+", default=list(ITEMS))
