@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--users", type=int, default=100_000)
             p.add_argument("--loss", default="CE")
             p.add_argument("--set", action="append", default=[], help="KEY=VALUE for the step's loss")
-            p.add_argument("--note", default="", help="the conditions: quiet, beside a training, ... (kept with the row)")
+            p.add_argument("--note", default="", help="the conditions: quiet, beside a training, ...")
         p.add_argument("--dir", type=Path, default=Path("/tmp/scale"))
         p.add_argument("--format", choices=("csv", "parquet"), default="csv")
         p.add_argument("--items", type=lambda s: int(float(s)), nargs="+", default=list(ITEMS))
