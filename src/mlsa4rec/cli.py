@@ -88,6 +88,26 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (the run's device), cpu, cuda or cuda:N")
 
 
+def _add_ranking(p: argparse.ArgumentParser) -> None:
+    """``recommend`` and ``serve``: how the top k is found (exact in item chunks, or an approximate index)."""
+    p.add_argument("--score-chunk", type=int, default=65536, metavar="N",
+                   help="items scored at once when ranking (memory: histories x N x 4 bytes; a catalog up to N is one "
+                        "product, the evaluation's; default 65536)")
+    p.add_argument("--ann", choices=["hnsw"],
+                   help="rank through an approximate nearest-neighbour index (HNSW, usearch; needs pip install "
+                        "'mlsa4rec[ann]') built over the item table at start: for catalogs of millions of items; "
+                        "results are approximate (docs/serving.md)")
+    p.add_argument("--ann-index", metavar="FILE",
+                   help="with --ann: load the index from FILE (refused unless built from this run's item table), or "
+                        "build it and save it there")
+    p.add_argument("--ann-ef", type=int, metavar="N",
+                   help="with --ann: the search breadth (higher: better recall, slower; default 512)")
+
+
+def _ranking_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"score_chunk": args.score_chunk, "ann": args.ann, "ann_index": args.ann_index, "ann_ef": args.ann_ef}
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
 
@@ -119,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet(data)
     _add_quiet(stats)
     stats.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                       help="filtering settings, e.g. --set user_inter_num_interval='[0,inf)'")
+                       help="filtering and split settings, e.g. --set user_inter_num_interval='[0,inf)'; "
+                            "--set split=time --set valid_time=2014-01-01 --set test_time=2014-03-01 adds each "
+                            "split's targets and the cold-item targets it drops")
 
     train = sub.add_parser(
         "train", help="train a model and evaluate it on valid and test",
@@ -158,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Rebuild the run's data and model and evaluate the saved weights.")
     _add_run_dir(ev)
     _add_history(ev, "the rule the run was trained with")
+    ev.add_argument("--sampled-candidates", type=int, metavar="M",
+                    help="NOT the protocol, for a quick look at a large catalog: rank each target against M sampled "
+                         "negatives only (metrics named sampledM_hit@10 ...; not comparable with full ranking, "
+                         "Krichene & Rendle 2020); --history excluded keeps history items out of the negatives")
+    ev.add_argument("--candidate-sampler", choices=["uniform", "popularity"],
+                    help="how --sampled-candidates draws: uniform over the items (default) or by training "
+                         "popularity (names sampledMpop_...)")
+    ev.add_argument("--candidate-seed", type=int, metavar="N",
+                    help="seed of the --sampled-candidates draws (default 0)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_data_args(ev)
     _add_quiet(ev)
@@ -193,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an id the run never saw: an error (default) or dropped with a warning")
     rec.add_argument("--fallback", choices=["popular"], help="answer an empty history with the most popular items")
     _add_device(rec)
+    _add_ranking(rec)
     rec.add_argument("--json", action="store_true", help="print JSON instead of a table (--history)")
     _add_data_args(rec)
     _add_quiet(rec)
@@ -219,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--compile-step", action="store_true",
                        help="compile the streaming step of Mamba4Rec, GRU4Rec or the causal MLSA4Rec with "
                             "torch.compile (about half the cost of a session event on a CPU; seconds at start)")
+    _add_ranking(serve)
     limits = serve.add_argument_group("limits, sessions and batching")
     for flag, kind, text in (
             ("--max-body-bytes", int, "a larger request body gets 413 (default 1048576)"),
@@ -269,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true",
                      help="replace an earlier export in --output (deleting only the files it lists)")
     exp.add_argument("--opset", type=int, metavar="N", help="ONNX opset version (default: the exporter's)")
+    exp.add_argument("--ann", choices=["hnsw"],
+                     help="also write item_index.usearch, an approximate nearest-neighbour index over the item table "
+                          "for `serve --ann hnsw --ann-index` (needs pip install 'mlsa4rec[ann]')")
     _add_quiet(exp)
 
     plot = sub.add_parser(
@@ -351,20 +387,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
     from mlsa4rec.config import parse_interval, parse_set
-    from mlsa4rec.data import DEFAULT_INTERVAL, DUPLICATE_RULES, load_dataset
+    from mlsa4rec.data import DEFAULT_INTERVAL, DUPLICATE_RULES, load_dataset, split_of
     from mlsa4rec.errors import check_choice
+    from mlsa4rec.settings import TrainConfig
 
     filters = {"user_inter_num_interval": DEFAULT_INTERVAL, "item_inter_num_interval": DEFAULT_INTERVAL,
                "duplicate_events": "drop"}
+    split = {"split": "leave_one_out", "valid_time": None, "test_time": None}
     for key, value in parse_set(args.overrides).items():
+        if key in split:
+            split[key] = value
+            continue
         if key not in filters:
-            raise MLSA4RecError(f"data stats accepts only {', '.join(filters)} in --set, not {key!r}")
+            raise MLSA4RecError(f"data stats accepts only {', '.join([*filters, *split])} in --set, not {key!r}")
         if key == "duplicate_events":
             check_choice("--set duplicate_events", value, DUPLICATE_RULES, MLSA4RecError)
         else:
             parse_interval(value, key)
         filters[key] = str(value)
-    data = load_dataset(args.dataset, args.data_dir, **filters)
+    rule = split_of(TrainConfig(**split))  # checked as a run's settings are
+    data = load_dataset(args.dataset, args.data_dir, **filters, split=rule)
     stats = data.stats()
     if args.json:
         print(json.dumps(stats, indent=2))
@@ -469,8 +511,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mlsa4rec.evaluation.runs import evaluate_run, format_table
 
+    if args.sampled_candidates is not None:
+        return _evaluate_sampled(args)
+    if args.candidate_sampler is not None or args.candidate_seed is not None:
+        raise MLSA4RecError("--candidate-sampler and --candidate-seed only go with --sampled-candidates M")
     results = evaluate_run(args.run_dir, args.data_dir, exclude_history=_exclude_history(args))
     print(json.dumps(results, indent=2) if args.json else format_table(results))
+    return 0
+
+
+def _evaluate_sampled(args: argparse.Namespace) -> int:
+    """``evaluate --sampled-candidates M``: sampled metrics, named and printed as NOT the protocol."""
+    from mlsa4rec.evaluation.evaluator import SAMPLED_WARNING, evaluate_sampled, sampled_label
+    from mlsa4rec.evaluation.runs import format_table
+    from mlsa4rec.runs.loading import load_run
+
+    n, sampler, seed = args.sampled_candidates, args.candidate_sampler or "uniform", args.candidate_seed or 0
+    if n < 1:
+        raise MLSA4RecError(f"--sampled-candidates must be a positive number of negatives, got {n}")
+    run = load_run(args.run_dir, args.data_dir)
+    exclude = _exclude_history(args)
+    settings = run.config.train if exclude is None else run.config.with_train(exclude_history=exclude).train
+    warning = SAMPLED_WARNING.format(label=sampled_label(n, sampler), n=n, sampler=sampler)
+    results = {"model": run.config.model, "dataset": run.config.dataset, "exclude_history": settings.exclude_history,
+               "protocol": "sampled candidates (not the full-ranking protocol)", "sampled_candidates": n,
+               "candidate_sampler": sampler, "candidate_seed": seed, "warning": warning,
+               **{split: evaluate_sampled(run.model, run.data, split, settings, n, sampler, seed, run.device)
+                  for split in ("valid", "test")}}
+    print(json.dumps(results, indent=2) if args.json else f"WARNING: {warning}\n{format_table(results)}")
     return 0
 
 
@@ -478,7 +546,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     from mlsa4rec.serving.recommender import Recommender, option_style
 
     with option_style("cli"):  # messages name the flags: --unknown drop, -k, --fallback popular
-        rec = Recommender.from_run(args.run_dir, device=args.device, data_dir=args.data_dir)
+        rec = Recommender.from_run(args.run_dir, device=args.device, data_dir=args.data_dir, **_ranking_options(args))
         options = {"exclude_seen": args.exclude_seen, "unknown": args.unknown, "fallback": args.fallback}
         if args.history is not None:
             history = args.history.split()
@@ -566,6 +634,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.default_model is not None and args.default_model not in runs:
         raise MLSA4RecError(f"--default-model {args.default_model!r} is not one of the models served "
                             f"({', '.join(runs)}); name one of them")
+    if args.ann_index is not None and len(runs) > 1:
+        raise MLSA4RecError("--ann-index names one index file, for one run; with several --run-dir leave it out "
+                            "(each run builds its own index at start)")
     if args.sessions != "memory":
         from mlsa4rec.serving.redis_sessions import check_url
 
@@ -573,7 +644,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     def loader(directory: str) -> Callable[[], Recommender]:
         def load() -> Recommender:
-            rec = Recommender.from_run(directory, device=args.device, data_dir=args.data_dir)
+            with option_style("cli"):  # a bad --score-chunk, --ann without usearch: named as flags
+                rec = Recommender.from_run(directory, device=args.device, data_dir=args.data_dir,
+                                           **_ranking_options(args))
             if args.compile_step:
                 rec.compile_step()
             return rec
@@ -766,7 +839,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from mlsa4rec.serving.export import default_output, export_run
 
     output = args.output or default_output(args.run_dir, args.format)
-    for path in export_run(args.run_dir, output, format=args.format, opset=args.opset, overwrite=args.overwrite):
+    for path in export_run(args.run_dir, output, format=args.format, opset=args.opset, overwrite=args.overwrite,
+                           ann=args.ann):
         print(path)
     return 0
 

@@ -73,7 +73,8 @@ def test_a_probe_reports_its_peak_memory_and_is_stopped_at_its_limits(tmp_path: 
     assert row["status"] == "ok" and row["events_kept"] > 0 and row["peak_rss_gib"] >= row["start_rss_gib"] > 0
     stopped = scale.measure("prepare", {"file": str(path)}, limit_s=120, cap_bytes=1)
     assert stopped["status"] == "stopped: over 0 GiB" and "seconds" not in stopped
-    broken = scale.measure("prepare", {"file": str(tmp_path / "missing.parquet")}, limit_s=120, cap_bytes=20 * scale.GIB)
+    missing = {"file": str(tmp_path / "missing.parquet")}
+    broken = scale.measure("prepare", missing, limit_s=120, cap_bytes=20 * scale.GIB)
     assert broken["status"].startswith("failed: ") and "does not exist" in broken["status"]
 
 

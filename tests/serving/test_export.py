@@ -333,3 +333,26 @@ def test_cli_export(runs: dict[str, Path], capsys) -> None:
     assert sorted(p.name for p in run.parent.iterdir()) == sorted([*beside, "sasrec-onnx"])
     assert main(["export", "--run-dir", str(run), "--format", "tflite", "--output", str(out.parent / "x")]) == 2
     assert "unknown export format 'tflite'" in capsys.readouterr().err
+
+
+def test_the_item_table_is_stored_once_where_the_embedding_is_the_table(runs: dict[str, Path],
+                                                                      exports: dict[str, Path]) -> None:
+    """Every graph whose item embedding has the table's very bytes reads it from item_table.npy; a
+    model whose output table is not its input embedding (BERT4Rec: a mask row and a bias column;
+    LRURec: a bias column) keeps its own initializer."""
+    import onnx
+
+    for model, export in exports.items():
+        rec = Recommender.from_run(runs[model], device="cpu")
+        embedding = rec.model.item_embedding.weight.detach().numpy()
+        table = rec.model.item_table().detach().numpy()
+        same = embedding.shape == table.shape and np.array_equal(embedding, table)
+        assert same == (model not in ("bert4rec", "lrurec")), model
+        meta = _meta(export)
+        graphs = [g for g in ("encoder", "step") if "file" in meta[g]]
+        assert meta["item_table"]["read_by"] == ([meta[g]["file"] for g in graphs] if same else [])
+        for name in graphs:
+            proto = onnx.load(str(export / meta[name]["file"]), load_external_data=False)
+            external = [t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+            assert external == (meta[name]["external_data"]["initializers"] if same else []), (model, name)
+            assert same == ("external_data" in meta[name])

@@ -161,11 +161,11 @@ def test_concurrent_single_histories_share_a_model_call(rec: Recommender) -> Non
     release = threading.Event()
 
     class Slow(Recommender):  # the first call holds the model until the others have queued
-        def scores(self, histories):
+        def users(self, histories):
             if not started.is_set():
                 started.set()
                 release.wait(10)
-            return super().scores(histories)
+            return super().users(histories)
 
     slow = Slow(rec.model, rec.config, rec.items, rec.device, rec.run_dir)
     histories = [[f"i{(s + j) % 30 + 1}" for j in range(1 + s % 5)] for s in range(16)]
@@ -406,7 +406,7 @@ def test_metrics_count_requests_latency_and_sessions(server) -> None:
 
 def test_an_internal_failure_is_a_500_without_a_traceback(rec: Recommender) -> None:
     class Broken(Recommender):
-        def scores(self, histories):
+        def users(self, histories):
             raise RuntimeError("the model broke")
 
     broken = Broken(rec.model, rec.config, rec.items, rec.device, rec.run_dir)
@@ -608,8 +608,8 @@ def test_a_model_that_scores_nan_is_a_500_naming_it_not_a_422(runs: dict[str, Pa
     import torch
 
     broken = Recommender.from_run(runs["sasrec"])
-    real = broken.scores
-    monkeypatch.setattr(broken, "scores", lambda histories: torch.full_like(real(histories), float("nan")))
+    real = broken.users  # the representations every ranking starts from
+    monkeypatch.setattr(broken, "users", lambda histories: torch.full_like(real(histories), float("nan")))
     with serving(create_app(broken, batch_window_ms=0)) as url, httpx.Client(base_url=url, timeout=10) as client:
         answer = client.post("/recommend", json={"histories": [["i1", "i2"]], "k": 3})
     assert answer.status_code == 500 and "NaN or infinite" in answer.json()["error"], answer.text

@@ -42,6 +42,11 @@ matrix through ``metrics.target_ranks`` (its comparison's bool is summed through
 
 ``rank_items_reference`` is the same contract on the whole matrix at once (``target_ranks`` and a
 stable sort), for tests.
+
+For serving, ``top_items(user, table, k, chunk, exclude=None, broken=None)`` is the top k alone (no
+targets, no ranks) by the same chunks, keys and tie rule, with a check of every chunk for NaN or
++-inf scores; ``top_scores(scores, k, ids)`` applies the rule to a matrix already made (a row's
+full scores, or an index's candidates with their ids).
 """
 
 from __future__ import annotations

@@ -131,14 +131,16 @@ def _answer_chunk(rec: Recommender, lines: list[tuple[int, str | bytes]], k: int
             given = obj.get("id") if isinstance(obj, dict) else getattr(exc, "id", None)
             answers.append({**({} if given is None else {"id": given}), "line": number, "error": str(exc)})
     scored = {i: row for row, i in enumerate(i for i, r in enumerate(requests) if r is not None and r["ids"])}
-    scores = rec.scores([requests[i]["ids"] for i in scored]) if scored else None
+    ranked: list[list[Any]] = []
+    if scored:  # one model call; each line ranked with its own k and exclusions
+        asked = [requests[i] for i in scored]
+        excluded = [[*rec.exclude_ids(r["exclude"]), *(r["ids"] if r["exclude_seen"] else ())] for r in asked]
+        ranked = rec.rank_ids(rec.users([r["ids"] for r in asked]), [r["k"] for r in asked], excluded)
     for i, req in enumerate(requests):
         if req is None:
             continue
         if req["ids"]:
-            row = scored[i]
-            recs = rec.top_k(scores[row:row + 1], req["k"], [req["ids"]] if req["exclude_seen"] else None,
-                             req["exclude"])[0]
+            recs = ranked[scored[i]]
         else:
             recs = rec.popular(req["k"], exclude=req["exclude"])
         answers[i]["recommendations"] = [r._asdict() for r in recs]

@@ -51,7 +51,7 @@ class _Pending:
 
 
 class Batcher:
-    """Merges single-history requests into one ``Recommender.scores`` call (at most ``max_batch``);
+    """Merges single-history requests into one ``Recommender.users`` call (at most ``max_batch``);
     each request is then ranked with its own k and exclusions.
 
     A batch takes every request queued while the model was busy with the previous one, and waits
@@ -155,6 +155,6 @@ class Batcher:
                         pending.future.set_result(answer)
 
     def _score(self, batch: list[_Pending]) -> list[list[Recommendation]]:
-        scores = self.rec.scores([p.ids for p in batch])
-        return [self.rec.top_k(scores[row:row + 1], p.k, [p.ids] if p.exclude_seen else None, p.exclude)[0]
-                for row, p in enumerate(batch)]
+        users = self.rec.users([p.ids for p in batch])  # one model call; each row ranked with its own k and exclusions
+        excluded = [[*self.rec.exclude_ids(p.exclude), *(p.ids if p.exclude_seen else ())] for p in batch]
+        return self.rec.rank_ids(users, [p.k for p in batch], excluded)

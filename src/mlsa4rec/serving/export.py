@@ -10,8 +10,14 @@ writes, into a new directory (never into the run directory, whose manifest lists
                      the state leaves state_0..state_{n-1} -> user (B x D) and new_state_0..: one event
                      per user, at a cost independent of the history's length, as ``model.step``
     item_table.npy   float32, (n_items + 1) x D; row 0 is padding. scores = user @ item_table.T, with
-                     column 0 set to -inf, are the scores ``full_sort_scores`` gives
+                     column 0 set to -inf, are the scores ``full_sort_scores`` gives. Stored once: a
+                     graph whose item embedding is this very table (same bytes) reads it from here,
+                     as ONNX external data (location item_table.npy, offset = the .npy header's
+                     length), so the directory holds the table once, not three times
     items.json       the run's item map: tokens[i - 1] is the data file's id of model id i
+    item_index.usearch (+ .json)  with ``ann='hnsw'`` (``--ann hnsw``): an approximate nearest-neighbour
+                     index over the table's rows 1..n (``serving.ann``), for ``serve --ann hnsw
+                     --ann-index DIR/item_index.usearch``; its .json says which table it indexes
     export.json      written last: the files with their SHA-256, every input and output with its
                      shape, the state's layout (shape, dtype and initial value of each leaf), the
                      run's model and settings, the versions that wrote it
@@ -69,6 +75,7 @@ log = logging.getLogger("mlsa4rec")
 FORMATS = ("onnx",)
 EXPORT_JSON = "export.json"
 ENCODER, STEP, ITEM_TABLE = "encoder.onnx", "step.onnx", "item_table.npy"
+ITEM_INDEX = "item_index.usearch"
 INSTALL_HINT = "pip install 'mlsa4rec[onnx]'"
 TOLERANCE = 1e-4  # the self-check's atol and rtol between onnxruntime and PyTorch
 _KIND = "mlsa4rec export"
@@ -89,13 +96,21 @@ def default_output(run_dir: str | os.PathLike[str], format: str = "onnx") -> Pat
 
 
 def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], format: str = "onnx",
-               opset: int | None = None, overwrite: bool = False, check: bool = True) -> list[Path]:
+               opset: int | None = None, overwrite: bool = False, check: bool = True,
+               ann: str | None = None) -> list[Path]:
     """Export the finished run ``run_dir`` into the new directory ``out_dir``; returns the files
     written (``export.json`` last). ``opset`` is the ONNX opset (default: the exporter's);
-    ``check`` runs each graph in onnxruntime (when installed) against the PyTorch model."""
+    ``check`` runs each graph in onnxruntime (when installed) against the PyTorch model;
+    ``ann='hnsw'`` also writes the approximate index ``item_index.usearch`` (``serving.ann``)."""
     if format not in FORMATS:
         raise MLSA4RecError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     versions = require_onnx()
+    if ann not in (None, "hnsw"):
+        raise MLSA4RecError(f"ann must be None or 'hnsw' (--ann hnsw), got {ann!r:.40}")
+    if ann is not None:
+        from mlsa4rec.serving.ann import require_usearch
+
+        require_usearch("the item index (--ann hnsw)")
     if opset is not None:
         low, high = _opset_range()
         if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
@@ -120,7 +135,7 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         raise MLSA4RecError(f"cannot create the export directory {_q(out)}: {exc.strerror}; choose another "
                             "output directory") from None
     try:
-        meta = _write_export(stage, rec, model, run, opset, check, versions)
+        meta = _write_export(stage, rec, model, run, opset, check, versions, ann)
         publish_stage(stage, out, overwrite=overwrite, layout=EXPORT)  # checked again: it may have changed
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -193,10 +208,10 @@ EXPORT = Layout(listing=EXPORT_JSON, read=read_export,
 # --- writing the files -------------------------------------------------------------------------
 
 def _write_export(stage: Path, rec, model: nn.Module, run: Path, opset: int | None, check: bool,
-                  versions: dict[str, str]) -> dict[str, Any]:
+                  versions: dict[str, str], ann: str | None = None) -> dict[str, Any]:
     config = rec.config
     max_seq_length = config.train.max_seq_length
-    table = model.item_table().detach().float().cpu().numpy()
+    table = np.ascontiguousarray(model.item_table().detach().float().cpu().numpy(), dtype="<f4")  # ONNX's byte order
     graphs: dict[str, Any] = {}
     graphs["encoder"] = _graph_or_skip("encoder", stage / ENCODER,
                                        lambda: _export_encoder(model, stage / ENCODER, max_seq_length, opset))
@@ -208,10 +223,23 @@ def _write_export(stage: Path, rec, model: nn.Module, run: Path, opset: int | No
     if not any("file" in g for g in graphs.values()):
         raise RuntimeError(f"no graph of {config.model} could be exported to ONNX: "
                            + "; ".join(f"{k}: {g['skipped']}" for k, g in graphs.items()))
-    if check:
+    np.save(stage / ITEM_TABLE, table, allow_pickle=False)
+    offset = _npy_payload(stage / ITEM_TABLE, table)
+    for graph in graphs.values():
+        if "file" in graph:
+            shared = _share_table(stage / graph["file"], table, offset)
+            if shared:
+                graph["external_data"] = {"file": ITEM_TABLE, "offset": offset, "length": table.nbytes,
+                                          "initializers": shared}
+    if check:  # the graphs as published: reading the shared table from item_table.npy
         for name, diff in _self_check(stage, model, graphs, max_seq_length, rec.items.n_items).items():
             graphs[name]["onnxruntime_max_abs_diff"] = diff
-    np.save(stage / ITEM_TABLE, np.ascontiguousarray(table, dtype=np.float32), allow_pickle=False)
+    index = None
+    if ann is not None:
+        from mlsa4rec.serving.ann import ItemIndex
+
+        index = ItemIndex.build(torch.from_numpy(table))
+        index.save(stage / ITEM_INDEX)
     if (run / ITEMS).is_file():  # the run's own file, byte for byte (from_run has checked it)
         shutil.copyfile(run / ITEMS, stage / ITEMS)
     else:  # a run written before items.json: the map rebuilt from its data
@@ -233,9 +261,17 @@ def _write_export(stage: Path, rec, model: nn.Module, run: Path, opset: int | No
         "files": files,
         **graphs,
         "item_table": {"file": ITEM_TABLE, "dtype": "float32", "shape": list(table.shape), "padding_row": 0,
-                       "scores": "user @ item_table.T, with column 0 (padding) set to -inf"},
+                       "scores": "user @ item_table.T, with column 0 (padding) set to -inf",
+                       "read_by": [g["file"] for g in graphs.values() if "external_data" in g],
+                       "note": "graphs listed in read_by take their item embedding from this file (ONNX external "
+                               "data at the .npy header's end): keep it beside them"},
         "items": {"file": ITEMS, "note": "tokens[i - 1] is the data file's id of model id i; train_counts the "
                                          "training events of each item"},
+        **({} if index is None else {"item_index": {
+            "file": ITEM_INDEX, "info": f"{ITEM_INDEX}.json", **{k: index.info[k] for k in (
+                "library", "version", "metric", "dtype", "connectivity", "expansion_add")},
+            "note": "approximate nearest neighbours of a user vector among rows 1..n of the item table (inner "
+                    f"product): mlsa4rec serve --ann hnsw --ann-index DIR/{ITEM_INDEX}"}}),
     }
     (stage / EXPORT_JSON).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
     return meta
@@ -416,6 +452,64 @@ def _onnx_export(module: nn.Module, args: tuple, path: Path, input_names: list[s
         raise RuntimeError(f"the exported graph lacks the input(s) {', '.join(missing)}")
     opset_used = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
     return opset_used, shapes
+
+
+def _npy_payload(path: Path, table: np.ndarray) -> int:
+    """Where the raw little-endian C-order float32 bytes of the .npy file ``path`` begin (its header's length)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if fortran or dtype != np.dtype("<f4") or tuple(shape) != table.shape or \
+            path.stat().st_size - offset != table.nbytes:
+        raise RuntimeError(f"{path.name} is not the raw float32 table its header should describe")
+    return offset
+
+
+def _graph_initializers(graph: Any) -> Iterator[Any]:
+    """The initializers of ``graph`` and of every subgraph (a Scan's, a Loop's body)."""
+    import onnx
+
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_initializers(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for sub in attribute.graphs:
+                    yield from _graph_initializers(sub)
+
+
+def _share_table(path: Path, table: np.ndarray, offset: int) -> list[str]:
+    """Point every initializer of the graph ``path`` whose bytes are the item table's (compared, not
+    guessed from names: BERT4Rec's embedding has a mask row and no bias column, so it keeps its own)
+    at ``item_table.npy`` as ONNX external data, and rewrite the graph without them. A graph over
+    2 GB (its weights in ``path.data``, ``_too_big_for_one_file``) is written back the same way,
+    its ``.data`` without the table. Returns the names of the initializers now shared."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    data = path.with_name(path.name + ".data")
+    split = data.exists()
+    proto = onnx.load(str(path), load_external_data=True)
+    raw, dims = memoryview(table).cast("B"), list(table.shape)
+    shared = []
+    for tensor in _graph_initializers(proto.graph):
+        if tensor.data_type == onnx.TensorProto.FLOAT and list(tensor.dims) == dims and \
+                tensor.HasField("raw_data") and raw == tensor.raw_data:
+            set_external_data(tensor, ITEM_TABLE, offset=offset, length=table.nbytes)
+            tensor.ClearField("raw_data")
+            shared.append(tensor.name)
+    if not shared:
+        return []
+    if split:  # the other weights are in memory now: written again, into a new .data file
+        data.unlink()
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+    return shared
 
 
 def _drop_unused_initializers(model: Any) -> None:

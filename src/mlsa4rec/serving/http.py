@@ -27,7 +27,9 @@ model is never entered from two threads. Single-history ``/recommend`` calls tha
 model is busy are scored together in one model call (``max_batch`` at most), each then ranked on
 its own; under concurrent load a batch also waits up to ``batch_window_ms`` for as many requests
 as the previous batch held, while a lone request never waits (see ``batcher.Batcher``);
-``batch_window_ms=0`` scores every request alone. Sessions live in memory,
+``batch_window_ms=0`` scores every request alone. Every answer's top k is exact, found
+``Recommender.score_chunk`` items at a time, or comes from the approximate index of a Recommender
+made with ``ann='hnsw'`` (a reload keeps those options). Sessions live in memory,
 at most ``max_sessions`` (the least recently used is dropped first) and each for
 ``session_ttl_s`` after its last use (checked on every access and by a periodic sweep).
 
@@ -447,13 +449,14 @@ def _store(url: str, name: str, limits: dict[str, Any], meters: "_Meters") -> Se
 
 
 def _reloader(rec: Recommender) -> Callable[[], Recommender]:
-    """Load ``rec``'s run directory again, on its device (what ``POST /models/NAME/reload`` does)."""
+    """Load ``rec``'s run directory again, on its device and with its ranking options (``score_chunk``,
+    ``ann``...; what ``POST /models/NAME/reload`` does)."""
     if rec.run_dir is None:
         def refuse() -> Recommender:
             raise MLSA4RecError("this model was not loaded from a run directory, so there is nothing to load again")
         return refuse
-    run_dir, device = rec.run_dir, str(rec.device)
-    return lambda: Recommender.from_run(run_dir, device=device)
+    run_dir, device, options = rec.run_dir, str(rec.device), rec.options
+    return lambda: Recommender.from_run(run_dir, device=device, **options)
 
 
 @asynccontextmanager

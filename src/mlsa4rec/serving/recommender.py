@@ -11,6 +11,14 @@ ranking over every item. A session of a model that streams (``model.streams``: M
 causal MLSA4Rec, GRU4Rec, LRURec, and LinRec/Performer up to L events) keeps a constant-size state
 per user, so an event costs the same whatever came before; other models re-encode the session's
 last L events.
+
+The top k is exact and found ``score_chunk`` items at a time (``ops.ranking.top_items``): memory per
+call is B x ``score_chunk`` scores, never B x n_items, and the exclusions (the history with
+``exclude_seen``, the ``exclude`` ids) are applied inside each chunk. A catalog of at most
+``score_chunk`` items is one product, the very one ``full_sort_scores`` computes, so its scores are
+the evaluation's bit for bit. Among equal scores the lower model id comes first. With
+``ann='hnsw'`` an approximate index (``serving.ann``, usearch) proposes candidates instead, which are
+scored exactly; see ``docs/serving.md`` for its recall.
 """
 
 from __future__ import annotations
@@ -34,12 +42,15 @@ from torch.utils import _pytree as pytree
 from mlsa4rec.config import Config
 from mlsa4rec.data.itemmap import ItemMap
 from mlsa4rec.errors import BrokenModelError, MLSA4RecError, check_choice
+from mlsa4rec.ops.ranking import top_items, top_scores
 from mlsa4rec.runs.loading import load_run
 
 log = logging.getLogger("mlsa4rec")
 
 UNKNOWN = ("error", "drop")
 FALLBACKS = (None, "popular")
+SCORE_CHUNK = 65536  # items scored at once by recommend, sessions and the HTTP service (B x this x 4 bytes)
+ANN = (None, "hnsw")
 
 # How messages spell a setting for whoever reads them: Python keywords (``unknown='drop'``), command
 # line flags (``--unknown drop``: ``mlsa4rec recommend``/``serve`` set "cli"), JSON fields
@@ -116,13 +127,32 @@ class Recommendation(NamedTuple):
     score: float     # the model's score (a training-event count for the popularity fallback)
 
 
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise MLSA4RecError(f"{flag(name)} must be a whole number of at least 1, got {value!r:.40}")
+    return int(value)
+
+
 class Recommender:
-    """A trained model with its item map, ready to score new histories."""
+    """A trained model with its item map, ready to score new histories.
+
+    ``score_chunk``: items scored at once when ranking (memory B x this x 4 bytes; a catalog up to it
+    is one product, the evaluation's). ``ann='hnsw'``: rank through an approximate nearest-neighbour
+    index over the item table (usearch, ``pip install 'mlsa4rec[ann]'``), built now, or loaded from
+    ``ann_index`` when that file exists (and saved there when it does not); ``ann_ef``: the index's
+    search breadth (recall against latency, default ``serving.ann.EXPANSION_SEARCH``)."""
 
     def __init__(self, model: torch.nn.Module, config: Config, items: ItemMap, device: torch.device,
-                 run_dir: Path | None = None) -> None:
+                 run_dir: Path | None = None, *, score_chunk: int = SCORE_CHUNK, ann: str | None = None,
+                 ann_index: str | Path | None = None, ann_ef: int | None = None) -> None:
         if items.n_items != model.n_items:
             raise MLSA4RecError(f"the item map has {items.n_items} items but the model {model.n_items}")
+        self.score_chunk = _positive("score_chunk", score_chunk)
+        if ann not in ANN:
+            raise MLSA4RecError(f"{flag('ann')} must be None or 'hnsw', got {ann!r:.40}")
+        if ann is None and (ann_index is not None or ann_ef is not None):
+            raise MLSA4RecError(f"{flag('ann_index' if ann_index is not None else 'ann_ef')} needs "
+                                f"{option('ann', 'hnsw')}")
         self.model = model.to(device).eval()
         self.config = config
         self.items = items
@@ -131,6 +161,32 @@ class Recommender:
         self.max_seq_length: int = config.train.max_seq_length  # L: MAX_ITEM_LIST_LENGTH in config.yaml
         self.streams: bool = bool(getattr(model, "streams", False))
         self._step = model.step if self.streams else None
+        self.ann, self.ann_index = ann, None if ann_index is None else Path(ann_index)
+        self.ann_ef = None if ann_ef is None else _positive("ann_ef", ann_ef)
+        self.index = self._index() if ann is not None else None  # serving.ann.ItemIndex
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The serving options this recommender was made with (``from_run``'s keywords), for a reload."""
+        return {"score_chunk": self.score_chunk, "ann": self.ann, "ann_index": self.ann_index, "ann_ef": self.ann_ef}
+
+    def _index(self) -> Any:
+        """The approximate index: loaded from ``ann_index`` when it exists, else built (and saved there)."""
+        from mlsa4rec.serving.ann import EXPANSION_SEARCH, ItemIndex, require_usearch
+
+        require_usearch(option("ann", "hnsw"))
+        ef = EXPANSION_SEARCH if self.ann_ef is None else self.ann_ef
+        if self.ann_index is not None and self.ann_index.exists():
+            index = ItemIndex.load(self.ann_index, self.item_table, expansion_search=ef)
+            log.info("ann: loaded the item index %s (%d items)", self.ann_index, index.n_items)
+            return index
+        index = ItemIndex.build(self.item_table, expansion_search=ef)
+        log.info("ann: built an HNSW index over %d items in %.1f s (%.0f MB)", index.n_items, index.info["build_s"],
+                 index.memory_bytes / 2**20)
+        if self.ann_index is not None:
+            index.save(self.ann_index)
+            log.info("ann: saved it to %s", self.ann_index)
+        return index
 
     @property
     def max_length(self) -> int:
@@ -162,12 +218,14 @@ class Recommender:
         return True
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto", data_dir: str | Path | None = None) -> Recommender:
+    def from_run(cls, run_dir: str | Path, device: str = "auto", data_dir: str | Path | None = None,
+                 **options: Any) -> Recommender:
         """Load a finished run (``runs.loading.load_run``): its files are checked against the
         manifest, the weights are safetensors (nothing is unpickled), and the item map comes from
-        ``items.json`` (a run without one is rebuilt from its data, which must then be found)."""
+        ``items.json`` (a run without one is rebuilt from its data, which must then be found).
+        ``options``: ``score_chunk``, ``ann``, ``ann_index``, ``ann_ef`` (the class's)."""
         run = load_run(run_dir, data_dir, device=device, need_data=False)
-        return cls(run.model, run.config, run.items, run.device, run.path)
+        return cls(run.model, run.config, run.items, run.device, run.path, **options)
 
     # --- ids ---------------------------------------------------------------------------------------
     def to_ids(self, history: Iterable[Any], unknown: str = "error", what: str = "a history") -> list[int]:
@@ -240,6 +298,84 @@ class Recommender:
         scores[:, 0] = float("-inf")
         return scores
 
+    @torch.inference_mode()
+    def users(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        """B x D representations of model-id histories, padded as ``scores`` pads them: ``full_sort_scores``
+        is ``users @ item_table.T`` (column 0 set to -inf). What ``rank`` takes."""
+        item_seq, lengths = self.batch(histories)
+        return self.model(item_seq, lengths)
+
+    @functools.cached_property
+    def item_table(self) -> torch.Tensor:
+        """The model's (n_items + 1) x D output table, computed once (a served run's weights do not
+        change; a reload makes a new Recommender). For most models it is the embedding itself."""
+        with torch.no_grad():
+            return self.model.item_table().detach()
+
+    def _broken(self, row: int) -> BrokenModelError:
+        return BrokenModelError(f"the model scored history {row} with NaN or infinite values: its weights or the "
+                                "session state it was given are broken; reload the run (and the session) or retrain it")
+
+    def rank(self, users: torch.Tensor, k: int | Sequence[int], seen: Sequence[Iterable[int]] | None = None,
+             exclude: Iterable[Any] | None = (), unknown: str = "error") -> list[list[Recommendation]]:
+        """The ``k`` best items for each of the B x D ``users`` (``users``, a session's
+        representation), minus the row's ``seen`` ids and the raw ids ``exclude`` (the ``unknown``
+        rule): what ``top_k(scores(...))`` gives, without the B x n_items scores (class docstring).
+        ``k``: one for every row, or one per row."""
+        banned = self.exclude_ids(exclude, unknown)
+        seen = list(seen or [])
+        return self.rank_ids(users, k, [[*banned, *(seen[row] if row < len(seen) else ())]
+                                        for row in range(users.shape[0])])
+
+    @torch.inference_mode()
+    def rank_ids(self, users: torch.Tensor, k: int | Sequence[int],
+                 excluded: Sequence[Iterable[int]] | None = None) -> list[list[Recommendation]]:
+        """``rank`` with each row's exclusions given as model ids (``excluded[row]``; none past its end)."""
+        batch = users.shape[0]
+        ks = [k] * batch if isinstance(k, numbers.Integral) else [int(x) for x in k]
+        if len(ks) != batch:
+            raise MLSA4RecError(f"one k per row: {batch} rows, {len(ks)} values of k")
+        if not batch:
+            return []
+        sets = [np.unique(np.fromiter(ids, dtype=np.int64)) for ids in (excluded or [])]
+        sets += [np.zeros(0, dtype=np.int64)] * (batch - len(sets))
+        if self.index is not None:
+            ids, values = self._approximate(users, max(ks), sets)
+        else:
+            ids, values = top_items(users, self.item_table, max(ks), self.score_chunk, _pairs(sets, users.device),
+                                    broken=self._broken)
+        return [[Recommendation(self.items.token(i), v) for i, v in zip(row_ids[:n], row_values[:n])
+                 if v > float("-inf")] for n, row_ids, row_values in zip(ks, ids.tolist(), values.tolist())]
+
+    def _approximate(self, users: torch.Tensor, k: int, sets: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``top_items`` through the approximate index: k + (the row's exclusions) candidates per row,
+        scored exactly against the item table, the exclusions dropped; a row left with fewer than it
+        needs is ranked exactly instead."""
+        n, table = self.items.n_items, self.item_table
+        bad = ~torch.isfinite(users).all(dim=1)
+        if bool(bad.any()):
+            raise self._broken(int(bad.nonzero()[0]))
+        real = [s[(s >= 1) & (s <= n)] for s in sets]
+        keys, _ = self.index.search(users, k + max(len(s) for s in real))
+        for row, s in enumerate(real):
+            if len(s):
+                keys[row, np.isin(keys[row], s)] = 0
+        candidates = torch.from_numpy(keys).to(users.device)
+        scores = torch.bmm(table[candidates], users[:, :, None]).squeeze(2).float()
+        bad = (~torch.isfinite(scores) & (candidates > 0)).any(dim=1)
+        if bool(bad.any()):
+            raise self._broken(int(bad.nonzero()[0]))
+        scores[candidates == 0] = float("-inf")
+        ids, values = top_scores(scores, k, candidates)
+        need = torch.tensor([min(k, n - len(s)) for s in real], device=users.device)
+        short = ((values > float("-inf")).sum(dim=1) < need).nonzero().squeeze(1).tolist()
+        if short:  # too few candidates left (a small catalog, long exclusions): those rows exactly
+            exact_ids, exact_values = top_items(users[short], table, k, self.score_chunk,
+                                                _pairs([sets[row] for row in short], users.device),
+                                                broken=lambda row: self._broken(short[row]))
+            ids[short], values[short] = exact_ids, exact_values
+        return ids, values
+
     def top_k(self, scores: torch.Tensor, k: int, seen: Sequence[Iterable[int]] | None = None,
               exclude: Iterable[Any] | None = (), unknown: str = "error") -> list[list[Recommendation]]:
         """The ``k`` best items of each row, minus the row's ``seen`` ids and the raw ids ``exclude``
@@ -247,9 +383,7 @@ class Recommender:
         banned = self.exclude_ids(exclude, unknown)
         broken = ~torch.isfinite(scores[:, 1:])  # real items; column 0 (padding) is -inf by design
         if bool(broken.any()):  # never an empty or arbitrary list in their place
-            row = int(broken.any(dim=1).nonzero()[0])
-            raise BrokenModelError(f"the model scored history {row} with NaN or infinite values: its weights or the "
-                                "session state it was given are broken; reload the run (and the session) or retrain it")
+            raise self._broken(int(broken.any(dim=1).nonzero()[0]))
         scores = scores.clone()  # the padding column is -inf already; exclusions below write into a copy
         if banned:
             scores[:, banned] = float("-inf")
@@ -257,7 +391,7 @@ class Recommender:
             ids = list(ids)
             if ids:
                 scores[row, ids] = float("-inf")
-        values, index = torch.topk(scores, min(k, scores.shape[1] - 1), dim=1)
+        index, values = top_scores(scores[:, 1:], min(k, scores.shape[1] - 1), 1)  # the lower id first among ties
         return [[Recommendation(self.items.token(int(i)), float(v)) for v, i in zip(vs, ix) if v > float("-inf")]
                 for vs, ix in zip(values.tolist(), index.tolist())]
 
@@ -304,8 +438,8 @@ class Recommender:
                                         f"; give at least one item, or use {option('fallback', 'popular')}")
                 out[i] = self.popular(k, exclude=exclude)
         if filled:
-            scored = self.top_k(self.scores([ids[i] for i in filled]), k,
-                                [ids[i] for i in filled] if exclude_seen else None, exclude)
+            scored = self.rank(self.users([ids[i] for i in filled]), k,
+                               [ids[i] for i in filled] if exclude_seen else None, exclude)
             for i, recs in zip(filled, scored):
                 out[i] = recs
         return out
@@ -375,6 +509,14 @@ class Session:
             return self.rec.scores_from_state(self.representation)
         return self.rec.scores([self.recent])
 
+    def users(self) -> torch.Tensor:
+        """1 x D: the representation after the events so far (``scores`` is it times the item table)."""
+        if not self.length:
+            raise MLSA4RecError(f"the session has no events yet; add one first, or use {option('fallback', 'popular')}")
+        if self.representation is not None:
+            return self.representation
+        return self.rec.users([self.recent])
+
     def recommend(self, k: int = 10, exclude_seen: bool = False, exclude: Iterable[Any] | None = None,
                   fallback: str | None = None, unknown: str = "error") -> list[Recommendation]:
         """The ``k`` best next items; ``exclude`` raw ids follow the ``unknown`` rule (an error naming an
@@ -385,7 +527,7 @@ class Session:
         exclude = [self.rec.items.token(i) for i in self.rec.exclude_ids(exclude, unknown)]
         if not self.length and fallback == "popular":
             return self.rec.popular(k, exclude=exclude)
-        return self.rec.top_k(self.scores(), k, [self.seen] if exclude_seen else None, exclude)[0]
+        return self.rec.rank(self.users(), k, [self.seen] if exclude_seen else None, exclude)[0]
 
     @classmethod
     def from_events(cls, rec: Recommender, recent: Iterable[Any], seen: Iterable[Any], length: int) -> Session:
@@ -502,6 +644,15 @@ class Session:
         if _bad_numbers(representation, empty_sum=False):
             raise _bad_state("its representation holds NaN or infinite numbers")
         return pytree.tree_unflatten(restored, spec), representation.detach().to(device=rec.device, copy=True)
+
+
+def _pairs(sets: Sequence[np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each row's excluded model ids as ``(rows, items)`` pairs for ``ops.ranking.top_items``."""
+    if not any(len(s) for s in sets):
+        return None
+    rows = np.concatenate([np.full(len(s), row, dtype=np.int64) for row, s in enumerate(sets)])
+    items = np.concatenate(sets)
+    return torch.from_numpy(rows).to(device), torch.from_numpy(items).to(device)
 
 
 def _bad_numbers(tensor: torch.Tensor, empty_sum: bool = True) -> bool:
