@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_export import _require_extra  # the onnx extras, skipped with the same reason
 from torch.utils import _pytree as pytree
 
 from mlsa4rec.config import build_config
@@ -27,15 +28,8 @@ from mlsa4rec.serving.export import export_run
 
 N_ITEMS, WIDTH = 50_000, 64
 TABLE_BYTES = (N_ITEMS + 1) * WIDTH * 4
-NEEDS_EXTRA = "the onnx extra is not installed (pip install 'mlsa4rec[onnx]')"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _require_extra():
-    for name in ("onnx", "onnxscript"):
-        pytest.importorskip(name, reason=NEEDS_EXTRA)
-    return pytest.importorskip("onnxruntime", reason=NEEDS_EXTRA)
 
 
 @pytest.fixture(scope="module")
