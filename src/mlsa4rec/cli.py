@@ -90,9 +90,9 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 def _add_ranking(p: argparse.ArgumentParser) -> None:
     """``recommend`` and ``serve``: how the top k is found (exact in item chunks, or an approximate index)."""
-    p.add_argument("--score-chunk", type=int, default=65536, metavar="N",
+    p.add_argument("--score-chunk", type=int, metavar="N",
                    help="items scored at once when ranking (memory: histories x N x 4 bytes; a catalog up to N is one "
-                        "product, the evaluation's; default 65536)")
+                        "product, the evaluation's; default: evaluation's eval_item_chunk default)")
     p.add_argument("--ann", choices=["hnsw"],
                    help="rank through an approximate nearest-neighbour index (HNSW, usearch; needs pip install "
                         "'mlsa4rec[ann]') built over the item table at start: for catalogs of millions of items; "
@@ -105,7 +105,8 @@ def _add_ranking(p: argparse.ArgumentParser) -> None:
 
 
 def _ranking_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"score_chunk": args.score_chunk, "ann": args.ann, "ann_index": args.ann_index, "ann_ef": args.ann_ef}
+    chunk = {} if args.score_chunk is None else {"score_chunk": args.score_chunk}  # None: the Recommender's default
+    return {**chunk, "ann": args.ann, "ann_index": args.ann_index, "ann_ef": args.ann_ef}
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:

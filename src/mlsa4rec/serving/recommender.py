@@ -44,12 +44,15 @@ from mlsa4rec.data.itemmap import ItemMap
 from mlsa4rec.errors import BrokenModelError, MLSA4RecError, check_choice
 from mlsa4rec.ops.ranking import top_items, top_scores
 from mlsa4rec.runs.loading import load_run
+from mlsa4rec.settings import TrainConfig
 
 log = logging.getLogger("mlsa4rec")
 
 UNKNOWN = ("error", "drop")
 FALLBACKS = (None, "popular")
-SCORE_CHUNK = 65536  # items scored at once by recommend, sessions and the HTTP service (B x this x 4 bytes)
+# items scored at once by recommend, sessions and the HTTP service (B x this x 4 bytes): evaluation's width, so
+# a served catalog up to it is scored as evaluation scores it
+SCORE_CHUNK: int = TrainConfig.eval_item_chunk
 ANN = (None, "hnsw")
 
 # How messages spell a setting for whoever reads them: Python keywords (``unknown='drop'``), command
