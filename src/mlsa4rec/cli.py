@@ -32,7 +32,7 @@ from mlsa4rec.runtime import env_rank, launched_by_torchrun
 
 DATASET_HELP = (
     "a registered dataset (ml-1m, amazon-beauty, amazon-video-games) or a data file: .inter (RecBole "
-    "atomic), ratings.dat (MovieLens), .csv (user,item[,rating],timestamp) or .txt[.gz] (one line per "
+    "atomic), ratings.dat (MovieLens), .csv (user,item[,rating],timestamp), .parquet or .txt[.gz] (one line per "
     "user: 'user item item ...', chronological, integer user and item ids only)"
 )
 DATA_DIR_HELP = ("folder laid out like shared/data holding the registered datasets (default: "

@@ -32,8 +32,8 @@ from mlsa4rec.evaluation.runs import evaluate_run
 from mlsa4rec.models import create
 from mlsa4rec.runs import checkpoint
 from mlsa4rec.runs.directory import staging_dir
-from mlsa4rec.training import Trainer
-from mlsa4rec.training.distributed import DistContext, pack_gradients, shard_rows, unpack_gradients
+from mlsa4rec.training import Trainer, distributed
+from mlsa4rec.training.distributed import DistContext, pack_gradients, shard_rows, touched_rows, unpack_gradients
 from mlsa4rec.training.run import train
 
 HERE = Path(__file__).resolve().parent
@@ -148,6 +148,81 @@ def test_gradient_sum_treats_missing_gradients_as_zero() -> None:
     assert target[0].grad is None and target[3].grad is None   # no rank had one: the optimiser skips them
     assert torch.equal(target[1].grad, torch.tensor([1.0, -1.0]))
     assert torch.equal(target[2].grad, torch.full((1, 2), 3.0))
+
+
+def _any_rank_of(masks: list[torch.Tensor]):
+    """What the group's OR over ranks hands every rank, for ranks simulated in one process."""
+    return lambda _mine: torch.stack(masks).amax(dim=0)
+
+
+@pytest.mark.parametrize("touched, sparse", [([[1, 4], [4, 7], []], True),
+                                             ([[0, 1, 2, 3], [4, 5, 6, 7, 8], [9]], False)])
+def test_row_sparse_exchange_equals_the_dense_sum(monkeypatch: pytest.MonkeyPatch, touched: list, sparse: bool) -> None:
+    """A large table's gradient is sent by the rows any rank touched; summed and unpacked, it is
+    the dense sum exactly (zeros elsewhere), and the small parameters ride along whole. A union of
+    more than half the rows (a full softmax) falls back to the dense exchange."""
+    monkeypatch.setattr(distributed, "ROW_SPARSE_MIN_ROWS", 10)
+    g = torch.Generator().manual_seed(0)
+    ranks = []
+    for rows in touched:
+        table, bias = torch.nn.Parameter(torch.zeros(10, 3)), torch.nn.Parameter(torch.zeros(3))
+        if rows:  # the last rank of the first case has no gradient for the table at all
+            table.grad = torch.zeros(10, 3)
+            table.grad[rows] = torch.randn(len(rows), 3, generator=g)
+        bias.grad = torch.randn(3, generator=g)
+        ranks.append([table, bias])
+    masks = [(r[0].grad != 0).any(dim=1).to(torch.uint8) if r[0].grad is not None
+             else torch.zeros(10, dtype=torch.uint8) for r in ranks]
+    layouts = [touched_rows(r, _any_rank_of(masks)) for r in ranks]
+    if sparse:  # every rank gets the same layout
+        assert all(torch.equal(lay[0], layouts[0][0]) for lay in layouts)
+    else:
+        assert all(lay[0] is None for lay in layouts)
+    assert all(lay[1] is None for lay in layouts)
+    if sparse:
+        assert layouts[0][0].tolist() == [1, 4, 7]
+    summed = sum(pack_gradients(r, torch.tensor(1.0), lay) for r, lay in zip(ranks, layouts))
+    dense = sum(pack_gradients(r, torch.tensor(1.0)) for r in ranks)
+    assert summed.numel() < dense.numel() if sparse else summed.numel() == dense.numel()
+    expected = [torch.nn.Parameter(torch.zeros(10, 3)), torch.nn.Parameter(torch.zeros(3))]
+    unpack_gradients(expected, dense)
+    for r, lay in zip(ranks, layouts):  # each rank unpacks into its own parameters, its gradient overwritten
+        assert unpack_gradients(r, summed, lay) == 3.0
+        for got, want in zip(r, expected):
+            assert torch.equal(got.grad, want.grad)
+
+
+ROW_SPARSE_RANK = """
+import sys, torch
+from mlsa4rec.training import distributed
+group, _ = distributed.init("cpu", 60)
+table = torch.nn.Embedding(distributed.ROW_SPARSE_MIN_ROWS + 5, 4)
+torch.nn.init.constant_(table.weight, 0.5)
+ids = torch.tensor([[3, 65540], [3, 11]][group.rank])
+(table(ids) * torch.arange(1.0, 5.0)).sum().mul(group.rank + 1).backward()
+assert distributed.touched_rows([table.weight], group._any_rank)[0].tolist() == [3, 11, 65540]
+loss = group.sum_gradients(table.parameters(), torch.tensor(float(group.rank)))
+if group.rank == 0:
+    torch.save({"grad": table.weight.grad, "loss": loss}, sys.argv[1])
+distributed.destroy(group)
+"""
+
+
+def test_two_ranks_sum_an_item_table_by_its_touched_rows(tmp_path: Path) -> None:
+    """Real gloo: the ranks agree on the rows either touched and sum only those; the result is the
+    dense sum (rank 0 touched rows 3 and 65,540 with weight 1, rank 1 rows 3 and 11 with weight 2)."""
+    script = tmp_path / "rank.py"
+    script.write_text(ROW_SPARSE_RANK)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    expected = torch.zeros(distributed.ROW_SPARSE_MIN_ROWS + 5, 4)
+    expected[3] = 3 * torch.arange(1.0, 5.0)
+    expected[11] = 2 * torch.arange(1.0, 5.0)
+    expected[65540] = torch.arange(1.0, 5.0)
+    assert got["loss"] == 1.0 and torch.equal(got["grad"], expected)
 
 
 def test_single_process_context_is_a_no_op() -> None:

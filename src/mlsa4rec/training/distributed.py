@@ -13,11 +13,21 @@ parameters that get no gradient need no ``find_unused_parameters`` machinery, an
 and per-parameter "has a gradient" flags ride along in the same buffer. The price is that
 communication does not overlap ``backward`` (DDP's bucketing); for the models here the gradient
 is a few MB and the step is compute-bound.
+
+A large catalogue changes that: the item table's gradient is dense (``nn.Embedding`` without
+``sparse``, so that Adam stays Adam) but a sampled loss touches only the rows of the step's
+histories, targets and negatives. A table of 10^6 items × 64 is 244 MiB, and summing it whole took
+longer than the step's computation (``benchmarks/ddp_step.py``). So a parameter with at least
+:data:`ROW_SPARSE_MIN_ROWS` rows is exchanged by rows: the ranks first agree on the rows any of
+them touched (one all-reduce of a byte per row), then sum only those. Every other row is zero on
+every rank, so the summed gradient is the dense sum exactly; a full softmax touches every row and
+keeps the dense exchange.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -154,9 +164,16 @@ class DistContext:
         if not self.active:
             return float(loss.detach())
         params = list(params)
-        buffer = pack_gradients(params, loss).to(self.device)
+        rows = touched_rows(params, self._any_rank)
+        buffer = pack_gradients(params, loss, rows).to(self.device)
         tdist.all_reduce(buffer, op=tdist.ReduceOp.SUM)
-        return unpack_gradients(params, buffer)
+        return unpack_gradients(params, buffer, rows)
+
+    def _any_rank(self, mask: torch.Tensor) -> torch.Tensor:
+        """Element-wise OR of a uint8 ``mask`` over ranks."""
+        on_device = mask.to(self.device)
+        tdist.all_reduce(on_device, op=tdist.ReduceOp.MAX)
+        return on_device.cpu()
 
     def identical_across_ranks(self, module: torch.nn.Module) -> bool:
         """Whether every rank holds bit-identical weights (a cheap float64 fingerprint)."""
@@ -168,29 +185,88 @@ class DistContext:
         return all(np.array_equal(views[0], v) for v in views[1:])
 
 
-def pack_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
-    """One flat float buffer: every gradient (zeros where missing), one has-grad flag per
-    parameter, then the loss; summing these buffers over ranks sums all three."""
-    parts = [p.grad.detach().reshape(-1).float() if p.grad is not None
-             else torch.zeros(p.numel(), device=p.device) for p in params]
+ROW_SPARSE_MIN_ROWS = 65_536  # a 2-D gradient with this many rows (an item table) is summed by its touched rows
+
+
+def touched_rows(params: list[torch.nn.Parameter],
+                 any_rank: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor | None]:
+    """For each parameter, the sorted indices of the rows to exchange, or None for all of it.
+
+    Only 2-D parameters of at least :data:`ROW_SPARSE_MIN_ROWS` rows are candidates: their rows
+    with a non-zero gradient on this rank are OR-ed over ranks by ``any_rank`` (every rank gets
+    the same union, so every rank packs the same layout). Where the union holds more than half the
+    rows (a full softmax) the whole parameter is exchanged: indexing would cost more than it saves.
+    """
+    rows: list[torch.Tensor | None] = [None] * len(params)
+    big = [i for i, p in enumerate(params) if p.dim() == 2 and p.shape[0] >= ROW_SPARSE_MIN_ROWS]
+    if not big:
+        return rows
+    masks = [_nonzero_rows(params[i].grad).cpu() if params[i].grad is not None
+             else torch.zeros(params[i].shape[0], dtype=torch.bool) for i in big]
+    union = any_rank(torch.cat(masks).to(torch.uint8)).bool()
+    offset = 0
+    for i in big:
+        n = params[i].shape[0]
+        mine = union[offset:offset + n]
+        offset += n
+        if int(mine.sum()) <= n // 2:
+            rows[i] = mine.nonzero().squeeze(1)
+    return rows
+
+
+def _nonzero_rows(grad: torch.Tensor) -> torch.Tensor:
+    """Which rows of a 2-D gradient have a non-zero bit: read as 64-bit words where a row's bytes
+    allow, twice as fast as comparing floats (a -0.0 counts as touched; sending it is harmless)."""
+    g = grad.detach().contiguous()
+    if (g.shape[1] * g.element_size()) % 8 == 0:
+        return g.view(torch.uint8).view(torch.int64).any(dim=1)
+    return g.ne(0).any(dim=1)
+
+
+def pack_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor,
+                   rows: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """One flat float buffer: every gradient (zeros where missing; only the listed ``rows`` of a
+    parameter that has them), one has-grad flag per parameter, then the loss; summing these
+    buffers over ranks sums all three."""
+    rows = rows or [None] * len(params)
+    parts = [_grad_part(p, r) for p, r in zip(params, rows)]
     flags = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
     device = params[0].device if params else torch.device("cpu")
     tail = torch.cat([flags.to(device), loss.detach().reshape(1).float().to(device)])
     return torch.cat([*parts, tail])
 
 
-def unpack_gradients(params: list[torch.nn.Parameter], buffer: torch.Tensor) -> float:
-    """Write a summed :func:`pack_gradients` buffer back into ``.grad``; returns the loss."""
-    n = sum(p.numel() for p in params)
+def _grad_part(p: torch.nn.Parameter, rows: torch.Tensor | None) -> torch.Tensor:
+    """The flat float32 piece of ``p``'s gradient that :func:`pack_gradients` sends."""
+    shape = (p.numel(),) if rows is None else (len(rows) * math.prod(p.shape[1:]),)
+    if p.grad is None:
+        return torch.zeros(shape, device=p.device)
+    grad = p.grad.detach() if rows is None else p.grad.detach().index_select(0, rows.to(p.grad.device))
+    return grad.reshape(-1).float()
+
+
+def unpack_gradients(params: list[torch.nn.Parameter], buffer: torch.Tensor,
+                     rows: list[torch.Tensor | None] | None = None) -> float:
+    """Write a summed :func:`pack_gradients` buffer (made with the same ``rows``) back into
+    ``.grad``, zeros in the rows not sent; returns the loss."""
+    rows = rows or [None] * len(params)
+    sizes = [p.numel() if r is None else len(r) * math.prod(p.shape[1:]) for p, r in zip(params, rows)]
+    n = sum(sizes)
     flags, loss = buffer[n:n + len(params)], float(buffer[-1])
     offset = 0
-    for p, flag in zip(params, flags.tolist()):
-        piece = buffer[offset:offset + p.numel()]
-        offset += p.numel()
+    for p, r, size, flag in zip(params, rows, sizes, flags.tolist()):
+        piece = buffer[offset:offset + size]
+        offset += size
         if flag == 0:
             p.grad = None
-        else:
+        elif r is None:
             p.grad = piece.view_as(p).to(device=p.device, dtype=p.dtype).clone()
+        else:  # the rank's own gradient is overwritten in place: a fresh table-sized tensor costs page faults
+            own = p.grad
+            if own is None or own.shape != p.shape or own.dtype != p.dtype or not own.is_contiguous():
+                own = torch.empty_like(p)
+            own.detach().zero_().index_copy_(0, r.to(p.device), piece.view(len(r), *p.shape[1:]).to(own))
+            p.grad = own
     return loss
 
 
