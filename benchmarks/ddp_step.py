@@ -2,15 +2,17 @@
 
     python benchmarks/ddp_step.py                                   # 10^6 items, 1,024 sampled negatives, 1 and 2 ranks
     python benchmarks/ddp_step.py --items 1e4 --loss CE --nproc 1 2 --json
+    python benchmarks/ddp_step.py --exchange dense rows --nproc 2     # the item table summed whole, then by rows
 
 Each setting starts ``torchrun --standalone --nproc_per_node N`` on this script. Every rank builds the
 same SASRec (same seed), takes its strided shard of one fixed global batch (B = 256 rows of L + 1
 random items, all positions), and runs the trainer's own pieces: ``cross_entropy`` with the run's
 ``TrainingLoss`` (negatives drawn from (seed, step), so the same on every rank), ``backward``, the
-group's ``sum_gradients`` (one all-reduce of every gradient, the dense item table's included), and
-an Adam step. Dropout is off, so 1 and N ranks follow the same trajectory up to float rounding (the
-loss after the last step is printed to show it). The first step (allocations, Adam's state) is not
-timed; the median of the rest is. Peak memory is each rank's resident maximum (``ru_maxrss``).
+group's ``sum_gradients`` (the item table's gradient summed by the rows some rank touched, the
+default ``--exchange rows``; ``dense`` sums it whole, as before that), and an Adam step. Dropout
+is off, so 1 and N ranks follow the same trajectory up to float rounding (the loss after the last
+step is printed to show it). The first step (allocations, Adam's state) is not timed; the median
+of the rest is. Peak memory is each rank's resident maximum (``ru_maxrss``).
 
 The cores are shared out like ``benchmarks/ddp_scaling.py``: each of N ranks gets cores // N threads.
 """
@@ -41,6 +43,8 @@ def child(params: dict[str, Any]) -> None:
     from mlsa4rec.training import distributed, trainer
     from mlsa4rec.training.losses import TrainingLoss
 
+    if params["exchange"] == "dense":
+        distributed.ROW_SPARSE_MIN_ROWS = 2 ** 62  # no parameter is that tall: every gradient is summed whole
     group, device = distributed.init("cpu", 600)
     n_items, length, batch = params["items"], params["length"], params["batch"]
     settings = {"MAX_ITEM_LIST_LENGTH": length, "loss_type": params["loss"], "negatives": params["negatives"],
@@ -91,10 +95,10 @@ def child(params: dict[str, Any]) -> None:
     distributed.destroy(group)
 
 
-def run_one(nproc: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def run_one(nproc: int, exchange: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     threads = max(1, (os.cpu_count() or 1) // nproc) if args.threads is None else args.threads
     params = {"items": int(float(args.items)), "length": args.length, "batch": args.batch, "loss": args.loss,
-              "negatives": args.negatives, "steps": args.steps, "out": str(out)}
+              "negatives": args.negatives, "steps": args.steps, "out": str(out), "exchange": exchange}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                __file__, "--child", json.dumps(params)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO / "src")}
@@ -105,7 +109,8 @@ def run_one(nproc: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     row = json.loads(out.read_text())
     ranks = row.pop("ranks")
     step = {name: ranks[0][name] for name in ("compute", "communicate", "update")}
-    return {"nproc": nproc, "threads_per_rank": threads, **step, "step": sum(step.values()),
+    return {"nproc": nproc, "exchange": exchange if nproc > 1 else "-", "threads_per_rank": threads, **step,
+            "step": sum(step.values()),
             "peak_gib_per_rank": max(r["peak_gib"] for r in ranks), "wall_s": round(time.perf_counter() - t0, 1),
             **row}
 
@@ -121,6 +126,8 @@ def main() -> None:
     parser.add_argument("--loss", default="sampled_softmax", help="loss_type (default sampled_softmax)")
     parser.add_argument("--negatives", type=int, default=1024)
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--exchange", nargs="+", choices=["rows", "dense"], default=["rows"],
+                        help="how ranks sum the item table's gradient (several: one row each, for N > 1)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (after one untimed)")
     parser.add_argument("--threads", type=int, help="threads per rank (default cores // nproc)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per setting")
@@ -131,16 +138,19 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="ddp-step-") as tmp:
         for n in args.nproc:
-            rows.append(run_one(n, args, Path(tmp) / f"rank0-{n}.json"))
-            print(f"nproc={n}: {rows[-1]['step']:.3f} s/step", file=sys.stderr, flush=True)
+            for exchange in args.exchange if n > 1 else ["rows"]:
+                rows.append(run_one(n, exchange, args, Path(tmp) / f"rank0-{n}-{exchange}.json"))
+                print(f"nproc={n} {rows[-1]['exchange']}: {rows[-1]['step']:.3f} s/step", file=sys.stderr, flush=True)
     first = rows[0]
     print(f"SASRec, {int(float(args.items)):,} items, B = {args.batch}, L = {args.length}, {args.loss}"
           f"{'' if args.loss.upper() == 'CE' else f' ({args.negatives} negatives)'}; item table "
           f"{first['table_mib']:.0f} MiB, all gradients {first['gradient_mib']:.0f} MiB; {os.cpu_count()} cores")
-    print(f"{'nproc':>5} {'threads':>7} {'compute s':>9} {'all-reduce s':>12} {'Adam s':>7} {'step s':>7} "
+    print(f"{'nproc':>5} {'exchange':>8} {'threads':>7} {'compute s':>9} {'all-reduce s':>12} {'Adam s':>7} "
+          f"{'step s':>7} "
           f"{'speed-up':>8} {'peak GiB/rank':>13} {'loss after':>10}")
     for r in rows:
-        print(f"{r['nproc']:>5} {r['threads_per_rank']:>7} {r['compute']:>9.3f} {r['communicate']:>12.3f} "
+        print(f"{r['nproc']:>5} {r['exchange']:>8} {r['threads_per_rank']:>7} {r['compute']:>9.3f} "
+              f"{r['communicate']:>12.3f} "
               f"{r['update']:>7.3f} {r['step']:>7.3f} {first['step'] / r['step']:>8.2f} "
               f"{r['peak_gib_per_rank']:>13.2f} {r['loss_after']:>10.5f}")
     if args.json:
