@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import machine
+from common import machine, write_json
 
 
 def _rss_mb() -> float:
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the index's search breadths to measure (serve --ann-ef)")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--index", type=Path, help="a saved index to reuse (made and saved there when missing)")
+    parser.add_argument("--save", type=Path, help="also keep the result in this JSON file, by catalogue size, with "
+                                                  "its command (docs/results/ann_recall.json: scale.md reads it)")
     args = parser.parse_args(argv)
     try:
         import usearch  # noqa: F401
@@ -119,6 +122,15 @@ def main(argv: list[str] | None = None) -> None:
     result = measure(args.items, args.ef, args.requests, index_file=args.index)
     result["machine"] = machine(threads=torch.get_num_threads())
     print(json.dumps(result, indent=2))
+    if args.save:
+        save(result, args.save, "python benchmarks/ann_recall.py " + " ".join(sys.argv[1:] if argv is None else argv))
+
+
+def save(result: dict[str, Any], path: Path, command: str) -> None:
+    """Keep ``result`` in ``path`` under its catalogue size (a later measurement of that size replaces it)."""
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    kept[str(result["items"])] = {**result, "command": command}
+    write_json(path, dict(sorted(kept.items(), key=lambda kv: int(kv[0]))))
 
 
 if __name__ == "__main__":

@@ -340,7 +340,8 @@ def page(results: dict[str, Any]) -> str:
            "memory is the process's (`wait4`), and a probe is stopped at the memory cap or time limit named in the "
            "cell. Synthetic data: `benchmarks/scale_data.py` (power-law popularity, a learnable ring walk, lognormal "
            "history lengths). Conditions of the rows: " + "; ".join(notes) + " (a training beside a probe "
-           "slows it: compare rows measured in the same conditions).", "", "## Targets", "", *targets(rows), ""]
+           "slows it: compare rows measured in the same conditions).", "", "## Targets", "",
+           *targets(rows, results.get("ann")), ""]
     prep = [r for r in rows if r["stage"] == "prepare"]
     if prep:
         out += ["## Data preparation (read, 5-core, remap, sort)", ""]
@@ -377,6 +378,27 @@ def page(results: dict[str, Any]) -> str:
                         body.append([f"{items:,}", length or "", shown, p, _cell(r, value, unit),
                                      f"{r['peak_rss_gib']:.2f}", _where(r)])
         out += [table(header, body, "rr"), ""]
+    ann = results.get("ann") or {}
+    if ann:
+        out += ["## Serving with the approximate index (`--ann hnsw`) against the exact chunked top 10", "",
+                "From `benchmarks/ann_recall.py` (`docs/results/ann_recall.json`): a random table (standard normal, "
+                "D = 64), 200 random user vectors, one request's ranking from its user vector (the model's forward "
+                "left out), torch and usearch on one thread. Recall@10 is against the exact top 10.", ""]
+        body = []
+        for items, r in sorted(ann.items(), key=lambda kv: int(kv[0])):
+            paths = [("exact, chunks of 65,536", 1.0, r["exact_chunked"]), ("whole row (before)", 1.0, r["whole_row"])]
+            paths += [(f"HNSW, ef {key[6:]}", v["recall@10"], v) for key, v in r.items() if key.startswith("ann_ef")]
+            for name, recall, v in paths:
+                body.append([f"{int(items):,}", name, f"{recall:.3f}", f"{v['p50_ms']:.2f}", f"{v['p99_ms']:.2f}"])
+        out += [table(["items", "path", "recall@10", "p50 ms", "p99 ms"], body, "rlrrr"), ""]
+        for items, r in sorted(ann.items(), key=lambda kv: int(kv[0])):
+            build, size = r.get("index_build_s"), r.get("index_file_mb")
+            out.append(f"- {int(items):,} items: " + (f"index built in {build:,.0f} s" if build is not None else
+                       f"a saved index loaded in {r.get('index_loaded_s', 0):,.1f} s") +
+                       (f", {size:.0f} MB on disk" if size is not None else "") + "; the exact chunked top 10 "
+                       f"equalled the whole row's for {r['whole_row_equals_exact']} of {r['requests']} requests. "
+                       f"`{r['command']}` (commit {str(r['machine'].get('commit'))[:7]}).")
+        out.append("")
     made = sorted({(r.get("mlsa4rec_commit", "?"), r.get("command", "?")) for r in rows if r.get("command")})
     out += ["## Commands", "", "Each with the mlsa4rec it imported (a before row ran the commit of before the change, "
             "`git worktree add /tmp/before COMMIT` and `PYTHONPATH=/tmp/before/src`; the data files come from "
@@ -385,7 +407,7 @@ def page(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def targets(rows: list[dict[str, Any]]) -> list[str]:
+def targets(rows: list[dict[str, Any]], ann: dict[str, Any] | None = None) -> list[str]:
     """The issue's targets, each checked against the rows (a target without its rows says so)."""
     def row(**want: Any) -> dict[str, Any] | None:
         hits = [r for r in rows if r["status"] == "ok" and all(
@@ -417,6 +439,15 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         if len(per) > 1:
             out.append(f"- Preparation (after, {prep[0]['format']}, {items:,} items): " + ", ".join(
                 f"{b:,.0f} bytes/event at {e:,}" for e, b in per) + " events (target: constant).")
+    exact = row(stage="serve", phase="after", items=1_000_000)
+    approx = ((ann or {}).get(str(1_000_000)) or {}).get("ann_ef512")
+    if exact and approx:
+        out.append(f"- Serving one history at 10^6 items: exact p99 {exact['p99_ms']:.0f} ms (the whole request); "
+                   f"the approximate index's ranking at its default ef 512: p99 {approx['p99_ms']:.1f} ms at recall@10 "
+                   f"{approx['recall@10']:.3f} (against the exact ranking's p99 of "
+                   f"{ann[str(1_000_000)]['exact_chunked']['p99_ms']:.1f} ms measured beside it).")
+    else:
+        out.append("- Serving target: not measured yet (after, 10^6 items, exact and `ann_recall.py --save`).")
     fifty = row(stage="prepare", phase="after", events=50_000_000)
     out.append(f"- 5·10^7 events prepared with a peak of {fifty['peak_rss_gib']:.1f} GiB (target < 8 GB: "
                f"{'met' if fifty['peak_rss_gib'] * GIB < 8e9 else 'missed'})." if fifty else
@@ -484,6 +515,9 @@ def plot(results: dict[str, Any], out: Path) -> Path:
 
 def report(args: argparse.Namespace) -> None:
     results = load_results(args.results)
+    ann_file = args.results.parent / "ann_recall.json"  # benchmarks/ann_recall.py --save
+    if ann_file.is_file():
+        results["ann"] = json.loads(ann_file.read_text())
     if not results["rows"]:
         raise SystemExit(f"error: {args.results} holds no rows; run a stage first")
     figure = plot(results, args.results.with_suffix(".png"))

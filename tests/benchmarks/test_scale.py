@@ -95,3 +95,18 @@ def test_the_report_is_made_from_the_rows_alone(tmp_path: Path, monkeypatch) -> 
     assert "| 10,000,000 | 10,000 | 10 | 30.30 | 3,221 | quiet | 10 | 10.30 | 1,074 | quiet |" in page
     assert "| 1,000,000 | 50 | CE | before | over 900 s | 1.50 | quiet |" in page
     assert "bytes/event at 1,000,000" in page and results.with_suffix(".png").stat().st_size > 10_000
+    assert "Serving target: not measured yet" in page and "approximate index" not in page
+    # benchmarks/ann_recall.py --save beside scale.json: its rows and the serving target join the page
+    rows.append({"stage": "serve", "phase": "after", "items": 1_000_000, "status": "ok", "p99_ms": 61.7,
+                 "peak_rss_gib": 0.7, "note": "quiet"})
+    results.write_text(json.dumps({"rows": rows}))
+    timing = {"p50_ms": 5.0, "p99_ms": 7.5}
+    (tmp_path / "ann_recall.json").write_text(json.dumps({"1000000": {
+        "items": 1_000_000, "requests": 200, "exact_chunked": {"p50_ms": 20.0, "p99_ms": 30.0}, "whole_row": timing,
+        "whole_row_equals_exact": 200, "index_loaded_s": 2.5, "ann_ef512": {"recall@10": 0.9271, **timing},
+        "command": "python benchmarks/ann_recall.py --items 1e6", "machine": {"commit": "abcdef0123"}}}))
+    scale.main(["report", "--results", str(results)])
+    page = results.with_suffix(".md").read_text()
+    assert ("exact p99 62 ms (the whole request); the approximate index's ranking at its default ef 512: p99 7.5 ms "
+            "at recall@10 0.927 (against the exact ranking's p99 of 30.0 ms") in page
+    assert "| 1,000,000 | HNSW, ef 512 | 0.927 | 5.00 | 7.50 |" in page and "loaded in 2.5 s;" in page
