@@ -159,3 +159,19 @@ def write_report(stem: str | Path, report: dict[str, Any], markdown: str,
     """``stem``.json (the numbers) and ``stem``.md (the page generated from them); returns both paths."""
     stem = Path(stem)
     return [write_json(stem.with_suffix(".json"), report, default), write_text(stem.with_suffix(".md"), markdown)]
+
+
+def torchrun_self(script: str | Path, nproc: int, params: dict[str, Any], threads: int, timeout: float,
+                  label: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``script --child JSON(params)`` under ``torchrun --standalone`` with ``nproc`` ranks of
+    ``threads`` threads each, and return what its rank 0 wrote to ``params['out']`` (JSON), with the
+    command's wall-clock as ``wall_s``. A failed run stops the benchmark with its ``label`` and the
+    end of its stderr."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(script), "--child", json.dumps(params)]
+    t0 = time.perf_counter()
+    done = subprocess.run(command, env={**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads)},
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        sys.exit(f"{label} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return {**json.loads(Path(params["out"]).read_text()), "wall_s": round(time.perf_counter() - t0, 1)}

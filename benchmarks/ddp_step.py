@@ -23,11 +23,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from common import torchrun_self
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,20 +100,13 @@ def run_one(nproc: int, exchange: str, args: argparse.Namespace, out: Path) -> d
     threads = max(1, (os.cpu_count() or 1) // nproc) if args.threads is None else args.threads
     params = {"items": int(float(args.items)), "length": args.length, "batch": args.batch, "loss": args.loss,
               "negatives": args.negatives, "steps": args.steps, "out": str(out), "exchange": exchange}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               __file__, "--child", json.dumps(params)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO / "src")}
-    t0 = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
-    if done.returncode != 0:
-        sys.exit(f"nproc={nproc} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    row = json.loads(out.read_text())
+    row = torchrun_self(__file__, nproc, params, threads, args.timeout, f"nproc={nproc}",
+                        env={"PYTHONPATH": str(REPO / "src")})
     ranks = row.pop("ranks")
     step = {name: ranks[0][name] for name in ("compute", "communicate", "update")}
     return {"nproc": nproc, "exchange": exchange if nproc > 1 else "-", "threads_per_rank": threads, **step,
             "step": sum(step.values()),
-            "peak_gib_per_rank": max(r["peak_gib"] for r in ranks), "wall_s": round(time.perf_counter() - t0, 1),
-            **row}
+            "peak_gib_per_rank": max(r["peak_gib"] for r in ranks), **row}
 
 
 def main() -> None:

@@ -44,11 +44,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from common import torchrun_self
 
 
 def peak_gib() -> float:
@@ -143,15 +144,8 @@ def run_one(nproc: int, sharding: str, args: argparse.Namespace, out: Path) -> d
     params = {"items": int(float(args.items)), "dim": args.dim, "length": args.length, "batch": args.batch,
               "negatives": args.negatives, "steps": args.steps, "sharding": sharding, "optimizer": args.optimizer,
               "lr": args.lr, "out": str(out)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               __file__, "--child", json.dumps(params)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    t0 = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
-    if done.returncode != 0:
-        sys.exit(f"nproc={nproc} {sharding} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    row = json.loads(out.read_text())
-    return {"nproc": nproc, "sharding": sharding, "wall_s": round(time.perf_counter() - t0, 1), **row}
+    row = torchrun_self(__file__, nproc, params, args.threads, args.timeout, f"nproc={nproc} {sharding}")
+    return {"nproc": nproc, "sharding": sharding, **row}
 
 
 def main() -> None:
