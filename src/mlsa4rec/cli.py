@@ -143,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="filtering and split settings, e.g. --set user_inter_num_interval='[0,inf)'; "
                             "--set split=time --set valid_time=2014-01-01 --set test_time=2014-03-01 adds each "
                             "split's targets and the cold-item targets it drops")
+    dexp = data_sub.add_parser(
+        "export", help="write the processed dataset (after filtering, with each event's split role) as Parquet",
+        description="Write the dataset as training sees it: one row per event, user by user in time order, with "
+                    "the file's user_id, item_id and timestamp (so the file is itself a data file mlsa4rec reads "
+                    "back), the internal user_index and item_index, the event's position and its role under the split "
+                    "(train, valid, test or context). Written to a temporary file and renamed into place.")
+    dexp.add_argument("dataset", help=DATASET_HELP)
+    dexp.add_argument("--out", required=True, help="the Parquet file to write (.parquet or .pq)")
+    dexp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_data_args(dexp)
+    _add_quiet(dexp)
+    dexp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                      help="filtering and split settings, as for data stats")
 
     train = sub.add_parser(
         "train", help="train a model and evaluate it on valid and test",
@@ -386,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_data_stats(args: argparse.Namespace) -> int:
+def _data_for_command(args: argparse.Namespace) -> Any:  # a SequenceData (imported late: the CLI starts fast)
+    """The dataset a ``data`` subcommand names, filtered and split by its --set settings."""
     from mlsa4rec.config import parse_interval, parse_set
     from mlsa4rec.data import DEFAULT_INTERVAL, DUPLICATE_RULES, load_dataset, split_of
     from mlsa4rec.errors import check_choice
@@ -400,20 +414,42 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
             split[key] = value
             continue
         if key not in filters:
-            raise MLSA4RecError(f"data stats accepts only {', '.join([*filters, *split])} in --set, not {key!r}")
+            raise MLSA4RecError(f"data {args.data_command} accepts only {', '.join([*filters, *split])} in --set, "
+                                f"not {key!r}")
         if key == "duplicate_events":
             check_choice("--set duplicate_events", value, DUPLICATE_RULES, MLSA4RecError)
         else:
             parse_interval(value, key)
         filters[key] = str(value)
     rule = split_of(TrainConfig(**split))  # checked as a run's settings are
-    data = load_dataset(args.dataset, args.data_dir, **filters, split=rule)
-    stats = data.stats()
+    return load_dataset(args.dataset, args.data_dir, **filters, split=rule)
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    stats = _data_for_command(args).stats()
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
         for key, value in stats.items():
             print(f"{key:>14}  {value:,}" if isinstance(value, int) else f"{key:>14}  {value}")
+    return 0
+
+
+def _cmd_data_export(args: argparse.Namespace) -> int:
+    from mlsa4rec.data.export import write_parquet
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise MLSA4RecError(f"--out {str(out)!r} is a directory; name a file in it")
+    if out.suffix.lower() not in (".parquet", ".pq"):
+        raise MLSA4RecError(f"--out {str(out)!r} must end in .parquet or .pq")
+    if out.exists() and not args.overwrite:
+        raise MLSA4RecError(f"--out {str(out)!r} already exists; pass --overwrite to replace it or choose another")
+    data = _data_for_command(args)  # checked before anything is written
+    write_parquet(data, out)
+    logging.getLogger("mlsa4rec").info("wrote %s: %s events of %s users, %s items (%s)", out,
+                                       f"{data.n_interactions:,}", f"{data.n_users:,}", f"{data.n_items:,}",
+                                       data.split.describe())
     return 0
 
 
@@ -1041,7 +1077,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune_allocator()
     try:
         _check_device_flag(args)
-        handler = _cmd_data_stats if args.command == "data" else COMMANDS[args.command]
+        handler = ({"stats": _cmd_data_stats, "export": _cmd_data_export}[args.data_command] if args.command == "data"
+                   else COMMANDS[args.command])
         code = handler(args)
         try:
             if sys.stdout is not None:
