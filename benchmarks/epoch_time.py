@@ -16,6 +16,12 @@ per process (``--cases X --lengths L``).
     python benchmarks/epoch_time.py --data-dir ../shared/data --dataset ml-1m --lengths 50 200
     python benchmarks/epoch_time.py --dataset amazon-beauty --lengths 50 --full \
         --cases faithful=mlsa4rec:configs/mlsa4rec-beauty.yaml causal=mlsa4rec:configs/mlsa4rec-causal-beauty.yaml
+
+``--study STUDY.yaml`` times the study's own cells on ``--dataset`` instead (one per model and group,
+its first seed, the settings exactly as ``mlsa4rec study run`` trains them, L from the cell): what a
+compute plan of that study needs.
+
+    python benchmarks/epoch_time.py --study studies/reproduction.yaml --dataset amazon-video-games --full
 """
 
 from __future__ import annotations
@@ -56,6 +62,34 @@ def parse_case(text: str) -> tuple[str, tuple[str, dict, list[str]]]:
 def time_epoch(model_name: str, settings: dict, data, max_len: int, steps: int, full_limit: float,
                files: list[str] = ()) -> dict:
     config = build_config(model_name, files, overrides={**settings, "MAX_ITEM_LIST_LENGTH": max_len, "seed": 0})
+    return time_config(model_name, config, data, steps, full_limit)
+
+
+def study_cases(path: str, dataset: str) -> list[tuple[str, str, object]]:
+    """(label, model, config) of each model and group of the study on ``dataset``, at its first seed."""
+    from mlsa4rec.errors import MLSA4RecError
+    from mlsa4rec.experiments.study import cell_config, dataset_name, load_study
+
+    try:
+        study = load_study(path)
+    except MLSA4RecError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    seen, cases = set(), []
+    for cell in study.cells:
+        key = (cell.group, cell.entry.label)
+        if dataset_name(cell.dataset) == dataset_name(dataset) and key not in seen:
+            seen.add(key)
+            label = cell.entry.label if cell.group == "main" else f"{cell.entry.label}/{cell.group}"
+            cases.append((label, cell.entry.model, cell_config(cell, study)))
+    if not cases:
+        raise SystemExit(f"error: {path} has no cell on {dataset!r}; choose one of its datasets with --dataset")
+    return cases
+
+
+def time_config(model_name: str, config, data, steps: int, full_limit: float) -> dict:
+    """One case: ``steps`` random batches timed (and a whole epoch where projected under ``full_limit``),
+    then one validation pass."""
+    max_len = config.train.max_seq_length
     torch.manual_seed(0)
     model = build_model(get_class(model_name), data.n_items, config.model_kwargs(), max_len)
     trainer = Trainer(model, data, config, torch.device("cpu"))
@@ -102,22 +136,33 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="also time whole epochs under --full-limit")
     parser.add_argument("--full-limit", type=float, default=300.0)
     parser.add_argument("--json", help="write the results here as JSON")
+    parser.add_argument("--study", help="time this study file's cells on --dataset (instead of --cases, --lengths)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    full_limit = args.full_limit if args.full else -1
     data = load_or_exit(args.dataset, args.data_dir)
     results = []
     print(f"{args.dataset}: {data.n_users} users, {data.n_items} items; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'case':<20} {'L':>4} {'scheme':<14} {'steps':>6} {'batch':>6} {'projected s/epoch':>18} "
           f"{'measured':>9} {'valid s':>8} {'peak MiB':>9}")
-    for length in args.lengths:
-        for case in args.cases:
-            label, (name, settings, files) = (case, (*CASES[case], [])) if case in CASES else parse_case(case)
-            r = time_epoch(name, settings, data, length, args.steps, args.full_limit if args.full else -1, files)
-            results.append({"case": label, "L": length, **r})
-            print(f"{label:<20} {length:>4} {r['scheme']:<14} {r['steps_per_epoch']:>6} {r['batch']:>6} "
-                  f"{r['projected_s_per_epoch']:>18.1f} {r.get('measured_s_per_epoch', float('nan')):>9.1f} "
-                  f"{r['valid_seconds']:>8.1f} {_mib(r['peak_train_rss_bytes']):>9}", flush=True)
+    jobs = []  # (label, L, thunk)
+    if args.study:
+        for label, name, config in study_cases(args.study, args.dataset):
+            jobs.append((label, config.train.max_seq_length,
+                         lambda name=name, config=config: time_config(name, config, data, args.steps, full_limit)))
+    else:
+        for length in args.lengths:
+            for case in args.cases:
+                label, (name, settings, files) = (case, (*CASES[case], [])) if case in CASES else parse_case(case)
+                jobs.append((label, length, lambda name=name, settings=settings, files=files, length=length:
+                             time_epoch(name, settings, data, length, args.steps, full_limit, files)))
+    for label, length, job in jobs:
+        r = job()
+        results.append({"case": label, "L": length, **r})
+        print(f"{label:<20} {length:>4} {r['scheme']:<14} {r['steps_per_epoch']:>6} {r['batch']:>6} "
+              f"{r['projected_s_per_epoch']:>18.1f} {r.get('measured_s_per_epoch', float('nan')):>9.1f} "
+              f"{r['valid_seconds']:>8.1f} {_mib(r['peak_train_rss_bytes']):>9}", flush=True)
     if args.json:
         threads = torch.get_num_threads()
         write_json(args.json, {"dataset": args.dataset, "threads": threads, "command": command(__file__),

@@ -328,3 +328,20 @@ def test_an_empty_length_runs_on_the_traceable_path():
     inputs = make_inputs(2, 3, 4, 0, torch.float32)
     out, last = selective_scan(**inputs, return_last_state=True, impl="traceable")
     assert out.shape == (2, 3, 0) and torch.equal(last, torch.zeros(2, 3, 4))
+
+
+def test_cpu_takes_channels_last_views_and_an_unused_last_state():
+    """The Mamba layer passes transposed views of B x L x d_inner tensors and reads no last state: the
+    compiled kernels read those without a copy and skip the last state's gradient; same numbers."""
+    inputs = make_inputs(3, 8, 4, 11, torch.float64)
+    views = {k: (v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "z", "B", "C") else v)
+             for k, v in inputs.items()}
+    assert not views["u"].is_contiguous()
+    grads = {}
+    for impl, args in (("reference", inputs), ("cpu", views)):
+        leaves = {k: v.clone().requires_grad_() for k, v in args.items() if v is not None}
+        out = selective_scan(**leaves, delta_softplus=True, impl=impl)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads[impl] = {"out": out.detach(), **{k: v.grad for k, v in leaves.items()}}
+    for key, expected in grads["reference"].items():
+        assert rel_err(grads["cpu"][key], expected) < 1e-10, key

@@ -413,7 +413,12 @@ def test_cli_recommend_bad_bytes_json_shape_and_flag_names(capsys, caplog, runs:
     assert "1 of 3 input lines failed" in captured.err
     # --history --json prints what an --input line gets
     assert main(["recommend", "--run-dir", run, "--history", "i1", "-k", "2", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == lines[2]
+    alone = json.loads(capsys.readouterr().out)
+    # the same items; the scores up to float rounding (a batch of two rows and one row take different
+    # matrix-product paths, which may differ in the last bit)
+    assert [r["item"] for r in alone["recommendations"]] == [r["item"] for r in lines[2]["recommendations"]]
+    assert [r["score"] for r in alone["recommendations"]] == pytest.approx(
+        [r["score"] for r in lines[2]["recommendations"]], rel=1e-6)
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b'{"history": ["\xff"]}\n{"history": ["i1"]}\n')))
     assert main(["recommend", "--run-dir", run, "--input", "-", "-k", "2"]) == 2
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -27,7 +27,7 @@ from torch import nn
 
 from mlsa4rec.layers.dropout import Dropout
 from mlsa4rec.layers.precision import at_least_fp32, state_dtype
-from mlsa4rec.ops import selective_scan
+from mlsa4rec.ops import causal_conv_silu, selective_scan
 
 
 class MambaState(NamedTuple):
@@ -111,18 +111,19 @@ class Mamba(nn.Module):
         length = u.shape[1]
         if length == 0:
             raise ValueError("Mamba got an empty sequence (length 0); give it at least one position")
-        x, z = self.in_proj(u).transpose(1, 2).chunk(2, dim=1)  # B x d_inner x L each
-        x_conv = F.silu(self.conv1d(x)[..., :length])
-        dt, B, C = self._ssm_inputs(x_conv.transpose(1, 2))
+        x, z = self.in_proj(u).chunk(2, dim=-1)                 # B x L x d_inner each
+        x_conv = causal_conv_silu(x, self.conv1d.weight, self.conv1d.bias)  # B x L x d_inner
+        dt, B, C = self._ssm_inputs(x_conv)
         A = -torch.exp(at_least_fp32(self.A_log))
-        out = selective_scan(x_conv, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
-                             at_least_fp32(self.D), z, at_least_fp32(self.dt_proj.bias), delta_softplus=True,
-                             return_last_state=return_state, impl=self.scan_impl)
+        # the scan takes mamba-ssm's B x d_inner x L: transposed views, no copies
+        out = selective_scan(x_conv.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                             at_least_fp32(self.D), z.transpose(1, 2), at_least_fp32(self.dt_proj.bias),
+                             delta_softplus=True, return_last_state=return_state, impl=self.scan_impl)
         if not return_state:
             return self.out_proj(out.transpose(1, 2))
         y, ssm = out
-        conv = F.pad(x, (max(self.d_conv - length, 0), 0))[..., -self.d_conv:]
-        return self.out_proj(y.transpose(1, 2)), MambaState(conv, at_least_fp32(ssm))
+        conv = F.pad(x.transpose(1, 2), (max(self.d_conv - length, 0), 0))[..., -self.d_conv:]
+        return self.out_proj(y.transpose(1, 2)), MambaState(conv.contiguous(), at_least_fp32(ssm).contiguous())
 
     def initial_state(self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
                       ) -> MambaState:

@@ -99,7 +99,7 @@ def _numba_kernels():
             one = np.ones((1, 1, 1), dtype=np.float32)
             out = [np.zeros_like(one) for _ in range(5)]
             _numba_scan.scan_fwd(one, one, -one[0], one, one, out[0], out[1])
-            _numba_scan.scan_bwd(one, one, -one[0], one, one, one, one, *out)
+            _numba_scan.scan_bwd(one, one, -one[0], one, one, one, one, True, *out)
             _kernels.append(_numba_scan)
         except Exception as exc:  # ImportError, numba failing to initialise or to compile on this platform
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -294,35 +294,43 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
 
 
 class _NumbaScan(torch.autograd.Function):
-    """The recurrence y_t = <C_t, h_t> on CPU through the compiled kernels."""
+    """The recurrence y_t = <C_t, h_t> on CPU through the compiled kernels.
+
+    The kernels take channels last (``_numba_scan``), so u and dt (B x d_inner x L) are read as
+    B x L x d_inner: free when they are transposed views of channels-last tensors, as the Mamba
+    layer passes them, one copy otherwise. y comes back as such a view, so nothing after the scan
+    copies either.
+    """
 
     @staticmethod
     def forward(ctx, u, dt, A, B, C):
         kernels = _numba_kernels()
         ctx.set_materialize_grads(False)
-        args = [x.detach().contiguous() for x in (u, dt, A, B.transpose(1, 2), C.transpose(1, 2))]
+        args = [x.detach().transpose(-1, -2).contiguous() for x in (u, dt, A, B, C)]
         y = torch.empty_like(args[0])
-        last = u.new_empty(u.shape[0], u.shape[1], A.shape[1])
+        last = u.new_empty(u.shape[0], A.shape[1], u.shape[1])
         with _kernel_lock:
             _numba_threads()
             kernels.scan_fwd(*(x.numpy() for x in args), y.numpy(), last.numpy())
         ctx.save_for_backward(*args)
-        return y, last
+        return y.transpose(1, 2), last.transpose(1, 2)  # views: B x d_inner x L, B x d_inner x N
 
     @staticmethod
     @once_differentiable  # the kernel's gradients are not themselves differentiable
     def backward(ctx, dy, dlast):
         kernels = _numba_kernels()
-        u, dt, A, Bt, Ct = ctx.saved_tensors
-        dy = torch.zeros_like(u) if dy is None else dy.detach().contiguous()
-        dlast = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if dlast is None else dlast.detach().contiguous()
+        u, dt, A_t, Bt, Ct = ctx.saved_tensors  # channels last
+        dy = torch.zeros_like(u) if dy is None else dy.detach().transpose(1, 2).contiguous()
+        has_dlast = dlast is not None
+        dlast = dlast.detach().transpose(1, 2).contiguous() if has_dlast else u.new_empty(1, 1, 1)
         du, ddt = torch.empty_like(u), torch.empty_like(u)
-        dBt, dCt = torch.zeros_like(Bt), torch.zeros_like(Ct)
-        dA_rows = u.new_empty(u.shape[0], u.shape[1], A.shape[1])
+        dBt, dCt = torch.empty_like(Bt), torch.empty_like(Ct)
+        dA_rows = u.new_empty(u.shape[0], A_t.shape[0], u.shape[2])
         with _kernel_lock:
             _numba_threads()
-            kernels.scan_bwd(*(x.numpy() for x in (u, dt, A, Bt, Ct, dy, dlast, du, ddt, dBt, dCt, dA_rows)))
-        return du, ddt, dA_rows.sum(0), dBt.transpose(1, 2), dCt.transpose(1, 2)
+            kernels.scan_bwd(*(x.numpy() for x in (u, dt, A_t, Bt, Ct, dy, dlast)), has_dlast,
+                             *(x.numpy() for x in (du, ddt, dBt, dCt, dA_rows)))
+        return du.transpose(1, 2), ddt.transpose(1, 2), dA_rows.sum(0).t(), dBt.transpose(1, 2), dCt.transpose(1, 2)
 
 
 def _numba_threads() -> None:

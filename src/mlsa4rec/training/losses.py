@@ -39,14 +39,24 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_table = torch.zeros_like(table)
         total = hidden.new_zeros((), dtype=torch.float64)
+        # one logits buffer for every chunk: a fresh 12 MB tensor per chunk (256 x 12,101) costs
+        # as much in page faults as the softmax itself
+        buffer = hidden.new_empty(min(chunk, n), table.shape[0])
         for lo in range(0, n, chunk):
             h, t = hidden[lo:lo + chunk], targets[lo:lo + chunk]
-            logits = h @ table.t()
-            lse = torch.logsumexp(logits, dim=1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum(dtype=torch.float64)
-            probs = logits.sub_(lse[:, None]).exp_()               # softmax, in place
-            probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0  # d loss / d logits (times n)
-            grad_hidden[lo:lo + chunk] = probs @ table
+            rows = torch.arange(t.shape[0], device=t.device)
+            logits = torch.mm(h, table.t(), out=buffer[:h.shape[0]])
+            target_logit = logits[rows, t]
+            # the softmax in two passes over the logits, where logsumexp and then exp(x - lse) took
+            # five (torch.max with indices alone costs 10x amax)
+            top = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            norm = probs.sum(dim=1, keepdim=True)
+            lse = top.squeeze(1) + norm.squeeze(1).log()
+            total += (lse - target_logit).sum(dtype=torch.float64)
+            probs.div_(norm)
+            probs[rows, t] -= 1.0                                  # d loss / d logits (times n)
+            torch.mm(probs, table, out=grad_hidden[lo:lo + chunk])
             grad_table.addmm_(probs.t(), h)
         ctx.save_for_backward(grad_hidden, grad_table)
         ctx.n = n
