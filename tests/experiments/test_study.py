@@ -70,6 +70,7 @@ def test_a_study_runs_reports_and_every_number_comes_from_its_runs(capsys, succe
     assert {"report.md", "bars-ndcg10.png", "bars-ndcg10.svg", "ndcg10-vs-length.svg",
             "cost-vs-length.svg"} <= figures
     report = json.loads((root / "report" / "report.json").read_text())
+    assert report["file"] == study.name  # under the working directory: named as a repository names it
     for cell in report["cells"]:  # the report's test metrics are the runs' own
         results = json.loads((Path(cell["run"]) / "results.json").read_text())
         assert cell["metrics"]["test"]["ndcg@10"] == pytest.approx(results["test"]["ndcg@10"], abs=1e-6)

@@ -134,11 +134,20 @@ def build_report(root: str | Path, baseline: str | None = None, confidence: floa
              for by_model in records.values() for recs in by_model.values() for m, a in recs]
     program = Path(sys.argv[0]).name
     program = "mlsa4rec" if program in ("__main__.py", "mlsa4rec") else program  # python -m mlsa4rec: the same
-    return {"study": study.name, "file": str(study.file), "command": shlex.join([program, *sys.argv[1:]]),
+    return {"study": study.name, "file": _shown_path(study.file), "command": shlex.join([program, *sys.argv[1:]]),
             "machine": {"cpu": cpu_model(), "python": platform.python_version()},
             "trained_on": sorted({json.dumps(c["machine"], sort_keys=True) for c in cells if c["machine"]}),
             "commits": sorted({c["git_commit"] for c in cells if c["git_commit"]}), "tables": tables,
             "cells": cells, "missing": missing}
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the working directory where it lies under it (a report committed with a
+    repository names the study file as the repository does, not by one machine's absolute path)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _best_other(rows: list[dict[str, Any]], focus: tuple[str, ...], baseline: str | None) -> str | None:
