@@ -303,3 +303,26 @@ def test_a_trial_another_worker_marked_stale_is_a_warning_and_the_tuning_goes_on
     assert "Cannot tell a FAIL trial" in caplog.text and "going on" in caplog.text
     assert len(fake_train.calls) == 2 and [t.state.name for t in trials(root)] == ["FAIL", "COMPLETE"]
     assert best["trial"] == 1
+
+
+def test_a_resumed_seeded_tuning_counts_each_setting_once(fake_train: FakeTrain, successor_file: Path,
+                                                          tmp_path: Path) -> None:
+    """A seeded sampler replays its first draws when the same command runs again: the replayed settings
+    are not new trials, so --trials N means N settings however often the tuning was paused."""
+    path, root = space(tmp_path, LR), tmp_path / "tune"
+    tune("gru4rec", str(successor_file), path, 2, root, pruner="none", seed=7)
+    tune("gru4rec", str(successor_file), path, 4, root, pruner="none", seed=7)
+    summary = json.loads((root / "trials.json").read_text())
+    assert summary["finished"] == 4 and len(summary["trials"]) == 4
+    assert len({s["learning_rate"] for _, s in fake_train.calls}) == 4
+    repeated = [t for t in trials(root) if "repeat_of" in t.user_attrs]
+    assert [t.user_attrs["repeat_of"] for t in repeated] == [0, 1]  # the replay of the first call's two
+
+
+def test_a_space_with_fewer_settings_than_trials_stops_when_draws_repeat(fake_train: FakeTrain, successor_file: Path,
+                                                                        tmp_path: Path, caplog) -> None:
+    path = space(tmp_path, {"learning_rate": {"type": "choice", "values": [0.001, 0.01]}})
+    with caplog.at_level(logging.WARNING, logger="mlsa4rec"):
+        best = tune("gru4rec", str(successor_file), path, 5, tmp_path / "tune", pruner="none", seed=3)
+    assert best is not None and json.loads((tmp_path / "tune" / "trials.json").read_text())["finished"] == 2
+    assert "holds fewer than 5 settings" in caplog.text

@@ -248,6 +248,12 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
         # paused) finds its checkpoint, and settings TPE draws twice are trained once
         out = root / "trials" / ("trial-" + _digest({"inputs": key, "params": trial.params})[:12])
         trial.set_user_attr("run", out.name)
+        earlier = _finished_before(opt, trial.number, out.name)
+        if earlier is not None:  # drawn again (a seeded sampler replays its draws when a tuning resumes)
+            trial.set_user_attr("repeat_of", earlier.number)
+            repeats.append(trial.number)
+            if earlier.state == TrialState.PRUNED:  # its outcome again, without training it again
+                raise optuna.TrialPruned(f"settings of trial {earlier.number}, pruned there")
         if (out / directory.MANIFEST).is_file():
             directory.verify_run(out)
             return float(json.loads((out / "results.json").read_text(encoding="utf-8"))["valid"][metric])
@@ -278,21 +284,26 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
         return float(results["valid"][metric])
 
     def finished() -> int:
-        return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not t.user_attrs.get("paused")
-                   and not t.user_attrs.get("skipped") for t in opt.get_trials(deepcopy=False))
+        return len(_finished_runs(opt))
 
     failed: list[str] = []  # this worker's failed trials since its last one that did not fail
     optuna_log = logging.getLogger("optuna.study._optimize")  # a caught failure's traceback: we say it in one line
     level = optuna_log.level
     optuna_log.setLevel(logging.ERROR)
     started = False  # the first trial of a call always starts (a spent budget pauses it at its first checkpoint)
+    repeats: list[int] = []  # this call's draws of settings already finished, since its last new one
     try:
         while not paused and finished() < trials:
             if started and deadline is not None and time.monotonic() >= deadline:
                 paused = True  # no other trial may start once the budget is spent
                 break
+            if len(repeats) > trials:  # a resumed replay is shorter than --trials: the space has run out
+                log.warning("%d draws in a row gave settings already tried: the search space holds fewer than %d "
+                            "settings; stopping at %d", len(repeats), trials, finished())
+                break
             started = True
             outcome.clear()
+            drawn = len(repeats)
             try:
                 opt.optimize(objective, n_trials=1, catch=(MLSA4RecError,))
             except (ValueError, AssertionError) as exc:  # our trial went stale: another worker failed (and requeued) it
@@ -311,6 +322,8 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
                         "and --set settings), then run the same command again")
             else:
                 failed.clear()
+                if len(repeats) == drawn:  # a new setting (or one another worker trains): the run of repeats ends
+                    repeats.clear()
                 if "busy" in outcome:
                     time.sleep(BUSY_WAIT_S)  # let the other worker get on before drawing again
     finally:
@@ -334,6 +347,28 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
     _figures(opt, root)
     return {"params": best.params, "value": best.value, "trial": best.number, "preset": str(root / "best.yaml"),
             "study": name}
+
+
+def _finished_runs(opt) -> set[str]:
+    """The run names of the settings the tuning has finished (complete or pruned): what ``--trials``
+    counts. Settings drawn again count once: a seeded sampler replays its first draws each time a
+    tuning resumes, and counting those would make the budget depend on how often it was paused."""
+    from optuna.trial import TrialState
+
+    return {t.user_attrs["run"] for t in opt.get_trials(deepcopy=False)
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "run" in t.user_attrs
+            and not t.user_attrs.get("paused") and not t.user_attrs.get("skipped")}
+
+
+def _finished_before(opt, number: int, run: str):
+    """The first trial before ``number`` that finished ``run`` (complete or pruned, not paused), or None."""
+    from optuna.trial import TrialState
+
+    for t in opt.get_trials(deepcopy=False):
+        if t.number < number and t.user_attrs.get("run") == run and not t.user_attrs.get("paused") \
+                and not t.user_attrs.get("skipped") and t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            return t
+    return None
 
 
 def trial_rows(opt, root: Path) -> list[dict[str, Any]]:
@@ -375,8 +410,7 @@ def write_summary(opt, root: Path, metric: str, wanted: int, finished: int) -> N
     """``DIR/trials.json`` and ``DIR/trials.md``: every trained setting with its outcome, the total
     compute (the budget a comparison of tunings must hold equal) and the best setting, rewritten
     after every call, paused or finished, so that a tuning's progress can be committed and read.
-    ``finished`` counts trials as the tuning does (settings TPE drew again count again, from their
-    run's result), so it can exceed the rows."""
+    ``finished`` counts trials as the tuning does: each setting once, as the rows do."""
     inputs = json.loads((root / "tune.json").read_text(encoding="utf-8"))
     rows = trial_rows(opt, root)
     count = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "failed", "paused", "running")}
