@@ -10,8 +10,8 @@ times whole epochs where the projection is under ``--full-limit`` seconds, to ch
 Peak memory is the process's peak resident set (``runtime.peak_rss_bytes``, Linux) while the
 case trains (its timed steps, and its whole epoch with ``--full``) and while it validates, reset
 before each: with ``rss_before_bytes``, what the process held before the case began. Memory a
-previous case freed may stay with the allocator, so for memory against L run one case and one L
-per process (``--cases X --lengths L``).
+previous case freed may stay with the allocator, so for memory against L give ``--isolate``: each
+case then runs in a process of its own.
 
     python benchmarks/epoch_time.py --data-dir ../shared/data --dataset ml-1m --lengths 50 200
     python benchmarks/epoch_time.py --dataset amazon-beauty --lengths 50 --full \
@@ -27,8 +27,13 @@ compute plan of that study needs.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -121,6 +126,29 @@ def time_config(model_name: str, config, data, steps: int, full_limit: float) ->
     return out
 
 
+def run_isolated(index: int) -> dict:
+    """Case ``index`` of this command line in a child process (same arguments), its result row."""
+    argv, skip = [], False
+    for arg in sys.argv[1:]:  # the child writes its own JSON; --isolate would recurse
+        if skip or arg == "--isolate":
+            skip = False
+            continue
+        if arg == "--json":
+            skip = True
+            continue
+        if not arg.startswith("--json="):
+            argv.append(arg)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "case.json"
+        done = subprocess.run([sys.executable, __file__, *argv, "--job", str(index), "--json", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0 or not out.is_file():
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise SystemExit(f"error: case {index} failed in its process: {last}")
+        (row,) = json.loads(out.read_text())["results"]
+    return {k: v for k, v in row.items() if k not in ("case", "L")}
+
+
 def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2 ** 20:.0f}"
 
@@ -137,6 +165,9 @@ def main() -> None:
     parser.add_argument("--full-limit", type=float, default=300.0)
     parser.add_argument("--json", help="write the results here as JSON")
     parser.add_argument("--study", help="time this study file's cells on --dataset (instead of --cases, --lengths)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="each case in a process of its own, so that its peak memory is its own alone")
+    parser.add_argument("--job", type=int, help=argparse.SUPPRESS)  # a child of --isolate: run this case only
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     full_limit = args.full_limit if args.full else -1
@@ -157,8 +188,10 @@ def main() -> None:
                 label, (name, settings, files) = (case, (*CASES[case], [])) if case in CASES else parse_case(case)
                 jobs.append((label, length, lambda name=name, settings=settings, files=files, length=length:
                              time_epoch(name, settings, data, length, args.steps, full_limit, files)))
-    for label, length, job in jobs:
-        r = job()
+    if args.job is not None:
+        jobs = [jobs[args.job]]
+    for index, (label, length, job) in enumerate(jobs):
+        r = run_isolated(index) if args.isolate and args.job is None else job()
         results.append({"case": label, "L": length, **r})
         print(f"{label:<20} {length:>4} {r['scheme']:<14} {r['steps_per_epoch']:>6} {r['batch']:>6} "
               f"{r['projected_s_per_epoch']:>18.1f} {r.get('measured_s_per_epoch', float('nan')):>9.1f} "

@@ -37,6 +37,12 @@ groups:
     assert set(rows) == {("sasrec", 12), ("causal", 50), ("causal/long", 24)}  # one per model and group
     assert rows[("sasrec", 12)]["batch"] == 32 and rows[("causal", 50)]["batch"] == 64
     assert all(r["measured_s_per_epoch"] > 0 and r["valid_seconds"] >= 0 for r in rows.values())
+    # --isolate: each case in a process of its own, the same rows
+    done = run_script("--study", str(study), "--dataset", str(successor_file), "--steps", "1", "--isolate",
+                      "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    isolated = json.loads(out.read_text())["results"]
+    assert [(r["case"], r["L"]) for r in isolated] == list(rows) and all(r["peak_train_rss_bytes"] for r in isolated)
 
 
 def test_a_dataset_outside_the_study_is_one_error_line(successor_file: Path, tmp_path: Path) -> None:
