@@ -8,9 +8,10 @@ d_inner x N states in cache, so the only memory traffic is the inputs and output
 Why channels last (batch x L x d_inner, the layout ``in_proj`` and ``x_proj`` produce): one batch
 row is scanned at a time, and the innermost loop runs over its d_inner channels, which are
 contiguous, so LLVM vectorises it at full width with no remainder (d_inner = 128 here). The
-earlier form looped over the N = 16 states of one channel innermost: too short a loop for a
-16-wide AVX-512 body after unrolling, and 1.7-1.9x slower forward and backward (measured at
-L = 10, 50, 200).
+earlier form looped over the N states of one channel innermost: at N = 16 too short a loop for a
+16-wide AVX-512 body after unrolling, 1.7-1.9x slower forward and backward (one thread, L = 10,
+50, 200); at N = 32 (the models' d_state) the two are within 10-20 % (backward, L = 200 and 1000).
+The layout's larger gain is in the Mamba layer around the scan: no transposed copies.
 
 Why a hand-written ``exp``: LLVM vectorises the inner loop over the channels only if every call
 in it can be vectorised, and numba's ``math.exp`` is a scalar libm call unless Intel's SVML
