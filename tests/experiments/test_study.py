@@ -17,6 +17,7 @@ import yaml
 
 from mlsa4rec.cli import EXIT_PAUSED, main
 from mlsa4rec.errors import MLSA4RecError
+from mlsa4rec.experiments import study as study_module
 from mlsa4rec.experiments.report import build_report
 from mlsa4rec.experiments.study import cell_config, load_study, read_record, study_status
 from mlsa4rec.training.run import train
@@ -169,7 +170,11 @@ def test_a_time_budget_pauses_and_the_same_command_continues(capsys, successor_f
         m.setattr(Trainer, "out_of_time", lambda self: (self.progress.epoch, self.progress.step) == (2, 0))
         assert main(["-q", "study", "run", str(study)]) == EXIT_PAUSED
     assert [r["state"] for r in study_status(root)] == ["waiting", "waiting"]  # the paused cell queued at once
+    trained = []
+    real_run_cell = study_module.run_cell
+    monkeypatch.setattr(study_module, "run_cell", lambda cell, *a: trained.append(cell.id) or real_run_cell(cell, *a))
     assert main(["-q", "study", "run", str(study)]) == 0
+    assert trained == ["main/sasrec/succ/seed-1", "main/gru4rec/succ/seed-1"]  # the paused cell continues first
     assert [r["state"] for r in study_status(root)] == ["done", "done"]
     resumed = [json.loads((root / "runs" / c / "results.json").read_text())["resumed"]
                for c in ("main/sasrec/succ/seed-1", "main/gru4rec/succ/seed-1")]

@@ -9,7 +9,9 @@ coordination: Optuna hands each waiting trial to one worker, its heartbeat marks
 worker that died, and its retry callback queues that cell again, which the next worker continues
 from the run's checkpoint (``--resume``). A run directory's lock makes sure a cell never trains
 twice at once, even if two workers enqueued it together. ``time_budget_s`` pauses the running cell
-at a checkpoint and queues it again at once, so the same command continues it.
+at a checkpoint and queues it again at once, so the same command continues it: a worker handed a
+new cell while a cell paused on its machine waits in the queue takes the paused one first
+(``_paused_first``), so a slice never leaves a half-trained cell behind to start another.
 
 A finished cell leaves a record (``records/<cell>.npz``: its settings, metrics, curve and the test
 target rank of every user under both history rules, checksummed), small enough to commit, from
@@ -507,6 +509,8 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
         if cell_state(cell, study.directory) == "done" or cell.id in completed_cells(opt):
             trial.set_user_attr("skipped", "already done")  # a second trial of a cell two workers both queued
             raise _pruned()
+        if cell_state(cell, study.directory) == "new":
+            cell = _paused_first(trial, cell, by_id, study.directory)
         remaining = None if deadline is None else max(deadline - time.monotonic(), 1e-9)
         try:
             return run_cell(cell, study, remaining)
@@ -545,6 +549,32 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
         raise MLSA4RecError(f"{len(failed)} cell(s) failed, {first} first: {why}; the other cells went on "
                             "(`mlsa4rec study status` lists them); fix the cause and run the same command again")
     return not paused
+
+
+def _paused_first(trial, cell: Cell, by_id: Mapping[str, Cell], root: Path) -> Cell:
+    """The cell this trial trains: a cell paused on this machine (its checkpoint is here) whose
+    trial waits in the queue, if there is one, else ``cell``. Optuna hands out waiting trials oldest
+    first, and a paused cell is queued again at the end, so without this every slice would start a
+    new cell and leave one more half-trained. The two trials swap cells, so the new cell keeps a
+    place in the queue; should another worker take the waiting trial meanwhile, the new cell is
+    queued again (a trial that finds its cell done or being trained is skipped)."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    storage = trial.storage
+    for waiting in trial.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        paused = by_id.get(waiting.user_attrs.get("cell", ""))
+        if paused is None or cell_state(paused, root) != "paused":
+            continue
+        try:
+            storage.set_trial_user_attr(waiting._trial_id, "cell", cell.id)
+        except UpdateFinishedTrialError:  # finished by another worker meanwhile
+            continue
+        if storage.get_trial(waiting._trial_id).state != TrialState.WAITING:
+            trial.study.enqueue_trial({}, user_attrs={"cell": cell.id})
+        trial.set_user_attr("cell", paused.id)
+        return paused
+    return cell
 
 
 def _check_heartbeat(opt, heartbeat_s: int) -> None:
