@@ -401,3 +401,87 @@ def test_the_committed_small_studys_report_is_rebuilt_from_its_records_alone() -
     assert rebuilt["tables"] == committed["tables"] and not rebuilt["missing"]
     cells = {c["cell"] for c in rebuilt["cells"]}
     assert cells == {c["cell"] for c in committed["cells"]} and len(cells) == 6
+
+
+def test_a_claim_is_set_beside_what_was_measured_and_each_cell_command_reruns_it(capsys, successor_file: Path,
+                                                                                 tmp_path: Path, monkeypatch) -> None:
+    """The study file's claim, caveats and deliberate omissions reach the report: every claimed change
+    is paired and Holm-adjusted over the claim's own tests, given a verdict and one sentence per model;
+    the report's command for a cell trains exactly that cell."""
+    import shlex
+
+    from mlsa4rec.experiments.report import claim_verdict
+
+    (tmp_path / "other.txt").write_text(successor_file.read_text())
+    claim = {"source": "A paper (2024)", "models": ["gru4rec"], "percent": {"hit@10": [4.5, 10.8], "mrr@10": [1, 2]}}
+    study = write_study(tmp_path, successor_file, datasets=["succ.txt", "other.txt"],
+                        models={"sasrec": {"set": SASREC}, "gru4rec": {"set": TINY, "datasets": ["succ.txt"]}},
+                        claim=claim, notes=["Same-second events keep the file's order."],
+                        not_run=[{"models": ["gru4rec"], "datasets": ["other"], "reason": "costs 3 h an epoch"}])
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "study", "run", str(study)]) == 0
+    assert main(["study", "report", "out", "--no-plots"]) == 0
+    report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
+    part = report["claim"]
+    assert (part["baseline"], part["datasets"], part["missing"]) == (
+        "sasrec", ["other", "succ"], [{"model": "gru4rec", "dataset": "other", "why": "not run"}])
+    rows = part["rows"]
+    assert [(r["dataset"], r["metric"], r["seeds"]) for r in rows] == [("succ", "hit@10", [1, 2]),
+                                                                         ("succ", "mrr@10", [1, 2])]
+    table = report["tables"][0]
+    assert table["dataset"] == "succ"
+    low, high = sorted(r["p_value"] for r in rows)
+    holm = {low: min(1.0, 2 * low), high: max(min(1.0, 2 * low), high)}  # Holm over the claim's two tests alone
+    for row in rows:  # the same pairing as the table's
+        same = next(c for c in table["comparisons"] if c["model"] == "gru4rec" and c["metric"] == row["metric"])
+        assert (row["relative"], row["p_value"]) == (same["relative"], same["p_value"])
+        assert row["p_holm"] == pytest.approx(holm[row["p_value"]])
+        assert row["verdict"] == claim_verdict(row["relative"], row["p_holm"], row["claimed_percent"][0])
+    (summary,) = part["summary"]
+    assert summary["verdict"] in ("reproduced", "partly reproduced", "not reproduced")
+    assert summary["verdict"] in summary["sentence"] and "where measured (not run on other)" in summary["sentence"]
+    text = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "## The claim" in text and "hit@10 +4.5 % to +10.8 %" in text and summary["sentence"] in text
+    assert "- Same-second events keep the file's order." in text
+    assert "- gru4rec on other: costs 3 h an epoch" in text
+    # a cell's command, its run directory swapped for a new one, trains the same model to the same ranks
+    cell = next(c for c in report["cells"] if c["cell"] == "main/gru4rec/succ/seed-2")
+    args = shlex.split(cell["command"])
+    assert args[:2] == ["mlsa4rec", "train"] and args[args.index("--output-dir") + 1] == cell["run"]
+    args[args.index("--output-dir") + 1] = "again"
+    assert main(["-q", *args[1:]]) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["test"] == json.loads((tmp_path / cell["run"] / "results.json").read_text())["test"]
+
+
+@pytest.mark.parametrize(("verdict", "relative", "p_holm"), [
+    ("reproduced", 0.05, 0.01), ("reproduced", 0.20, 0.01), ("partly: a smaller significant gain", 0.02, 0.01),
+    ("not reproduced: no significant difference", 0.08, 0.2), ("not reproduced: significantly worse", -0.05, 0.001),
+    ("not reproduced: undefined (the baseline scores 0)", None, 1.0)])
+def test_a_claim_verdict_needs_a_significant_gain_of_at_least_the_claimed_low_end(verdict, relative,
+                                                                                  p_holm) -> None:
+    from mlsa4rec.experiments.report import claim_verdict
+
+    assert claim_verdict(relative, p_holm, 4.5) == verdict
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"claim": {"models": ["gru4rec"], "percent": {"hit@10": [1, 2]}}}, "claim needs source"),
+    ({"claim": {"source": "x", "models": ["lru"], "percent": {"hit@10": [1, 2]}}}, "claim: models names 'lru'"),
+    ({"claim": {"source": "x", "models": ["sasrec"], "percent": {"hit@10": [1, 2]}}}, "not one of the claim's own"),
+    ({"claim": {"source": "x", "models": ["gru4rec"], "percent": {"hit@5": [1, 2]}}}, "unknown key 'hit@5'"),
+    ({"claim": {"source": "x", "models": ["gru4rec"], "percent": {"hit@10": [3, 2]}}}, "low <= high"),
+    ({"claim": {"source": "x", "models": ["gru4rec"], "percent": {"hit@10": [1, ".nan"]}}}, "low <= high"),
+    ({"claim": {"source": "x", "models": ["gru4rec"], "percent": {}}}, "names no metric"),
+    ({"claim": {"source": "x", "models": ["gru4rec"], "datasets": ["ml-1m"], "percent": {"hit@10": [1, 2]}}},
+     "dataset 'ml-1m' is not one of the study's main grid"),
+    ({"claim": "big gains"}, "claim must be a mapping"),
+    ({"notes": [""]}, "notes must be non-empty text"),
+    ({"notes": [3]}, "notes must be a non-empty list of strs"),
+    ({"not_run": [{"models": ["gru4rec"], "datasets": ["succ"], "reason": "slow"}]}, "which the study trains"),
+    ({"not_run": [{"models": ["gru4rec"], "datasets": ["x"]}]}, "needs models:, datasets: and reason:"),
+    ({"not_run": [{"models": ["gru4rec"], "datasets": ["x"], "reason": "r", "cost": 3}]}, "unknown key 'cost'"),
+])
+def test_a_bad_claim_note_or_omission_is_refused(successor_file: Path, tmp_path: Path, change, message) -> None:
+    with pytest.raises(MLSA4RecError, match=message):
+        load_study(write_study(tmp_path, successor_file, **change), check=False)

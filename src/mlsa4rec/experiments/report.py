@@ -9,6 +9,9 @@ carry history lengths.
 A model is compared with the baseline user by user: each user's metric is first averaged over the
 seeds both models have, then the paired t-test and bootstrap interval of ``compare_values`` run on
 those averages, and the p-values of a table are Holm-adjusted together.
+Where the study file states a paper's claim, each claimed change is tested the same way (Holm over
+all of the claim's tests) and given a verdict (``claim_verdict``), and each model gets one plain
+sentence: reproduced, partly, or not.
 """
 
 from __future__ import annotations
@@ -26,13 +29,17 @@ import numpy as np
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation.significance import compare_values, holm
 from mlsa4rec.experiments.study import (
+    COMPARED,
     MAIN,
     STUDY_JSON,
+    Study,
+    cell_command,
     check_not_stale,
     dataset_name,
     load_study,
     read_meta,
     read_record,
+    shown_path,
 )
 from mlsa4rec.fileio import write_json_atomic, write_text_atomic
 from mlsa4rec.metrics import metrics_from_ranks, per_user_metrics
@@ -40,7 +47,7 @@ from mlsa4rec.runtime import cpu_model
 
 METRICS = ("hit", "ndcg", "mrr")
 KS = (5, 10, 20)  # below study.RANK_CAP: exact from a record's capped ranks
-COMPARED = ("hit@10", "ndcg@10", "mrr@10")  # the metrics tested against the baseline
+ALPHA = 0.05  # a claim's verdict: a change counts where its Holm-adjusted p is below this
 
 
 RULES = ("ranked", "excluded")  # RecBole's rule first: the tables' and the comparisons' own
@@ -103,6 +110,8 @@ def build_report(root: str | Path, baseline: str | None = None, confidence: floa
                    "metrics_excluded": {k: _mean_std([p[k] for p in other]) for k in other[0]},
                    "seconds_per_epoch": float(np.mean([m["seconds_per_epoch"] for m, _ in recs])),
                    "epochs": float(np.mean([m["epochs_run"] for m, _ in recs])),
+                   "best_epoch": (None if any(m.get("best_epoch") is None for m, _ in recs)
+                                  else float(np.mean([m["best_epoch"] for m, _ in recs]))),
                    "parameters": recs[0][0]["parameters"],
                    "peak_memory_bytes": max((m.get("peak_memory_bytes") or 0 for m, _ in recs), default=0) or None,
                    "runs": [m["run"] for m, _ in recs]}
@@ -125,29 +134,26 @@ def build_report(root: str | Path, baseline: str | None = None, confidence: floa
                        "comparisons": comparisons, "longest": subset,
                        "best_other": best_other if against_best else None, "against_best_other": against_best})
     # the figures group by model: a group's cells are their own series ("sasrec (long)")
+    commands = {c.id: cell_command(c, study) for c in study.cells}
     cells = [{"cell": m["cell"], "group": m["group"], "seed": m["seed"], "dataset": m["dataset"],
               "model": m["model"] if m["group"] == MAIN else f"{m['model']} ({m['group']})",
-              "max_seq_length": m["settings"]["MAX_ITEM_LIST_LENGTH"], "run": m["run"], "git_commit": m["git_commit"],
+              "max_seq_length": m["settings"]["MAX_ITEM_LIST_LENGTH"], "run": shown_path(m["run"]),
+              "command": commands.get(m["cell"]), "git_commit": m["git_commit"],
               "metrics": {"test": metrics_from_ranks(_ranks(a), KS, METRICS)},
               "seconds_per_epoch": m["seconds_per_epoch"], "peak_memory_bytes": m.get("peak_memory_bytes"),
               "peak_memory_kind": m.get("peak_memory_kind"), "machine": m.get("machine")}
              for by_model in records.values() for recs in by_model.values() for m, a in recs]
     program = Path(sys.argv[0]).name
     program = "mlsa4rec" if program in ("__main__.py", "mlsa4rec") else program  # python -m mlsa4rec: the same
-    return {"study": study.name, "file": _shown_path(study.file), "command": shlex.join([program, *sys.argv[1:]]),
+    return {"study": study.name, "file": shown_path(study.file), "command": shlex.join([program, *sys.argv[1:]]),
             "machine": {"cpu": cpu_model(), "python": platform.python_version()},
             "trained_on": sorted({json.dumps(c["machine"], sort_keys=True) for c in cells if c["machine"]}),
             "commits": sorted({c["git_commit"] for c in cells if c["git_commit"]}), "tables": tables,
-            "cells": cells, "missing": missing}
-
-
-def _shown_path(path: Path) -> str:
-    """``path`` relative to the working directory where it lies under it (a report committed with a
-    repository names the study file as the repository does, not by one machine's absolute path)."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
+            "claim": _claim_report(study, records, confidence, n_resamples) if study.claim else None,
+            "notes": list(study.notes),
+            "not_run": [{"models": list(n.models), "datasets": list(n.datasets), "reason": n.reason}
+                        for n in study.not_run],
+            "cells": cells, "missing": missing, "missing_commands": {c: commands[c] for c in missing}}
 
 
 def _best_other(rows: list[dict[str, Any]], focus: tuple[str, ...], baseline: str | None) -> str | None:
@@ -161,7 +167,15 @@ def _best_other(rows: list[dict[str, Any]], focus: tuple[str, ...], baseline: st
 
 def _compare(by_model: dict[str, list[tuple[dict, dict]]], baseline: str, confidence: float,
              n_resamples: int) -> list[dict[str, Any]]:
-    """Every model against ``baseline`` on the seeds both have, each user's metric averaged over them."""
+    """Every model against ``baseline`` on the seeds both have, each user's metric averaged over them;
+    the p-values Holm-adjusted together."""
+    labels, rows = _paired(by_model, baseline, COMPARED, confidence, n_resamples)
+    return [{"model": label, "seeds": shared, **row.to_dict()} for (label, shared), row in zip(labels, holm(rows))]
+
+
+def _paired(by_model: dict[str, list[tuple[dict, dict]]], baseline: str, metrics: tuple[str, ...],
+            confidence: float, n_resamples: int) -> tuple[list[tuple[str, list[int]]], list]:
+    """The unadjusted paired comparisons of ``_compare``: ``([(model, shared seeds)], [result])``."""
     rows, labels = [], []
     base = {m["seed"]: _ranks(a) for m, a in by_model[baseline]}
     for label, recs in by_model.items():
@@ -171,13 +185,87 @@ def _compare(by_model: dict[str, list[tuple[dict, dict]]], baseline: str, confid
         shared = sorted(set(mine) & set(base))
         if not shared:
             continue
-        for metric in COMPARED:
+        for metric in metrics:
             name, k = metric.split("@")
             a = np.mean([per_user_metrics(base[s], [int(k)], [name])[metric].numpy() for s in shared], axis=0)
             b = np.mean([per_user_metrics(mine[s], [int(k)], [name])[metric].numpy() for s in shared], axis=0)
             rows.append(compare_values(a, b, metric, confidence, n_resamples))
             labels.append((label, shared))
-    return [{"model": label, "seeds": shared, **row.to_dict()} for (label, shared), row in zip(labels, holm(rows))]
+    return labels, rows
+
+
+def claim_verdict(relative: float | None, p_holm: float, claimed_low_percent: float) -> str:
+    """One claimed change against the measured one: ``reproduced`` (a significant gain at least the
+    claim's low end), ``partly`` (a significant gain, smaller than claimed), else ``not reproduced``,
+    naming why."""
+    if relative is None:
+        return "not reproduced: undefined (the baseline scores 0)"
+    if p_holm < ALPHA and relative > 0:
+        return "reproduced" if 100 * relative >= claimed_low_percent else "partly: a smaller significant gain"
+    if p_holm < ALPHA and relative < 0:
+        return "not reproduced: significantly worse"
+    return "not reproduced: no significant difference"
+
+
+def _claim_report(study: Study, records: dict, confidence: float, n_resamples: int) -> dict[str, Any]:
+    """The claim beside what the main grid measured: each model, dataset and claimed metric paired
+    against the claim's baseline, Holm over all of them, a verdict each, and a sentence per model."""
+    claim = study.claim
+    metrics = tuple(claim.percent)
+    left_out = {(m, d) for n in study.not_run for m in n.models for d in n.datasets}
+    found, rows, missing = [], [], []
+    for dataset in claim.datasets:
+        by_model = records.get((MAIN, dataset), {})
+        for model in claim.models:
+            if model not in by_model or claim.baseline not in by_model:
+                absent = model if model not in by_model else claim.baseline
+                missing.append({"model": model, "dataset": dataset,
+                                "why": "not run" if (absent, dataset) in left_out else f"{absent} not trained yet"})
+                continue
+            labels, results = _paired({m: by_model[m] for m in (claim.baseline, model)}, claim.baseline, metrics,
+                                      confidence, n_resamples)
+            found += [(dataset, label, seeds) for label, seeds in labels]
+            rows += results
+    out = []
+    for (dataset, model, seeds), row in zip(found, holm(rows)):
+        low, high = claim.percent[row.metric]
+        out.append({"model": model, "dataset": dataset, "seeds": seeds, **row.to_dict(),
+                    "claimed_percent": [low, high], "verdict": claim_verdict(row.relative, row.p_holm, low)})
+    return {"source": claim.source, "models": list(claim.models), "baseline": claim.baseline,
+            "percent": {k: list(v) for k, v in claim.percent.items()},
+            "datasets": list(claim.datasets), "alpha": ALPHA, "rows": out, "missing": missing,
+            "summary": [_claim_sentence(model, claim.baseline, [r for r in out if r["model"] == model],
+                                        [m for m in missing if m["model"] == model])
+                        for model in claim.models]}
+
+
+def _claim_sentence(model: str, baseline: str, rows: list[dict[str, Any]],
+                    missing: list[dict[str, str]]) -> dict[str, Any]:
+    """A model's overall verdict on the claim, and the sentence that says it with its numbers."""
+    gaps = "; ".join(f"{why} on {', '.join(m['dataset'] for m in missing if m['why'] == why)}"
+                     for why in dict.fromkeys(m["why"] for m in missing))
+    if not rows:
+        return {"model": model, "verdict": "not measured",
+                "sentence": f"`{model}` against `{baseline}`: not measured ({gaps})."}
+    verdicts = [r["verdict"] for r in rows]
+    if all(v == "reproduced" for v in verdicts):
+        verdict = "reproduced"
+    elif any(v == "reproduced" or v.startswith("partly") for v in verdicts):
+        verdict = "partly reproduced"
+    else:
+        verdict = "not reproduced"
+    parts = []
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        changes = ", ".join(f"{r['metric']} {_relative(r)} (p {r['p_holm']:.2g}, {r['verdict']})"
+                            for r in rows if r["dataset"] == dataset)
+        parts.append(f"on {dataset}: {changes}")
+    where = f" where measured ({gaps})" if gaps else ""
+    return {"model": model, "verdict": verdict,
+            "sentence": f"`{model}` against `{baseline}`: **{verdict}**{where}. " + "; ".join(parts) + "."}
+
+
+def _relative(row: dict[str, Any]) -> str:
+    return "undefined" if row["relative"] is None else f"{row['relative']:+.1%}"
 
 
 def format_markdown(report: dict[str, Any]) -> str:
@@ -190,12 +278,19 @@ def format_markdown(report: dict[str, Any]) -> str:
              f"Made by `{report['command']}` from `{report['file']}`; code {commits}; trained on "
              f"{machines or 'unknown'}. Accuracy: test split, RecBole's rule (the user's history items are "
              "ranked with the others; the other rule follows each table), mean ± sample "
-             "std over seeds (a dash: one seed). Peak memory: the training process's peak resident memory on a CPU "
-             "(it includes Python's and torch's own, about 0.5 GiB), the memory torch allocated on a GPU.", ""]
+             "std over seeds (a dash: one seed). s/epoch: as the cells trained, other work possibly sharing the "
+             "machine (quiet figures come from the benchmarks). Peak memory: the training process's peak resident "
+             "memory on a CPU (it includes Python's and torch's own, about 0.5 GiB), the memory torch allocated on a "
+             "GPU.", ""]
+    if report.get("notes"):
+        lines += ["Caveats:", ""] + [f"- {note}" for note in report["notes"]] + [""]
+    if report.get("claim"):
+        lines += _claim_lines(report["claim"])
     keys = [f"{m}@{k}" for m in METRICS for k in KS]
     for table in report["tables"]:
         lines += [f"## {table['dataset']} ({table['group']})", "",
-                  "| model | seeds | " + " | ".join(keys) + " | s/epoch | epochs | parameters | peak memory |",
+                  "| model | seeds | " + " | ".join(keys)
+                  + " | s/epoch | epochs: best / run | parameters | peak memory |",
                   "|---|---|" + "---|" * (len(keys) + 4)]
         for row in table["rows"]:
             cells = []
@@ -203,7 +298,8 @@ def format_markdown(report: dict[str, Any]) -> str:
                 mean, std = row["metrics"][key]
                 cells.append(f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f} ± -")
             memory = f"{row['peak_memory_bytes'] / 2 ** 20:.0f} MiB" if row["peak_memory_bytes"] else "-"
-            cost = f"{row['seconds_per_epoch']:.1f} | {row['epochs']:.1f} | {row['parameters']:,} | {memory}"
+            best = "-" if row.get("best_epoch") is None else f"{row['best_epoch']:.1f}"
+            cost = f"{row['seconds_per_epoch']:.1f} | {best} / {row['epochs']:.1f} | {row['parameters']:,} | {memory}"
             lines.append(f"| {row['model']} | {len(row['seeds'])} | " + " | ".join(cells) + f" | {cost} |")
         if table["comparisons"]:
             lines += ["", f"Against `{table['baseline']}` (paired over users, each user's metric averaged over the "
@@ -221,10 +317,47 @@ def format_markdown(report: dict[str, Any]) -> str:
                           f"at least {sub['min_history']} items before the test item), RecBole's rule:", ""]
             lines += _small_table(table["rows"], "metrics_longest")
         lines.append("")
+    if report.get("not_run"):
+        lines += ["## Not run", ""] + [f"- {', '.join(n['models'])} on {', '.join(n['datasets'])}: {n['reason']}"
+                                       for n in report["not_run"]] + [""]
     if report["missing"]:
-        lines += [f"Not finished yet: {', '.join(report['missing'])}.", ""]
-    lines += ["Runs: " + ", ".join(f"`{c['run']}`" for c in report["cells"]) + ".", ""]
+        commands = report.get("missing_commands", {})
+        lines += [f"## Not finished yet ({len(report['missing'])} cells)", "",
+                  f"`mlsa4rec study run {report['file']}` trains them; each alone:", ""]
+        lines += [f"- {cell}: `{commands[cell]}`" if commands.get(cell) else f"- {cell}" for cell in report["missing"]]
+        lines.append("")
+    if report["cells"]:
+        lines += ["## Cells", "", "Each cell's run directory, the commit that trained it, and the command that trains "
+                  "it alone (the study trains it with the same settings):", ""]
+        for c in report["cells"]:
+            command = f": `{c['command']}`" if c.get("command") else ""
+            lines.append(f"- {c['cell']} (`{c['run']}`, {c['git_commit'] or 'commit unknown'}){command}")
+        lines.append("")
     return "\n".join(lines)
+
+
+def _claim_lines(claim: dict[str, Any]) -> list[str]:
+    """The claim section: the claim, each model's sentence, and the table behind them."""
+    spans = ", ".join(f"{metric} {lo:+.1f} % to {hi:+.1f} %" for metric, (lo, hi) in claim["percent"].items())
+    models = ", ".join(f"`{m}`" for m in claim["models"])
+    lines = ["## The claim", "", f"Claimed by {claim['source']}: against `{claim['baseline']}`, {spans}, on "
+             f"{', '.join(claim['datasets'])}. Tested here for {models}.", "",
+             f"Verdicts: *reproduced* is a gain at least the claim's low end with Holm-adjusted p < {claim['alpha']} "
+             "(paired over users, Holm over every test of this section); *partly* a significant gain, smaller than "
+             "claimed; otherwise *not reproduced*, saying why. A model is reproduced overall where every claimed "
+             "metric on every dataset is, partly where any is reproduced or partly.", ""]
+    lines += [f"- {s['sentence']}" for s in claim["summary"]] + [""]
+    if claim["rows"]:
+        lines += ["| model | dataset | seeds | metric | claimed | baseline | this model | measured | 95% CI | "
+                  "p (Holm) | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in claim["rows"]:
+            lo, hi = r["claimed_percent"]
+            ci = "undefined" if r["ci_low"] is None else f"[{r['ci_low']:+.1%}, {r['ci_high']:+.1%}]"
+            lines.append(f"| {r['model']} | {r['dataset']} | {len(r['seeds'])} | {r['metric']} | {lo:+.1f} % to "
+                         f"{hi:+.1f} % | {r['baseline']:.4f} | {r['candidate']:.4f} | {_relative(r)} | {ci} | "
+                         f"{r['p_holm']:.2g} | {r['verdict']} |")
+        lines.append("")
+    return lines
 
 
 def _comparison_lines(comparisons: list[dict[str, Any]]) -> list[str]:

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import time
 import warnings
@@ -46,10 +47,14 @@ from mlsa4rec.runtime import cpu_model
 
 log = logging.getLogger("mlsa4rec")
 
-STUDY_KEYS = ("study", "directory", "data_dir", "datasets", "seeds", "models", "groups", "baseline", "focus")
+STUDY_KEYS = ("study", "directory", "data_dir", "datasets", "seeds", "models", "groups", "baseline", "focus",
+              "claim", "notes", "not_run")
 MODEL_KEYS = ("model", "config", "set", "by_dataset", "datasets", "seeds")
 DATASET_KEYS = ("config", "set")  # what a model entry's by_dataset adds for one dataset
 GROUP_KEYS = ("models", "datasets", "seeds", "set")
+CLAIM_KEYS = ("source", "models", "baseline", "datasets", "percent")
+NOT_RUN_KEYS = ("models", "datasets", "reason")
+COMPARED = ("hit@10", "ndcg@10", "mrr@10")  # the metrics a report tests against a baseline (and a claim names)
 MAIN = "main"  # the group of the study file's own models x datasets x seeds
 STUDY_JSON = "study.json"
 HEARTBEAT_S = 60  # Optuna records a running trial's heartbeat this often; a trial silent for 3x is stale
@@ -112,6 +117,30 @@ class Study:
     cells: tuple[Cell, ...]
     baseline: str | None
     focus: tuple[str, ...] = ()  # the models the study is about: also compared with the best of the others
+    claim: Claim | None = None
+    notes: tuple[str, ...] = ()  # caveats the report states before its tables
+    not_run: tuple[NotRun, ...] = ()
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a paper claims for some models of the study against one baseline on the main grid: each
+    metric's relative change as a range in percent, which the report sets beside what was measured."""
+
+    source: str
+    models: tuple[str, ...]
+    baseline: str
+    datasets: tuple[str, ...]  # as tables name them (``dataset_name``)
+    percent: Mapping[str, tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class NotRun:
+    """Cells a study deliberately leaves out (models x datasets), with the reason and its cost."""
+
+    models: tuple[str, ...]
+    datasets: tuple[str, ...]
+    reason: str
 
 
 def dataset_name(dataset: str) -> str:
@@ -227,10 +256,119 @@ def load_study(path: str | Path, directory_override: str | Path | None = None, c
     if baseline is not None and baseline in focus:
         raise _fail(where, f"the baseline {baseline!r} cannot also be in focus (the models compared with it and with "
                            "the best of the others)")
-    study = Study(name, where.resolve(), root, data_dir, models, tuple(cells), baseline, focus)
+    notes = tuple(_text(where, "notes", n) for n in (_names(where, "notes", raw["notes"], str)
+                                                     if "notes" in raw else ()))
+    claim = _claim(where, raw["claim"], models, baseline, cells) if "claim" in raw else None
+    entries = raw.get("not_run") or []
+    not_run = tuple(_not_run(where, i, spec, models, cells)
+                    for i, spec in enumerate(entries if isinstance(entries, list) else [entries]))
+    study = Study(name, where.resolve(), root, data_dir, models, tuple(cells), baseline, focus, claim, notes,
+                  not_run)
     if check:
         check_cells(study)
     return study
+
+
+def _text(where: Path, name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(where, f"{name} must be non-empty text, got {value!r}")
+    return " ".join(value.split())
+
+
+def _model_labels(where: Path, name: str, value: Any, models: Mapping[str, ModelEntry]) -> tuple[str, ...]:
+    labels = tuple(_names(where, name, value, str))
+    for label in labels:
+        if label not in models:
+            raise _fail(where, f"{name} names {label!r}, which is not one of the models ({', '.join(models)})")
+    return labels
+
+
+def _claim(where: Path, spec: Any, models: Mapping[str, ModelEntry], baseline: str | None,
+           cells: list[Cell]) -> Claim:
+    """The ``claim:`` block: which models, against which baseline, on which datasets of the main grid,
+    and each metric's claimed relative change ``[low, high]`` in percent."""
+    spec = _keys(where, "claim", spec, CLAIM_KEYS)
+    for key in ("source", "models", "percent"):
+        if key not in spec:
+            raise _fail(where, f"claim needs {key}: (the keys are {', '.join(CLAIM_KEYS)})")
+    labels = _model_labels(where, "claim: models", spec["models"], models)
+    against = spec.get("baseline", baseline)
+    if against is None:
+        raise _fail(where, "claim: name the model it is measured against (baseline:, here or at the top)")
+    if against not in models or against in labels:
+        raise _fail(where, f"claim: baseline {against!r} must be one of the models ({', '.join(models)}) and not one "
+                           "of the claim's own")
+    main = {dataset_name(c.dataset) for c in cells if c.group == MAIN}
+    datasets = tuple(_names(where, "claim: datasets", spec["datasets"], str)) if "datasets" in spec \
+        else tuple(sorted(main))
+    for dataset in datasets:
+        if dataset not in main:
+            raise _fail(where, f"claim: dataset {dataset!r} is not one of the study's main grid "
+                               f"({', '.join(sorted(main))})")
+    percent = {}
+    for metric, span in _keys(where, "claim: percent", spec["percent"], COMPARED).items():
+        if (not isinstance(span, list) or len(span) != 2 or not all(isinstance(v, int | float) and not isinstance(
+                v, bool) and np.isfinite(v) for v in span) or span[0] > span[1]):
+            raise _fail(where, f"claim: percent: {metric} must be [low, high] in percent, low <= high; got {span!r}")
+        percent[metric] = (float(span[0]), float(span[1]))
+    if not percent:
+        raise _fail(where, f"claim: percent names no metric; give one or more of {', '.join(COMPARED)}")
+    return Claim(_text(where, "claim: source", spec["source"]), labels, against, datasets, percent)
+
+
+def _not_run(where: Path, index: int, spec: Any, models: Mapping[str, ModelEntry], cells: list[Cell]) -> NotRun:
+    """One ``not_run:`` entry: models x datasets the study leaves out, none of them a cell it trains."""
+    what = f"not_run entry {index + 1}"
+    spec = _keys(where, what, spec, NOT_RUN_KEYS)
+    if set(spec) != set(NOT_RUN_KEYS):
+        raise _fail(where, f"{what} needs models:, datasets: and reason:")
+    labels = _model_labels(where, f"{what}: models", spec["models"], models)
+    datasets = tuple(_names(where, f"{what}: datasets", spec["datasets"], str))
+    trained = {(c.entry.label, dataset_name(c.dataset)) for c in cells}
+    for label in labels:
+        for dataset in datasets:
+            if (label, dataset) in trained:
+                raise _fail(where, f"{what} lists {label!r} on {dataset!r}, which the study trains; remove one")
+    return NotRun(labels, datasets, _text(where, f"{what}: reason", spec["reason"]))
+
+
+def cell_command(cell: Cell, study: Study) -> str:
+    """The ``mlsa4rec train`` command that trains ``cell`` alone, exactly as the study does (paths
+    shown relative to the working directory where they lie under it)."""
+    args = ["mlsa4rec", "train", "--model", cell.entry.model, "--dataset", shown_path(cell.dataset)]
+    if study.data_dir is not None:
+        args += ["--data-dir", shown_path(study.data_dir)]
+    args += ["--output-dir", shown_path(cell.run_dir(study.directory))]
+    for config in cell.entry.config_for(cell.dataset):
+        args += ["--config", shown_path(config)]
+    for key, value in cell.overrides.items():
+        text = value if isinstance(value, str) and _yaml_reads_as(value) else json.dumps(value)
+        args += ["--set", f"{key}={text}"]
+    return shlex.join(args)
+
+
+def _yaml_reads_as(text: str) -> bool:
+    """Whether ``--set KEY=text`` gives back the string ``text`` (``yes`` or ``1e-3`` would not)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text) == text
+    except yaml.YAMLError:
+        return False
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` relative to the working directory where they share more than the root (a report
+    committed with a repository names files as the repository does, not by one machine's absolute
+    paths); a name that is no path here (a registered dataset, a preset) as given."""
+    given = Path(path)
+    if not given.is_absolute() and not given.exists():
+        return str(path)
+    full, here = os.path.abspath(given), os.path.abspath(Path.cwd())
+    try:  # beside the working directory too (../shared/data), but not by climbing to the root
+        return os.path.relpath(full, here) if os.path.commonpath([full, here]) != os.path.abspath(os.sep) else full
+    except ValueError:  # another drive
+        return full
 
 
 def _dataset_path(base: Path, dataset: str) -> str:
