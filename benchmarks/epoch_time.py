@@ -8,8 +8,9 @@ once) and then timed; their mean times the number of batches in the epoch is the
 times whole epochs where the projection is under ``--full-limit`` seconds, to check it.
 
 Peak memory is the process's peak resident set (``runtime.peak_rss_bytes``, Linux) while the
-case trains (its timed steps, and its whole epoch with ``--full``) and while it validates, reset
-before each: with ``rss_before_bytes``, what the process held before the case began. Memory a
+case trains (its timed steps, and its whole epoch with ``--full``), during one step on the epoch's
+widest batch (its longest windows: the worst step, which random steps may miss) and while it
+validates, reset before each: with ``rss_before_bytes``, what the process held before the case began. Memory a
 previous case freed may stay with the allocator, so for memory against L give ``--isolate``: each
 case then runs in a process of its own.
 
@@ -118,6 +119,12 @@ def time_config(model_name: str, config, data, steps: int, full_limit: float) ->
             trainer.train_step(rows, 1)
         out["measured_s_per_epoch"] = round(time.perf_counter() - t0, 1)
     out["rss_before_bytes"], out["peak_train_rss_bytes"] = rss_before, peak_rss_bytes()
+    # the step of the widest batch (the longest windows), which random steps may miss: memory against L
+    widest = max(batches, key=lambda rows: (int(trainer.sampler.sample_lengths[rows].max()), len(rows)))
+    reset = reset_peak_rss()
+    trainer.train_step(widest, 1)
+    out["widest_batch"] = [len(widest), int(trainer.sampler.sample_lengths[widest].max())]
+    out["peak_widest_step_rss_bytes"] = peak_rss_bytes() if reset else None
     reset = reset_peak_rss()
     t0 = time.perf_counter()
     trainer.evaluate("valid")

@@ -43,6 +43,9 @@ groups:
     assert done.returncode == 0, done.stderr
     isolated = json.loads(out.read_text())["results"]
     assert [(r["case"], r["L"]) for r in isolated] == list(rows) and all(r["peak_train_rss_bytes"] for r in isolated)
+    for r in isolated:  # the widest batch's step too: the longest windows the epoch holds, at most L
+        size, width = r["widest_batch"]
+        assert 0 < size <= r["batch"] and 1 < width <= r["L"] and r["peak_widest_step_rss_bytes"] > 0
 
 
 def test_a_dataset_outside_the_study_is_one_error_line(successor_file: Path, tmp_path: Path) -> None:
