@@ -2,8 +2,10 @@
 
 Seconds per epoch (training + one validation) come from ``epoch_time.py --study`` (its JSON, one
 per study and dataset, in ``docs/results/``); the number of cells (seeds) from the study files
-themselves; the epochs each cell will run are the assumptions below (a finished run's epochs where
-one existed, else the recipe's cap), to be replaced by measured ones as cells finish.
+themselves; the epochs each cell will run are the mean of its finished seeds' (their records in the
+study directory), else the assumptions below (a finished run's epochs where one existed, else the
+recipe's cap). Hours done are the finished cells' own training seconds (as they ran, other work
+possibly beside them).
 
     python benchmarks/epoch_time.py --study studies/reproduction.yaml --dataset amazon-beauty --full \\
         --full-limit 150 --steps 10 --json docs/results/epoch_time_study_reproduction_amazon-beauty.json
@@ -17,7 +19,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from mlsa4rec.experiments.study import MAIN, cell_config, dataset_name, load_study
+from mlsa4rec.experiments.study import MAIN, cell_config, dataset_name, load_study, read_record
 
 REPO = Path(__file__).resolve().parents[1]
 # label (as epoch_time.py names a case: the model, "/group" outside the main grid) -> epochs run
@@ -37,40 +39,58 @@ EPOCHS = {
 BLOCKS = [("1. Beauty", "reproduction", "amazon-beauty"), ("1. Video Games", "reproduction", "amazon-video-games"),
           ("2. ML-1M", "reproduction", "ml-1m"), ("3. Ablations", "ablations", "amazon-beauty"),
           ("4. Long sequences", "long-sequences", "ml-1m")]
+# a block timed by another command than epoch_time_study_STUDY_DATASET.json names (long sequences: whole
+# epochs, each case in its own process, for benchmarks/long_sequences.py)
+TIMINGS = {("long-sequences", "ml-1m"): "epoch_time_long_sequences_isolated.json"}
 
 
-def cells_per_case(study_file: Path, dataset: str) -> tuple[Counter, dict[str, int]]:
-    """How many cells each case has on ``dataset`` (its seeds), and how often its runs validate (eval_step)."""
+def cells_per_case(study_file: Path, dataset: str) -> tuple[Counter, dict[str, int], dict[str, list[dict]]]:
+    """How many cells each case has on ``dataset`` (its seeds), how often its runs validate
+    (eval_step), and the records of its cells that have finished (in the study's directory)."""
     study = load_study(study_file, check=False)
-    counts, eval_step = Counter(), {}
+    counts, eval_step, finished = Counter(), {}, {}
     for cell in study.cells:
         if dataset_name(cell.dataset) == dataset:
             case = cell.entry.label if cell.group == MAIN else f"{cell.entry.label}/{cell.group}"
             counts[case] += 1
             eval_step[case] = int(cell_config(cell, study)["eval_step"])
-    return counts, eval_step
+            record = cell.record_path(study.directory)
+            if record.is_file():
+                finished.setdefault(case, []).append(read_record(record)[0])
+    return counts, eval_step, finished
 
 
-def block_table(title: str, study: str, dataset: str, results_dir: Path) -> tuple[str, float]:
-    timings = json.loads((results_dir / f"epoch_time_study_{study}_{dataset}.json").read_text())
-    counts, eval_step = cells_per_case(REPO / "studies" / f"{study}.yaml", dataset)
+def block_table(title: str, study: str, dataset: str, results_dir: Path) -> tuple[str, float, float]:
+    """The block's Markdown table and its hours done (the finished cells' own training seconds) and
+    left (the cells not finished, at the quiet s/epoch and the epochs their finished seeds ran, else
+    the assumption)."""
+    name = TIMINGS.get((study, dataset), f"epoch_time_study_{study}_{dataset}.json")
+    timings = json.loads((results_dir / name).read_text())
+    counts, eval_step, finished = cells_per_case(REPO / "studies" / f"{study}.yaml", dataset)
     epochs = EPOCHS[(study, dataset)]
-    lines = [f"### {title} (`epoch_time_study_{study}_{dataset}.json`)", "",
-             "| cell | s/epoch: train + valid | source | epochs | cells | h |", "|---|---:|---|---:|---:|---:|"]
-    total = 0.0
+    lines = [f"### {title} (`{name}`)", "",
+             "| cell | s/epoch: train + valid | source | epochs | cells: done / all | h: done / left |",
+             "|---|---:|---|---:|---:|---:|"]
+    done_total = left_total = 0.0
     for r in timings["results"]:
         case = r["case"]
         train = r.get("measured_s_per_epoch") or r["projected_s_per_epoch"]
         source = "measured" if r.get("measured_s_per_epoch") else "projected"
-        n_epochs = epochs.get(case, epochs.get("*"))
+        records = finished.get(case, [])
+        if records:
+            n_epochs = round(sum(m["epochs_run"] for m in records) / len(records))
+            shown = f"{n_epochs} (its {len(records)} finished)"
+        else:
+            n_epochs = epochs.get(case, epochs.get("*"))
+            shown = f"{n_epochs} (assumed)" if n_epochs else "0 (adopted)"
         validations = -(-n_epochs // eval_step[case])
-        hours = (train * n_epochs + r["valid_seconds"] * validations) * counts[case] / 3600
-        total += hours
-        note = " (adopted)" if n_epochs == 0 else ""
-        lines.append(f"| {case}{note} | {train} + {r['valid_seconds']} | {source} | {n_epochs} | {counts[case]} | "
-                     f"{hours:.2f} |")
-    lines.append(f"| **{title}** | | | | | **{total:.1f}** |")
-    return "\n".join(lines), total
+        left = (train * n_epochs + r["valid_seconds"] * validations) * (counts[case] - len(records)) / 3600
+        done = sum(m["train_seconds"] for m in records) / 3600
+        done_total, left_total = done_total + done, left_total + left
+        lines.append(f"| {case} | {train} + {r['valid_seconds']} | {source} | {shown} | {len(records)} / "
+                     f"{counts[case]} | {done:.2f} / {left:.2f} |")
+    lines.append(f"| **{title}** | | | | | **{done_total:.1f} / {left_total:.1f}** |")
+    return "\n".join(lines), done_total, left_total
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,14 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     totals = []
     for title, study, dataset in BLOCKS:
-        text, hours = block_table(title, study, dataset, Path(args.results))
-        totals.append((title, hours))
+        text, done, left = block_table(title, study, dataset, Path(args.results))
+        totals.append((title, done, left))
         print(text, end="\n\n")
-    print("| block | h |\n|---|---:|")
-    for title, hours in totals:
-        print(f"| {title} | {hours:.1f} |")
-    print(f"| **Total (training)** | **{sum(h for _, h in totals):.1f}** |")
-
+    print("| block | h: done | h: left |\n|---|---:|---:|")
+    for title, done, left in totals:
+        print(f"| {title} | {done:.1f} | {left:.1f} |")
+    print(f"| **Total (training)** | **{sum(t[1] for t in totals):.1f}** | **{sum(t[2] for t in totals):.1f}** |")
 
 if __name__ == "__main__":
     main()

@@ -14,15 +14,43 @@ _spec.loader.exec_module(plan)
 
 
 def test_every_cell_of_the_studies_is_counted_once(capsys) -> None:
-    counts, eval_step = plan.cells_per_case(REPO / "studies" / "reproduction.yaml", "amazon-beauty")
+    counts, eval_step, _ = plan.cells_per_case(REPO / "studies" / "reproduction.yaml", "amazon-beauty")
     assert counts["mlsa4rec-masked"] == 3 and counts["lightsans"] == 1 and eval_step["lrurec"] == 6
-    counts, eval_step = plan.cells_per_case(REPO / "studies" / "reproduction.yaml", "ml-1m")
+    counts, eval_step, _ = plan.cells_per_case(REPO / "studies" / "reproduction.yaml", "ml-1m")
     assert counts["sasrec/ml-1m-L200"] == 3 and "mlsa4rec-masked" not in counts and eval_step["lrurec"] == 1
     plan.main([])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| **")]
     # every timed case has its row: 11 + 11 (Amazon) + 10 (ML-1M) + 6 (ablations) + 12 (lengths), and the totals
     assert len([r for r in rows if r.count("|") == 7 and not r.startswith("| cell")]) == 50
-    total = float(out.rsplit("**Total (training)** | **", 1)[1].split("**")[0])
-    blocks = [float(r.split("|")[2]) for r in rows if r.count("|") == 3 and r[2].isdigit()]
-    assert len(blocks) == 5 and abs(sum(blocks) - total) < 0.15
+    done, left = (float(x.strip(" *")) for x in out.rsplit("| **Total (training)** |", 1)[1].split("|")[:2])
+    blocks = [r.split("|")[2:4] for r in rows if r.count("|") == 4 and r[2].isdigit()]
+    assert len(blocks) == 5
+    assert abs(sum(float(d) for d, _ in blocks) - done) < 0.15 and abs(sum(float(x) for _, x in blocks) - left) < 0.15
+
+
+def test_finished_cells_count_as_done_and_set_the_epochs_of_their_other_seeds(tmp_path, monkeypatch) -> None:
+    """A finished cell's own seconds are hours done; its epochs replace the assumption for the seeds
+    still to run."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    (tmp_path / "studies").mkdir()
+    shutil.copy(REPO / "studies" / "ablations.yaml", tmp_path / "studies" / "ablations.yaml")
+    shutil.copytree(REPO / "configs", tmp_path / "configs")  # the study file's recipes, beside it as in the repo
+    monkeypatch.setattr(plan, "REPO", tmp_path)
+    results = REPO / "docs" / "results"
+    _, done0, left0 = plan.block_table("3", "ablations", "amazon-beauty", results)
+    assert done0 == 0  # no record in this copy
+    study = plan.load_study(tmp_path / "studies" / "ablations.yaml", check=False)
+    cell = next(c for c in study.cells if c.entry.label == "no-gate")
+    record = cell.record_path(study.directory)
+    record.parent.mkdir(parents=True)
+    meta = {"format": 2, "epochs_run": 10, "train_seconds": 7200.0, "digests": {}}
+    np.savez(record, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    text, done, left = plan.block_table("3", "ablations", "amazon-beauty", results)
+    row = next(line for line in text.splitlines() if line.startswith("| no-gate |"))
+    assert "10 (its 1 finished)" in row and "| 1 / 3 |" in row and done == 2.0
+    assert left < left0  # two seeds left, at 10 epochs each, not three at the assumed 54
