@@ -485,3 +485,33 @@ def test_a_claim_verdict_needs_a_significant_gain_of_at_least_the_claimed_low_en
 def test_a_bad_claim_note_or_omission_is_refused(successor_file: Path, tmp_path: Path, change, message) -> None:
     with pytest.raises(MLSA4RecError, match=message):
         load_study(write_study(tmp_path, successor_file, **change), check=False)
+
+
+def test_cells_are_trained_seed_by_seed_whatever_order_their_trials_were_queued_in(successor_file: Path,
+                                                                                   tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """Every model's first seed before any second seed (a study stopped part-way compares every
+    model), also when the storage's trials were queued in another order (a study begun by older code)."""
+    import optuna
+
+    from mlsa4rec.experiments.study import open_directory, queue_order, storage_for
+
+    study = write_study(tmp_path, successor_file, models={"sasrec": {"set": SASREC}, "gru4rec": {"set": TINY},
+                                                          "lone": {"model": "gru4rec", "set": TINY, "seeds": [2]}})
+    loaded = load_study(study)
+    order = queue_order(loaded)
+    expected = ["main/sasrec/succ/seed-1", "main/gru4rec/succ/seed-1", "main/lone/succ/seed-2",
+                "main/sasrec/succ/seed-2", "main/gru4rec/succ/seed-2"]
+    assert sorted(order, key=order.get) == expected
+    url = open_directory(loaded, None)
+    opt = optuna.create_study(study_name="tiny", storage=storage_for(url), direction="maximize")
+    for cell in reversed(expected):  # queued backwards, as no order of ours would
+        opt.enqueue_trial({}, user_attrs={"cell": cell})
+    trained = []
+    real_run_cell = study_module.run_cell
+    monkeypatch.setattr(study_module, "run_cell", lambda cell, *a: trained.append(cell.id) or real_run_cell(cell, *a))
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "study", "run", str(study)]) == 0
+    assert trained == expected
+    assert [r["state"] for r in study_status(tmp_path / "out")] == ["done"] * 5
+    assert sorted(t.user_attrs["cell"] for t in trials(tmp_path / "out")) == sorted(expected)  # each once

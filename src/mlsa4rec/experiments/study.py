@@ -9,9 +9,12 @@ coordination: Optuna hands each waiting trial to one worker, its heartbeat marks
 worker that died, and its retry callback queues that cell again, which the next worker continues
 from the run's checkpoint (``--resume``). A run directory's lock makes sure a cell never trains
 twice at once, even if two workers enqueued it together. ``time_budget_s`` pauses the running cell
-at a checkpoint and queues it again at once, so the same command continues it: a worker handed a
-new cell while a cell paused on its machine waits in the queue takes the paused one first
-(``_paused_first``), so a slice never leaves a half-trained cell behind to start another.
+at a checkpoint and queues it again at once, so the same command continues it.
+
+Workers take cells in the study's queue order (``queue_order``), whatever order Optuna hands out
+their trials in: first a cell paused on the worker's machine (a slice never leaves a half-trained
+cell behind to start another), then seed by seed: every model's first seed on every dataset and
+group before any second seed, so a study stopped part-way already compares every model.
 
 A finished cell leaves a record (``records/<cell>.npz``: its settings, metrics, curve and the test
 target rank of every user under both history rules, checksummed), small enough to commit, from
@@ -565,7 +568,8 @@ def enqueue(opt_study, study: Study) -> int:
                                                                      states=(TrialState.WAITING, TrialState.RUNNING))}
     active |= completed_cells(opt_study)
     queued = 0
-    for cell in study.cells:
+    order = queue_order(study)
+    for cell in sorted(study.cells, key=lambda c: order[c.id]):
         if cell.id not in active and cell_state(cell, study.directory) != "done":
             opt_study.enqueue_trial({}, user_attrs={"cell": cell.id})
             queued += 1
@@ -628,6 +632,7 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
     opt = _optuna_study(study, url, heartbeat_s)
     _check_heartbeat(opt, heartbeat_s)
     by_id = {c.id: c for c in study.cells}
+    order = queue_order(study)
     log.info("study %s: %d cells, %d queued now (%s)", study.name, len(study.cells), enqueue(opt, study), url)
     paused = False
     failed: dict[str, str] = {}
@@ -647,8 +652,7 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
         if cell_state(cell, study.directory) == "done" or cell.id in completed_cells(opt):
             trial.set_user_attr("skipped", "already done")  # a second trial of a cell two workers both queued
             raise _pruned()
-        if cell_state(cell, study.directory) == "new":
-            cell = _paused_first(trial, cell, by_id, study.directory)
+        cell = _next_cell(trial, cell, by_id, order, study.directory)
         remaining = None if deadline is None else max(deadline - time.monotonic(), 1e-9)
         try:
             return run_cell(cell, study, remaining)
@@ -689,29 +693,52 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
     return not paused
 
 
-def _paused_first(trial, cell: Cell, by_id: Mapping[str, Cell], root: Path) -> Cell:
-    """The cell this trial trains: a cell paused on this machine (its checkpoint is here) whose
-    trial waits in the queue, if there is one, else ``cell``. Optuna hands out waiting trials oldest
-    first, and a paused cell is queued again at the end, so without this every slice would start a
-    new cell and leave one more half-trained. The two trials swap cells, so the new cell keeps a
-    place in the queue; should another worker take the waiting trial meanwhile, the new cell is
-    queued again (a trial that finds its cell done or being trained is skipped)."""
+def queue_order(study: Study) -> dict[str, int]:
+    """Each cell's place in the queue: seed rounds (a model's first seed, in the study file's seed
+    order, is its round 0), then the groups, datasets and models in the study file's order."""
+    seeds = list(dict.fromkeys(c.seed for c in study.cells))
+    groups = list(dict.fromkeys(c.group for c in study.cells))
+    datasets = list(dict.fromkeys(c.dataset for c in study.cells))
+    models = list(study.models)
+    rounds = {}
+    for cell in study.cells:  # a model with seeds [2021] alone has 2021 as its first round
+        own = sorted({c.seed for c in study.cells if c.entry is cell.entry}, key=seeds.index)
+        rounds[cell.id] = own.index(cell.seed)
+    ranked = sorted(study.cells, key=lambda c: (rounds[c.id], seeds.index(c.seed), groups.index(c.group),
+                                                  datasets.index(c.dataset), models.index(c.entry.label)))
+    return {c.id: i for i, c in enumerate(ranked)}
+
+
+def _next_cell(trial, cell: Cell, by_id: Mapping[str, Cell], order: Mapping[str, int], root: Path) -> Cell:
+    """The cell this trial trains: the first in queue order among its own and those of the waiting
+    trials, a cell paused (or finished without a record) on this machine before any other. Optuna
+    hands out waiting trials oldest first, and a paused cell is queued again at the end; this
+    keeps the study's order whatever the trials' order. The two trials swap cells, so the handed
+    cell keeps a place in the queue; should another worker take the waiting trial meanwhile, the
+    handed cell is queued again (a trial that finds its cell done or being trained is skipped)."""
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
+    def key(c: Cell) -> tuple[int, int]:
+        return 0 if cell_state(c, root) in ("paused", "published") else 1, order[c.id]
+
     storage = trial.storage
-    for waiting in trial.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        paused = by_id.get(waiting.user_attrs.get("cell", ""))
-        if paused is None or cell_state(paused, root) != "paused":
+    waiting = [(key(by_id[t.user_attrs["cell"]]), t) for t in trial.study.get_trials(
+        deepcopy=False, states=(TrialState.WAITING,)) if t.user_attrs.get("cell") in by_id]
+    for rank, other in sorted(waiting, key=lambda x: x[0]):
+        if rank >= key(cell):
+            break
+        first = by_id[other.user_attrs["cell"]]
+        if cell_state(first, root) == "done":
             continue
         try:
-            storage.set_trial_user_attr(waiting._trial_id, "cell", cell.id)
+            storage.set_trial_user_attr(other._trial_id, "cell", cell.id)
         except UpdateFinishedTrialError:  # finished by another worker meanwhile
             continue
-        if storage.get_trial(waiting._trial_id).state != TrialState.WAITING:
+        if storage.get_trial(other._trial_id).state != TrialState.WAITING:
             trial.study.enqueue_trial({}, user_attrs={"cell": cell.id})
-        trial.set_user_attr("cell", paused.id)
-        return paused
+        trial.set_user_attr("cell", first.id)
+        return first
     return cell
 
 
