@@ -349,26 +349,25 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
             "study": name}
 
 
+def _finished(trial) -> bool:
+    """Whether ``trial`` finished its setting (complete or pruned), not paused or skipped."""
+    from optuna.trial import TrialState
+
+    return (trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and "run" in trial.user_attrs
+            and not trial.user_attrs.get("paused") and not trial.user_attrs.get("skipped"))
+
+
 def _finished_runs(opt) -> set[str]:
     """The run names of the settings the tuning has finished (complete or pruned): what ``--trials``
     counts. Settings drawn again count once: a seeded sampler replays its first draws each time a
     tuning resumes, and counting those would make the budget depend on how often it was paused."""
-    from optuna.trial import TrialState
-
-    return {t.user_attrs["run"] for t in opt.get_trials(deepcopy=False)
-            if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "run" in t.user_attrs
-            and not t.user_attrs.get("paused") and not t.user_attrs.get("skipped")}
+    return {t.user_attrs["run"] for t in opt.get_trials(deepcopy=False) if _finished(t)}
 
 
 def _finished_before(opt, number: int, run: str):
     """The first trial before ``number`` that finished ``run`` (complete or pruned, not paused), or None."""
-    from optuna.trial import TrialState
-
-    for t in opt.get_trials(deepcopy=False):
-        if t.number < number and t.user_attrs.get("run") == run and not t.user_attrs.get("paused") \
-                and not t.user_attrs.get("skipped") and t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            return t
-    return None
+    return next((t for t in opt.get_trials(deepcopy=False)
+                 if t.number < number and t.user_attrs.get("run") == run and _finished(t)), None)
 
 
 def trial_rows(opt, root: Path) -> list[dict[str, Any]]:
