@@ -1,4 +1,4 @@
-"""Fuzzing every entry point: hostile data files, YAML config files, --set values, run directories, a
+"""Fuzzing every entry point: hostile data files, YAML config files, study files, --set values, run directories, a
 hostile machine (unreadable files, devices, long names, broken output streams), the dataset cache,
 `recommend --input` files, session states and `serve` flags.
 
@@ -186,6 +186,63 @@ def test_fuzz_yaml_config_files(capsys, tmp_path: Path, successor_file: Path) ->
         argv = train_argv(successor_file, tmp_path / "out", "--config", str(path))
         codes.append(check_case(capsys, work, argv, f"yaml case {case}", tmp_path / "out"))
     assert codes.count(2) >= N_YAML // 2
+
+
+def _mutate(rng: random.Random, spec: dict) -> None:
+    """Replace, drop or add one key somewhere in a nested study file."""
+    node = spec
+    while True:
+        key = rng.choice(list(node))
+        if isinstance(node[key], dict) and node[key] and rng.random() < 0.6:
+            node = node[key]
+            continue
+        roll = rng.random()
+        if roll < 0.6:
+            node[key] = rng.choice(HOSTILE_VALUES)
+        elif roll < 0.8:
+            del node[key]
+        else:
+            node[rng.choice(["colour", "models", "percent", "reason", key + "s"])] = rng.choice(HOSTILE_VALUES)
+        return
+
+
+def test_fuzz_study_files(tmp_path: Path, successor_file: Path) -> None:
+    """A mutated study file (claim, notes, not_run, groups, per-dataset recipes) is read or refused
+    with mlsa4rec's own error, never another exception, before anything is trained."""
+    import copy
+
+    import yaml
+
+    from mlsa4rec.experiments.study import load_study
+
+    rng = random.Random(1108 + SEED)
+    other = tmp_path / "other.txt"
+    other.write_text(successor_file.read_text())
+    valid = {"study": "s", "datasets": [str(successor_file), str(other)], "seeds": [1, 2], "baseline": "sasrec",
+             "focus": ["gru4rec"],
+             "claim": {"source": "a paper", "models": ["gru4rec"], "percent": {"hit@10": [4.5, 10.8]}},
+             "notes": ["a caveat"],
+             "not_run": [{"models": ["narm"], "datasets": ["succ"], "reason": "slow"}],
+             "models": {"sasrec": {"set": {"epochs": 1}, "by_dataset": {"other.txt": {"set": {"epochs": 2}}}},
+                        "gru4rec": {"seeds": [1]}, "narm": {"model": "gru4rec", "datasets": ["other.txt"]}},
+             "groups": {"long": {"models": ["sasrec"], "set": {"MAX_ITEM_LIST_LENGTH": 16}}}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(valid))
+    assert load_study(path).claim is not None  # the unmutated file is valid
+    refused = 0
+    for case in range(N_YAML):
+        spec = copy.deepcopy(valid)
+        for _ in range(rng.randint(1, 3)):
+            _mutate(rng, spec)
+        path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+        try:
+            load_study(path)
+        except MLSA4RecError as exc:
+            refused += 1
+            assert "\n" not in str(exc) and str(exc), f"study case {case}: {exc!r}"
+        except Exception as exc:  # noqa: BLE001 - the point: no other exception may escape
+            pytest.fail(f"study case {case} raised {type(exc).__name__}: {exc}\n{yaml.safe_dump(spec)}")
+    assert refused >= N_YAML // 2
 
 
 def test_fuzz_set_values(capsys, tmp_path: Path, successor_file: Path) -> None:

@@ -298,7 +298,7 @@ def _claim(where: Path, spec: Any, models: Mapping[str, ModelEntry], baseline: s
     against = spec.get("baseline", baseline)
     if against is None:
         raise _fail(where, "claim: name the model it is measured against (baseline:, here or at the top)")
-    if against not in models or against in labels:
+    if not isinstance(against, str) or against not in models or against in labels:
         raise _fail(where, f"claim: baseline {against!r} must be one of the models ({', '.join(models)}) and not one "
                            "of the claim's own")
     main = {dataset_name(c.dataset) for c in cells if c.group == MAIN}
