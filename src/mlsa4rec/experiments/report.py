@@ -271,8 +271,7 @@ def _relative(row: dict[str, Any]) -> str:
 def format_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables: accuracy (mean ± sample std over seeds), the paired tests
     against the baseline, cost; then where every number came from."""
-    machines = "; ".join(", ".join(f"{v}" for v in json.loads(m).values() if v is not None)
-                         for m in report["trained_on"])
+    machines = "; ".join(_machine(json.loads(m)) for m in report["trained_on"])
     commits = ", ".join(report["commits"]) or "unknown"
     lines = [f"# Study `{report['study']}`", "",
              f"Made by `{report['command']}` from `{report['file']}`; code {commits}; trained on "
@@ -334,6 +333,13 @@ def format_markdown(report: dict[str, Any]) -> str:
             lines.append(f"- {c['cell']} (`{c['run']}`, {c['git_commit'] or 'commit unknown'}){command}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _machine(m: dict[str, Any]) -> str:
+    """``AMD EPYC (cpu, 2 threads)`` from a record's machine."""
+    threads = m.get("threads")
+    where = ", ".join(x for x in (m.get("device"), threads and f"{threads} thread{'s' if threads != 1 else ''}") if x)
+    return f"{m.get('cpu') or 'unknown CPU'}" + (f" ({where})" if where else "")
 
 
 def _claim_lines(claim: dict[str, Any]) -> list[str]:
