@@ -44,7 +44,7 @@ def render(report: dict[str, Any]) -> str:
     claim = report.get("claim")
     if claim:
         lines += [f"The paper claims, against `{claim['baseline']}`, " + ", ".join(
-            f"{m} {lo:+.1f} % to {hi:+.1f} %" for m, (lo, hi) in claim["percent"].items()) + ". So far:", ""]
+            f"{m} {lo:+.1f}% to {hi:+.1f}%" for m, (lo, hi) in claim["percent"].items()) + ". So far:", ""]
         lines += [f"- {s['sentence']}" for s in claim["summary"]] + [""]
     rows = []
     for t in report["tables"]:

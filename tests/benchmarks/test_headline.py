@@ -47,7 +47,7 @@ def test_the_section_names_the_focus_the_baseline_and_the_strongest_other() -> N
     body = headline.render(claimed)
     assert [line.split("|")[2].strip() for line in body.splitlines() if line.startswith("| beauty")] == [
         "weak", "base", "strong"]
-    assert "6 of 7 cells" in body and "hit@10 +4.5 % to +10.8 %" in body and "- `weak`: not reproduced." in body
+    assert "6 of 7 cells" in body and "hit@10 +4.5% to +10.8%" in body and "- `weak`: not reproduced." in body
 
 
 def test_a_readme_without_its_markers_or_a_file_that_is_no_report_is_one_error_line(tmp_path: Path,

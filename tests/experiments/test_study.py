@@ -441,7 +441,7 @@ def test_a_claim_is_set_beside_what_was_measured_and_each_cell_command_reruns_it
     assert summary["verdict"] in ("reproduced", "partly reproduced", "not reproduced")
     assert summary["verdict"] in summary["sentence"] and "where measured (not run on other)" in summary["sentence"]
     text = (tmp_path / "out" / "report" / "report.md").read_text()
-    assert "## The claim" in text and "hit@10 +4.5 % to +10.8 %" in text and summary["sentence"] in text
+    assert "## The claim" in text and "hit@10 +4.5% to +10.8%" in text and summary["sentence"] in text
     assert "- Same-second events keep the file's order." in text
     assert "- gru4rec on other: costs 3 h an epoch" in text
     # a cell's command, its run directory swapped for a new one, trains the same model to the same ranks

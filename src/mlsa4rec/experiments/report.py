@@ -258,7 +258,8 @@ def _claim_sentence(model: str, baseline: str, rows: list[dict[str, Any]],
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         changes = ", ".join(f"{r['metric']} {_relative(r)} (p {r['p_holm']:.2g}, {r['verdict']})"
                             for r in rows if r["dataset"] == dataset)
-        parts.append(f"on {dataset}: {changes}")
+        seeds = len(next(r["seeds"] for r in rows if r["dataset"] == dataset))
+        parts.append(f"On {dataset} ({seeds} shared seed{'s' if seeds != 1 else ''}): {changes}")
     where = f" where measured ({gaps})" if gaps else ""
     return {"model": model, "verdict": verdict,
             "sentence": f"`{model}` against `{baseline}`: **{verdict}**{where}. " + "; ".join(parts) + "."}
@@ -344,7 +345,7 @@ def _machine(m: dict[str, Any]) -> str:
 
 def _claim_lines(claim: dict[str, Any]) -> list[str]:
     """The claim section: the claim, each model's sentence, and the table behind them."""
-    spans = ", ".join(f"{metric} {lo:+.1f} % to {hi:+.1f} %" for metric, (lo, hi) in claim["percent"].items())
+    spans = ", ".join(f"{metric} {lo:+.1f}% to {hi:+.1f}%" for metric, (lo, hi) in claim["percent"].items())
     models = ", ".join(f"`{m}`" for m in claim["models"])
     lines = ["## The claim", "", f"Claimed by {claim['source']}: against `{claim['baseline']}`, {spans}, on "
              f"{', '.join(claim['datasets'])}. Tested here for {models}.", "",
@@ -359,8 +360,8 @@ def _claim_lines(claim: dict[str, Any]) -> list[str]:
         for r in claim["rows"]:
             lo, hi = r["claimed_percent"]
             ci = "undefined" if r["ci_low"] is None else f"[{r['ci_low']:+.1%}, {r['ci_high']:+.1%}]"
-            lines.append(f"| {r['model']} | {r['dataset']} | {len(r['seeds'])} | {r['metric']} | {lo:+.1f} % to "
-                         f"{hi:+.1f} % | {r['baseline']:.4f} | {r['candidate']:.4f} | {_relative(r)} | {ci} | "
+            lines.append(f"| {r['model']} | {r['dataset']} | {len(r['seeds'])} | {r['metric']} | {lo:+.1f}% to "
+                         f"{hi:+.1f}% | {r['baseline']:.4f} | {r['candidate']:.4f} | {_relative(r)} | {ci} | "
                          f"{r['p_holm']:.2g} | {r['verdict']} |")
         lines.append("")
     return lines
