@@ -520,3 +520,27 @@ def test_cells_are_trained_seed_by_seed_whatever_order_their_trials_were_queued_
     assert trained == expected
     assert [r["state"] for r in study_status(tmp_path / "out")] == ["done"] * 5
     assert sorted(t.user_attrs["cell"] for t in trials(tmp_path / "out")) == sorted(expected)  # each once
+
+
+def test_a_cell_completed_on_another_machine_is_not_taken_ahead_of_the_queue(successor_file: Path, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """A duplicate waiting trial of a cell another machine completed (its record is there, not here)
+    is never swapped ahead of a cell still to train."""
+    import optuna
+
+    from mlsa4rec.experiments.study import open_directory, storage_for
+
+    study = write_study(tmp_path, successor_file, seeds=[1])
+    done_elsewhere, to_train = "main/sasrec/succ/seed-1", "main/gru4rec/succ/seed-1"
+    url = open_directory(load_study(study), None)
+    opt = optuna.create_study(study_name="tiny", storage=storage_for(url), direction="maximize")
+    opt.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=0.1,
+                                            user_attrs={"cell": done_elsewhere}))
+    opt.enqueue_trial({}, user_attrs={"cell": to_train})
+    opt.enqueue_trial({}, user_attrs={"cell": done_elsewhere})  # first in queue order, but done
+    trained = []
+    real_run_cell = study_module.run_cell
+    monkeypatch.setattr(study_module, "run_cell", lambda cell, *a: trained.append(cell.id) or real_run_cell(cell, *a))
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "study", "run", str(study)]) == 0
+    assert trained == [to_train]

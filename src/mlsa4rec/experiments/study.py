@@ -725,11 +725,12 @@ def _next_cell(trial, cell: Cell, by_id: Mapping[str, Cell], order: Mapping[str,
     storage = trial.storage
     waiting = [(key(by_id[t.user_attrs["cell"]]), t) for t in trial.study.get_trials(
         deepcopy=False, states=(TrialState.WAITING,)) if t.user_attrs.get("cell") in by_id]
+    completed = completed_cells(trial.study)  # on any machine of the storage
     for rank, other in sorted(waiting, key=lambda x: x[0]):
         if rank >= key(cell):
             break
         first = by_id[other.user_attrs["cell"]]
-        if cell_state(first, root) == "done":
+        if cell_state(first, root) == "done" or first.id in completed:  # a duplicate trial: skipped when its turn comes
             continue
         try:
             storage.set_trial_user_attr(other._trial_id, "cell", cell.id)
