@@ -157,6 +157,48 @@ def test_a_killed_worker_s_cell_is_continued_from_its_checkpoint(successor_file:
     assert results["test"] == whole["test"] and results["valid"] == whole["valid"]
 
 
+def killed_at_epoch_3(study: Path, root: Path, sig: int) -> subprocess.CompletedProcess:
+    """Start a worker, send it ``sig`` once its first cell (sasrec) has checkpointed epoch 3."""
+    first = worker(study)
+    stage = root / "runs" / "main" / "sasrec" / "succ" / ".seed-1.partial"
+    deadline = time.monotonic() + 300
+    while not (stage / "checkpoint.pt").is_file() or "epoch   3" not in (stage / "train.log").read_text():
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
+        time.sleep(0.05)
+    first.send_signal(sig)
+    out, err = first.communicate(timeout=60)
+    return subprocess.CompletedProcess(first.args, first.returncode, out, err)
+
+
+@pytest.mark.parametrize("sig, state", [(signal.SIGKILL, "paused"), (signal.SIGINT, "waiting")])
+def test_a_worker_stopped_here_has_its_cell_continued_first_at_once(successor_file: Path, tmp_path: Path,
+                                                                     monkeypatch, sig, state) -> None:
+    """With the default heartbeat a dead worker's trial goes stale only after 3 minutes; a worker on
+    the same machine knows at once that the process is gone, and continues its cell before any other."""
+    long = {**SASREC, "epochs": 30, "stopping_step": 100}
+    study = write_study(tmp_path, successor_file, seeds=[1], models={"sasrec": {"set": long}, "gru4rec": {"set": TINY}})
+    root = tmp_path / "out"
+    stopped = killed_at_epoch_3(study, root, sig)
+    assert stopped.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), stopped.stderr[-2000:]
+    rows = {r["cell"]: r for r in study_status(root)}
+    killed = rows["main/sasrec/succ/seed-1"]
+    assert killed["state"] == state and killed["epochs"] >= 2  # its checkpoint; not "running" (SIGKILL), not "failed"
+    if sig == signal.SIGKILL:
+        assert "has stopped" in killed["error"] and "study run" in killed["error"]
+    assert rows["main/gru4rec/succ/seed-1"]["state"] == "waiting"
+    trained = []
+    real_run_cell = study_module.run_cell
+    monkeypatch.setattr(study_module, "run_cell", lambda cell, *a: trained.append(cell.id) or real_run_cell(cell, *a))
+    monkeypatch.chdir(tmp_path)
+    started = time.monotonic()
+    assert main(["-q", "study", "run", str(study), "--no-wait"]) == 0
+    assert time.monotonic() - started < 120  # no heartbeat waited for
+    assert trained == ["main/sasrec/succ/seed-1", "main/gru4rec/succ/seed-1"]
+    assert [r["state"] for r in study_status(root)] == ["done", "done"]
+    results = json.loads((root / "runs" / "main" / "sasrec" / "succ" / "seed-1" / "results.json").read_text())
+    assert results["resumed"] and results["epochs_run"] == 30
+
+
 def test_a_time_budget_pauses_and_the_same_command_continues(capsys, successor_file: Path, tmp_path: Path,
                                                              monkeypatch) -> None:
     from mlsa4rec.training.trainer import Trainer

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,6 +126,34 @@ def test_a_paused_trial_is_continued_by_the_same_command(capsys, successor_file:
     assert main(command) == 0
     (run,) = (root / "trials").iterdir()
     assert (run / "results.json").is_file() and '"resumed": true' in (run / "results.json").read_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_a_trial_whose_worker_stopped_here_is_continued_at_once_before_any_new_draw(successor_file: Path,
+                                                                                   tmp_path: Path, sig) -> None:
+    """Killed (no heartbeat has gone stale yet) or interrupted, its settings are trained on from the checkpoint."""
+    path = space(tmp_path, LR)
+    root = tmp_path / "tune"
+    command = ["-q", "tune", "--model", "gru4rec", "--dataset", str(successor_file), "--space", str(path),
+               "--trials", "1", "--dir", str(root), "--pruner", "none", *FIXED, "--set", "epochs=30",
+               "--set", "stopping_step=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    first = subprocess.Popen([sys.executable, "-m", "mlsa4rec", *command], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not [log for log in root.glob("trials/.*.partial/train.log") if "epoch   3" in log.read_text()]:
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
+        time.sleep(0.05)
+    first.send_signal(sig)
+    first.communicate(timeout=60)
+    assert first.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
+    killed = trials(root)[0].params  # (Ctrl-C queues its settings again at once: a second, waiting trial)
+    started = time.monotonic()
+    assert main(command) == 0
+    assert time.monotonic() - started < 120  # no heartbeat waited for
+    (run,) = (root / "trials").iterdir()  # no second setting drawn beside it
+    assert json.loads((run / "results.json").read_text())["resumed"]
+    assert [t.params for t in trials(root) if t.state.name == "COMPLETE"] == [killed]
 
 
 @pytest.mark.parametrize(("spec", "message"), [

@@ -44,6 +44,7 @@ from mlsa4rec.config import build_config, known_keys, load_yaml_file
 from mlsa4rec.data import REGISTRY, resolve
 from mlsa4rec.data.dataset import array_digest
 from mlsa4rec.errors import MLSA4RecError, TimeBudgetSpent
+from mlsa4rec.experiments import workers
 from mlsa4rec.fileio import atomic_path, write_json_atomic
 from mlsa4rec.runs import directory
 from mlsa4rec.runtime import cpu_model
@@ -642,6 +643,7 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
 
     def objective(trial) -> float:
         nonlocal paused
+        workers.mark(trial)  # should this process die, a worker here hands the trial back at once
         cell = by_id.get(trial.user_attrs.get("cell", ""))
         if cell is None:  # a cell this worker's file does not name (or Optuna's own trial): leave it queued
             if "cell" in trial.user_attrs:
@@ -662,6 +664,10 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
             opt.enqueue_trial({}, user_attrs={"cell": cell.id})  # at once, for whoever runs next
             opt.stop()
             raise _pruned() from None
+        except KeyboardInterrupt:  # Ctrl-C: the cell stays paused at its checkpoint, queued again at once
+            trial.set_user_attr("paused", True)
+            opt.enqueue_trial({}, user_attrs={"cell": cell.id})
+            raise
         except CellTaken as exc:
             trial.set_user_attr("skipped", str(exc))
             raise _pruned() from None
@@ -675,7 +681,8 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
         if out_of_time():
             paused = True
             break
-        fail_stale_trials(opt)  # a dead worker's cell goes back to the queue
+        workers.fail_dead_workers(opt)  # a cell whose worker died here goes back to the queue at once,
+        fail_stale_trials(opt)  # and one whose worker went silent anywhere, after three missed heartbeats
         if opt.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             try:
                 opt.optimize(objective, n_trials=1, catch=(MLSA4RecError,))
@@ -900,7 +907,12 @@ def study_status(root: str | Path, storage: str | None = None) -> list[dict[str,
             if trial is not None and trial.state == TrialState.COMPLETE:
                 row["state"] = "done elsewhere"  # its record is in another machine's study directory
             elif trial is not None and trial.state == TrialState.RUNNING:
-                row["state"] = "running"
+                worker = trial.user_attrs.get(workers.WORKER_ATTR)
+                if workers.gone(worker):  # killed here: no heartbeat has gone stale yet, but nothing trains it
+                    row.update(state="paused", error=f"its worker (pid {worker['pid']}) has stopped; `mlsa4rec "
+                                                     "study run` continues it from its checkpoint")
+                else:
+                    row["state"] = "running"
             elif trial is not None and trial.state == TrialState.FAIL:
                 row["state"] = "failed"
                 row["error"] = trial.user_attrs.get("error")

@@ -39,6 +39,7 @@ import yaml
 from mlsa4rec.config import build_config, known_keys, load_yaml_file
 from mlsa4rec.data import REGISTRY
 from mlsa4rec.errors import ConfigError, MLSA4RecError, RunStopped, TimeBudgetSpent
+from mlsa4rec.experiments import workers
 from mlsa4rec.experiments.study import HEARTBEAT_S, storage_for
 from mlsa4rec.fileio import atomic_path, write_json_atomic, write_text_atomic
 from mlsa4rec.runs import directory
@@ -234,6 +235,7 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
     outcome: dict[str, str] = {}  # what became of this worker's last trial: "error" or "busy"
 
     def objective(trial) -> float:
+        workers.mark(trial)  # should this process die, a worker here hands the trial back at once
         try:
             return run_trial(trial)
         except MLSA4RecError as exc:  # Optuna records the trial as failed (catch=): say why in one line
@@ -281,6 +283,9 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
             trial.set_user_attr("paused", True)
             opt.stop()
             raise optuna.TrialPruned("paused") from None
+        except KeyboardInterrupt:  # Ctrl-C: its settings are queued again, to continue from the checkpoint
+            opt.enqueue_trial(trial.params)
+            raise
         return float(results["valid"][metric])
 
     def finished() -> int:
@@ -304,6 +309,7 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
             started = True
             outcome.clear()
             drawn = len(repeats)
+            workers.fail_dead_workers(opt)  # a trial whose worker died here is queued again before any new one
             try:
                 opt.optimize(objective, n_trials=1, catch=(MLSA4RecError,))
             except (ValueError, AssertionError) as exc:  # our trial went stale: another worker failed (and requeued) it
