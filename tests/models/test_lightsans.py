@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from equations import lin, ln, softmax
 
 from mlsa4rec.models import create
+from mlsa4rec.models.base import gather_last
 
 
 def model(**kw):
@@ -77,3 +79,31 @@ def test_recbole_names_count_and_init() -> None:
     assert abs(float(m.item_embedding.weight.detach().std()) - 0.02) < 0.003
     assert not m.trm_encoder.layer[0].multi_head_attention.dense.bias.any()
     assert not (m.causal or m.padding_invariant) and m.preferred_scheme == "prefix"
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_forward_is_encode_at_the_last_item_with_its_gradients(train: bool) -> None:
+    """forward computes the last layer at each row's last item only; it must equal the full encode
+    gathered there, outputs and every parameter's gradient (dropout made deterministic in training)."""
+    m = model(n_layers=3)
+    if train:
+        m.train()
+        for module in m.modules():
+            if type(module).__name__ == "Dropout":
+                module.forward = lambda x: 0.5 * x
+    seq = torch.randint(1, 31, (4, 12))
+    lengths = torch.tensor([12, 7, 1, 3])
+    for row, n in enumerate(lengths.tolist()):
+        seq[row, n:] = 0
+    outputs, grads = [], []
+    for compute in (lambda: m(seq, lengths), lambda: gather_last(m.encode(seq, lengths), lengths)):
+        m.zero_grad()
+        out = compute()
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        outputs.append(out)
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert outputs[0].shape == (4, m.config.hidden_size)
+    torch.testing.assert_close(outputs[0], outputs[1])
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(m.parameters()))
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)

@@ -128,15 +128,23 @@ class LowRankSelfAttention(nn.Module):
     def context(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """The attention output W V~ with the heads merged (B x L x D), before dropout and residual
         (the causal variant's is ``causal_context``, defined by ``causal_context_reference``)."""
-        q, k, v = self.query(x), self.key(x), self.value(x)
-        scale = 1.0 / math.sqrt(x.shape[-1] // self.n_heads)
+        return self.attend(self.query(x), self.key(x), self.value(x), lengths)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``context`` from the projections Q, K, V (B x L x D). With ``rows`` (B, a position per
+        sequence; faithful and masked only) the output at those positions alone, B x 1 x D: every
+        position still takes part in the poolings and the softmax, only the rows nobody reads are skipped."""
+        scale = 1.0 / math.sqrt(q.shape[-1] // self.n_heads)
         if self.variant == "causal":
+            if rows is not None:
+                raise ValueError("the causal LSA computes every position (rows=None)")
             return causal_context(self, q, k, v)
         mask = None
         if self.variant == "masked":
             if lengths is None:
                 raise ValueError("the masked LSA needs the sequence lengths")
-            mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]   # B x L
+            mask = torch.arange(q.shape[1], device=q.device)[None, :] < lengths[:, None]   # B x L
         k_pool = self._heads(self.attpooling_key(k, mask)).transpose(1, 2)     # B x H x P x d_h
         v_pool = self._heads(self.attpooling_value(v, mask)).transpose(1, 2)
         scores = self._heads(q).transpose(1, 2) @ k_pool.transpose(-1, -2) * scale   # B x H x L x P
@@ -146,6 +154,8 @@ class LowRankSelfAttention(nn.Module):
             if mask is not None:
                 scores = scores.masked_fill(~mask[:, None, :, None], float("-inf"))
             weights = scores.softmax(dim=-2)
+        if rows is not None:                                                     # B x H x 1 x P
+            weights = weights.gather(2, rows.view(-1, 1, 1, 1).expand(-1, weights.shape[1], 1, weights.shape[-1]))
         return (self.attn_dropout(weights) @ v_pool).transpose(1, 2).flatten(-2)
 
     def causal_weights(self, scores: torch.Tensor, dim: int) -> torch.Tensor:

@@ -53,15 +53,20 @@ class LightMultiHeadAttention(LowRankSelfAttention):
         self.pos_ln = nn.LayerNorm(d_model, eps=eps)
         self.dense = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, pos: torch.Tensor,  # type: ignore[override]
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """B x L x D; with ``rows`` (B) the output at position rows[b] of each sequence only, B x 1 x D."""
         d_h = x.shape[-1] // self.n_heads
+        q, k, v = self.query(x), self.key(x), self.value(x)                           # B x L x D
         p = self.pos_ln(pos)                                                  # L x D
         q_p = self._heads(self.pos_q_linear(p)).transpose(0, 1) / math.sqrt(2 * d_h)   # H x L x d_h
         k_p = self._heads(self.pos_k_linear(p)).transpose(0, 1)
         pos_weights = (q_p @ k_p.transpose(-1, -2) / math.sqrt(d_h)).softmax(dim=-2)   # H x L x L
-        v = self._heads(self.value(x)).transpose(1, 2)                               # B x H x L x d_h
-        pos_context = (pos_weights @ v).transpose(1, 2).flatten(-2)
-        return self.LayerNorm(self.dropout(self.dense(self.context(x) + pos_context)) + x)
+        if rows is not None:  # the rows read: B x H x 1 x L, and the residual there
+            pos_weights = pos_weights[:, rows].transpose(0, 1).unsqueeze(2)
+            x = x.gather(1, rows.view(-1, 1, 1).expand(-1, 1, x.shape[-1]))
+        pos_context = (pos_weights @ self._heads(v).transpose(1, 2)).transpose(1, 2).flatten(-2)
+        return self.LayerNorm(self.dropout(self.dense(self.attend(q, k, v, rows=rows) + pos_context)) + x)
 
 
 class LightTransformerLayer(nn.Module):
@@ -72,8 +77,8 @@ class LightTransformerLayer(nn.Module):
                                                             hidden_dropout, eps)
         self.feed_forward = FeedForward(d_model, inner_size, hidden_dropout, act, eps)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.feed_forward(self.multi_head_attention(x, pos))
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.feed_forward(self.multi_head_attention(x, pos, rows))
 
 
 class LightTransformerEncoder(nn.Module):
@@ -108,6 +113,20 @@ class LightSANs(SequentialRecommender):
         self.apply(lambda module: normal_init(module, c.initializer_range))
 
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.trm_encoder(*self._embed(item_seq))
+
+    def forward(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``gather_last(encode(...))`` (the base class's, which tests pin this to), faster: the last
+        layer computes its per-position half (attention read-out, output projection, feed-forward)
+        at each row's last item only. Its poolings and softmaxes still read every position."""
+        x, pos = self._embed(item_seq)
+        *first, last = self.trm_encoder.layer
+        for layer in first:
+            x = layer(x, pos)
+        return last(x, pos, rows=(lengths - 1).clamp(min=0)).squeeze(1)
+
+    def _embed(self, item_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """E = Drop(LN(Emb(s))) (B x L x D) and the position table's first L rows (L x D)."""
         self.check_length(item_seq)
         pos = self.position_embedding(torch.arange(item_seq.shape[1], device=item_seq.device))
-        return self.trm_encoder(self.dropout(self.LayerNorm(self.item_embedding(item_seq))), pos)
+        return self.dropout(self.LayerNorm(self.item_embedding(item_seq))), pos
