@@ -586,3 +586,16 @@ def test_a_cell_completed_on_another_machine_is_not_taken_ahead_of_the_queue(suc
     monkeypatch.chdir(tmp_path)
     assert main(["-q", "study", "run", str(study)]) == 0
     assert trained == [to_train]
+
+
+def test_a_cell_resumed_on_other_code_names_each_commit_with_where_it_began() -> None:
+    from mlsa4rec.experiments.report import _code, _commits
+
+    seg = [{"git_commit": "aaa", "from_epoch": 1, "from_step": 0},
+           {"git_commit": "aaa", "from_epoch": 5, "from_step": 0},
+           {"git_commit": "bbb", "from_epoch": 9, "from_step": 3}]
+    record = {"git_commit": "bbb", "segments": seg}
+    assert _code(record) == "aaa from epoch 1, bbb from epoch 9 step 3" and _commits(record) == ["aaa", "bbb"]
+    assert _code({"git_commit": "aaa", "segments": seg[:2]}) == "aaa"  # one commit throughout
+    assert _code({"git_commit": None}) == "commit unknown" and _commits({"git_commit": None}) == []
+    assert _commits({"git_commit": "ccc"}) == ["ccc"]  # a record from before sessions were recorded

@@ -67,3 +67,38 @@ def test_a_budget_that_is_not_a_positive_number_is_refused_before_anything(succe
     with pytest.raises(MLSA4RecError, match="time budget must be a positive number"):
         train("sasrec", str(successor_file), tmp_path / "run", overrides=SMALL, time_budget_s=budget)
     assert not any(tmp_path.glob("*run*"))
+
+
+def test_each_session_of_a_resumed_run_names_the_code_that_trained_it(successor_file: Path, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """A run paused on one commit and resumed on another records both, each with where it began;
+    a process names the commit it started on, whatever HEAD becomes while it runs."""
+    from mlsa4rec.training import run as run_module
+
+    commits = iter(["aaa", "bbb"])
+    monkeypatch.setattr(run_module, "git_commit", lambda: next(commits))
+    monkeypatch.setattr(Trainer, "out_of_time", lambda self: (self.progress.epoch, self.progress.step) == (2, 0))
+    with pytest.raises(TimeBudgetSpent):
+        train("sasrec", str(successor_file), tmp_path / "run", overrides=SMALL)
+    monkeypatch.undo()
+    monkeypatch.setattr(run_module, "git_commit", lambda: next(commits))
+    results = train("sasrec", str(successor_file), tmp_path / "run", overrides=SMALL, resume=True)
+    assert results["git_commit"] == "bbb"
+    assert [(s["git_commit"], s["from_epoch"], s["from_step"]) for s in results["segments"]] == \
+        [("aaa", 1, 0), ("bbb", 2, 0)]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["segments"] == results["segments"]
+
+
+def test_a_process_names_the_commit_it_started_on(monkeypatch) -> None:
+    import subprocess
+
+    from mlsa4rec.training import run as run_module
+
+    heads = iter(["1" * 40, "", "2" * 40, ""])  # rev-parse, status; then HEAD moves
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, next(heads), ""))
+    run_module.git_commit.cache_clear()
+    try:
+        assert run_module.git_commit() == "1" * 40 and run_module.git_commit() == "1" * 40
+    finally:
+        run_module.git_commit.cache_clear()

@@ -138,7 +138,7 @@ def build_report(root: str | Path, baseline: str | None = None, confidence: floa
     cells = [{"cell": m["cell"], "group": m["group"], "seed": m["seed"], "dataset": m["dataset"],
               "model": m["model"] if m["group"] == MAIN else f"{m['model']} ({m['group']})",
               "max_seq_length": m["settings"]["MAX_ITEM_LIST_LENGTH"], "run": shown_path(m["run"]),
-              "command": commands.get(m["cell"]), "git_commit": m["git_commit"],
+              "command": commands.get(m["cell"]), "git_commit": m["git_commit"], "code": _code(m),
               "metrics": {"test": metrics_from_ranks(_ranks(a), KS, METRICS)},
               "seconds_per_epoch": m["seconds_per_epoch"], "peak_memory_bytes": m.get("peak_memory_bytes"),
               "peak_memory_kind": m.get("peak_memory_kind"), "machine": m.get("machine")}
@@ -148,7 +148,8 @@ def build_report(root: str | Path, baseline: str | None = None, confidence: floa
     return {"study": study.name, "file": shown_path(study.file), "command": shlex.join([program, *sys.argv[1:]]),
             "machine": {"cpu": cpu_model(), "python": platform.python_version()},
             "trained_on": sorted({json.dumps(c["machine"], sort_keys=True) for c in cells if c["machine"]}),
-            "commits": sorted({c["git_commit"] for c in cells if c["git_commit"]}), "tables": tables,
+            "commits": sorted({c for by_model in records.values() for recs in by_model.values() for m, _ in recs
+                               for c in _commits(m)}), "tables": tables,
             "claim": _claim_report(study, records, confidence, n_resamples) if study.claim else None,
             "notes": list(study.notes),
             "not_run": [{"models": list(n.models), "datasets": list(n.datasets), "reason": n.reason}
@@ -331,9 +332,27 @@ def format_markdown(report: dict[str, Any]) -> str:
                   "it alone (the study trains it with the same settings):", ""]
         for c in report["cells"]:
             command = f": `{c['command']}`" if c.get("command") else ""
-            lines.append(f"- {c['cell']} (`{c['run']}`, {c['git_commit'] or 'commit unknown'}){command}")
+            lines.append(f"- {c['cell']} (`{c['run']}`, {c['code']}){command}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _commits(record: dict[str, Any]) -> list[str]:
+    """The commits whose code trained a cell, in order: one per session of a paused and resumed run
+    (records made before sessions were recorded name the last)."""
+    found = [s.get("git_commit") for s in record.get("segments") or []] or [record.get("git_commit")]
+    return [c for c in dict.fromkeys(found) if c]
+
+
+def _code(record: dict[str, Any]) -> str:
+    """The code that trained a cell, for the report: its commit, or where a resumed run's code changed,
+    each commit with the epoch (and step) its session began at."""
+    segments = [s for i, s in enumerate(record.get("segments") or [])
+                if i == 0 or s.get("git_commit") != record["segments"][i - 1].get("git_commit")]
+    if len(segments) <= 1:
+        return record.get("git_commit") or "commit unknown"
+    return ", ".join(f"{s.get('git_commit') or 'commit unknown'} from epoch {s['from_epoch']}"
+                     + (f" step {s['from_step']}" if s.get("from_step") else "") for s in segments)
 
 
 def _machine(m: dict[str, Any]) -> str:

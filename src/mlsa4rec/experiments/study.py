@@ -621,9 +621,10 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
-    from mlsa4rec.training.run import deadline_for
+    from mlsa4rec.training.run import deadline_for, git_commit
 
     deadline = deadline_for(time_budget_s)
+    git_commit()  # the code this worker imported: its cells name it, whatever HEAD becomes meanwhile
     study = load_study(path, directory_override)
     if (study.directory / STUDY_JSON).is_file():
         check_not_stale(study)
@@ -842,6 +843,7 @@ def write_record(cell: Cell, study: Study, run_dir: Path | None = None) -> Path:
             **{k: results.get(k) for k in ("best_epoch", "epochs_run", "seconds_per_epoch", "train_seconds",
                                            "parameters", "parameters_non_embedding", "device", "threads",
                                            "git_commit", "versions")},
+            "segments": results.get("segments", []),
             "machine": {"cpu": cpu_model(), "device": results.get("device"), "threads": results.get("threads")},
             "peak_memory_kind": "cuda allocated" if str(results.get("device", "")).startswith("cuda")
             else "process resident (CPU)",

@@ -193,13 +193,14 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
     import optuna
     from optuna.trial import TrialState
 
-    from mlsa4rec.training.run import deadline_for, train
+    from mlsa4rec.training.run import deadline_for, git_commit, train
 
     if not isinstance(trials, int) or trials < 1:
         raise MLSA4RecError(f"--trials must be at least 1, got {trials!r}")
     if pruner not in PRUNERS:
         raise MLSA4RecError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
     deadline_for(time_budget_s)  # refused before anything is created; the clock starts below
+    git_commit()  # the code this worker imported: its trials name it, whatever HEAD becomes meanwhile
     if (problem := _seed_problem(seed)) is not None:
         raise MLSA4RecError(problem)
     space = load_space(space_file, model)

@@ -13,6 +13,7 @@ Finished runs are loaded back, re-evaluated and compared by ``evaluation/runs.py
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import subprocess
@@ -47,8 +48,11 @@ from mlsa4rec.training.trainer import FitResult, NonFiniteLoss, Trainer
 log = logging.getLogger("mlsa4rec")
 
 
+@functools.cache
 def git_commit() -> str | None:
-    """The commit of the source tree this package runs from, with '+dirty' if it has changes."""
+    """The commit of the source tree this package runs from, with '+dirty' if it has changes, as it
+    was at this process's first call: a long-lived worker (a study, a tuning) runs the code it
+    imported when it started, not whatever HEAD is when its next run starts."""
     here = Path(mlsa4rec.__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
@@ -285,12 +289,15 @@ def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | P
         training = True
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         commit = git_commit()  # the code that trains, not whatever HEAD is when the run ends
+        p = trainer.progress  # each session of a paused and resumed run names its own code
+        p.segments.append({"git_commit": commit, "from_epoch": p.epoch, "from_step": p.step, "started": started})
         fit = trainer.fit()
         results = {
             "model": model, **_data_record(data, data_dir, data_seconds, data_sha256), "train_scheme": trainer.scheme,
             "valid": trainer.evaluate("valid"), "test": trainer.evaluate("test"),
             **_fit_record(fit, net, device, group), "resumed": bool(resume), "started": started,
-            "versions": versions(), "git_commit": commit, "history": fit.history,
+            "versions": versions(), "git_commit": commit, "segments": list(trainer.progress.segments),
+            "history": fit.history,
         }
         if trackers is not None:
             trackers.log_final(results)

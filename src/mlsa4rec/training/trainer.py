@@ -158,6 +158,7 @@ class Progress:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
+    segments: list[dict] = field(default_factory=list)  # each training session: its commit, where it began
 
 
 class Trainer:
