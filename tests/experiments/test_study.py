@@ -599,3 +599,5 @@ def test_a_cell_resumed_on_other_code_names_each_commit_with_where_it_began() ->
     assert _code({"git_commit": "aaa", "segments": seg[:2]}) == "aaa"  # one commit throughout
     assert _code({"git_commit": None}) == "commit unknown" and _commits({"git_commit": None}) == []
     assert _commits({"git_commit": "ccc"}) == ["ccc"]  # a record from before sessions were recorded
+    # resumed from a checkpoint written before sessions were recorded: its first epochs' code is not known
+    assert _code({"git_commit": "bbb", "segments": seg[2:]}) == "commit unknown from epoch 1, bbb from epoch 9 step 3"

@@ -347,8 +347,10 @@ def _commits(record: dict[str, Any]) -> list[str]:
 def _code(record: dict[str, Any]) -> str:
     """The code that trained a cell, for the report: its commit, or where a resumed run's code changed,
     each commit with the epoch (and step) its session began at."""
-    segments = [s for i, s in enumerate(record.get("segments") or [])
-                if i == 0 or s.get("git_commit") != record["segments"][i - 1].get("git_commit")]
+    sessions = list(record.get("segments") or [])
+    if sessions and (sessions[0].get("from_epoch"), sessions[0].get("from_step")) != (1, 0):
+        sessions.insert(0, {"git_commit": None, "from_epoch": 1, "from_step": 0})  # paused before sessions were kept
+    segments = [s for i, s in enumerate(sessions) if i == 0 or s.get("git_commit") != sessions[i - 1].get("git_commit")]
     if len(segments) <= 1:
         return record.get("git_commit") or "commit unknown"
     return ", ".join(f"{s.get('git_commit') or 'commit unknown'} from epoch {s['from_epoch']}"
