@@ -967,7 +967,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                 overrides=parse_set(args.overrides), data_dir=args.data_dir, storage=args.storage, pruner=args.pruner,
                 seed=args.seed, time_budget_s=args.time_budget)
     if best is None:
-        print("paused: the time budget ran out; run the same command again to continue", file=sys.stderr)
+        from mlsa4rec.training.stop import why_paused
+
+        print(f"paused: {why_paused()}; run the same command again to continue", file=sys.stderr)
         return EXIT_PAUSED
     print(f"best: trial {best['trial']}, valid {best['value']:.4f}, {best['params']}; preset {best['preset']}")
     return 0
@@ -983,7 +985,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
                              time_budget_s=args.time_budget, heartbeat_s=args.heartbeat or HEARTBEAT_S,
                              wait=not args.no_wait, adopt_runs=args.adopt)
         if not finished:
-            print("paused: the time budget ran out; run the same command again to continue", file=sys.stderr)
+            from mlsa4rec.training.stop import why_paused
+
+            print(f"paused: {why_paused()}; run the same command again to continue", file=sys.stderr)
             return EXIT_PAUSED
         return 0
     if args.study_command == "status":
@@ -1079,7 +1083,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_device_flag(args)
         handler = ({"stats": _cmd_data_stats, "export": _cmd_data_export}[args.data_command] if args.command == "data"
                    else COMMANDS[args.command])
-        code = handler(args)
+        pausing: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if args.command in ("train", "tune", "study"):  # SIGTERM pauses a training at a checkpoint, as a
+            from mlsa4rec.training.stop import pause_on_sigterm  # spent --time-budget does
+
+            pausing = pause_on_sigterm()
+        with pausing:
+            code = handler(args)
         try:
             if sys.stdout is not None:
                 sys.stdout.flush()  # a full disk or closed pipe behind stdout fails here, not at exit

@@ -170,16 +170,19 @@ def killed_at_epoch_3(study: Path, root: Path, sig: int) -> subprocess.Completed
     return subprocess.CompletedProcess(first.args, first.returncode, out, err)
 
 
-@pytest.mark.parametrize("sig, state", [(signal.SIGKILL, "paused"), (signal.SIGINT, "waiting")])
+@pytest.mark.parametrize("sig, state, code", [(signal.SIGKILL, "paused", -signal.SIGKILL),
+                                              (signal.SIGINT, "waiting", 130), (signal.SIGTERM, "waiting", 75)])
 def test_a_worker_stopped_here_has_its_cell_continued_first_at_once(successor_file: Path, tmp_path: Path,
-                                                                     monkeypatch, sig, state) -> None:
+                                                                     monkeypatch, sig, state, code) -> None:
     """With the default heartbeat a dead worker's trial goes stale only after 3 minutes; a worker on
     the same machine knows at once that the process is gone, and continues its cell before any other."""
     long = {**SASREC, "epochs": 30, "stopping_step": 100}
     study = write_study(tmp_path, successor_file, seeds=[1], models={"sasrec": {"set": long}, "gru4rec": {"set": TINY}})
     root = tmp_path / "out"
     stopped = killed_at_epoch_3(study, root, sig)
-    assert stopped.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), stopped.stderr[-2000:]
+    assert stopped.returncode == code, stopped.stderr[-2000:]
+    if sig == signal.SIGTERM:  # a pause at the next step, at a checkpoint, not the loss of the epoch
+        assert "paused: SIGTERM received" in stopped.stderr
     rows = {r["cell"]: r for r in study_status(root)}
     killed = rows["main/sasrec/succ/seed-1"]
     assert killed["state"] == state and killed["epochs"] >= 2  # its checkpoint; not "running" (SIGKILL), not "failed"

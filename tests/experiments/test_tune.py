@@ -128,7 +128,7 @@ def test_a_paused_trial_is_continued_by_the_same_command(capsys, successor_file:
     assert (run / "results.json").is_file() and '"resumed": true' in (run / "results.json").read_text()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_a_trial_whose_worker_stopped_here_is_continued_at_once_before_any_new_draw(successor_file: Path,
                                                                                    tmp_path: Path, sig) -> None:
     """Killed (no heartbeat has gone stale yet) or interrupted, its settings are trained on from the checkpoint."""
@@ -146,7 +146,7 @@ def test_a_trial_whose_worker_stopped_here_is_continued_at_once_before_any_new_d
         time.sleep(0.05)
     first.send_signal(sig)
     first.communicate(timeout=60)
-    assert first.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
+    assert first.returncode == {signal.SIGKILL: -signal.SIGKILL, signal.SIGINT: 130, signal.SIGTERM: 75}[sig]
     killed = trials(root)[0].params  # (Ctrl-C queues its settings again at once: a second, waiting trial)
     started = time.monotonic()
     assert main(command) == 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,50 @@ def test_a_process_names_the_commit_it_started_on(monkeypatch) -> None:
         assert run_module.git_commit() == "1" * 40 and run_module.git_commit() == "1" * 40
     finally:
         run_module.git_commit.cache_clear()
+
+
+def test_sigterm_pauses_a_training_at_its_next_step_and_the_same_command_continues(successor_file: Path,
+                                                                                   tmp_path: Path) -> None:
+    """`kill PID` on a run in the background (where Ctrl-C is ignored) pauses it as a spent budget
+    does: a checkpoint mid-epoch, exit 75; --resume ends it as the run never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings = {**SMALL, "epochs": 40}
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "mlsa4rec", "-q", "train", "--model", "sasrec", "--dataset", str(successor_file),
+               "--output-dir", str(out), *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = tmp_path / ".run.partial" / "train.log", time.monotonic() + 300
+    while not log.is_file() or "epoch   2" not in log.read_text():
+        assert child.poll() is None and time.monotonic() < deadline, child.stderr.read()[-2000:]
+        time.sleep(0.02)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == EXIT_PAUSED, err[-2000:]
+    assert re.search(r"paused: SIGTERM received (at|after) epoch", err) and "--resume" in err and not out.exists()
+    resumed = train("sasrec", str(successor_file), out, overrides=settings, resume=True)
+    assert resumed["resumed"] and resumed["epochs_run"] == 40
+    _same(resumed, train("sasrec", str(successor_file), tmp_path / "whole", overrides=settings))
+
+
+def test_a_second_sigterm_is_the_default_again_and_the_handler_is_restored_after() -> None:
+    import os
+    import signal
+
+    from mlsa4rec.training import stop
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stop.pause_on_sigterm():
+        assert not stop.requested() and stop.why_paused() == "the time budget ran out"
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not stop.requested() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stop.requested() and stop.why_paused() == "SIGTERM received"
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second one ends the process
+    assert signal.getsignal(signal.SIGTERM) == before and not stop.requested()

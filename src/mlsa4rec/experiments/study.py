@@ -621,6 +621,7 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
+    from mlsa4rec.training import stop
     from mlsa4rec.training.run import deadline_for, git_commit
 
     deadline = deadline_for(time_budget_s)
@@ -639,8 +640,8 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
     paused = False
     failed: dict[str, str] = {}
 
-    def out_of_time() -> bool:
-        return deadline is not None and time.monotonic() >= deadline
+    def out_of_time() -> bool:  # no cell starts once the budget is spent or a pause was asked for (SIGTERM)
+        return stop.requested() or (deadline is not None and time.monotonic() >= deadline)
 
     def objective(trial) -> float:
         nonlocal paused

@@ -193,6 +193,7 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
     import optuna
     from optuna.trial import TrialState
 
+    from mlsa4rec.training import stop
     from mlsa4rec.training.run import deadline_for, git_commit, train
 
     if not isinstance(trials, int) or trials < 1:
@@ -300,8 +301,8 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
     repeats: list[int] = []  # this call's draws of settings already finished, since its last new one
     try:
         while not paused and finished() < trials:
-            if started and deadline is not None and time.monotonic() >= deadline:
-                paused = True  # no other trial may start once the budget is spent
+            if started and (stop.requested() or deadline is not None and time.monotonic() >= deadline):
+                paused = True  # no other trial may start once the budget is spent or a pause was asked for
                 break
             if len(repeats) > trials:  # a resumed replay is shorter than --trials: the space has run out
                 log.warning("%d draws in a row gave settings already tried: the search space holds fewer than %d "

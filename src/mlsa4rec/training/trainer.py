@@ -39,6 +39,7 @@ from mlsa4rec.models.base import SequentialRecommender
 from mlsa4rec.runs import checkpoint
 from mlsa4rec.runtime import peak_rss_bytes, reset_peak_rss
 from mlsa4rec.settings import TrainConfig
+from mlsa4rec.training import stop
 from mlsa4rec.training.distributed import DistContext, rank_seed, shard_rows
 from mlsa4rec.training.losses import TrainingLoss, full_softmax_cross_entropy
 
@@ -282,7 +283,7 @@ class Trainer:
             if p.step < len(batches) and self.out_of_time():  # at the epoch's end, fit() checkpoints first
                 bar.close()
                 self.checkpoint()
-                raise TimeBudgetSpent(f"the time budget ran out at epoch {epoch}, step {p.step}")
+                raise TimeBudgetSpent(f"{self._why_paused()} at epoch {epoch}, step {p.step}")
             bar.update()
             bar.set_postfix(loss=f"{p.epoch_loss / max(p.step - p.empty_steps, 1):.4f}", refresh=False)
         bar.close()
@@ -342,7 +343,7 @@ class Trainer:
             if self.on_epoch and self.group.is_main:
                 self.on_epoch(row)
             if not p.stopped_early and p.epoch <= t.epochs and self.out_of_time():
-                raise TimeBudgetSpent(f"the time budget ran out after epoch {epoch}")
+                raise TimeBudgetSpent(f"{self._why_paused()} after epoch {epoch}")
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return FitResult(p.best_epoch, p.best_valid, p.epoch - 1, p.stopped_early, p.train_seconds,
@@ -350,7 +351,10 @@ class Trainer:
 
     def out_of_time(self) -> bool:
         """Whether the deadline has passed, decided alike on every rank (rank 0's clock rules: one
-        all-reduce of a flag, so no rank stops a step before the others)."""
+        all-reduce of a flag, so no rank stops a step before the others), or, in one process, a
+        pause was asked for (``stop``: SIGTERM)."""
+        if not self.group.active and stop.requested():
+            return True
         if self.deadline is None:
             return False
         late = time.monotonic() >= self.deadline
@@ -358,6 +362,9 @@ class Trainer:
             flag = torch.tensor([float(late and self.group.is_main)], device=self.group.device)
             late = self.group.all_reduce_sum_(flag).item() > 0
         return late
+
+    def _why_paused(self) -> str:
+        return "SIGTERM received" if not self.group.active and stop.requested() else "the time budget ran out"
 
     def checkpoint(self) -> None:
         """Hand the current state to ``on_checkpoint`` (collective: every rank's random states)."""
