@@ -1084,8 +1084,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = ({"stats": _cmd_data_stats, "export": _cmd_data_export}[args.data_command] if args.command == "data"
                    else COMMANDS[args.command])
         pausing: contextlib.AbstractContextManager = contextlib.nullcontext()
-        if args.command in ("train", "tune", "study"):  # SIGTERM pauses a training at a checkpoint, as a
-            from mlsa4rec.training.stop import pause_on_sigterm  # spent --time-budget does
+        # SIGTERM pauses a training at a checkpoint, as a spent --time-budget does; one process only:
+        # torchrun's agent stops its workers with SIGTERM itself, and they must not outlive it
+        if args.command in ("train", "tune", "study") and getattr(args, "nproc", 1) == 1 and not launched_by_torchrun():
+            from mlsa4rec.training.stop import pause_on_sigterm
 
             pausing = pause_on_sigterm()
         with pausing:

@@ -151,3 +151,22 @@ def test_a_second_sigterm_is_the_default_again_and_the_handler_is_restored_after
         assert stop.requested() and stop.why_paused() == "SIGTERM received"
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second one ends the process
     assert signal.getsignal(signal.SIGTERM) == before and not stop.requested()
+
+
+@pytest.mark.parametrize("launched, nproc, pauses", [(False, "1", True), (True, "1", False), (False, "2", False)])
+def test_only_a_single_process_pauses_on_sigterm(monkeypatch, launched: bool, nproc: str, pauses: bool) -> None:
+    """torchrun's agent stops its workers with SIGTERM itself (and --nproc launches one): there the
+    signal keeps its default, so that no worker outlives its agent."""
+    import signal
+
+    from mlsa4rec import cli
+
+    if launched:
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "1")
+    else:
+        monkeypatch.delenv("RANK", raising=False)
+    seen = []
+    monkeypatch.setitem(cli.COMMANDS, "train", lambda args: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
+    assert main(["-q", "train", "--model", "sasrec", "--dataset", "x", "--output-dir", "y", "--nproc", nproc]) == 0
+    assert (seen[0] not in (signal.SIG_DFL, None)) == pauses
