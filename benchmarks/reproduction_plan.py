@@ -70,8 +70,12 @@ def block_table(title: str, study: str, dataset: str, results_dir: Path) -> tupl
     the assumption)."""
     name = TIMINGS.get((study, dataset), f"epoch_time_study_{study}_{dataset}.json")
     timings = json.loads((results_dir / name).read_text())
-    retimed = {case: next(r for r in json.loads((results_dir / file).read_text())["results"] if r["case"] == case)
-               for case, file in RETIMED.get((study, dataset), {}).items()}
+    retimed = {}
+    for case, file in RETIMED.get((study, dataset), {}).items():
+        rows = {r["case"]: r for r in json.loads((results_dir / file).read_text())["results"]}
+        if case not in rows:
+            raise SystemExit(f"error: {file} has no row of case {case!r}; time it again (its command is in the file)")
+        retimed[case] = rows[case]
     counts, eval_step, finished = cells_per_case(REPO / "studies" / f"{study}.yaml", dataset)
     epochs = EPOCHS[(study, dataset)]
     lines = [f"### {title} (`{name}`)", "",

@@ -1086,7 +1086,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pausing: contextlib.AbstractContextManager = contextlib.nullcontext()
         # SIGTERM pauses a training at a checkpoint, as a spent --time-budget does; one process only:
         # torchrun's agent stops its workers with SIGTERM itself, and they must not outlive it
-        if args.command in ("train", "tune", "study") and getattr(args, "nproc", 1) == 1 and not launched_by_torchrun():
+        trains = args.command in ("train", "tune") or (args.command == "study" and args.study_command == "run")
+        if trains and getattr(args, "nproc", 1) == 1 and not launched_by_torchrun():
             from mlsa4rec.training.stop import pause_on_sigterm
 
             pausing = pause_on_sigterm()

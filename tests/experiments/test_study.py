@@ -36,10 +36,17 @@ def write_study(tmp_path: Path, data: Path, **changes) -> Path:
     return path
 
 
+def default_signals() -> None:
+    """In the child: Ctrl-C and SIGTERM as a terminal gives them (a test run in the background ignores SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def worker(study: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     return subprocess.Popen([sys.executable, "-m", "mlsa4rec", "-q", "study", "run", str(study), *args],
-                            cwd=study.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=study.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_signals)
 
 
 def trials(root: Path) -> list:
@@ -160,13 +167,16 @@ def test_a_killed_worker_s_cell_is_continued_from_its_checkpoint(successor_file:
 def killed_at_epoch_3(study: Path, root: Path, sig: int) -> subprocess.CompletedProcess:
     """Start a worker, send it ``sig`` once its first cell (sasrec) has checkpointed epoch 3."""
     first = worker(study)
-    stage = root / "runs" / "main" / "sasrec" / "succ" / ".seed-1.partial"
-    deadline = time.monotonic() + 300
-    while not (stage / "checkpoint.pt").is_file() or "epoch   3" not in (stage / "train.log").read_text():
-        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
-        time.sleep(0.05)
-    first.send_signal(sig)
-    out, err = first.communicate(timeout=60)
+    try:
+        stage = root / "runs" / "main" / "sasrec" / "succ" / ".seed-1.partial"
+        deadline = time.monotonic() + 300
+        while not (stage / "checkpoint.pt").is_file() or "epoch   3" not in (stage / "train.log").read_text():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
+            time.sleep(0.05)
+        first.send_signal(sig)
+        out, err = first.communicate(timeout=60)
+    finally:
+        first.kill()
     return subprocess.CompletedProcess(first.args, first.returncode, out, err)
 
 

@@ -139,13 +139,17 @@ def test_a_trial_whose_worker_stopped_here_is_continued_at_once_before_any_new_d
                "--set", "stopping_step=100"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     first = subprocess.Popen([sys.executable, "-m", "mlsa4rec", *command], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not [log for log in root.glob("trials/.*.partial/train.log") if "epoch   3" in log.read_text()]:
-        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
-        time.sleep(0.05)
-    first.send_signal(sig)
-    first.communicate(timeout=60)
+                             stderr=subprocess.PIPE, text=True,  # Ctrl-C as a terminal gives it, even in the background
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 300
+        while not [log for log in root.glob("trials/.*.partial/train.log") if "epoch   3" in log.read_text()]:
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
+            time.sleep(0.05)
+        first.send_signal(sig)
+        first.communicate(timeout=60)
+    finally:
+        first.kill()
     assert first.returncode == {signal.SIGKILL: -signal.SIGKILL, signal.SIGINT: 130, signal.SIGTERM: 75}[sig]
     killed = trials(root)[0].params  # (Ctrl-C queues its settings again at once: a second, waiting trial)
     started = time.monotonic()

@@ -82,6 +82,11 @@ def test_each_session_of_a_resumed_run_names_the_code_that_trained_it(successor_
     monkeypatch.setattr(Trainer, "out_of_time", lambda self: (self.progress.epoch, self.progress.step) == (2, 0))
     with pytest.raises(TimeBudgetSpent):
         train("sasrec", str(successor_file), tmp_path / "run", overrides=SMALL)
+    from mlsa4rec.runs import checkpoint
+
+    meta = json.loads(checkpoint.load(tmp_path / ".run.partial" / "checkpoint.pt")["meta"])
+    assert [s["git_commit"] for s in meta["segments"]] == ["aaa"]
+    assert "segments" not in meta["progress"]  # older code reads it with Progress(**...): no key it lacks
     monkeypatch.undo()
     monkeypatch.setattr(run_module, "git_commit", lambda: next(commits))
     results = train("sasrec", str(successor_file), tmp_path / "run", overrides=SMALL, resume=True)
@@ -122,12 +127,15 @@ def test_sigterm_pauses_a_training_at_its_next_step_and_the_same_command_continu
                "--output-dir", str(out), *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log, deadline = tmp_path / ".run.partial" / "train.log", time.monotonic() + 300
-    while not log.is_file() or "epoch   2" not in log.read_text():
-        assert child.poll() is None and time.monotonic() < deadline, child.stderr.read()[-2000:]
-        time.sleep(0.02)
-    child.send_signal(signal.SIGTERM)
-    _, err = child.communicate(timeout=120)
+    try:
+        log, deadline = tmp_path / ".run.partial" / "train.log", time.monotonic() + 300
+        while not log.is_file() or "epoch   2" not in log.read_text():
+            assert child.poll() is None and time.monotonic() < deadline, child.stderr.read()[-2000:]
+            time.sleep(0.02)
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
     assert child.returncode == EXIT_PAUSED, err[-2000:]
     assert re.search(r"paused: SIGTERM received (at|after) epoch", err) and "--resume" in err and not out.exists()
     resumed = train("sasrec", str(successor_file), out, overrides=settings, resume=True)
@@ -153,10 +161,18 @@ def test_a_second_sigterm_is_the_default_again_and_the_handler_is_restored_after
     assert signal.getsignal(signal.SIGTERM) == before and not stop.requested()
 
 
-@pytest.mark.parametrize("launched, nproc, pauses", [(False, "1", True), (True, "1", False), (False, "2", False)])
-def test_only_a_single_process_pauses_on_sigterm(monkeypatch, launched: bool, nproc: str, pauses: bool) -> None:
+TRAIN = ["-q", "train", "--model", "sasrec", "--dataset", "x", "--output-dir", "y"]
+
+
+@pytest.mark.parametrize("argv, launched, ignored, pauses", [
+    (TRAIN, False, False, True), ([*TRAIN, "--nproc", "2"], False, False, False), (TRAIN, True, False, False),
+    (TRAIN, False, True, False),  # ignored by whoever started the process: it stays ignored
+    (["-q", "study", "run", "s.yaml"], False, False, True), (["-q", "study", "status", "d"], False, False, False),
+])
+def test_only_a_single_training_process_pauses_on_sigterm(monkeypatch, argv, launched: bool, ignored: bool,
+                                                            pauses: bool) -> None:
     """torchrun's agent stops its workers with SIGTERM itself (and --nproc launches one): there the
-    signal keeps its default, so that no worker outlives its agent."""
+    signal keeps its default, so that no worker outlives its agent; a status or report ends on it."""
     import signal
 
     from mlsa4rec import cli
@@ -167,6 +183,12 @@ def test_only_a_single_process_pauses_on_sigterm(monkeypatch, launched: bool, np
     else:
         monkeypatch.delenv("RANK", raising=False)
     seen = []
-    monkeypatch.setitem(cli.COMMANDS, "train", lambda args: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
-    assert main(["-q", "train", "--model", "sasrec", "--dataset", "x", "--output-dir", "y", "--nproc", nproc]) == 0
-    assert (seen[0] not in (signal.SIG_DFL, None)) == pauses
+    for command in ("train", "study"):
+        monkeypatch.setitem(cli.COMMANDS, command, lambda args: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN if ignored else signal.SIG_DFL)
+    try:
+        assert main(argv) == 0
+        assert (seen[0] not in (signal.SIG_DFL, signal.SIG_IGN, None)) == pauses
+        assert signal.getsignal(signal.SIGTERM) == (signal.SIG_IGN if ignored else signal.SIG_DFL)  # restored
+    finally:
+        signal.signal(signal.SIGTERM, before)

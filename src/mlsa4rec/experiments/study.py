@@ -621,6 +621,8 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
+    from mlsa4rec.evaluation import runs as _records  # noqa: F401 (what records are made with, imported now:
+    from mlsa4rec.runs import loading as _loading  # noqa: F401  the code of the commit the cells name)
     from mlsa4rec.training import stop
     from mlsa4rec.training.run import deadline_for, git_commit
 
@@ -688,8 +690,11 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
         if opt.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             try:
                 opt.optimize(objective, n_trials=1, catch=(MLSA4RecError,))
-            except ValueError as exc:  # Optuna's tell, when another worker took this trial as stale
-                log.warning("a trial of this worker was taken over by another (%s); going on", exc)
+            except (ValueError, AssertionError) as exc:  # Optuna's tell, when another worker took this trial as dead
+                taken = workers.told_after_takeover(exc)
+                if taken is None:
+                    raise
+                log.warning("a trial of this worker was taken over by another (%s); going on", taken)
             continue
         running = opt.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running or not wait:
@@ -911,7 +916,7 @@ def study_status(root: str | Path, storage: str | None = None) -> list[dict[str,
                 row["state"] = "done elsewhere"  # its record is in another machine's study directory
             elif trial is not None and trial.state == TrialState.RUNNING:
                 worker = trial.user_attrs.get(workers.WORKER_ATTR)
-                if workers.gone(worker):  # killed here: no heartbeat has gone stale yet, but nothing trains it
+                if workers.gone(worker, trial._trial_id):  # killed here: no heartbeat stale yet, nothing trains it
                     row.update(state="paused", error=f"its worker (pid {worker['pid']}) has stopped; `mlsa4rec "
                                                      "study run` continues it from its checkpoint")
                 else:

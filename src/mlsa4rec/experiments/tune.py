@@ -157,17 +157,6 @@ def _remove_created(root: Path, top: Path | None, default_storage: bool) -> None
             return
 
 
-def _stale(exc: BaseException | None) -> ValueError | None:
-    """The ``ValueError: Cannot tell a FAIL trial`` of Optuna's tell of a trial that another worker's
-    heartbeat check has failed, in ``exc`` or its context (Optuna 5 raises an AssertionError of its
-    own logging over it when the objective had returned a value)."""
-    while exc is not None:
-        if isinstance(exc, ValueError) and str(exc).startswith("Cannot tell a"):
-            return exc
-        exc = exc.__context__
-    return None
-
-
 def _shown(path: str | Path) -> str:
     """A path as the preset's header shows it: relative to the working directory when inside it (a
     preset committed with its tuning must not name one machine's folders), else absolute."""
@@ -315,7 +304,7 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
             try:
                 opt.optimize(objective, n_trials=1, catch=(MLSA4RecError,))
             except (ValueError, AssertionError) as exc:  # our trial went stale: another worker failed (and requeued) it
-                stale = _stale(exc)
+                stale = workers.told_after_takeover(exc)
                 if stale is None:
                     raise
                 log.warning("a trial's result was not recorded (%s): another worker took it for dead and queued "

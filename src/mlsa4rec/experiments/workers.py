@@ -37,26 +37,35 @@ def _machine() -> str:
     return f"{socket.gethostname()}|{boot}|{namespace}"
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (Linux; proc(5) field 3 on), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].decode("ascii", "replace").split()  # the name may hold anything
+    return fields if len(fields) > 19 else None
+
+
 def _started(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), None where it cannot be read."""
-    stat = _read(f"/proc/{pid}/stat")
-    if stat is None:
-        return None
-    fields = stat[stat.rfind(")") + 2:].split()  # the command name may hold spaces and parentheses
-    return fields[19] if len(fields) > 19 else None  # field 22 of proc(5), the 20th after the name
+    fields = _stat(pid)
+    return None if fields is None else fields[19]  # field 22 of proc(5)
 
 
-def identity() -> dict[str, Any]:
-    """This process, as a trial records it."""
-    return {"machine": _machine(), "pid": os.getpid(), "started": _started(os.getpid())}
+def identity(trial_id: int | None = None) -> dict[str, Any]:
+    """This process, as a trial records it (with the trial's own id: a copy of the attribute on
+    another trial, such as Optuna's retry of a stale one, names no worker of that trial)."""
+    return {"machine": _machine(), "pid": os.getpid(), "started": _started(os.getpid()), "trial": trial_id}
 
 
-def gone(worker: Any) -> bool:
+def gone(worker: Any, trial_id: int | None = None) -> bool:
     """True only when ``worker`` (an :func:`identity`) ran on this machine and its process has
-    ended; False when it may still run, or ran elsewhere (its heartbeat tells)."""
+    ended (or is a zombie); False when it may still run, or ran elsewhere (its heartbeat tells).
+    With ``trial_id``, only a worker recorded by that very trial counts."""
     if not isinstance(worker, dict) or type(worker.get("pid")) is not int or worker["pid"] <= 0:  # not a bool
         return False
-    if worker.get("machine") != _machine():
+    if worker.get("machine") != _machine() or (trial_id is not None and worker.get("trial") != trial_id):
         return False
     pid = worker["pid"]
     try:
@@ -65,13 +74,27 @@ def gone(worker: Any) -> bool:
         return True
     except (PermissionError, OSError):  # alive, another user's (or not ours to ask): not known dead
         return False
+    fields = _stat(pid)
+    if fields is None:
+        return False
     recorded = worker.get("started")
-    return recorded is not None and _started(pid) not in (None, recorded)  # the PID was reused
+    return fields[0] == "Z" or (recorded is not None and fields[19] != recorded)  # a zombie, or the PID reused
 
 
 def mark(trial) -> None:
     """Record on ``trial`` that this process runs it."""
-    trial.set_user_attr(WORKER_ATTR, identity())
+    trial.set_user_attr(WORKER_ATTR, identity(trial._trial_id))
+
+
+def told_after_takeover(exc: BaseException | None) -> ValueError | None:
+    """The ``ValueError: Cannot tell a FAIL trial`` of Optuna's tell of a trial that another worker
+    took for dead (a stale heartbeat) and failed, in ``exc`` or its context (Optuna 5 raises an
+    AssertionError of its own logging over it when the objective had returned a value)."""
+    while exc is not None:
+        if isinstance(exc, ValueError) and str(exc).startswith("Cannot tell a"):
+            return exc
+        exc = exc.__context__
+    return None
 
 
 def fail_dead_workers(opt_study) -> int:
@@ -83,7 +106,10 @@ def fail_dead_workers(opt_study) -> int:
     storage = opt_study._storage
     failed = []
     for trial in opt_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not gone(trial.user_attrs.get(WORKER_ATTR)):
+        if not gone(trial.user_attrs.get(WORKER_ATTR), trial._trial_id):
+            continue
+        fresh = storage.get_trial(trial._trial_id)  # read again: as little time as can be between check and act
+        if fresh.state != TrialState.RUNNING or not gone(fresh.user_attrs.get(WORKER_ATTR), trial._trial_id):
             continue
         try:
             if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):

@@ -290,13 +290,13 @@ def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | P
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         commit = git_commit()  # the code that trains, not whatever HEAD is when the run ends
         p = trainer.progress  # each session of a paused and resumed run names its own code
-        p.segments.append({"git_commit": commit, "from_epoch": p.epoch, "from_step": p.step, "started": started})
+        trainer.segments.append({"git_commit": commit, "from_epoch": p.epoch, "from_step": p.step, "started": started})
         fit = trainer.fit()
         results = {
             "model": model, **_data_record(data, data_dir, data_seconds, data_sha256), "train_scheme": trainer.scheme,
             "valid": trainer.evaluate("valid"), "test": trainer.evaluate("test"),
             **_fit_record(fit, net, device, group), "resumed": bool(resume), "started": started,
-            "versions": versions(), "git_commit": commit, "segments": list(trainer.progress.segments),
+            "versions": versions(), "git_commit": commit, "segments": list(trainer.segments),
             "history": fit.history,
         }
         if trackers is not None:

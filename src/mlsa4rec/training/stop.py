@@ -9,43 +9,47 @@ exit 75, the same command continues); a second SIGTERM ends the process at once.
 
 from __future__ import annotations
 
-import logging
 import signal
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-log = logging.getLogger("mlsa4rec")
-_requested = threading.Event()
+_requested = False  # a plain flag: the handler only sets it (no lock, no I/O inside a signal handler)
 
 
 def requested() -> bool:
     """Whether a pause was asked for (SIGTERM under :func:`pause_on_sigterm`)."""
-    return _requested.is_set()
+    return _requested
 
 
 def why_paused() -> str:
     """What paused a run, for its message."""
-    return "SIGTERM received" if requested() else "the time budget ran out"
+    return "SIGTERM received" if _requested else "the time budget ran out"
+
+
+def _handler(signum, frame) -> None:
+    global _requested
+    _requested = True
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
 
 
 @contextmanager
 def pause_on_sigterm() -> Iterator[None]:
-    """Within this block the first SIGTERM asks the running training to pause at its next step; the
-    handler is SIGTERM's default again after it (a second one ends the process) and after the block."""
-    def handler(signum, frame) -> None:
-        _requested.set()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        log.warning("SIGTERM: pausing at the next step, at a checkpoint (send it again to stop at once)")
-
+    """Within this block the first SIGTERM asks the running training to pause at its next step;
+    SIGTERM's handler is the one before the block again after it. A SIGTERM ignored on entry (by
+    whoever started this process) stays ignored, and outside the main thread nothing changes."""
+    global _requested
+    _requested = False
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous == signal.SIG_IGN:
+            yield
+            return
+        signal.signal(signal.SIGTERM, _handler)
     except ValueError:  # not the main thread: signals cannot be handled here
         yield
         return
-    _requested.clear()
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        _requested.clear()
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        _requested = False

@@ -159,7 +159,6 @@ class Progress:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
-    segments: list[dict] = field(default_factory=list)  # each training session: its commit, where it began
 
 
 class Trainer:
@@ -216,6 +215,9 @@ class Trainer:
         self.deadline = deadline
         self.progress = Progress(sampler_state=self.sampler.rng_state)
         self.best_state: dict[str, torch.Tensor] | None = None
+        # each training session of the run (the caller adds one as it starts): its code and where it began;
+        # beside Progress in a checkpoint, which older code reads with Progress(**...) and would refuse
+        self.segments: list[dict] = []
 
     def evaluate(self, split: str) -> dict[str, float]:
         return evaluate_split(self.model, self.data, split, self.config.train, self.device, self.group)
@@ -364,7 +366,10 @@ class Trainer:
         return late
 
     def _why_paused(self) -> str:
-        return "SIGTERM received" if not self.group.active and stop.requested() else "the time budget ran out"
+        if not self.group.active and stop.requested():
+            log.warning("SIGTERM: pausing here, at a checkpoint")
+            return "SIGTERM received"
+        return "the time budget ran out"
 
     def checkpoint(self) -> None:
         """Hand the current state to ``on_checkpoint`` (collective: every rank's random states)."""
@@ -381,7 +386,7 @@ class Trainer:
         meta = {"progress": asdict(self.progress), "world_size": self.group.world_size,
                 "rng": rng if rng is not None else [checkpoint.capture_rng(self.device)],
                 "config": self.config.to_dict(), "data_fingerprint": self.data.fingerprint,
-                "scheme": self.scheme, "torch": torch.__version__}
+                "scheme": self.scheme, "torch": torch.__version__, "segments": self.segments}
         return {"format": checkpoint.FORMAT, "meta": json.dumps(meta), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "best_model": self.best_state or {}}
@@ -396,6 +401,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.best_state = state["best_model"] or None
         self.progress = Progress(**meta["progress"])
+        self.segments = list(meta.get("segments", []))  # none in a checkpoint older than sessions
         checkpoint.restore_rng(meta["rng"][self.group.rank], self.device)
         log.info("resumed at epoch %d after step %d (%d steps done in all)", self.progress.epoch,
                  self.progress.step, self.progress.global_step)
