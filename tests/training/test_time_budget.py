@@ -87,6 +87,9 @@ def test_each_session_of_a_resumed_run_names_the_code_that_trained_it(successor_
     meta = json.loads(checkpoint.load(tmp_path / ".run.partial" / "checkpoint.pt")["meta"])
     assert [s["git_commit"] for s in meta["segments"]] == ["aaa"]
     assert "segments" not in meta["progress"]  # older code reads it with Progress(**...): no key it lacks
+    state = checkpoint.load(tmp_path / ".run.partial" / "checkpoint.pt")  # as commit 03de733 wrote them:
+    state["meta"] = json.dumps({**meta, "progress": {**meta["progress"], "segments": meta.pop("segments")}})
+    checkpoint.save(tmp_path / ".run.partial" / "checkpoint.pt", state)  # inside Progress, still read
     monkeypatch.undo()
     monkeypatch.setattr(run_module, "git_commit", lambda: next(commits))
     results = train("sasrec", str(successor_file), tmp_path / "run", overrides=SMALL, resume=True)

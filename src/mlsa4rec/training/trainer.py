@@ -400,8 +400,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.best_state = state["best_model"] or None
-        self.progress = Progress(**meta["progress"])
-        self.segments = list(meta.get("segments", []))  # none in a checkpoint older than sessions
+        progress = dict(meta["progress"])
+        inside = progress.pop("segments", None)  # where commit 03de733 kept them, for one hour of history
+        self.progress = Progress(**progress)
+        self.segments = list(meta.get("segments", inside or []))  # none in a checkpoint older than sessions
         checkpoint.restore_rng(meta["rng"][self.group.rank], self.device)
         log.info("resumed at epoch %d after step %d (%d steps done in all)", self.progress.epoch,
                  self.progress.step, self.progress.global_step)
