@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                          "n_heads": 1}}}}
         (root / "study.yaml").write_text(yaml.safe_dump(spec))
         t0 = time.perf_counter()
-        assert study_module.run_study(root / "study.yaml", wait=False)
+        assert study_module.run_study(root / "study.yaml", wait=False) is None
         wall = time.perf_counter() - t0
     cells = args.cells // 2 * 2
     engine = wall - spent["train"] - spent["record"]

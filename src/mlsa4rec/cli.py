@@ -354,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a finished run made with a cell's exact settings becomes that cell (repeatable)")
     srun.add_argument("--no-wait", action="store_true",
                       help="stop when no cell is waiting, instead of standing by to take over another worker's")
+    srun.add_argument("--whole-cells", action="store_true",
+                      help="with --time-budget: start only cells that the study's records say can finish in the "
+                           "budget left, and pause one whose pace shows it cannot, for the next cell (for a "
+                           "machine whose disk does not outlive the slice)")
     sstatus = study_sub.add_parser("status", help="a table of the cells: done, running, waiting, paused, failed")
     sstatus.add_argument("dir", help="the study directory")
     sstatus.add_argument("--storage", help="the storage URL, if not the one the study directory records")
@@ -981,13 +985,11 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
         if args.heartbeat is not None and args.heartbeat < 1:
             raise MLSA4RecError(f"--heartbeat must be at least 1 second, got {args.heartbeat}")
-        finished = run_study(args.file, storage=args.storage, directory_override=args.dir,
-                             time_budget_s=args.time_budget, heartbeat_s=args.heartbeat or HEARTBEAT_S,
-                             wait=not args.no_wait, adopt_runs=args.adopt)
-        if not finished:
-            from mlsa4rec.training.stop import why_paused
-
-            print(f"paused: {why_paused()}; run the same command again to continue", file=sys.stderr)
+        paused = run_study(args.file, storage=args.storage, directory_override=args.dir,
+                           time_budget_s=args.time_budget, heartbeat_s=args.heartbeat or HEARTBEAT_S,
+                           wait=not args.no_wait, adopt_runs=args.adopt, whole_cells=args.whole_cells)
+        if paused:
+            print(f"paused: {paused}; run the same command again to continue", file=sys.stderr)
             return EXIT_PAUSED
         return 0
     if args.study_command == "status":

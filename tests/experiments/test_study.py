@@ -236,6 +236,68 @@ def test_a_time_budget_pauses_and_the_same_command_continues(capsys, successor_f
     assert resumed == [True, False]
 
 
+def test_whole_cells_pauses_a_cell_whose_pace_shows_it_cannot_finish_and_trains_the_next(
+        capsys, successor_file: Path, tmp_path: Path, monkeypatch) -> None:
+    """--whole-cells (a machine whose disk does not outlive the slice): a cell whose pace shows it
+    cannot finish pauses after that epoch and the worker trains the next one instead; once only
+    cells too long are left it stops (75), and any later worker continues them."""
+    study = write_study(tmp_path, successor_file, seeds=[1])
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "out"
+    assert main(["-q", "study", "run", str(study), "--whole-cells"]) == 2
+    assert "--whole-cells needs --time-budget" in capsys.readouterr().err and not root.exists()
+    real_watch = study_module.Fit.watch
+
+    def slow_sasrec(self, cell, remaining):  # sasrec's epochs take a day each; gru4rec's as they are
+        hook = real_watch(self, cell, remaining)
+        return (lambda row: hook({**row, "train_seconds": 86400.0})) if cell.entry.label == "sasrec" else hook
+
+    monkeypatch.setattr(study_module.Fit, "watch", slow_sasrec)
+    trained = []
+    real_run_cell = study_module.run_cell
+    monkeypatch.setattr(study_module, "run_cell", lambda cell, *a: trained.append(cell.id) or real_run_cell(cell, *a))
+    assert main(["-q", "study", "run", str(study), "--whole-cells", "--time-budget", "3600"]) == EXIT_PAUSED
+    assert "no waiting cell can finish" in capsys.readouterr().err
+    assert trained == ["main/sasrec/succ/seed-1", "main/gru4rec/succ/seed-1"]
+    assert [r["state"] for r in study_status(root)] == ["waiting", "done"]  # queued again, at its checkpoint
+    stage = (root / "runs" / "main/sasrec/succ/seed-1").with_name(".seed-1.partial")
+    assert (stage / "checkpoint.pt").is_file()
+    assert "1 more epoch(s) at 86400 s each would not finish" in (stage / "train.log").read_text()
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "study", "run", str(study)]) == 0  # without the option: continued from its checkpoint
+    assert json.loads((root / "runs/main/sasrec/succ/seed-1/results.json").read_text())["resumed"]
+
+
+def test_whole_cells_costs_a_cell_from_its_other_seeds_and_its_model_s_epochs(successor_file: Path,
+                                                                              tmp_path: Path, monkeypatch) -> None:
+    study = write_study(tmp_path, successor_file, seeds=[1, 2, 3],
+                        models={"sasrec": {"set": {**SASREC, "epochs": 5, "stopping_step": 1}},
+                                "gru4rec": {"set": TINY}})
+    monkeypatch.chdir(tmp_path)
+    loaded = load_study(study)
+    cells = {c.id: c for c in loaded.cells}
+    fit = study_module.Fit(loaded)
+    sasrec_2 = cells["main/sasrec/succ/seed-2"]
+    assert fit.expected_epochs(sasrec_2) is None and fit.watch(sasrec_2, 10.0) is None  # nothing to go by: it runs
+    assert fit.expected_epochs(cells["main/gru4rec/succ/seed-2"]) == 2  # epochs 2, stopping_step 10: all of them
+    assert main(["-q", "study", "run", str(study), "--no-wait", "--time-budget", "1e-9"]) == EXIT_PAUSED
+    record = {"epochs_run": 3,
+              "history": [{"epoch": e, "train_seconds": 100.0, "eval_seconds": 20.0} for e in (1, 2, 3)]}
+    monkeypatch.setattr(study_module, "read_record", lambda path: (record, {}))
+    seed_1 = cells["main/sasrec/succ/seed-1"]
+    monkeypatch.setattr(study_module.Cell, "record_path", lambda self, root: root / "study.json" if self is seed_1
+                        else root / "none")  # seed 1 alone has a record: it took 3 epochs, 360 s
+    assert fit.expected_epochs(sasrec_2) == 3
+    assert fit.may_start(sasrec_2, 361.0) and not fit.may_start(sasrec_2, 359.0)
+    assert fit.too_long == {"main/sasrec/succ/seed-2"}
+    sasrec_3 = cells["main/sasrec/succ/seed-3"]
+    hook = fit.watch(sasrec_3, 1000.0)  # 3 epochs expected: 2 more of 300 s fit in 1000 s; then 1 of 1150 s not
+    assert hook({"epoch": 1, "train_seconds": 250.0, "eval_seconds": 50.0}) is None
+    assert "1 more epoch(s) at 1150 s each" in hook({"epoch": 2, "train_seconds": 1900.0, "eval_seconds": 100.0})
+    assert "main/sasrec/succ/seed-3" in fit.too_long
+
+
 def test_finished_runs_are_adopted_as_cells_and_not_trained_again(successor_file: Path, tmp_path: Path,
                                                                   monkeypatch) -> None:
     study = write_study(tmp_path, successor_file, seeds=[1], models={"sasrec": {"set": SASREC}})

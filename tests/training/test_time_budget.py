@@ -52,6 +52,22 @@ def test_a_budget_spent_at_an_epoch_end_pauses_after_its_checkpoint(successor_fi
     assert [r["epoch"] for r in rows] == [1, 2, 3]
 
 
+def test_a_reason_from_on_epoch_pauses_there_unless_that_epoch_was_the_last(successor_file: Path,
+                                                                           tmp_path: Path) -> None:
+    """A hook that asks for a pause (a study's --whole-cells) pauses the run after its checkpoint;
+    asked after the last epoch it changes nothing: the run is finished, not paused."""
+    whole = train("sasrec", str(successor_file), tmp_path / "whole", overrides=SMALL)
+    with pytest.raises(TimeBudgetSpent, match="too slow after epoch 2.*--resume"):
+        train("sasrec", str(successor_file), tmp_path / "sliced", overrides=SMALL,
+              on_epoch=lambda row: "too slow" if row["epoch"] == 2 else None)
+    _same(train("sasrec", str(successor_file), tmp_path / "sliced", overrides=SMALL, resume=True), whole)
+    asked = []
+    last = train("sasrec", str(successor_file), tmp_path / "last", overrides=SMALL,
+                 on_epoch=lambda row: asked.append(row["epoch"]) or "too slow" if row["epoch"] == 3 else None)
+    assert asked == [3] and (tmp_path / "last" / "results.json").is_file()
+    _same(last, whole)
+
+
 def test_cli_exits_75_with_the_resume_hint_and_the_same_command_continues(capsys, successor_file: Path,
                                                                         tmp_path: Path) -> None:
     command = ["train", "--model", "sasrec", "--dataset", str(successor_file), "--output-dir", str(tmp_path / "run"),

@@ -33,7 +33,7 @@ import time
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -614,10 +614,12 @@ def check_not_stale(study: Study) -> None:
 
 def run_study(path: str | Path, *, storage: str | None = None, directory_override: str | Path | None = None,
               time_budget_s: float | None = None, heartbeat_s: int = HEARTBEAT_S, wait: bool = True,
-              adopt_runs: Iterable[str | Path] = ()) -> bool:
+              adopt_runs: Iterable[str | Path] = (), whole_cells: bool = False) -> str | None:
     """Work through the study's cells with the other workers of its storage until none is left.
-    Returns False when ``time_budget_s`` paused it (the same call continues), True when finished;
-    raises, naming them, when cells failed (the others were still trained)."""
+    Returns None when finished, else why it paused (``time_budget_s``, SIGTERM; the same call continues);
+    raises, naming them, when cells failed (the others were still trained). ``whole_cells``: start
+    only cells expected to finish within the budget left (``Fit``), for a machine whose disk does
+    not outlive the slice, where a paused cell is lost."""
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
@@ -626,6 +628,9 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
     from mlsa4rec.training import stop
     from mlsa4rec.training.run import deadline_for, git_commit
 
+    if whole_cells and time_budget_s is None:
+        raise MLSA4RecError("--whole-cells needs --time-budget: it starts only the cells that the budget left can "
+                            "finish")
     deadline = deadline_for(time_budget_s)
     git_commit()  # the code this worker imported: its cells name it, whatever HEAD becomes meanwhile
     study = load_study(path, directory_override)
@@ -639,8 +644,9 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
     by_id = {c.id: c for c in study.cells}
     order = queue_order(study)
     log.info("study %s: %d cells, %d queued now (%s)", study.name, len(study.cells), enqueue(opt, study), url)
-    paused = False
+    paused: str | None = None  # why this worker stopped before the queue was empty
     failed: dict[str, str] = {}
+    fit = Fit(study) if whole_cells else None
 
     def out_of_time() -> bool:  # no cell starts once the budget is spent or a pause was asked for (SIGTERM)
         return stop.requested() or (deadline is not None and time.monotonic() >= deadline)
@@ -658,12 +664,24 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
         if cell_state(cell, study.directory) == "done" or cell.id in completed_cells(opt):
             trial.set_user_attr("skipped", "already done")  # a second trial of a cell two workers both queued
             raise _pruned()
-        cell = _next_cell(trial, cell, by_id, order, study.directory)
+        cell = _next_cell(trial, cell, by_id, order, study.directory, last=fit.too_long if fit else ())
         remaining = None if deadline is None else max(deadline - time.monotonic(), 1e-9)
+        exhausted = fit is not None and cell.id in fit.too_long  # a cell left before came first: all are too long
+        if exhausted or fit is not None and not fit.may_start(cell, remaining):
+            trial.set_user_attr("skipped", f"would not finish in the {remaining:.0f} s left")
+            opt.enqueue_trial({}, user_attrs={"cell": cell.id})  # for a later slice, in its place
+            if exhausted:
+                paused = f"no waiting cell can finish in the {remaining:.0f} s left (--whole-cells)"
+                opt.stop()
+            raise _pruned()
         try:
-            return run_cell(cell, study, remaining)
+            return run_cell(cell, study, remaining, fit.watch(cell, remaining) if fit else None)
         except TimeBudgetSpent:
-            paused = True
+            if fit is not None and cell.id in fit.too_long:  # its pace showed it would not finish: another cell
+                trial.set_user_attr("paused", True)
+                opt.enqueue_trial({}, user_attrs={"cell": cell.id})
+                raise _pruned() from None
+            paused = stop.why_paused()
             trial.set_user_attr("paused", True)
             opt.enqueue_trial({}, user_attrs={"cell": cell.id})  # at once, for whoever runs next
             opt.stop()
@@ -683,7 +701,7 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
 
     while not paused:
         if out_of_time():
-            paused = True
+            paused = stop.why_paused()
             break
         workers.fail_dead_workers(opt)  # a cell whose worker died here goes back to the queue at once,
         fail_stale_trials(opt)  # and one whose worker went silent anywhere, after three missed heartbeats
@@ -704,7 +722,7 @@ def run_study(path: str | Path, *, storage: str | None = None, directory_overrid
         first, why = next(iter(failed.items()))
         raise MLSA4RecError(f"{len(failed)} cell(s) failed, {first} first: {why}; the other cells went on "
                             "(`mlsa4rec study status` lists them); fix the cause and run the same command again")
-    return not paused
+    return paused
 
 
 def queue_order(study: Study) -> dict[str, int]:
@@ -723,9 +741,11 @@ def queue_order(study: Study) -> dict[str, int]:
     return {c.id: i for i, c in enumerate(ranked)}
 
 
-def _next_cell(trial, cell: Cell, by_id: Mapping[str, Cell], order: Mapping[str, int], root: Path) -> Cell:
+def _next_cell(trial, cell: Cell, by_id: Mapping[str, Cell], order: Mapping[str, int], root: Path,
+               last: Iterable[str] = ()) -> Cell:
     """The cell this trial trains: the first in queue order among its own and those of the waiting
-    trials, a cell paused (or finished without a record) on this machine before any other. Optuna
+    trials, a cell paused (or finished without a record) on this machine before any other, the
+    cells ``last`` names (too long for the time left) after all others. Optuna
     hands out waiting trials oldest first, and a paused cell is queued again at the end; this
     keeps the study's order whatever the trials' order. The two trials swap cells, so the handed
     cell keeps a place in the queue; should another worker take the waiting trial meanwhile, the
@@ -733,8 +753,10 @@ def _next_cell(trial, cell: Cell, by_id: Mapping[str, Cell], order: Mapping[str,
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
+    last = set(last)
+
     def key(c: Cell) -> tuple[int, int]:
-        return 0 if cell_state(c, root) in ("paused", "published") else 1, order[c.id]
+        return 2 if c.id in last else 0 if cell_state(c, root) in ("paused", "published") else 1, order[c.id]
 
     storage = trial.storage
     waiting = [(key(by_id[t.user_attrs["cell"]]), t) for t in trial.study.get_trials(
@@ -778,9 +800,10 @@ class CellTaken(MLSA4RecError):
     """Another worker is training this cell (its stage is locked): this trial leaves it alone."""
 
 
-def run_cell(cell: Cell, study: Study, time_budget_s: float | None) -> float:
+def run_cell(cell: Cell, study: Study, time_budget_s: float | None,
+             on_epoch: Callable[[dict[str, Any]], None] | None = None) -> float:
     """Train one cell (continuing its checkpoint, or adopting its finished run) and write its
-    record; returns its validation metric."""
+    record; returns its validation metric. ``on_epoch`` gets each epoch's history row."""
     from mlsa4rec.training.run import train
 
     root, out = study.directory, cell.run_dir(study.directory)
@@ -790,12 +813,75 @@ def run_cell(cell: Cell, study: Study, time_budget_s: float | None) -> float:
             log.info("cell %s: %s", cell.id, "continuing from its checkpoint" if state == "paused" else "training")
             try:
                 train(cell.entry.model, _dataset_arg(cell.dataset), out, list(cell.entry.config_for(cell.dataset)),
-                      dict(cell.overrides), study.data_dir, resume=state == "paused", time_budget_s=time_budget_s)
+                      dict(cell.overrides), study.data_dir, resume=state == "paused", time_budget_s=time_budget_s,
+                      on_epoch=on_epoch)
             except directory.StageBusy:
                 raise CellTaken(f"cell {cell.id} is being trained by another worker") from None
         write_record(cell, study)
     meta = read_record(cell.record_path(root))[0]
     return float(meta["valid"][meta["settings"]["valid_metric"]])
+
+
+class Fit:
+    """``--whole-cells``: which cells a worker starts with the time budget it has left. A cell's
+    cost comes from the study's own records: seconds (validation included) as its other seeds
+    took on the same dataset and group, the longest; epochs as its ``epochs`` where early stopping
+    cannot end it sooner (``stopping_step`` + 1 >= ``epochs``), else the most that cells of its
+    model entry ran in its group on any dataset (at most its ``epochs``). A cell whose known cost
+    exceeds the time left is not started; one under way is paused after any epoch whose pace,
+    times the epochs still expected, exceeds it (an epoch lost, not a slice). A cell with no record
+    to go by runs, as without the option. Recorded seconds include whatever else shared the
+    machine, so they err long."""
+
+    def __init__(self, study: Study) -> None:
+        self.study = study
+        self.too_long: set[str] = set()  # cells this worker left for a later slice (time only shrinks)
+
+    def _records(self, cell: Cell, same_dataset: bool = False) -> list[dict[str, Any]]:
+        """The records of the cells of ``cell``'s model entry and group (and dataset)."""
+        root = self.study.directory
+        return [read_record(c.record_path(root))[0] for c in self.study.cells
+                if c.entry is cell.entry and c.group == cell.group and (c.dataset == cell.dataset or not same_dataset)
+                and c.record_path(root).is_file()]
+
+    def expected_epochs(self, cell: Cell) -> int | None:
+        train = cell_config(cell, self.study).train
+        if train.stopping_step + 1 >= train.epochs:  # early stopping cannot end it before its last epoch
+            return train.epochs
+        ran = [int(meta["epochs_run"]) for meta in self._records(cell)]
+        return min(max(ran), train.epochs) if ran else None
+
+    def may_start(self, cell: Cell, remaining: float) -> bool:
+        """False for a cell not yet begun whose other seeds took longer than ``remaining``."""
+        if cell_state(cell, self.study.directory) != "new":
+            return True
+        took = [sum(row.get("train_seconds", 0.0) + row.get("eval_seconds", 0.0) for row in meta["history"])
+                for meta in self._records(cell, same_dataset=True)]
+        if took and max(took) > remaining:
+            log.info("cell %s: its other seeds took up to %.0f s, %.0f s are left: for a later slice (--whole-cells)",
+                     cell.id, max(took), remaining)
+            self.too_long.add(cell.id)
+            return False
+        return True
+
+    def watch(self, cell: Cell, remaining: float) -> Callable[[dict[str, Any]], str | None] | None:
+        """An ``on_epoch`` hook that pauses the cell once its pace shows it would not finish."""
+        epochs = self.expected_epochs(cell)
+        if epochs is None:
+            return None
+        deadline = time.monotonic() + remaining
+        spent: list[float] = []
+
+        def on_epoch(row: dict[str, Any]) -> str | None:
+            spent.append(row["train_seconds"] + row.get("eval_seconds", 0.0))
+            pace, left = sum(spent) / len(spent), deadline - time.monotonic()
+            if pace * (epochs - row["epoch"]) <= left:
+                return None
+            self.too_long.add(cell.id)
+            return (f"--whole-cells: {epochs - row['epoch']} more epoch(s) at {pace:.0f} s each would not finish in "
+                    f"the {left:.0f} s left")
+
+        return on_epoch
 
 
 def match_runs(study: Study, run_dirs: Iterable[str | Path]) -> list[tuple[Cell, Path]]:

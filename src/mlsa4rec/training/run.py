@@ -194,7 +194,7 @@ def train(
     overwrite: bool = False,
     resume: bool = False,
     on_step: Callable[[int, int], None] | None = None,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], str | None] | None = None,
     time_budget_s: float | None = None,
     tracking: str = "auto",
     tracking_uri: str | None = None,
@@ -204,9 +204,10 @@ def train(
     Under torchrun every rank calls this; rank 0 alone writes files. ``resume`` continues the
     interrupted run of ``output_dir`` from its checkpoint. ``on_step(epoch, step)`` is called
     after every optimiser step (progress reporting, tests), ``on_epoch(row)`` with each epoch's
-    history row on rank 0. ``time_budget_s``: after that many seconds (from this call), training
-    checkpoints and raises ``TimeBudgetSpent``; ``resume`` then continues. ``results["run_dir"]`` is where the
-    run was saved (``output_dir`` resolved; see ``directory.publish`` for the one exception).
+    history row on rank 0 (a reason it returns pauses the run there, in one process).
+    ``time_budget_s``: after that many seconds (from this call), training checkpoints and raises
+    ``TimeBudgetSpent``; ``resume`` then continues. ``results["run_dir"]`` is where the run was saved
+    (``output_dir`` resolved; see ``directory.publish`` for the one exception).
     ``tracking`` (``--tracking``: auto, tensorboard, mlflow, none) and ``tracking_uri`` (an
     MLflow store) say where each epoch's scalars also go while it trains (``training.tracking``).
     """
@@ -237,7 +238,7 @@ def train(
 
 def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | Path | None, *, overwrite: bool,
            resume: bool, on_step: Callable[[int, int], None] | None,
-           on_epoch: Callable[[dict[str, Any]], None] | None, deadline: float | None, group: DistContext,
+           on_epoch: Callable[[dict[str, Any]], str | None] | None, deadline: float | None, group: DistContext,
            device: torch.device, tracking: str = "auto", tracking_uri: str | None = None) -> dict[str, Any]:
     """Check, train, evaluate, publish. Rank 0 holds the ``directory.Stage`` and the trackers
     (None on the others); the trackers are closed before the stage is published, kept or removed,
@@ -246,11 +247,10 @@ def _train(model: str, output_dir: str | Path, config: Config, data_dir: str | P
     training = False  # past the resume checks: a failure from here on keeps the checkpoint with a hint
     trackers: Trackers | None = None
 
-    def epoch_done(row: dict[str, Any]) -> None:
+    def epoch_done(row: dict[str, Any]) -> str | None:
         if trackers is not None:
             trackers.log_epoch(row)
-        if on_epoch is not None:
-            on_epoch(row)
+        return on_epoch(row) if on_epoch is not None else None
 
     def close_trackers(status: str) -> None:
         nonlocal trackers

@@ -170,7 +170,8 @@ class Trainer:
     is collective; it is called on rank 0 only); ``on_step(epoch, step)`` after every optimiser
     step (and any checkpoint at that step); ``on_epoch(row)`` with each epoch's history row (loss,
     seconds, the validation metrics when it validated, the learning rate, ``peak_memory_bytes``:
-    see ``peak_memory_bytes``; rank 0 only).
+    see ``peak_memory_bytes``; rank 0 only). ``on_epoch`` may return a reason to pause: in one
+    process, training then pauses there as at a spent deadline, unless that epoch was its last.
 
     ``deadline`` (``time.monotonic()`` seconds): past it, training checkpoints and raises
     ``TimeBudgetSpent``, so a long run goes in slices; every rank stops at the same step.
@@ -180,7 +181,8 @@ class Trainer:
                  device: torch.device, on_improve: Callable[[SequentialRecommender, int], None] | None = None, *,
                  group: DistContext | None = None, on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
                  on_step: Callable[[int, int], None] | None = None,
-                 on_epoch: Callable[[dict[str, Any]], None] | None = None, deadline: float | None = None) -> None:
+                 on_epoch: Callable[[dict[str, Any]], str | None] | None = None,
+                 deadline: float | None = None) -> None:
         self.model = model.to(device)
         self.data = data
         self.config = config
@@ -342,10 +344,13 @@ class Trainer:
             p.epoch, p.step, p.epoch_loss, p.epoch_seconds, p.empty_steps = epoch + 1, 0, 0.0, 0.0, 0
             p.sampler_state = self.sampler.rng_state
             self.checkpoint()
-            if self.on_epoch and self.group.is_main:
-                self.on_epoch(row)
-            if not p.stopped_early and p.epoch <= t.epochs and self.out_of_time():
-                raise TimeBudgetSpent(f"{self._why_paused()} after epoch {epoch}")
+            asked = self.on_epoch(row) if self.on_epoch and self.group.is_main else None
+            if not p.stopped_early and p.epoch <= t.epochs:
+                if asked and not self.group.active:  # a hook's pause (one process: no rank to agree with)
+                    log.info("pausing after epoch %d: %s", epoch, asked)  # train.log says why it stopped
+                    raise TimeBudgetSpent(f"{asked} after epoch {epoch}")
+                if self.out_of_time():
+                    raise TimeBudgetSpent(f"{self._why_paused()} after epoch {epoch}")
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return FitResult(p.best_epoch, p.best_valid, p.epoch - 1, p.stopped_early, p.train_seconds,
