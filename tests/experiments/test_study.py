@@ -412,6 +412,25 @@ def test_a_storage_that_cannot_be_opened_and_a_directory_of_another_study_are_re
     assert sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "out").rglob("*")) == before
 
 
+def test_a_committed_study_directory_on_a_new_machine_shows_its_records_without_a_storage(
+        capsys, successor_file: Path, tmp_path: Path, monkeypatch) -> None:
+    """A clone has the records and study.json but not the SQLite file (it is not committed): status
+    lists the finished cells and makes no storage; an explicit storage without the study is refused."""
+    study = write_study(tmp_path, successor_file, seeds=[1, 2], models={"gru4rec": {"set": {**TINY, "epochs": 1}}},
+                        baseline=None)
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "study", "run", str(study), "--time-budget", "1e-9"]) == EXIT_PAUSED
+    assert main(["-q", "study", "run", str(study), "--no-wait"]) == 0
+    root = tmp_path / "out"
+    (root / "records/main/gru4rec/succ/seed-2.npz").unlink()
+    (root / "study.db").unlink()
+    assert main(["study", "status", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "1 done, 1 waiting" in out and not (root / "study.db").exists()
+    assert main(["study", "status", str(root), "--storage", f"sqlite:///{tmp_path / 'other.db'}"]) == 2
+    assert "holds no study 'tiny'" in capsys.readouterr().err
+
+
 def test_a_study_file_edited_after_cells_finished_is_refused_not_reported(capsys, successor_file: Path,
                                                                           tmp_path: Path, monkeypatch) -> None:
     tiny = {**TINY, "epochs": 1}

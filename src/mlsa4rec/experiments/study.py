@@ -977,10 +977,13 @@ def study_status(root: str | Path, storage: str | None = None) -> list[dict[str,
         raise MLSA4RecError(f"{str(root)!r} is not a study directory (no {STUDY_JSON}); pass the directory a `mlsa4rec "
                             "study run` made")
     study = load_study(meta["file"], root, check=False)
-    opt = _load_optuna_study(study, storage or meta["storage"])
+    url = storage or meta["storage"]
+    # a committed study directory on a new machine: its records, no SQLite file yet (none is made here)
+    fresh = url == default_storage(root) and not (root / "study.db").is_file()
+    trials = [] if fresh else _load_optuna_study(study, url).get_trials(deepcopy=False)
     latest: dict[str, Any] = {}
     rank = {TrialState.RUNNING: 2, TrialState.COMPLETE: 1}  # over a duplicate pruned beside it
-    for t in opt.get_trials(deepcopy=False):  # in trial order: the newest of equal rank wins
+    for t in trials:  # in trial order: the newest of equal rank wins
         cell_id = t.user_attrs.get("cell")
         if cell_id is None:
             continue
