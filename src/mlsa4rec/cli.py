@@ -350,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     srun.add_argument("--heartbeat", type=int, default=None, metavar="SECONDS",
                       help="how often a worker says it is alive; a cell silent for 3x this is taken over "
                            "(default 60; every worker of a study must use the same)")
-    srun.add_argument("--adopt", action="append", default=[], metavar="RUN_DIR",
-                      help="a finished run made with a cell's exact settings becomes that cell (repeatable)")
+    srun.add_argument("--adopt", action="append", default=[], metavar="RUN_DIR|RECORD",
+                      help="a finished run, or another study's record (records/.../seed-N.npz), made with a cell's "
+                           "exact settings becomes that cell (repeatable)")
     srun.add_argument("--no-wait", action="store_true",
                       help="stop when no cell is waiting, instead of standing by to take over another worker's")
     srun.add_argument("--whole-cells", action="store_true",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -311,6 +312,52 @@ def test_finished_runs_are_adopted_as_cells_and_not_trained_again(successor_file
     other = tmp_path / "other-seed"
     train("sasrec", str(successor_file), other, overrides={**SASREC, "seed": 7})
     assert main(["-q", "study", "run", str(study), "--adopt", str(other)]) == 2
+
+
+def test_another_study_s_record_is_adopted_as_the_cell_it_is_and_checked_against_the_data(
+        capsys, successor_file: Path, tmp_path: Path, monkeypatch) -> None:
+    """A study that shares cells with another (the ablations' full model is the reproduction's)
+    takes its records, on a new machine too (the run directories are gone): nothing is trained
+    again; a record of no cell here, or made on other data, is refused before anything is written."""
+    from conftest import successor_sequences, write_user_lines
+
+    first = write_study(tmp_path, successor_file, seeds=[1], models={"sasrec": {"set": SASREC}}, baseline=None)
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "study", "run", str(first)]) == 0
+    record = tmp_path / "out/records/main/sasrec/succ/seed-1.npz"
+    shutil.rmtree(tmp_path / "out/runs")  # a fresh clone: records only
+    spec = {"study": "second", "directory": "second", "datasets": [str(successor_file)], "seeds": [1],
+            "baseline": "full", "models": {"full": {"model": "sasrec", "set": SASREC},
+                                           "small": {"model": "gru4rec", "set": TINY}}}
+    second = tmp_path / "second.yaml"
+    second.write_text(yaml.safe_dump(spec, sort_keys=False))
+    gru = tmp_path / "gru.npz"
+    assert main(["-q", "study", "run", str(first), "--adopt", str(gru)]) == 2  # no such file: not a run either
+    capsys.readouterr()
+    trained = []
+    real_run_cell = study_module.run_cell
+    monkeypatch.setattr(study_module, "run_cell", lambda cell, *a: trained.append(cell.id) or real_run_cell(cell, *a))
+    assert main(["-q", "study", "run", str(second), "--adopt", str(record)]) == 0
+    assert trained == ["main/small/succ/seed-1"]
+    meta, arrays = read_record(tmp_path / "second/records/main/full/succ/seed-1.npz")
+    original, original_arrays = read_record(record)
+    assert (meta["cell"], meta["model"], meta["adopted_from"]["cell"]) == ("main/full/succ/seed-1", "full",
+                                                                            "main/sasrec/succ/seed-1")
+    assert meta["test"] == original["test"] and all((arrays[k] == original_arrays[k]).all() for k in arrays)
+    assert main(["-q", "study", "report", str(tmp_path / "second"), "--out", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report/report.json").read_text())
+    assert {r["model"] for t in report["tables"] for r in t["rows"]} == {"full", "small"}
+    third = tmp_path / "third.yaml"  # the full model only, at another learning rate: no cell is the record's
+    third.write_text(yaml.safe_dump({**spec, "study": "third", "directory": "third", "baseline": None, "models": {
+        "full": {"model": "sasrec", "set": {**SASREC, "learning_rate": 0.5}}}}, sort_keys=False))
+    assert main(["-q", "study", "run", str(third), "--adopt", str(record)]) == 2
+    assert "is no cell of study 'third'" in capsys.readouterr().err and not (tmp_path / "third").exists()
+    write_user_lines(successor_file, successor_sequences(300, 30, seed=2))  # the file changed since
+    (tmp_path / "second/records/main/full/succ/seed-1.npz").unlink()
+    before = sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "second").rglob("*") if p.name != "study.db")
+    assert main(["-q", "study", "run", str(second), "--adopt", str(record)]) == 2
+    assert "was made on other data" in capsys.readouterr().err
+    assert sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "second").rglob("*") if p.name != "study.db") == before
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -884,30 +884,44 @@ class Fit:
         return on_epoch
 
 
-def match_runs(study: Study, run_dirs: Iterable[str | Path]) -> list[tuple[Cell, Path]]:
-    """The cell each finished run made elsewhere is (same model, dataset and every setting), checked
-    before anything is written; a run that is no cell is refused."""
-    from mlsa4rec.runs.loading import load_run_config
+def match_runs(study: Study, paths: Iterable[str | Path]) -> list[tuple[Cell, Path]]:
+    """The cell each finished run made elsewhere is (same model, dataset and every setting), or each
+    record of another study (``*.npz``) whose settings are a cell's here; checked before anything is
+    written: a run or record that is no cell, or a record made on other data, is refused."""
+    from mlsa4rec.runs.loading import load_run_config, load_run_data
 
     configs = {cell.id: cell_config(cell, study).to_dict() for cell in study.cells}
     matches = []
-    for run_dir in run_dirs:
-        saved = load_run_config(Path(run_dir)).to_dict()
+    for path in map(Path, paths):
+        is_record = path.suffix == ".npz" and path.is_file()
+        saved = read_record(path)[0]["settings"] if is_record else load_run_config(path).to_dict()
         cell = next((c for c in study.cells if configs[c.id] == saved), None)
+        what = "record" if is_record else "run"
         if cell is None:
-            raise MLSA4RecError(f"{str(run_dir)!r} is no cell of study {study.name!r} (no cell has its model, dataset "
-                                "and settings); adopt only runs made with a cell's exact settings")
-        matches.append((cell, Path(run_dir).resolve()))
+            raise MLSA4RecError(f"{str(path)!r} is no cell of study {study.name!r} (no cell has its model, dataset "
+                                f"and settings); adopt only {what}s made with a cell's exact settings")
+        if is_record:  # a run's data is checked when its record is made; a record's, here
+            data = load_run_data(cell_config(cell, study), study.data_dir)
+            if read_record(path)[0].get("data_fingerprint") != data.fingerprint:
+                raise MLSA4RecError(f"record {str(path)!r} was made on other data than cell {cell.id} reads now (the "
+                                    "data fingerprints differ); train the cell instead")
+        matches.append((cell, path.resolve()))
     return matches
 
 
 def adopt(study: Study, matches: Iterable[tuple[Cell, Path]]) -> None:
-    """Record adopted runs as their cells (their data is checked against the fingerprint they
-    recorded), so they are not trained again."""
-    for cell, run_dir in matches:
-        if cell_state(cell, study.directory) != "done":
-            write_record(cell, study, run_dir)
-            log.info("adopted %s as cell %s", run_dir, cell.id)
+    """Record adopted runs (or copy adopted records) as their cells, so they are not trained again."""
+    for cell, path in matches:
+        if cell_state(cell, study.directory) == "done":
+            continue
+        if path.suffix == ".npz" and path.is_file():
+            meta, arrays = read_record(path)
+            meta = {**meta, "cell": cell.id, "group": cell.group, "model": cell.entry.label,
+                    "adopted_from": {"record": str(path), "cell": meta["cell"]}}
+            _save_record(cell.record_path(study.directory), meta, arrays)
+        else:
+            write_record(cell, study, path)
+        log.info("adopted %s as cell %s", path, cell.id)
 
 
 # --- records -----------------------------------------------------------------------------------
@@ -942,7 +956,10 @@ def write_record(cell: Cell, study: Study, run_dir: Path | None = None) -> Path:
             "peak_memory_bytes": max((h.get("peak_memory_bytes") or 0 for h in results.get("history", [])),
                                      default=0) or None,
             "digests": {k: array_digest(v) for k, v in arrays.items()}}
-    path = cell.record_path(study.directory)
+    return _save_record(cell.record_path(study.directory), meta, arrays)
+
+
+def _save_record(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
