@@ -68,3 +68,35 @@ def test_chunked_ranks_through_evaluate_split_and_a_bad_chunk(data) -> None:
     assert one == chunked
     with pytest.raises(MLSA4RecError, match="eval_item_chunk"):
         split_ranks(model, data, "test", 12, item_chunk=-1)
+
+
+@pytest.mark.parametrize(("name", "overrides"), CONFIGS, ids=[f"{n}-{'-'.join(map(str, o.values())) or 'default'}"
+                                                               for n, o in CONFIGS])
+def test_a_batch_run_in_pieces_gives_the_same_outputs_and_ranks(data, name: str, overrides: dict) -> None:
+    """On a CPU evaluation runs the model on at most CPU_FORWARD_TOKENS positions a call: each row
+    is the row of the whole batch (up to float rounding) and no rank moves."""
+    from mlsa4rec.data.sampling import eval_batches
+    from mlsa4rec.evaluation.evaluator import CPU_FORWARD_TOKENS, forward_tokens, in_pieces
+
+    torch.manual_seed(0)
+    model = create(name, data.n_items, **SMALL, **overrides).eval()
+    trim = bool(getattr(model, "padding_invariant", False))
+    assert forward_tokens(model, "cpu") == (CPU_FORWARD_TOKENS if trim else None)  # faithful: its own grouping
+    assert forward_tokens(model, "cuda") is None
+    calls = []
+    counted = lambda s, n: calls.append(s.shape) or model(s, n)  # noqa: E731
+    with torch.inference_mode():
+        for batch in eval_batches(data, "test", 12, 16, trim=trim):
+            whole, width = model(batch.item_seq, batch.lengths), batch.item_seq.shape[1]
+            for tokens in (1, 25, 1000):  # 1 row a call (fewer positions than a row), 2, all
+                calls.clear()
+                got = in_pieces(counted, batch.item_seq, batch.lengths, tokens)
+                torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-6)
+                assert sum(s[0] for s in calls) == len(whole)
+                assert all(s[0] * width <= max(tokens, width) for s in calls)
+                assert len(calls) == max(1, -(-len(whole) // max(1, tokens // width)))
+    want = split_ranks(model, data, "valid", 12, batch_size=7, tokens_per_call=0)
+    for tokens in (30, None):  # None: the CPU's bound
+        assert split_ranks(model, data, "valid", 12, batch_size=7, tokens_per_call=tokens).tolist() == want.tolist()
+    whole_matrix(model)  # the model's own full_sort_scores, in pieces too
+    assert split_ranks(model, data, "valid", 12, batch_size=7, tokens_per_call=12).tolist() == want.tolist()
