@@ -331,9 +331,14 @@ def test_another_study_s_record_is_adopted_as_the_cell_it_is_and_checked_against
                                            "small": {"model": "gru4rec", "set": TINY}}}
     second = tmp_path / "second.yaml"
     second.write_text(yaml.safe_dump(spec, sort_keys=False))
-    gru = tmp_path / "gru.npz"
-    assert main(["-q", "study", "run", str(first), "--adopt", str(gru)]) == 2  # no such file: not a run either
-    capsys.readouterr()
+    missing, junk = tmp_path / "gru.npz", tmp_path / "junk.npz"
+    junk.write_bytes(b"not a record")
+    assert main(["-q", "study", "run", str(second), "--adopt", str(missing)]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    assert main(["-q", "study", "run", str(second), "--adopt", str(junk)]) == 2
+    err = capsys.readouterr().err
+    assert "not a study record that can be adopted" in err and "delete" not in err  # not this study's to delete
+    assert junk.read_bytes() == b"not a record" and not (tmp_path / "second").exists()
     trained = []
     real_run_cell = study_module.run_cell
     monkeypatch.setattr(study_module, "run_cell", lambda cell, *a: trained.append(cell.id) or real_run_cell(cell, *a))

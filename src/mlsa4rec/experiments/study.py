@@ -893,8 +893,11 @@ def match_runs(study: Study, paths: Iterable[str | Path]) -> list[tuple[Cell, Pa
     configs = {cell.id: cell_config(cell, study).to_dict() for cell in study.cells}
     matches = []
     for path in map(Path, paths):
+        if not path.exists():
+            raise MLSA4RecError(f"--adopt {str(path)!r}: no such file or directory; pass a finished run directory or "
+                                "a study record (records/GROUP/MODEL/DATASET/seed-N.npz)")
         is_record = path.suffix == ".npz" and path.is_file()
-        saved = read_record(path)[0]["settings"] if is_record else load_run_config(path).to_dict()
+        saved = _adopted_record(path)[0]["settings"] if is_record else load_run_config(path).to_dict()
         cell = next((c for c in study.cells if configs[c.id] == saved), None)
         what = "record" if is_record else "run"
         if cell is None:
@@ -902,11 +905,22 @@ def match_runs(study: Study, paths: Iterable[str | Path]) -> list[tuple[Cell, Pa
                                 f"and settings); adopt only {what}s made with a cell's exact settings")
         if is_record:  # a run's data is checked when its record is made; a record's, here
             data = load_run_data(cell_config(cell, study), study.data_dir)
-            if read_record(path)[0].get("data_fingerprint") != data.fingerprint:
+            if _adopted_record(path)[0].get("data_fingerprint") != data.fingerprint:
                 raise MLSA4RecError(f"record {str(path)!r} was made on other data than cell {cell.id} reads now (the "
                                     "data fingerprints differ); train the cell instead")
         matches.append((cell, path.resolve()))
     return matches
+
+
+def _adopted_record(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Another study's record, checked as ``read_record`` does, with a message for ``--adopt``
+    (which never suggests deleting the file: it is not this study's)."""
+    try:
+        return read_record(path)
+    except MLSA4RecError as exc:
+        why = str(exc).split("; delete it")[0].replace("study record", "--adopt", 1)
+        raise MLSA4RecError(f"{why}: not a study record that can be adopted; pass a records/.../seed-N.npz that "
+                            "`mlsa4rec study run` wrote, or a finished run directory") from None
 
 
 def adopt(study: Study, matches: Iterable[tuple[Cell, Path]]) -> None:
@@ -915,7 +929,7 @@ def adopt(study: Study, matches: Iterable[tuple[Cell, Path]]) -> None:
         if cell_state(cell, study.directory) == "done":
             continue
         if path.suffix == ".npz" and path.is_file():
-            meta, arrays = read_record(path)
+            meta, arrays = _adopted_record(path)
             meta = {**meta, "cell": cell.id, "group": cell.group, "model": cell.entry.label,
                     "adopted_from": {"record": str(path), "cell": meta["cell"]}}
             _save_record(cell.record_path(study.directory), meta, arrays)
