@@ -280,7 +280,7 @@ def test_whole_cells_costs_a_cell_from_its_other_seeds_and_its_model_s_epochs(su
     cells = {c.id: c for c in loaded.cells}
     fit = study_module.Fit(loaded)
     sasrec_2 = cells["main/sasrec/succ/seed-2"]
-    assert fit.expected_epochs(sasrec_2) is None and fit.watch(sasrec_2, 10.0) is None  # nothing to go by: it runs
+    assert fit.expected_epochs(sasrec_2) is None and fit.watch(sasrec_2, 10.0) is None  # no record at all: it runs
     assert fit.expected_epochs(cells["main/gru4rec/succ/seed-2"]) == 2  # epochs 2, stopping_step 10: all of them
     assert main(["-q", "study", "run", str(study), "--no-wait", "--time-budget", "1e-9"]) == EXIT_PAUSED
     record = {"epochs_run": 3,
@@ -290,6 +290,12 @@ def test_whole_cells_costs_a_cell_from_its_other_seeds_and_its_model_s_epochs(su
     monkeypatch.setattr(study_module.Cell, "record_path", lambda self, root: root / "study.json" if self is seed_1
                         else root / "none")  # seed 1 alone has a record: it took 3 epochs, 360 s
     assert fit.expected_epochs(sasrec_2) == 3
+    assert fit.expected_epochs(cells["main/sasrec/succ/seed-1"]) == 3
+    monkeypatch.setattr(study_module.Cell, "record_path", lambda self, root: root / "study.json"
+                        if self.entry.label == "gru4rec" else root / "none")  # only the other model recorded
+    assert fit.expected_epochs(sasrec_2) == 3  # the median of its group's records: 3 (the same record, twice)
+    monkeypatch.setattr(study_module.Cell, "record_path", lambda self, root: root / "study.json" if self is seed_1
+                        else root / "none")
     assert fit.may_start(sasrec_2, 361.0) and not fit.may_start(sasrec_2, 359.0)
     assert fit.too_long == {"main/sasrec/succ/seed-2"}
     sasrec_3 = cells["main/sasrec/succ/seed-3"]

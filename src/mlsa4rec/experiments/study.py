@@ -827,7 +827,8 @@ class Fit:
     cost comes from the study's own records: seconds (validation included) as its other seeds
     took on the same dataset and group, the longest; epochs as its ``epochs`` where early stopping
     cannot end it sooner (``stopping_step`` + 1 >= ``epochs``), else the most that cells of its
-    model entry ran in its group on any dataset (at most its ``epochs``). A cell whose known cost
+    model entry ran in its group on any dataset, else the median that every recorded cell of its
+    group ran (at most its ``epochs``). A cell whose known cost
     exceeds the time left is not started; one under way is paused after any epoch whose pace,
     times the epochs still expected, exceeds it (an epoch lost, not a slice). A cell with no record
     to go by runs, as without the option. Recorded seconds include whatever else shared the
@@ -849,7 +850,13 @@ class Fit:
         if train.stopping_step + 1 >= train.epochs:  # early stopping cannot end it before its last epoch
             return train.epochs
         ran = [int(meta["epochs_run"]) for meta in self._records(cell)]
-        return min(max(ran), train.epochs) if ran else None
+        if not ran:  # a model not yet recorded: the median of what every model of its group ran
+            root = self.study.directory
+            ran = [int(np.median([read_record(c.record_path(root))[0]["epochs_run"] for c in self.study.cells
+                                  if c.group == cell.group and c.record_path(root).is_file()] or [0]))]
+            if not ran[0]:
+                return None
+        return min(max(ran), train.epochs)
 
     def may_start(self, cell: Cell, remaining: float) -> bool:
         """False for a cell not yet begun whose other seeds took longer than ``remaining``."""
