@@ -66,6 +66,10 @@ def test_a_reason_from_on_epoch_pauses_there_unless_that_epoch_was_the_last(succ
                  on_epoch=lambda row: asked.append(row["epoch"]) or "too slow" if row["epoch"] == 3 else None)
     assert asked == [3] and (tmp_path / "last" / "results.json").is_file()
     _same(last, whole)
+    rows = []  # a callback that returns something else (here the row) pauses nothing, as before
+    _same(train("sasrec", str(successor_file), tmp_path / "other", overrides=SMALL,
+                on_epoch=lambda row: rows.append(row) or row), whole)
+    assert len(rows) == 3
 
 
 def test_cli_exits_75_with_the_resume_hint_and_the_same_command_continues(capsys, successor_file: Path,

@@ -801,9 +801,10 @@ class CellTaken(MLSA4RecError):
 
 
 def run_cell(cell: Cell, study: Study, time_budget_s: float | None,
-             on_epoch: Callable[[dict[str, Any]], None] | None = None) -> float:
+             on_epoch: Callable[[dict[str, Any]], str | None] | None = None) -> float:
     """Train one cell (continuing its checkpoint, or adopting its finished run) and write its
-    record; returns its validation metric. ``on_epoch`` gets each epoch's history row."""
+    record; returns its validation metric. ``on_epoch`` gets each epoch's history row (and may
+    return a reason to pause, ``Fit.watch``)."""
     from mlsa4rec.training.run import train
 
     root, out = study.directory, cell.run_dir(study.directory)
@@ -828,11 +829,10 @@ class Fit:
     took on the same dataset and group, the longest; epochs as its ``epochs`` where early stopping
     cannot end it sooner (``stopping_step`` + 1 >= ``epochs``), else the most that cells of its
     model entry ran in its group on any dataset, else the median that every recorded cell of its
-    group ran (at most its ``epochs``). A cell whose known cost
-    exceeds the time left is not started; one under way is paused after any epoch whose pace,
-    times the epochs still expected, exceeds it (an epoch lost, not a slice). A cell with no record
-    to go by runs, as without the option. Recorded seconds include whatever else shared the
-    machine, so they err long."""
+    group ran (at most its ``epochs``). A cell whose known cost exceeds the time left is not
+    started; one under way is paused after any epoch whose pace, times the epochs still expected,
+    exceeds it (an epoch lost, not a slice). A cell with no record to go by runs, as without the
+    option. Recorded seconds include whatever else shared the machine, so they err long."""
 
     def __init__(self, study: Study) -> None:
         self.study = study

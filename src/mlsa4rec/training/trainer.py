@@ -170,8 +170,8 @@ class Trainer:
     is collective; it is called on rank 0 only); ``on_step(epoch, step)`` after every optimiser
     step (and any checkpoint at that step); ``on_epoch(row)`` with each epoch's history row (loss,
     seconds, the validation metrics when it validated, the learning rate, ``peak_memory_bytes``:
-    see ``peak_memory_bytes``; rank 0 only). ``on_epoch`` may return a reason to pause: in one
-    process, training then pauses there as at a spent deadline, unless that epoch was its last.
+    see ``peak_memory_bytes``; rank 0 only). ``on_epoch`` may return a reason to pause (a string):
+    in one process, training then pauses there as at a spent deadline, unless that epoch was its last.
 
     ``deadline`` (``time.monotonic()`` seconds): past it, training checkpoints and raises
     ``TimeBudgetSpent``, so a long run goes in slices; every rank stops at the same step.
@@ -346,7 +346,9 @@ class Trainer:
             self.checkpoint()
             asked = self.on_epoch(row) if self.on_epoch and self.group.is_main else None
             if not p.stopped_early and p.epoch <= t.epochs:
-                if asked and not self.group.active:  # a hook's pause (one process: no rank to agree with)
+                # a hook's pause (a string: any other value a callback returns is ignored, as before);
+                # in one process only, with no other rank to agree with
+                if isinstance(asked, str) and asked and not self.group.active:
                     log.info("pausing after epoch %d: %s", epoch, asked)  # train.log says why it stopped
                     raise TimeBudgetSpent(f"{asked} after epoch {epoch}")
                 if self.out_of_time():
