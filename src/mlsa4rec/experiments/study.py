@@ -837,13 +837,24 @@ class Fit:
     def __init__(self, study: Study) -> None:
         self.study = study
         self.too_long: set[str] = set()  # cells this worker left for a later slice (time only shrinks)
+        self._read: dict[str, dict[str, Any]] = {}  # records already read (a record, once written, stays)
 
-    def _records(self, cell: Cell, same_dataset: bool = False) -> list[dict[str, Any]]:
-        """The records of the cells of ``cell``'s model entry and group (and dataset)."""
-        root = self.study.directory
-        return [read_record(c.record_path(root))[0] for c in self.study.cells
-                if c.entry is cell.entry and c.group == cell.group and (c.dataset == cell.dataset or not same_dataset)
-                and c.record_path(root).is_file()]
+    def _meta(self, cell: Cell) -> dict[str, Any] | None:
+        """``cell``'s record (its metadata), read once; None while it has none."""
+        if cell.id not in self._read:
+            path = cell.record_path(self.study.directory)
+            if not path.is_file():
+                return None
+            self._read[cell.id] = read_record(path)[0]
+        return self._read[cell.id]
+
+    def _records(self, cell: Cell, same_dataset: bool = False, any_entry: bool = False) -> list[dict[str, Any]]:
+        """The records of the cells of ``cell``'s group and model entry (any entry with
+        ``any_entry``; ``cell``'s dataset only with ``same_dataset``)."""
+        metas = (self._meta(c) for c in self.study.cells
+                 if c.group == cell.group and (any_entry or c.entry is cell.entry)
+                 and (c.dataset == cell.dataset or not same_dataset))
+        return [meta for meta in metas if meta is not None]
 
     def expected_epochs(self, cell: Cell) -> int | None:
         train = cell_config(cell, self.study).train
@@ -851,9 +862,7 @@ class Fit:
             return train.epochs
         ran = [int(meta["epochs_run"]) for meta in self._records(cell)]
         if not ran:  # a model not yet recorded: the median of what every model of its group ran
-            root = self.study.directory
-            ran = [int(np.median([read_record(c.record_path(root))[0]["epochs_run"] for c in self.study.cells
-                                  if c.group == cell.group and c.record_path(root).is_file()] or [0]))]
+            ran = [int(np.median([meta["epochs_run"] for meta in self._records(cell, any_entry=True)] or [0]))]
             if not ran[0]:
                 return None
         return min(max(ran), train.epochs)
@@ -904,15 +913,16 @@ def match_runs(study: Study, paths: Iterable[str | Path]) -> list[tuple[Cell, Pa
             raise MLSA4RecError(f"--adopt {str(path)!r}: no such file or directory; pass a finished run directory or "
                                 "a study record (records/GROUP/MODEL/DATASET/seed-N.npz)")
         is_record = path.suffix == ".npz" and path.is_file()
-        saved = _adopted_record(path)[0]["settings"] if is_record else load_run_config(path).to_dict()
+        record = _adopted_record(path)[0] if is_record else None
+        saved = record["settings"] if record is not None else load_run_config(path).to_dict()
         cell = next((c for c in study.cells if configs[c.id] == saved), None)
         what = "record" if is_record else "run"
         if cell is None:
             raise MLSA4RecError(f"{str(path)!r} is no cell of study {study.name!r} (no cell has its model, dataset "
                                 f"and settings); adopt only {what}s made with a cell's exact settings")
-        if is_record:  # a run's data is checked when its record is made; a record's, here
+        if record is not None:  # a run's data is checked when its record is made; a record's, here
             data = load_run_data(cell_config(cell, study), study.data_dir)
-            if _adopted_record(path)[0].get("data_fingerprint") != data.fingerprint:
+            if record.get("data_fingerprint") != data.fingerprint:
                 raise MLSA4RecError(f"record {str(path)!r} was made on other data than cell {cell.id} reads now (the "
                                     "data fingerprints differ); train the cell instead")
         matches.append((cell, path.resolve()))

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _requested = False  # a plain flag: the handler only sets it (no lock, no I/O inside a signal handler)
+SIGTERM_RECEIVED = "SIGTERM received"
+BUDGET_SPENT = "the time budget ran out"
 
 
 def requested() -> bool:
@@ -23,7 +25,7 @@ def requested() -> bool:
 
 def why_paused() -> str:
     """What paused a run, for its message."""
-    return "SIGTERM received" if _requested else "the time budget ran out"
+    return SIGTERM_RECEIVED if _requested else BUDGET_SPENT
 
 
 def _handler(signum, frame) -> None:

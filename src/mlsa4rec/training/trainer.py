@@ -373,10 +373,11 @@ class Trainer:
         return late
 
     def _why_paused(self) -> str:
-        if not self.group.active and stop.requested():
+        if self.group.active:  # several processes pause only on the shared deadline (``out_of_time``)
+            return stop.BUDGET_SPENT
+        if stop.requested():
             log.warning("SIGTERM: pausing here, at a checkpoint")
-            return "SIGTERM received"
-        return "the time budget ran out"
+        return stop.why_paused()
 
     def checkpoint(self) -> None:
         """Hand the current state to ``on_checkpoint`` (collective: every rank's random states)."""
