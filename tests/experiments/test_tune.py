@@ -160,6 +160,26 @@ def test_a_trial_whose_worker_stopped_here_is_continued_at_once_before_any_new_d
     assert [t.params for t in trials(root) if t.state.name == "COMPLETE"] == [killed]
 
 
+def test_a_second_ctrl_c_while_an_interrupted_trial_is_queued_again_does_not_lose_it(
+        successor_file: Path, tmp_path: Path, monkeypatch) -> None:
+    def interrupted(n, out, kwargs):
+        raise KeyboardInterrupt  # the first Ctrl-C, during training
+
+    monkeypatch.setattr(run_module, "train", FakeTrain(step=interrupted))
+    enqueue = optuna.Study.enqueue_trial
+
+    def enqueue_under_a_second_ctrl_c(self, *args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return enqueue(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", enqueue_under_a_second_ctrl_c)
+    root = tmp_path / "tune"
+    with pytest.raises(KeyboardInterrupt):
+        tune("gru4rec", str(successor_file), space(tmp_path, LR), 1, root)
+    (interrupted_trial, queued) = trials(root)
+    assert queued.state.name == "WAITING" and queued.system_attrs["fixed_params"] == interrupted_trial.params
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ({"learning_rat": {"type": "log", "low": 1e-4, "high": 1e-2}}, "unknown config key 'learning_rat'"),
     ({"learning_rate": {"type": "log", "low": 1e-2, "high": 1e-2}}, "is empty"),

@@ -184,6 +184,22 @@ def test_a_second_sigterm_is_the_default_again_and_the_handler_is_restored_after
     assert signal.getsignal(signal.SIGTERM) == before and not stop.requested()
 
 
+def test_a_ctrl_c_inside_sigint_deferred_takes_effect_when_the_block_ends() -> None:
+    import signal
+
+    from mlsa4rec.training import stop
+
+    before, done = signal.getsignal(signal.SIGINT), []
+    with pytest.raises(KeyboardInterrupt):
+        with stop.sigint_deferred():
+            signal.raise_signal(signal.SIGINT)  # a Ctrl-C here: the block goes on to its end
+            done.append("the write")
+    assert done == ["the write"] and signal.getsignal(signal.SIGINT) == before
+    with stop.sigint_deferred():  # none: nothing raised, the handler restored
+        pass
+    assert signal.getsignal(signal.SIGINT) == before
+
+
 TRAIN = ["-q", "train", "--model", "sasrec", "--dataset", "x", "--output-dir", "y"]
 
 

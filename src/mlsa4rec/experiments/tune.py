@@ -270,12 +270,14 @@ def tune(model: str, dataset: str, space_file: str | Path, trials: int, out_dir:
             raise optuna.TrialPruned("another worker trains these settings") from None
         except TimeBudgetSpent:
             paused = True
-            opt.enqueue_trial(trial.params)
+            with stop.sigint_deferred():
+                opt.enqueue_trial(trial.params)
             trial.set_user_attr("paused", True)
             opt.stop()
             raise optuna.TrialPruned("paused") from None
         except KeyboardInterrupt:  # Ctrl-C: its settings are queued again, to continue from the checkpoint
-            opt.enqueue_trial(trial.params)
+            with stop.sigint_deferred():  # (a second Ctrl-C meanwhile would lose them)
+                opt.enqueue_trial(trial.params)
             raise
         return float(results["valid"][metric])
 

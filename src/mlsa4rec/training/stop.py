@@ -55,3 +55,26 @@ def pause_on_sigterm() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         _requested = False
+
+
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """A Ctrl-C (SIGINT) during this block takes effect when it ends: for short writes that must
+    finish once begun (a second Ctrl-C while an interrupted tuning queues its trial's settings again
+    would otherwise lose them). Outside the main thread, or with SIGINT ignored, nothing changes."""
+    caught: list[int] = []
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+        if previous == signal.SIG_IGN:
+            yield
+            return
+        signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        if caught:  # the Ctrl-C held back, as the handler before the block takes it
+            signal.raise_signal(signal.SIGINT)
