@@ -10,7 +10,13 @@ a histogram of both states on shared bins.
     python benchmarks/gate_health.py studies/beauty-quick/runs/main/mlsa4rec-causal/amazon-beauty/seed-2020 \
         --out docs/results/gate_health
 
-Writes OUT.json, OUT.md and OUT.png (the histograms); prints the table.
+Writes OUT.json, OUT.md and OUT.png (the histograms); prints the table. ``--add`` keeps the runs
+OUT.json already holds (each with the command and commit that measured it) and adds or replaces
+the ones given: a study's run directories do not outlive the machine they trained on (its records
+do), so each slice measures its own new runs and adds them to the page.
+
+    python benchmarks/gate_health.py studies/reproduction/runs/main/mlsa4rec-causal/ml-1m/seed-2020 \
+        --out docs/results/gate_health --add
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import command, machine, table, write_report
+from common import command, git_commit, machine, table, write_report
 from mlsa4rec.errors import MLSA4RecError
 from mlsa4rec.evaluation.gate import BINS, NEAR_ZERO, SATURATION, gate_summary, gate_values
 from mlsa4rec.runs.loading import build_run_model, load_run
@@ -46,6 +52,24 @@ def run_gates(run_dir: str, data_dir: str | None, batch_size: int) -> dict[str, 
                        for state, values in states.items()})
     return {"run": str(run_dir), "variant": config.hyper.variant, "gate_act": config.hyper.gate_act,
             "dataset": str(config.dataset), "users": int(len(run.data.eval_targets("test"))), "layers": layers}
+
+
+def earlier_results(stem: str) -> list[dict[str, Any]]:
+    """The results OUT.json holds, each with the command and commit that measured it (``--add``)."""
+    import json
+
+    path = Path(f"{stem}.json")
+    if not path.is_file():
+        return []
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        results = report["results"]
+        assert isinstance(results, list) and all(isinstance(r["run"], str) and r["layers"] for r in results)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise MLSA4RecError(f"--add: {str(path)!r} is not a gate_health.py report; pass another --out, or leave "
+                            "out --add to write a new one there") from None
+    return [{"command": report.get("command"), "commit": report.get("machine", {}).get("commit"), **r}
+            for r in results]
 
 
 def figure(results: list[dict[str, Any]], path: Path) -> None:
@@ -71,6 +95,7 @@ def figure(results: list[dict[str, Any]], path: Path) -> None:
 
 def page(report: dict[str, Any]) -> str:
     rows = []
+    commands = list(dict.fromkeys(r["command"] for r in report["results"]))  # in order, each once
     for r in report["results"]:
         for state, s in r["layers"][0].items():
             q = s["quantiles"]
@@ -84,7 +109,7 @@ def page(report: dict[str, Any]) -> str:
             f"or less: GELU below {SATURATION['gelu'][0]}, where above it GELU is the identity, so a dash; the sigmoid "
             f"below {SATURATION['sigmoid'][0]} or above {SATURATION['sigmoid'][1]}). "
             f"CPU: {report['machine']['cpu']}.\n\n"
-            f"```bash\n{report['command']}\n```\n\n"
+            "```bash\n" + "\n".join(commands) + "\n```\n\n"
             + table(["run", "variant", "state", "mean", "std", "5 / 50 / 95 %", "near 0", "saturated low",
                      "saturated high"], rows, align="lllrrrrrr") + "\n"
             + (f"\n![gate histograms]({Path(report['figure']).name})\n" if report["figure"] else ""))
@@ -96,13 +121,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", help="where the runs' data is (default: where each run found it)")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--out", help="write OUT.json, OUT.md and OUT.png")
+    p.add_argument("--add", action="store_true",
+                   help="keep the runs OUT.json holds; add the ones given (replacing those measured again)")
     args = p.parse_args(argv)
+    if args.add and not args.out:
+        p.error("--add needs --out (the report to add to)")
+    this = {"command": command("gate_health.py", argv), "commit": git_commit()}
     try:
-        results = [run_gates(r, args.data_dir, args.batch_size) for r in args.run_dirs]
+        kept = earlier_results(args.out) if args.add else []
+        results = [{**this, **run_gates(r, args.data_dir, args.batch_size)} for r in args.run_dirs]
     except MLSA4RecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    report = {"command": command("gate_health.py", argv), "machine": machine(torch.get_num_threads()),
+    again = {str(Path(r["run"])) for r in results}
+    results = [r for r in kept if str(Path(r["run"])) not in again] + results
+    report = {"command": this["command"], "machine": machine(torch.get_num_threads()),
               "figure": f"{args.out}.png" if args.out else None, "results": results}
     text = page(report)
     print(text)

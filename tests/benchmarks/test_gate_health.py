@@ -49,3 +49,29 @@ def test_a_run_of_another_model_is_one_error_line(successor_file: Path, tmp_path
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "gru4rec run" in err and err.count("\n") == 1
+
+
+def test_add_keeps_the_runs_measured_before_and_replaces_one_measured_again(successor_file: Path, tmp_path: Path,
+                                                                           capsys) -> None:
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "gate"
+    train("mlsa4rec", str(successor_file), first, overrides={**TINY, "variant": "causal"})
+    train("mlsa4rec", str(successor_file), second, overrides={**TINY, "variant": "masked", "seed": 4})
+    gh.main([str(first), "--out", str(out)])
+    before = json.loads((tmp_path / "gate.json").read_text())["results"]
+    gh.main([str(second), "--out", str(out), "--add"])  # (the first run's directory may be gone by now)
+    report = json.loads((tmp_path / "gate.json").read_text())
+    assert [r["run"] for r in report["results"]] == [str(first), str(second)]
+    assert report["results"][0]["layers"] == before[0]["layers"]
+    page = (tmp_path / "gate.md").read_text()
+    assert page.count("python benchmarks/gate_health.py") == 2 and "--add" in page  # each row's own command
+    gh.main([str(first), "--out", str(out), "--add"])  # measured again: replaced, not twice
+    assert sorted(r["run"] for r in json.loads((tmp_path / "gate.json").read_text())["results"]) == sorted(
+        [str(first), str(second)])
+    capsys.readouterr()
+    (tmp_path / "junk.json").write_text('{"rows": []}')
+    with pytest.raises(SystemExit) as exit_:
+        gh.main([str(first), "--out", str(tmp_path / "junk"), "--add"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --add: ") and "not a gate_health.py report" in err and err.count("\n") == 1
+    assert (tmp_path / "junk.json").read_text() == '{"rows": []}'  # left as it was
