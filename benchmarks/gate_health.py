@@ -93,6 +93,27 @@ def figure(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+SATURATES = 1.0  # % of pre-activations where the activation is flat, above which a page says the gate saturates
+
+
+def verdict(results: list[dict[str, Any]]) -> str:
+    """The answer in one sentence, from the numbers: does a trained gate saturate or shut?"""
+    def share(key: str, state: str) -> list[float]:
+        return [100 * (r["layers"][0][state][key] or 0.0) for r in results]
+
+    saturated = [max(a, b) for a, b in zip(share("saturated_low", "trained"), share("saturated_high", "trained"),
+                                           strict=True)]
+    shut, shut0 = share("near_zero", "trained"), share("near_zero", "initialisation")
+    means = {state: [r["layers"][0][state]["mean"] for r in results] for state in ("initialisation", "trained")}
+    word = "does not saturate" if max(saturated) <= SATURATES else f"saturates (above {SATURATES} %)"
+    return (f"**In {len(results)} trained run(s) the gate {word}**: at most {max(saturated):.1f} % of the "
+            f"pre-activations lie where the activation is flat on either side. {min(shut):.1f}-{max(shut):.1f} % "
+            f"of its values are near 0 (channels of the Mamba branch shut), against {min(shut0):.1f}-"
+            f"{max(shut0):.1f} % at initialisation; its mean moved from {min(means['initialisation']):.3f}-"
+            f"{max(means['initialisation']):.3f} to "
+            f"{min(means['trained']):.3f}-{max(means['trained']):.3f}.")
+
+
 def page(report: dict[str, Any]) -> str:
     rows = []
     commands = list(dict.fromkeys(r["command"] for r in report["results"]))  # in order, each once
@@ -109,7 +130,7 @@ def page(report: dict[str, Any]) -> str:
             f"or less: GELU below {SATURATION['gelu'][0]}, where above it GELU is the identity, so a dash; the sigmoid "
             f"below {SATURATION['sigmoid'][0]} or above {SATURATION['sigmoid'][1]}). "
             f"CPU: {report['machine']['cpu']}.\n\n"
-            "```bash\n" + "\n".join(commands) + "\n```\n\n"
+            "```bash\n" + "\n".join(commands) + "\n```\n\n" + verdict(report["results"]) + "\n\n"
             + table(["run", "variant", "state", "mean", "std", "5 / 50 / 95 %", "near 0", "saturated low",
                      "saturated high"], rows, align="lllrrrrrr") + "\n"
             + (f"\n![gate histograms]({Path(report['figure']).name})\n" if report["figure"] else ""))

@@ -75,3 +75,14 @@ def test_add_keeps_the_runs_measured_before_and_replaces_one_measured_again(succ
     err = capsys.readouterr().err
     assert err.startswith("error: --add: ") and "not a gate_health.py report" in err and err.count("\n") == 1
     assert (tmp_path / "junk.json").read_text() == '{"rows": []}'  # left as it was
+
+
+def test_the_verdict_follows_the_numbers() -> None:
+    def result(low: float, high: float | None, near: float) -> dict:
+        state = {"saturated_low": low, "saturated_high": high, "near_zero": near, "mean": 0.1}
+        return {"layers": [{"initialisation": {**state, "near_zero": 0.1}, "trained": state}]}
+
+    calm = gh.verdict([result(0.0, None, 0.15), result(0.002, 0.001, 0.2)])
+    assert "2 trained run(s) the gate does not saturate" in calm and "at most 0.2 %" in calm
+    assert "15.0-20.0 % of its values are near 0" in calm and "against 10.0-10.0 %" in calm
+    assert "gate saturates (above 1.0 %)" in gh.verdict([result(0.0, 0.3, 0.1)])
