@@ -546,6 +546,7 @@ def test_damaged_records_other_heartbeats_and_unknown_storages_are_one_error_lin
         assert main(command) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: study record") and err.count("\n") == 1
+        assert f"restore it (git checkout -- {record}" in err  # before deleting: a committed record outlives its run
 
 
 def test_the_longest_history_quarter_needs_every_record_to_carry_lengths() -> None:

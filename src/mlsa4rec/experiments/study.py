@@ -935,7 +935,7 @@ def _adopted_record(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     try:
         return read_record(path)
     except MLSA4RecError as exc:
-        why = str(exc).split("; delete it")[0].replace("study record", "--adopt", 1)
+        why = str(exc).split(_record_fix(path))[0].replace("study record", "--adopt", 1)
         raise MLSA4RecError(f"{why}: not a study record that can be adopted; pass a records/.../seed-N.npz that "
                             "`mlsa4rec study run` wrote, or a finished run directory") from None
 
@@ -997,6 +997,13 @@ def _save_record(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]
     return path
 
 
+def _record_fix(path: Path) -> str:
+    """What to do with a record that cannot be trusted: records are committed and outlive their run
+    directories, so restoring one comes before deleting it."""
+    return (f"; restore it (git checkout -- {shlex.quote(str(path))}, where the study directory is committed), or "
+            "delete it: it is rebuilt from its run directory where that still exists, else its cell is trained again")
+
+
 def read_record(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """A record, its arrays checked against the digests it carries (a damaged record is refused)."""
     try:
@@ -1004,12 +1011,11 @@ def read_record(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             meta = json.loads(f["meta"].tobytes().decode())
             arrays = {k: f[k] for k in f.files if k != "meta"}
     except (OSError, ValueError, KeyError, UnicodeDecodeError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise MLSA4RecError(f"study record {str(path)!r} cannot be read ({exc}); delete it to rebuild it from its run "
-                            "directory") from None
+        raise MLSA4RecError(f"study record {str(path)!r} cannot be read ({exc}){_record_fix(path)}") from None
     if meta.get("format") not in (1, RECORD_FORMAT) or any(array_digest(arrays.get(k, np.zeros(0))) != d
                                                   for k, d in meta.get("digests", {}).items()):
-        raise MLSA4RecError(f"study record {str(path)!r} is damaged (its arrays do not match their checksums); delete "
-                            "it to rebuild it from its run directory")
+        raise MLSA4RecError(f"study record {str(path)!r} is damaged (its arrays do not match their checksums)"
+                            f"{_record_fix(path)}")
     return meta, arrays
 
 
