@@ -200,6 +200,43 @@ def test_a_ctrl_c_inside_sigint_deferred_takes_effect_when_the_block_ends() -> N
     assert signal.getsignal(signal.SIGINT) == before
 
 
+@pytest.mark.parametrize("where", ["SIGTERM ignored", "another thread"])
+def test_an_error_inside_the_signal_blocks_is_that_error_where_nothing_is_installed(where: str) -> None:
+    """Where no handler can be installed, the block's own error comes out (a ValueError was once
+    taken for the set-up's and became 'generator didn't stop after throw()')."""
+    import signal
+    import threading
+
+    from mlsa4rec.training import stop
+
+    def run() -> list[str]:
+        seen = []
+        for block in (stop.pause_on_sigterm, stop.sigint_deferred):
+            try:
+                with block():
+                    raise ValueError("the block's own error")
+            except ValueError as exc:
+                seen.append(str(exc))
+        return seen
+
+    if where == "another thread":
+        out: list[list[str]] = []
+        thread = threading.Thread(target=lambda: out.append(run()))
+        thread.start()
+        thread.join()
+        assert out == [["the block's own error"] * 2]
+        return
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert run() == ["the block's own error"] * 2
+        assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # still ignored
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
+
+
 TRAIN = ["-q", "train", "--model", "sasrec", "--dataset", "x", "--output-dir", "y"]
 
 

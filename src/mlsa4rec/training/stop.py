@@ -34,6 +34,20 @@ def _handler(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
 
 
+def _install(signum: int, handler) -> object | None:
+    """Install ``handler`` for ``signum``; returns the handler before it, or None where nothing was
+    installed: the signal ignored on entry (by whoever started this process) stays ignored, and
+    outside the main thread signals cannot be handled."""
+    previous = signal.getsignal(signum)
+    if previous == signal.SIG_IGN:
+        return None
+    try:
+        signal.signal(signum, handler)
+    except ValueError:  # not the main thread
+        return None
+    return previous if previous is not None else signal.SIG_DFL
+
+
 @contextmanager
 def pause_on_sigterm() -> Iterator[None]:
     """Within this block the first SIGTERM asks the running training to pause at its next step;
@@ -41,19 +55,12 @@ def pause_on_sigterm() -> Iterator[None]:
     whoever started this process) stays ignored, and outside the main thread nothing changes."""
     global _requested
     _requested = False
+    previous = _install(signal.SIGTERM, _handler)
     try:
-        previous = signal.getsignal(signal.SIGTERM)
-        if previous == signal.SIG_IGN:
-            yield
-            return
-        signal.signal(signal.SIGTERM, _handler)
-    except ValueError:  # not the main thread: signals cannot be handled here
-        yield
-        return
-    try:
-        yield
+        yield  # (outside the set-up's try: an error of the block is never taken for the set-up's)
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         _requested = False
 
 
@@ -63,18 +70,11 @@ def sigint_deferred() -> Iterator[None]:
     finish once begun (a second Ctrl-C while an interrupted tuning queues its trial's settings again
     would otherwise lose them). Outside the main thread, or with SIGINT ignored, nothing changes."""
     caught: list[int] = []
-    try:
-        previous = signal.getsignal(signal.SIGINT)
-        if previous == signal.SIG_IGN:
-            yield
-            return
-        signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    except ValueError:  # not the main thread: signals cannot be handled here
-        yield
-        return
+    previous = _install(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
-        if caught:  # the Ctrl-C held back, as the handler before the block takes it
-            signal.raise_signal(signal.SIGINT)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+            if caught:  # the Ctrl-C held back, as the handler before the block takes it
+                signal.raise_signal(signal.SIGINT)
