@@ -174,8 +174,13 @@ def test_a_second_ctrl_c_while_an_interrupted_trial_is_queued_again_does_not_los
 
     monkeypatch.setattr(optuna.Study, "enqueue_trial", enqueue_under_a_second_ctrl_c)
     root = tmp_path / "tune"
-    with pytest.raises(KeyboardInterrupt):
-        tune("gru4rec", str(successor_file), space(tmp_path, LR), 1, root)
+    # Ctrl-C as a terminal gives it (a shell's background job, as CI may run us, starts with it ignored)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tune("gru4rec", str(successor_file), space(tmp_path, LR), 1, root)
+    finally:
+        signal.signal(signal.SIGINT, outer)
     (interrupted_trial, queued) = trials(root)
     assert queued.state.name == "WAITING" and queued.system_attrs["fixed_params"] == interrupted_trial.params
 

@@ -189,15 +189,19 @@ def test_a_ctrl_c_inside_sigint_deferred_takes_effect_when_the_block_ends() -> N
 
     from mlsa4rec.training import stop
 
-    before, done = signal.getsignal(signal.SIGINT), []
-    with pytest.raises(KeyboardInterrupt):
-        with stop.sigint_deferred():
-            signal.raise_signal(signal.SIGINT)  # a Ctrl-C here: the block goes on to its end
-            done.append("the write")
-    assert done == ["the write"] and signal.getsignal(signal.SIGINT) == before
-    with stop.sigint_deferred():  # none: nothing raised, the handler restored
-        pass
-    assert signal.getsignal(signal.SIGINT) == before
+    # Ctrl-C as a terminal gives it (a shell's background job, as CI may run us, starts with it ignored)
+    outer, done = signal.signal(signal.SIGINT, signal.default_int_handler), []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with stop.sigint_deferred():
+                signal.raise_signal(signal.SIGINT)  # a Ctrl-C here: the block goes on to its end
+                done.append("the write")
+        assert done == ["the write"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with stop.sigint_deferred():  # none: nothing raised, the handler restored
+            pass
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 @pytest.mark.parametrize("where", ["SIGTERM ignored", "another thread"])
