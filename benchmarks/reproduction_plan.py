@@ -3,9 +3,10 @@
 Seconds per epoch (training + one validation) come from ``epoch_time.py --study`` (its JSON, one
 per study and dataset, in ``docs/results/``); the number of cells (seeds) from the study files
 themselves; the epochs each cell will run are the mean of its finished seeds' (their records in the
-study directory), else the assumptions below (a finished run's epochs where one existed, else the
-recipe's cap). Hours done are the finished cells' own training seconds (as they ran, other work
-possibly beside them).
+study directory), else those of the same model's finished cells on a sibling dataset (Video Games
+from Beauty: the same recipe on a catalogue of the same kind), else the assumptions below (a finished
+run's epochs where one existed, else the recipe's cap). Hours done are the finished cells' own
+training seconds (as they ran, other work possibly beside them).
 
     python benchmarks/epoch_time.py --study studies/reproduction.yaml --dataset amazon-beauty --full \\
         --full-limit 150 --steps 10 --json docs/results/epoch_time_study_reproduction_amazon-beauty.json
@@ -36,6 +37,9 @@ EPOCHS = {
                                      "no-norm-layers": 54, "lsa-on-embeddings": 54},
     ("long-sequences", "ml-1m"): {"*": 20},  # a fixed 20-epoch cosine (configs/*-ml-1m-quick.yaml)
 }
+# a block whose cells, until their own seeds finish, are expected to run as many epochs as the same
+# model's finished cells in this other (study, dataset)
+SIBLING = {("reproduction", "amazon-video-games"): ("reproduction", "amazon-beauty", "Beauty's")}
 BLOCKS = [("1. Beauty", "reproduction", "amazon-beauty"), ("1. Video Games", "reproduction", "amazon-video-games"),
           ("2. ML-1M", "reproduction", "ml-1m"), ("3. Ablations", "ablations", "amazon-beauty"),
           ("4. Long sequences", "long-sequences", "ml-1m")]
@@ -72,6 +76,11 @@ def cells_per_case(study_file: Path, dataset: str) -> tuple[Counter, dict[str, i
     return counts, eval_step, finished
 
 
+def mean_epochs(records: list[dict]) -> int:
+    """The epochs that finished cells ran, on average (rounded)."""
+    return round(sum(m["epochs_run"] for m in records) / len(records))
+
+
 def block_table(title: str, study: str, dataset: str, results_dir: Path) -> tuple[str, float, float]:
     """The block's Markdown table and its hours done (the finished cells' own training seconds) and
     left (the cells not finished, at the quiet s/epoch and the epochs their finished seeds ran, else
@@ -90,6 +99,10 @@ def block_table(title: str, study: str, dataset: str, results_dir: Path) -> tupl
         speedup = {case: rows[label]["0"] / rows[label]["16384"]
                    for case, label in REVALIDATED[(study, dataset)].items()}
     counts, eval_step, finished = cells_per_case(REPO / "studies" / f"{study}.yaml", dataset)
+    sibling, whose = {}, ""
+    if (study, dataset) in SIBLING:
+        other_study, other_dataset, whose = SIBLING[(study, dataset)]
+        sibling = cells_per_case(REPO / "studies" / f"{other_study}.yaml", other_dataset)[2]
     epochs = EPOCHS[(study, dataset)]
     lines = [f"### {title} (`{name}`)", "",
              "| cell | s/epoch: train + valid | source | epochs | cells: done / all | h: done / left |",
@@ -107,8 +120,11 @@ def block_table(title: str, study: str, dataset: str, results_dir: Path) -> tupl
 
         records = finished.get(case, [])
         if records:
-            n_epochs = round(sum(m["epochs_run"] for m in records) / len(records))
+            n_epochs = mean_epochs(records)
             shown = f"{n_epochs} (its {len(records)} finished)"
+        elif case in sibling:
+            n_epochs = mean_epochs(sibling[case])
+            shown = f"{n_epochs} ({whose} {len(sibling[case])} finished)"
         else:
             n_epochs = epochs.get(case, epochs.get("*"))
             shown = f"{n_epochs} (assumed)" if n_epochs else "0 (adopted)"

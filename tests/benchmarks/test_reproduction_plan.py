@@ -58,3 +58,38 @@ def test_finished_cells_count_as_done_and_set_the_epochs_of_their_other_seeds(tm
     row = next(line for line in text.splitlines() if line.startswith("| no-gate |"))
     assert "10 (its 1 finished)" in row and "| 1 / 3 |" in row and done == 2.0
     assert left < left0  # two seeds left, at 10 epochs each, not three at the assumed 54
+
+
+def test_a_sibling_datasets_finished_cells_set_the_epochs_until_its_own_finish(tmp_path, monkeypatch) -> None:
+    """Video Games cells with no finished seed of their own expect the epochs their model ran on
+    Beauty (the same recipe), not the static assumption; their own record, once written, wins."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    (tmp_path / "studies").mkdir()
+    shutil.copy(REPO / "studies" / "reproduction.yaml", tmp_path / "studies" / "reproduction.yaml")
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.setattr(plan, "REPO", tmp_path)
+    results = REPO / "docs" / "results"
+
+    def row(text: str) -> str:
+        return next(line for line in text.splitlines() if line.startswith("| gru4rec |"))
+
+    def record(dataset: str, epochs: int) -> None:
+        study = plan.load_study(tmp_path / "studies" / "reproduction.yaml", check=False)
+        cell = next(c for c in study.cells if c.entry.label == "gru4rec" and plan.dataset_name(c.dataset) == dataset)
+        path = cell.record_path(study.directory)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": 2, "epochs_run": epochs, "train_seconds": 600.0, "digests": {}}
+        np.savez(path, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+
+    text, _, left0 = plan.block_table("1", "reproduction", "amazon-video-games", results)
+    assert f"{plan.AMAZON['gru4rec']} (assumed)" in row(text)
+    record("amazon-beauty", 200)
+    text, _, left1 = plan.block_table("1", "reproduction", "amazon-video-games", results)
+    assert "200 (Beauty's 1 finished)" in row(text) and left1 > left0
+    record("amazon-video-games", 30)
+    text, done, _ = plan.block_table("1", "reproduction", "amazon-video-games", results)
+    assert "30 (its 1 finished)" in row(text) and "| 1 / 1 |" in row(text) and abs(done - 600 / 3600) < 1e-9
