@@ -305,6 +305,49 @@ def test_whole_cells_costs_a_cell_from_its_other_seeds_and_its_model_s_epochs(su
     assert "main/sasrec/succ/seed-3" in fit.too_long
 
 
+def test_whole_cells_guesses_a_cell_new_to_its_dataset_from_its_model_s_pace_elsewhere(
+        successor_file: Path, tmp_path: Path, monkeypatch) -> None:
+    """A cell with no seed recorded on its dataset is costed from its model's pace on another
+    dataset, scaled by how much slower the models recorded on both run on its own; without such a
+    model there is no guess and it runs."""
+    import shutil
+
+    other = tmp_path / "other.txt"
+    shutil.copy(successor_file, other)
+    study = write_study(tmp_path, successor_file, seeds=[1, 2], datasets=[str(successor_file), str(other)],
+                        models={"sasrec": {"set": {**SASREC, "epochs": 5, "stopping_step": 1}},
+                                "gru4rec": {"set": TINY}})
+    monkeypatch.chdir(tmp_path)
+    loaded = load_study(study)
+    cells = {(c.entry.label, Path(c.dataset).stem): c for c in loaded.cells if c.seed == 2}  # seed 1 recorded
+    fake = tmp_path / "fake-records"
+    fake.mkdir()
+    records: dict[Path, dict] = {}
+
+    def record(label: str, dataset: str, pace: float, epochs: int) -> None:
+        path = fake / f"{label}-{dataset}-1.npz"
+        path.touch()
+        records[path] = {"epochs_run": epochs, "history": [{"epoch": e, "train_seconds": pace * 0.9,
+                                                             "eval_seconds": pace * 0.1} for e in range(epochs)]}
+
+    monkeypatch.setattr(study_module.Cell, "record_path",
+                        lambda self, root: fake / f"{self.entry.label}-{Path(self.dataset).stem}-{self.seed}.npz")
+    monkeypatch.setattr(study_module, "read_record", lambda path: (records[Path(path)], {}))
+    record("sasrec", "succ", 100.0, 3)
+    record("gru4rec", "succ", 50.0, 2)
+    gru_other = cells[("gru4rec", "other")]
+    fit = study_module.Fit(loaded)
+    assert fit.guessed_seconds(gru_other) is None and fit.may_start(gru_other, 1.0)  # no model ran on both
+    record("sasrec", "other", 200.0, 3)  # sasrec is twice as slow there: gru4rec's 2 epochs of 50 s, doubled
+    fit = study_module.Fit(loaded)
+    assert fit.guessed_seconds(gru_other) == pytest.approx(200.0)
+    assert fit.may_start(gru_other, 201.0) and not fit.may_start(gru_other, 199.0)
+    assert fit.too_long == {gru_other.id}
+    record("gru4rec", "other", 10.0, 2)  # once a seed ran there, its own seconds decide (20 s), not a guess
+    fit = study_module.Fit(loaded)
+    assert fit.may_start(gru_other, 21.0) and not fit.may_start(gru_other, 19.0)
+
+
 def test_finished_runs_are_adopted_as_cells_and_not_trained_again(successor_file: Path, tmp_path: Path,
                                                                   monkeypatch) -> None:
     study = write_study(tmp_path, successor_file, seeds=[1], models={"sasrec": {"set": SASREC}})

@@ -823,16 +823,24 @@ def run_cell(cell: Cell, study: Study, time_budget_s: float | None,
     return float(meta["valid"][meta["settings"]["valid_metric"]])
 
 
+def _seconds(meta: dict[str, Any]) -> float:
+    """A recorded cell's seconds, training and validation."""
+    return sum(row.get("train_seconds", 0.0) + row.get("eval_seconds", 0.0) for row in meta["history"])
+
+
 class Fit:
     """``--whole-cells``: which cells a worker starts with the time budget it has left. A cell's
     cost comes from the study's own records: seconds (validation included) as its other seeds
     took on the same dataset and group, the longest; epochs as its ``epochs`` where early stopping
     cannot end it sooner (``stopping_step`` + 1 >= ``epochs``), else the most that cells of its
     model entry ran in its group on any dataset, else the median that every recorded cell of its
-    group ran (at most its ``epochs``). A cell whose known cost exceeds the time left is not
-    started; one under way is paused after any epoch whose pace, times the epochs still expected,
-    exceeds it (an epoch lost, not a slice). A cell with no record to go by runs, as without the
-    option. Recorded seconds include whatever else shared the machine, so they err long."""
+    group ran (at most its ``epochs``). A cell with no seed recorded on its dataset is costed from
+    its model's pace on another dataset times how much slower the models recorded on both run on
+    its own (the median ratio), so that the end of a slice is not spent on first epochs of cells
+    that cannot finish. A cell whose known cost exceeds the time left is not started; one under
+    way is paused after any epoch whose pace, times the epochs still expected, exceeds it (an
+    epoch lost, not a slice). A cell with no record to go by runs, as without the option.
+    Recorded seconds include whatever else shared the machine, so they err long."""
 
     def __init__(self, study: Study) -> None:
         self.study = study
@@ -867,15 +875,42 @@ class Fit:
                 return None
         return min(max(ran), train.epochs)
 
+    def guessed_seconds(self, cell: Cell) -> float | None:
+        """What ``cell`` would take where none of its seeds ran on its dataset: its expected epochs
+        at its model's pace on another dataset, times the median ratio of the paces (its dataset's
+        to that one's) of the models recorded on both; the longest such guess, None without one."""
+        epochs = self.expected_epochs(cell)
+        paces: dict[tuple[str, str], list[float]] = {}
+        for c in self.study.cells:
+            meta = self._meta(c) if c.group == cell.group else None
+            if meta is not None and meta["history"]:
+                paces.setdefault((c.entry.label, c.dataset), []).append(_seconds(meta) / len(meta["history"]))
+        pace = {key: float(np.mean(values)) for key, values in paces.items()}
+        guesses = []
+        for (label, dataset), own in pace.items():
+            if label != cell.entry.label or dataset == cell.dataset:
+                continue
+            ratios = [pace[(other, cell.dataset)] / there for (other, d), there in pace.items()
+                      if d == dataset and (other, cell.dataset) in pace]
+            if ratios:
+                guesses.append(own * float(np.median(ratios)))
+        return epochs * max(guesses) if epochs and guesses else None
+
     def may_start(self, cell: Cell, remaining: float) -> bool:
-        """False for a cell not yet begun whose other seeds took longer than ``remaining``."""
+        """False for a cell not yet begun whose other seeds took longer than ``remaining`` (or, none
+        of them on its dataset, whose guessed cost exceeds it)."""
         if cell_state(cell, self.study.directory) != "new":
             return True
-        took = [sum(row.get("train_seconds", 0.0) + row.get("eval_seconds", 0.0) for row in meta["history"])
-                for meta in self._records(cell, same_dataset=True)]
+        took = [_seconds(meta) for meta in self._records(cell, same_dataset=True)]
         if took and max(took) > remaining:
             log.info("cell %s: its other seeds took up to %.0f s, %.0f s are left: for a later slice (--whole-cells)",
                      cell.id, max(took), remaining)
+            self.too_long.add(cell.id)
+            return False
+        guess = None if took else self.guessed_seconds(cell)
+        if guess is not None and guess > remaining:
+            log.info("cell %s: about %.0f s from its pace on another dataset, %.0f s are left: for a later slice "
+                     "(--whole-cells)", cell.id, guess, remaining)
             self.too_long.add(cell.id)
             return False
         return True
