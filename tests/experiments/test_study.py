@@ -308,8 +308,8 @@ def test_whole_cells_costs_a_cell_from_its_other_seeds_and_its_model_s_epochs(su
 def test_whole_cells_guesses_a_cell_new_to_its_dataset_from_its_model_s_pace_elsewhere(
         successor_file: Path, tmp_path: Path, monkeypatch) -> None:
     """A cell with no seed recorded on its dataset is costed from its model's pace on another
-    dataset, scaled by how much slower the models recorded on both run on its own; without such a
-    model there is no guess and it runs."""
+    dataset, scaled by how much slower the models recorded (or watched by this worker) on both run on
+    its own; without such a model there is no guess and it runs."""
     import shutil
 
     other = tmp_path / "other.txt"
@@ -338,6 +338,9 @@ def test_whole_cells_guesses_a_cell_new_to_its_dataset_from_its_model_s_pace_els
     gru_other = cells[("gru4rec", "other")]
     fit = study_module.Fit(loaded)
     assert fit.guessed_seconds(gru_other) is None and fit.may_start(gru_other, 1.0)  # no model ran on both
+    hook = fit.watch(cells[("sasrec", "other")], 1e6)  # an epoch this worker watched there counts as recorded
+    assert hook({"epoch": 1, "train_seconds": 180.0, "eval_seconds": 20.0}) is None
+    assert fit.guessed_seconds(gru_other) == pytest.approx(200.0)
     record("sasrec", "other", 200.0, 3)  # sasrec is twice as slow there: gru4rec's 2 epochs of 50 s, doubled
     fit = study_module.Fit(loaded)
     assert fit.guessed_seconds(gru_other) == pytest.approx(200.0)

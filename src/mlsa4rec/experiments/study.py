@@ -836,8 +836,9 @@ class Fit:
     model entry ran in its group on any dataset, else the median that every recorded cell of its
     group ran (at most its ``epochs``). A cell with no seed recorded on its dataset is costed from
     its model's pace on another dataset times how much slower the models recorded on both run on
-    its own (the median ratio), so that the end of a slice is not spent on first epochs of cells
-    that cannot finish. A cell whose known cost exceeds the time left is not started; one under
+    its own (the median ratio; a pace this worker watched counts as recorded, so one paused first
+    epoch on a new dataset is enough), so that the end of a slice is not spent on first epochs of
+    cells that cannot finish. A cell whose known cost exceeds the time left is not started; one under
     way is paused after any epoch whose pace, times the epochs still expected, exceeds it (an
     epoch lost, not a slice). A cell with no record to go by runs, as without the option.
     Recorded seconds include whatever else shared the machine, so they err long."""
@@ -846,6 +847,7 @@ class Fit:
         self.study = study
         self.too_long: set[str] = set()  # cells this worker left for a later slice (time only shrinks)
         self._read: dict[str, dict[str, Any]] = {}  # records already read (a record, once written, stays)
+        self._watched: dict[tuple[str, str, str], float] = {}  # (group, entry, dataset) -> s/epoch seen here
 
     def _meta(self, cell: Cell) -> dict[str, Any] | None:
         """``cell``'s record (its metadata), read once; None while it has none."""
@@ -886,6 +888,9 @@ class Fit:
             if meta is not None and meta["history"]:
                 paces.setdefault((c.entry.label, c.dataset), []).append(_seconds(meta) / len(meta["history"]))
         pace = {key: float(np.mean(values)) for key, values in paces.items()}
+        for (group, label, dataset), seen in self._watched.items():
+            if group == cell.group:
+                pace.setdefault((label, dataset), seen)
         guesses = []
         for (label, dataset), own in pace.items():
             if label != cell.entry.label or dataset == cell.dataset:
@@ -926,6 +931,7 @@ class Fit:
         def on_epoch(row: dict[str, Any]) -> str | None:
             spent.append(row["train_seconds"] + row.get("eval_seconds", 0.0))
             pace, left = sum(spent) / len(spent), deadline - time.monotonic()
+            self._watched[(cell.group, cell.entry.label, cell.dataset)] = pace
             if pace * (epochs - row["epoch"]) <= left:
                 return None
             self.too_long.add(cell.id)
