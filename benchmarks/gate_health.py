@@ -84,7 +84,8 @@ def figure(results: list[dict[str, Any]], path: Path) -> None:
             h = r["layers"][0][state]["histogram"]
             edges = np.array(h["edges"])
             ax.stairs(np.array(h["counts"]) / max(sum(h["counts"]), 1), edges, fill=True, label=state, **style)
-        ax.set_title(f"{Path(r['run']).name}: {r['variant']}, act = {r['gate_act']}", fontsize=9)
+        dataset = Path(r["dataset"]).name.split(".")[0]  # a registered name, or the data file's stem
+        ax.set_title(f"{dataset}, {Path(r['run']).name}: {r['variant']}, act = {r['gate_act']}", fontsize=9)
         ax.set_xlabel("gate value act(W1 A), every channel of every test user")
         ax.set_ylabel("share")
         ax.legend(fontsize=8)
