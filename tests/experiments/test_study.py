@@ -800,3 +800,16 @@ def test_a_cell_resumed_on_other_code_names_each_commit_with_where_it_began() ->
     assert _commits({"git_commit": "ccc"}) == ["ccc"]  # a record from before sessions were recorded
     # resumed from a checkpoint written before sessions were recorded: its first epochs' code is not known
     assert _code({"git_commit": "bbb", "segments": seg[2:]}) == "commit unknown from epoch 1, bbb from epoch 9 step 3"
+
+
+def test_a_claim_sentence_gives_each_dataset_its_own_sentence() -> None:
+    from mlsa4rec.experiments.report import _claim_sentence
+
+    rows = [{"dataset": d, "metric": "hit@10", "relative": rel, "p_holm": p, "verdict": v, "seeds": [1]}
+            for d, rel, p, v in (("beauty", 0.08, 0.001, "reproduced"),
+                                 ("games", -0.09, 0.0001, "not reproduced: significantly worse"))]
+    s = _claim_sentence("m", "base", rows, [{"model": "m", "dataset": "ml-1m", "why": "not run"}])
+    assert s["verdict"] == "partly reproduced"
+    assert s["sentence"] == ("`m` against `base`: **partly reproduced** where measured (not run on ml-1m). "
+                             "On beauty (1 shared seed): hit@10 +8.0% (p 0.001, reproduced). "
+                             "On games (1 shared seed): hit@10 -9.0% (p 0.0001, not reproduced: significantly worse).")

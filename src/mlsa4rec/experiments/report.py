@@ -263,7 +263,7 @@ def _claim_sentence(model: str, baseline: str, rows: list[dict[str, Any]],
         parts.append(f"On {dataset} ({seeds} shared seed{'s' if seeds != 1 else ''}): {changes}")
     where = f" where measured ({gaps})" if gaps else ""
     return {"model": model, "verdict": verdict,
-            "sentence": f"`{model}` against `{baseline}`: **{verdict}**{where}. " + "; ".join(parts) + "."}
+            "sentence": f"`{model}` against `{baseline}`: **{verdict}**{where}. " + ". ".join(parts) + "."}
 
 
 def _relative(row: dict[str, Any]) -> str:
