@@ -305,6 +305,35 @@ def test_whole_cells_costs_a_cell_from_its_other_seeds_and_its_model_s_epochs(su
     assert "main/sasrec/succ/seed-3" in fit.too_long
 
 
+def test_whole_cells_expects_a_group_with_no_record_to_run_its_model_s_epochs_from_the_other_groups(
+        successor_file: Path, tmp_path: Path, monkeypatch) -> None:
+    """A group repeating models at another setting (the L = 200 group of the reproduction study)
+    has no record of its own at first: its cells expect the most epochs their model ran in the
+    other groups, so the pace check can pause them instead of letting them run out the budget."""
+    study = write_study(tmp_path, successor_file, seeds=[1],
+                        models={"sasrec": {"set": {**SASREC, "epochs": 9, "stopping_step": 1}},
+                                "gru4rec": {"set": {**TINY, "epochs": 9, "stopping_step": 1}}},
+                        groups={"long": {"models": ["sasrec"], "set": {"MAX_ITEM_LIST_LENGTH": 20}}})
+    monkeypatch.chdir(tmp_path)
+    loaded = load_study(study)
+    cells = {c.id: c for c in loaded.cells}
+    long_sasrec = cells["long/sasrec/succ/seed-1"]
+    fit = study_module.Fit(loaded)
+    assert fit.expected_epochs(long_sasrec) is None  # nothing recorded anywhere: it runs
+    epochs = {"main/sasrec/succ/seed-1": 4, "main/gru4rec/succ/seed-1": 7}
+    monkeypatch.setattr(study_module.Cell, "record_path", lambda self, root: root / self.id.replace("/", "-"))
+    monkeypatch.setattr(study_module, "read_record", lambda path: (
+        {"epochs_run": epochs[next(i for i in epochs if i.replace("/", "-") == Path(path).name)], "history": []}, {}))
+    (loaded.directory).mkdir(exist_ok=True)
+    (loaded.directory / "main-gru4rec-succ-seed-1").touch()  # another model recorded in another group: no help
+    assert study_module.Fit(loaded).expected_epochs(long_sasrec) is None
+    (loaded.directory / "main-sasrec-succ-seed-1").touch()  # its own model in the main group: 4 epochs
+    fit = study_module.Fit(loaded)
+    assert fit.expected_epochs(long_sasrec) == 4
+    hook = fit.watch(long_sasrec, 100.0)  # 3 more epochs of 40 s do not fit in 100 s: paused after the first
+    assert "3 more epoch(s) at 40 s each" in hook({"epoch": 1, "train_seconds": 40.0})
+
+
 def test_whole_cells_guesses_a_cell_new_to_its_dataset_from_its_model_s_pace_elsewhere(
         successor_file: Path, tmp_path: Path, monkeypatch) -> None:
     """A cell with no seed recorded on its dataset is costed from its model's pace on another

@@ -834,7 +834,8 @@ class Fit:
     took on the same dataset and group, the longest; epochs as its ``epochs`` where early stopping
     cannot end it sooner (``stopping_step`` + 1 >= ``epochs``), else the most that cells of its
     model entry ran in its group on any dataset, else the median that every recorded cell of its
-    group ran (at most its ``epochs``). A cell with no seed recorded on its dataset is costed from
+    group ran, else (a group with no record yet, such as a longer-sequence repeat) the most its
+    model ran in the other groups (at most its ``epochs``). A cell with no seed recorded on its dataset is costed from
     its model's pace on another dataset times how much slower the models recorded on both run on
     its own (the median ratio; a pace this worker watched counts as recorded, so one paused first
     epoch on a new dataset is enough), so that the end of a slice is not spent on first epochs of
@@ -858,12 +859,18 @@ class Fit:
             self._read[cell.id] = read_record(path)[0]
         return self._read[cell.id]
 
-    def _records(self, cell: Cell, same_dataset: bool = False, any_entry: bool = False) -> list[dict[str, Any]]:
+    def _records(self, cell: Cell, same_dataset: bool = False, any_entry: bool = False,
+                 any_group: bool = False) -> list[dict[str, Any]]:
         """The records of the cells of ``cell``'s group and model entry (any entry with
-        ``any_entry``; ``cell``'s dataset only with ``same_dataset``)."""
+        ``any_entry``; the entry of its label in any group with ``any_group``; ``cell``'s dataset
+        only with ``same_dataset``)."""
+        def mine(c: Cell) -> bool:
+            if any_group:
+                return c.entry.label == cell.entry.label
+            return c.group == cell.group and (any_entry or c.entry is cell.entry)
+
         metas = (self._meta(c) for c in self.study.cells
-                 if c.group == cell.group and (any_entry or c.entry is cell.entry)
-                 and (c.dataset == cell.dataset or not same_dataset))
+                 if mine(c) and (c.dataset == cell.dataset or not same_dataset))
         return [meta for meta in metas if meta is not None]
 
     def expected_epochs(self, cell: Cell) -> int | None:
@@ -873,7 +880,9 @@ class Fit:
         ran = [int(meta["epochs_run"]) for meta in self._records(cell)]
         if not ran:  # a model not yet recorded: the median of what every model of its group ran
             ran = [int(np.median([meta["epochs_run"] for meta in self._records(cell, any_entry=True)] or [0]))]
-            if not ran[0]:
+        if not ran[0]:  # a group with no record at all: the most its model ran in the other groups
+            ran = [int(meta["epochs_run"]) for meta in self._records(cell, any_group=True)] or [0]
+            if not max(ran):
                 return None
         return min(max(ran), train.epochs)
 
@@ -896,7 +905,7 @@ class Fit:
             if label != cell.entry.label or dataset == cell.dataset:
                 continue
             ratios = [pace[(other, cell.dataset)] / there for (other, d), there in pace.items()
-                      if d == dataset and (other, cell.dataset) in pace]
+                      if d == dataset and (other, cell.dataset) in pace and there > 0]
             if ratios:
                 guesses.append(own * float(np.median(ratios)))
         return epochs * max(guesses) if epochs and guesses else None
