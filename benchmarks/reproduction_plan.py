@@ -84,7 +84,8 @@ def mean_epochs(records: list[dict]) -> int:
 def block_table(title: str, study: str, dataset: str, results_dir: Path) -> tuple[str, float, float]:
     """The block's Markdown table and its hours done (the finished cells' own training seconds) and
     left (the cells not finished, at the quiet s/epoch and the epochs their finished seeds ran, else
-    the assumption)."""
+    those of their model on the sibling dataset, else (a group's repeat at another setting) those of
+    their model in the main group, else the assumption)."""
     name = TIMINGS.get((study, dataset), f"epoch_time_study_{study}_{dataset}.json")
     timings = json.loads((results_dir / name).read_text())
     retimed = {}
@@ -125,6 +126,10 @@ def block_table(title: str, study: str, dataset: str, results_dir: Path) -> tupl
         elif case in sibling:
             n_epochs = mean_epochs(sibling[case])
             shown = f"{n_epochs} ({whose} {len(sibling[case])} finished)"
+        elif "/" in case and case.split("/")[0] in finished:  # a group's repeat: its model's main-group runs
+            main_records = finished[case.split("/")[0]]
+            n_epochs = mean_epochs(main_records)
+            shown = f"{n_epochs} (main group's {len(main_records)} finished)"
         else:
             n_epochs = epochs.get(case, epochs.get("*"))
             shown = f"{n_epochs} (assumed)" if n_epochs else "0 (adopted)"

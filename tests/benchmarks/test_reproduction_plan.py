@@ -93,3 +93,39 @@ def test_a_sibling_datasets_finished_cells_set_the_epochs_until_its_own_finish(t
     record("amazon-video-games", 30)
     text, done, _ = plan.block_table("1", "reproduction", "amazon-video-games", results)
     assert "30 (its 1 finished)" in row(text) and "| 1 / 1 |" in row(text) and abs(done - 600 / 3600) < 1e-9
+
+
+def test_a_group_s_repeat_expects_its_model_s_main_group_epochs_until_its_own_finish(tmp_path, monkeypatch) -> None:
+    """The L = 200 repeat on ML-1M has no record of its own at first: it expects the epochs its model
+    ran in the main group there, as `study run --whole-cells` does, not the static assumption."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    (tmp_path / "studies").mkdir()
+    shutil.copy(REPO / "studies" / "reproduction.yaml", tmp_path / "studies" / "reproduction.yaml")
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.setattr(plan, "REPO", tmp_path)
+    results = REPO / "docs" / "results"
+    study = plan.load_study(tmp_path / "studies" / "reproduction.yaml", check=False)
+
+    def row(text: str) -> str:
+        return next(line for line in text.splitlines() if line.startswith("| sasrec/ml-1m-L200 |"))
+
+    def record(group: str, epochs: int) -> None:
+        cell = next(c for c in study.cells if c.entry.label == "sasrec" and c.group == group
+                    and plan.dataset_name(c.dataset) == "ml-1m" and c.seed == 2020)
+        path = cell.record_path(study.directory)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": 2, "epochs_run": epochs, "train_seconds": 600.0, "digests": {}}
+        np.savez(path, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+
+    text, _, left0 = plan.block_table("2", "reproduction", "ml-1m", results)
+    assert "60 (assumed)" in row(text)
+    record("main", 22)
+    text, _, left1 = plan.block_table("2", "reproduction", "ml-1m", results)
+    assert "22 (main group's 1 finished)" in row(text) and left1 < left0
+    record("ml-1m-L200", 35)
+    text, _, _ = plan.block_table("2", "reproduction", "ml-1m", results)
+    assert "35 (its 1 finished)" in row(text) and "| 1 / 3 |" in row(text)
