@@ -378,6 +378,14 @@ def test_whole_cells_guesses_a_cell_new_to_its_dataset_from_its_model_s_pace_els
     record("gru4rec", "other", 10.0, 2)  # once a seed ran there, its own seconds decide (20 s), not a guess
     fit = study_module.Fit(loaded)
     assert fit.may_start(gru_other, 21.0) and not fit.may_start(gru_other, 19.0)
+    sasrec_other = cells[("sasrec", "other")]
+    del records[fake / "sasrec-other-1.npz"]
+    (fake / "sasrec-other-1.npz").unlink()
+    fit = study_module.Fit(loaded)  # scaled from succ by the median of gru4rec's 0.2 alone: 3 epochs of 20 s
+    assert fit.guessed_seconds(sasrec_other) == pytest.approx(60.0)
+    fit.watch(sasrec_other, 1e6)({"epoch": 1, "train_seconds": 180.0, "eval_seconds": 20.0})
+    assert fit.guessed_seconds(sasrec_other) == pytest.approx(600.0)  # its own watched 200 s there, 3 epochs
+    assert not fit.may_start(sasrec_other, 599.0) and fit.too_long == {sasrec_other.id}
 
 
 def test_finished_runs_are_adopted_as_cells_and_not_trained_again(successor_file: Path, tmp_path: Path,

@@ -835,14 +835,16 @@ class Fit:
     cannot end it sooner (``stopping_step`` + 1 >= ``epochs``), else the most that cells of its
     model entry ran in its group on any dataset, else the median that every recorded cell of its
     group ran, else (a group with no record yet, such as a longer-sequence repeat) the most its
-    model ran in the other groups (at most its ``epochs``). A cell with no seed recorded on its dataset is costed from
-    its model's pace on another dataset times how much slower the models recorded on both run on
-    its own (the median ratio; a pace this worker watched counts as recorded, so one paused first
-    epoch on a new dataset is enough), so that the end of a slice is not spent on first epochs of
-    cells that cannot finish. A cell whose known cost exceeds the time left is not started; one under
-    way is paused after any epoch whose pace, times the epochs still expected, exceeds it (an
-    epoch lost, not a slice). A cell with no record to go by runs, as without the option.
-    Recorded seconds include whatever else shared the machine, so they err long."""
+    model ran in the other groups (at most its ``epochs``). A cell with no seed recorded on its
+    dataset is costed from the pace this worker watched its model keep there (another seed's
+    epochs, paused), else from its model's pace on another dataset times how much slower the
+    models recorded on both run on its own (the median ratio; a watched pace counts as recorded,
+    so one paused first epoch on a new dataset is enough), so that the end of a slice is not spent
+    on first epochs of cells that cannot finish. A cell whose known cost exceeds the time left is
+    not started; one under way is paused after any epoch whose pace, times the epochs still
+    expected, exceeds it (its epochs are kept at the checkpoint: paused cells still advance slice by
+    slice). A cell with no record to go by runs, as without the option. Recorded seconds include
+    whatever else shared the machine, so they err long."""
 
     def __init__(self, study: Study) -> None:
         self.study = study
@@ -888,8 +890,9 @@ class Fit:
 
     def guessed_seconds(self, cell: Cell) -> float | None:
         """What ``cell`` would take where none of its seeds ran on its dataset: its expected epochs
-        at its model's pace on another dataset, times the median ratio of the paces (its dataset's
-        to that one's) of the models recorded on both; the longest such guess, None without one."""
+        at the pace this worker watched its model keep there, else at its model's pace on another
+        dataset times the median ratio of the paces (its dataset's to that one's) of the models
+        recorded on both, the longest such guess; None without one."""
         epochs = self.expected_epochs(cell)
         paces: dict[tuple[str, str], list[float]] = {}
         for c in self.study.cells:
@@ -900,6 +903,8 @@ class Fit:
         for (group, label, dataset), seen in self._watched.items():
             if group == cell.group:
                 pace.setdefault((label, dataset), seen)
+        if epochs and (cell.entry.label, cell.dataset) in pace:  # watched here: no scaling needed
+            return epochs * pace[(cell.entry.label, cell.dataset)]
         guesses = []
         for (label, dataset), own in pace.items():
             if label != cell.entry.label or dataset == cell.dataset:
