@@ -334,6 +334,34 @@ def test_whole_cells_expects_a_group_with_no_record_to_run_its_model_s_epochs_fr
     assert "3 more epoch(s) at 40 s each" in hook({"epoch": 1, "train_seconds": 40.0})
 
 
+def test_whole_cells_expects_a_group_with_no_record_to_run_its_model_s_epochs_on_its_own_dataset_first(
+        successor_file: Path, tmp_path: Path, monkeypatch) -> None:
+    """Epochs differ far more across datasets than across groups: a cell of a group with no record
+    expects what its model ran in the other groups on its own dataset, and only without such a record
+    what its model ran on any dataset."""
+    import shutil
+
+    other = tmp_path / "other.txt"
+    shutil.copy(successor_file, other)
+    study = write_study(tmp_path, successor_file, seeds=[1], datasets=[str(successor_file), str(other)],
+                        models={"sasrec": {"set": {**SASREC, "epochs": 9, "stopping_step": 1}}},
+                        groups={"long": {"models": ["sasrec"], "set": {"MAX_ITEM_LIST_LENGTH": 20}}})
+    monkeypatch.chdir(tmp_path)
+    loaded = load_study(study)
+    long_sasrec = next(c for c in loaded.cells if c.group == "long" and Path(c.dataset).stem == "succ")
+    epochs = {"main-succ": 4, "main-other": 7}
+    fake = tmp_path / "fake-records"
+    fake.mkdir()
+    monkeypatch.setattr(study_module.Cell, "record_path",
+                        lambda self, root: fake / f"{self.group}-{Path(self.dataset).stem}")
+    monkeypatch.setattr(study_module, "read_record", lambda path: ({"epochs_run": epochs[Path(path).name],
+                                                                    "history": []}, {}))
+    (fake / "main-other").touch()  # its model recorded on the other dataset only: that is all there is
+    assert study_module.Fit(loaded).expected_epochs(long_sasrec) == 7
+    (fake / "main-succ").touch()  # and on its own dataset: that, not the larger figure elsewhere
+    assert study_module.Fit(loaded).expected_epochs(long_sasrec) == 4
+
+
 def test_whole_cells_guesses_a_cell_new_to_its_dataset_from_its_model_s_pace_elsewhere(
         successor_file: Path, tmp_path: Path, monkeypatch) -> None:
     """A cell with no seed recorded on its dataset is costed from its model's pace on another

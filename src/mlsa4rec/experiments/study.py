@@ -829,22 +829,22 @@ def _seconds(meta: dict[str, Any]) -> float:
 
 
 class Fit:
-    """``--whole-cells``: which cells a worker starts with the time budget it has left. A cell's
-    cost comes from the study's own records: seconds (validation included) as its other seeds
-    took on the same dataset and group, the longest; epochs as its ``epochs`` where early stopping
-    cannot end it sooner (``stopping_step`` + 1 >= ``epochs``), else the most that cells of its
-    model entry ran in its group on any dataset, else the median that every recorded cell of its
-    group ran, else (a group with no record yet, such as a longer-sequence repeat) the most its
-    model ran in the other groups (at most its ``epochs``). A cell with no seed recorded on its
-    dataset is costed from the pace this worker watched its model keep there (another seed's
-    epochs, paused), else from its model's pace on another dataset times how much slower the
-    models recorded on both run on its own (the median ratio; a watched pace counts as recorded,
-    so one paused first epoch on a new dataset is enough), so that the end of a slice is not spent
-    on first epochs of cells that cannot finish. A cell whose known cost exceeds the time left is
-    not started; one under way is paused after any epoch whose pace, times the epochs still
-    expected, exceeds it (its epochs are kept at the checkpoint: paused cells still advance slice by
-    slice). A cell with no record to go by runs, as without the option. Recorded seconds include
-    whatever else shared the machine, so they err long."""
+    """``--whole-cells``: which cells a worker starts with the time budget it has left. A cell's cost
+    comes from the study's own records: seconds (validation included) as its other seeds took on the
+    same dataset and group, the longest; epochs as its ``epochs`` where early stopping cannot end it
+    sooner (``stopping_step`` + 1 >= ``epochs``), else the most that cells of its model entry ran in
+    its group on any dataset, else the median that every recorded cell of its group ran, else (a
+    group with no record yet, such as a longer-sequence repeat) the most its model ran in the other
+    groups on its dataset, else on any (at most its ``epochs``). A cell with no seed recorded on its
+    dataset is costed from the pace this worker watched its model keep there (another seed's epochs,
+    paused), else from its model's pace on another dataset times how much slower the models recorded
+    on both run on its own (the median ratio; a watched pace counts as recorded, so one paused first
+    epoch on a new dataset is enough), so that the end of a slice is not spent on first epochs of
+    cells that cannot finish. A cell whose known cost exceeds the time left is not started; one
+    under way is paused after any epoch whose pace, times the epochs still expected, exceeds it (its
+    epochs are kept at the checkpoint: paused cells still advance slice by slice). A cell with no
+    record to go by runs, as without the option. Recorded seconds include whatever else shared the
+    machine, so they err long."""
 
     def __init__(self, study: Study) -> None:
         self.study = study
@@ -882,8 +882,10 @@ class Fit:
         ran = [int(meta["epochs_run"]) for meta in self._records(cell)]
         if not ran:  # a model not yet recorded: the median of what every model of its group ran
             ran = [int(np.median([meta["epochs_run"] for meta in self._records(cell, any_entry=True)] or [0]))]
-        if not ran[0]:  # a group with no record at all: the most its model ran in the other groups
-            ran = [int(meta["epochs_run"]) for meta in self._records(cell, any_group=True)] or [0]
+        if not ran[0]:  # a group with no record at all: the most its model ran in the other groups,
+            # on its own dataset where it ran there (epochs differ far more across datasets than groups)
+            ran = ([int(meta["epochs_run"]) for meta in self._records(cell, any_group=True, same_dataset=True)]
+                   or [int(meta["epochs_run"]) for meta in self._records(cell, any_group=True)] or [0])
             if not max(ran):
                 return None
         return min(max(ran), train.epochs)
