@@ -79,6 +79,9 @@ def test_a_study_runs_reports_and_every_number_comes_from_its_runs(capsys, succe
     assert {"report.md", "bars-ndcg10.png", "bars-ndcg10.svg", "ndcg10-vs-length.svg",
             "cost-vs-length.svg"} <= figures
     report = json.loads((root / "report" / "report.json").read_text())
+    # the bars keep a group's cells apart; against L a group that changes only L continues its model's series
+    assert {(c["model"], c["length_series"]) for c in report["cells"]} == {
+        ("sasrec", "sasrec"), ("gru4rec", "gru4rec"), ("sasrec (long)", "sasrec")}
     assert report["file"] == study.name  # under the working directory: named as a repository names it
     for cell in report["cells"]:  # the report's test metrics are the runs' own
         results = json.loads((Path(cell["run"]) / "results.json").read_text())

@@ -133,10 +133,15 @@ def build_report(root: str | Path, baseline: str | None = None, confidence: floa
         tables.append({"group": group, "dataset": dataset, "rows": rows, "baseline": baseline if comparisons else None,
                        "comparisons": comparisons, "longest": subset,
                        "best_other": best_other if against_best else None, "against_best_other": against_best})
-    # the figures group by model: a group's cells are their own series ("sasrec (long)")
+    # the figures group by model: a group's cells are their own series ("sasrec (long)"), except against L,
+    # where a group that changes nothing but L continues its model's main series ("length_series")
+    main = {(m["dataset"], m["model"]): _besides_length(m["settings"]) for (group, _), by_model in records.items()
+            if group == MAIN for recs in by_model.values() for m, _ in recs}
     commands = {c.id: cell_command(c, study) for c in study.cells}
     cells = [{"cell": m["cell"], "group": m["group"], "seed": m["seed"], "dataset": m["dataset"],
               "model": m["model"] if m["group"] == MAIN else f"{m['model']} ({m['group']})",
+              "length_series": (m["model"] if main.get((m["dataset"], m["model"])) == _besides_length(m["settings"])
+                                else f"{m['model']} ({m['group']})"),
               "max_seq_length": m["settings"]["MAX_ITEM_LIST_LENGTH"], "run": shown_path(m["run"]),
               "command": commands.get(m["cell"]), "git_commit": m["git_commit"], "code": _code(m),
               "metrics": {"test": metrics_from_ranks(_ranks(a), KS, METRICS)},
@@ -155,6 +160,11 @@ def build_report(root: str | Path, baseline: str | None = None, confidence: floa
             "not_run": [{"models": list(n.models), "datasets": list(n.datasets), "reason": n.reason}
                         for n in study.not_run],
             "cells": cells, "missing": missing, "missing_commands": {c: commands[c] for c in missing}}
+
+
+def _besides_length(settings: dict[str, Any]) -> dict[str, Any]:
+    """A cell's settings but its L and seed: equal for cells that are one model's series against L."""
+    return {k: v for k, v in settings.items() if k not in ("MAX_ITEM_LIST_LENGTH", "seed")}
 
 
 def _best_other(rows: list[dict[str, Any]], focus: tuple[str, ...], baseline: str | None) -> str | None:
@@ -434,7 +444,8 @@ def _figures(report: dict[str, Any], out: Path) -> list[Path]:
     for metric in ("ndcg@10", "hit@10"):
         written += plots.plot_bars(report["cells"], metric, out / f"bars-{metric.replace('@', '')}")
     if len({c["max_seq_length"] for c in report["cells"]}) > 1:
-        written += plots.plot_vs_length(report["cells"], "ndcg@10", out / "ndcg10-vs-length")
-        written += plots.plot_cost_vs_length(report["cells"], out / "cost-vs-length")[0]
+        series = [{**c, "model": c["length_series"]} for c in report["cells"]]
+        written += plots.plot_vs_length(series, "ndcg@10", out / "ndcg10-vs-length")
+        written += plots.plot_cost_vs_length(series, out / "cost-vs-length")[0]
     return written
 
