@@ -312,18 +312,19 @@ def test_whole_cells_expects_a_group_with_no_record_to_run_its_model_s_epochs_fr
         successor_file: Path, tmp_path: Path, monkeypatch) -> None:
     """A group repeating models at another setting (the L = 200 group of the reproduction study)
     has no record of its own at first: its cells expect the most epochs their model ran in the
-    other groups, so the pace check can pause them instead of letting them run out the budget."""
+    other groups, so the pace check can pause them instead of letting them run out the budget; once
+    the group has records of other models, a model's own epochs elsewhere still come before them."""
     study = write_study(tmp_path, successor_file, seeds=[1],
                         models={"sasrec": {"set": {**SASREC, "epochs": 9, "stopping_step": 1}},
                                 "gru4rec": {"set": {**TINY, "epochs": 9, "stopping_step": 1}}},
-                        groups={"long": {"models": ["sasrec"], "set": {"MAX_ITEM_LIST_LENGTH": 20}}})
+                        groups={"long": {"models": ["sasrec", "gru4rec"], "set": {"MAX_ITEM_LIST_LENGTH": 20}}})
     monkeypatch.chdir(tmp_path)
     loaded = load_study(study)
     cells = {c.id: c for c in loaded.cells}
     long_sasrec = cells["long/sasrec/succ/seed-1"]
     fit = study_module.Fit(loaded)
     assert fit.expected_epochs(long_sasrec) is None  # nothing recorded anywhere: it runs
-    epochs = {"main/sasrec/succ/seed-1": 4, "main/gru4rec/succ/seed-1": 7}
+    epochs = {"main/sasrec/succ/seed-1": 4, "main/gru4rec/succ/seed-1": 7, "long/gru4rec/succ/seed-1": 8}
     monkeypatch.setattr(study_module.Cell, "record_path", lambda self, root: root / self.id.replace("/", "-"))
     monkeypatch.setattr(study_module, "read_record", lambda path: (
         {"epochs_run": epochs[next(i for i in epochs if i.replace("/", "-") == Path(path).name)], "history": []}, {}))
@@ -335,6 +336,10 @@ def test_whole_cells_expects_a_group_with_no_record_to_run_its_model_s_epochs_fr
     assert fit.expected_epochs(long_sasrec) == 4
     hook = fit.watch(long_sasrec, 100.0)  # 3 more epochs of 40 s do not fit in 100 s: paused after the first
     assert "3 more epoch(s) at 40 s each" in hook({"epoch": 1, "train_seconds": 40.0})
+    (loaded.directory / "long-gru4rec-succ-seed-1").touch()  # its group now has a record of another model:
+    assert study_module.Fit(loaded).expected_epochs(long_sasrec) == 4  # its own model's 4 epochs still come first
+    (loaded.directory / "main-sasrec-succ-seed-1").unlink()  # without them, the median of its group's records
+    assert study_module.Fit(loaded).expected_epochs(long_sasrec) == 8
 
 
 def test_whole_cells_expects_a_group_with_no_record_to_run_its_model_s_epochs_on_its_own_dataset_first(

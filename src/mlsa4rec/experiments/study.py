@@ -833,18 +833,18 @@ class Fit:
     comes from the study's own records: seconds (validation included) as its other seeds took on the
     same dataset and group, the longest; epochs as its ``epochs`` where early stopping cannot end it
     sooner (``stopping_step`` + 1 >= ``epochs``), else the most that cells of its model entry ran in
-    its group on any dataset, else the median that every recorded cell of its group ran, else (a
-    group with no record yet, such as a longer-sequence repeat) the most its model ran in the other
-    groups on its dataset, else on any (at most its ``epochs``). A cell with no seed recorded on its
-    dataset is costed from the pace this worker watched its model keep there (another seed's epochs,
-    paused), else from its model's pace on another dataset times how much slower the models recorded
-    on both run on its own (the median ratio; a watched pace counts as recorded, so one paused first
-    epoch on a new dataset is enough), so that the end of a slice is not spent on first epochs of
-    cells that cannot finish. A cell whose known cost exceeds the time left is not started; one
-    under way is paused after any epoch whose pace, times the epochs still expected, exceeds it (its
-    epochs are kept at the checkpoint: paused cells still advance slice by slice). A cell with no
-    record to go by runs, as without the option. Recorded seconds include whatever else shared the
-    machine, so they err long."""
+    its group on any dataset, else the most its model ran in the other groups (such as the main
+    group, for a longer-sequence repeat) on its dataset, else the median that every recorded cell of
+    its group ran, else the most its model ran in any group on any dataset (at most its ``epochs``).
+    A cell with no seed recorded on its dataset is costed from the pace this worker watched its
+    model keep there (another seed's epochs, paused), else from its model's pace on another dataset
+    times how much slower the models recorded on both run on its own (the median ratio; a watched
+    pace counts as recorded, so one paused first epoch on a new dataset is enough), so that the end
+    of a slice is not spent on first epochs of cells that cannot finish. A cell whose known cost
+    exceeds the time left is not started; one under way is paused after any epoch whose pace, times
+    the epochs still expected, exceeds it (its epochs are kept at the checkpoint: paused cells still
+    advance slice by slice). A cell with no record to go by runs, as without the option. Recorded
+    seconds include whatever else shared the machine, so they err long."""
 
     def __init__(self, study: Study) -> None:
         self.study = study
@@ -879,15 +879,19 @@ class Fit:
         train = cell_config(cell, self.study).train
         if train.stopping_step + 1 >= train.epochs:  # early stopping cannot end it before its last epoch
             return train.epochs
-        ran = [int(meta["epochs_run"]) for meta in self._records(cell)]
-        if not ran:  # a model not yet recorded: the median of what every model of its group ran
-            ran = [int(np.median([meta["epochs_run"] for meta in self._records(cell, any_entry=True)] or [0]))]
-        if not ran[0]:  # a group with no record at all: the most its model ran in the other groups,
-            # on its own dataset where it ran there (epochs differ far more across datasets than groups)
-            ran = ([int(meta["epochs_run"]) for meta in self._records(cell, any_group=True, same_dataset=True)]
-                   or [int(meta["epochs_run"]) for meta in self._records(cell, any_group=True)] or [0])
-            if not max(ran):
-                return None
+        # Epochs differ far more across models and datasets than across groups (settings such as
+        # L): the model's own runs come first, then its runs on this dataset in another group, then
+        # what the other models of its group ran, then its model's runs anywhere.
+        def epochs_of(metas: list[dict[str, Any]]) -> list[int]:
+            return [int(meta["epochs_run"]) for meta in metas]
+
+        group = epochs_of(self._records(cell, any_entry=True))
+        ran = (epochs_of(self._records(cell))
+               or epochs_of(self._records(cell, any_group=True, same_dataset=True))
+               or ([int(np.median(group))] if group else [])
+               or epochs_of(self._records(cell, any_group=True)))
+        if not ran or not max(ran):
+            return None
         return min(max(ran), train.epochs)
 
     def guessed_seconds(self, cell: Cell) -> float | None:
