@@ -115,8 +115,17 @@ def test_a_study_runs_reports_and_every_number_comes_from_its_runs(capsys, succe
         expected = [metrics_from_ranks(np.minimum(r, 255), [10])["ndcg@10"] for r in ranks]
         assert row[key]["ndcg@10"][0] == pytest.approx(np.mean(expected)), key
         assert row[key]["ndcg@10"][1] == pytest.approx(np.std(expected, ddof=1)), key
+    # that quarter's own paired tests: each model's mean there, the baseline's, Holm within them
+    on_longest = {c["metric"]: c for c in table["comparisons_longest"]}
+    gru4rec = next(r for r in table["rows"] if r["model"] == "gru4rec")
+    assert list(on_longest) == ["hit@10", "ndcg@10", "mrr@10"]
+    for metric, c in on_longest.items():
+        assert (c["model"], c["seeds"]) == ("gru4rec", [1, 2]) and c["p_holm"] >= c["p_value"]
+        assert c["baseline"] == pytest.approx(row["metrics_longest"][metric][0])
+        assert c["candidate"] == pytest.approx(gru4rec["metrics_longest"][metric][0])
     text = (root / "report" / "report.md").read_text()
     assert "The other history rule" in text and "The quarter of users with the longest histories" in text
+    assert "Against `sasrec` on this quarter alone" in text
     # the run directories can go: the report is rebuilt from the records alone
     import shutil
 

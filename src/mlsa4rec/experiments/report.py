@@ -5,7 +5,7 @@ Each table is one group of cells on one dataset. Accuracy is recomputed from the
 so any cut-off K can be reported whatever the runs computed: under RecBole's rule (the user's
 history items ranked with the others, as the papers compared here ran), beside it under the other
 rule (history left out), and on the quarter of users with the longest histories where the records
-carry history lengths.
+carry history lengths (there with its own paired tests against the baseline).
 A model is compared with the baseline user by user: each user's metric is first averaged over the
 seeds both models have, then the paired t-test and bootstrap interval of ``compare_values`` run on
 those averages, and the p-values of a table are Holm-adjusted together.
@@ -130,8 +130,11 @@ def build_report(root: str | Path, baseline: str | None = None, confidence: floa
                                  best_other, confidence, n_resamples) if best_other is not None else [])
         subset = None if longest is None else {"users": int(longest[0].sum()), "of": int(longest[0].size),
                                                 "min_history": longest[1]}
+        # where long sequences should matter most: the same paired tests on those users alone
+        on_longest = (_compare(by_model, baseline, confidence, n_resamples, users=longest[0])
+                      if comparisons and longest is not None else [])
         tables.append({"group": group, "dataset": dataset, "rows": rows, "baseline": baseline if comparisons else None,
-                       "comparisons": comparisons, "longest": subset,
+                       "comparisons": comparisons, "longest": subset, "comparisons_longest": on_longest,
                        "best_other": best_other if against_best else None, "against_best_other": against_best})
     # the figures group by model: a group's cells are their own series ("sasrec (long)"), except against L,
     # where a group that changes nothing but L continues its model's main series ("length_series")
@@ -177,22 +180,27 @@ def _best_other(rows: list[dict[str, Any]], focus: tuple[str, ...], baseline: st
 
 
 def _compare(by_model: dict[str, list[tuple[dict, dict]]], baseline: str, confidence: float,
-             n_resamples: int) -> list[dict[str, Any]]:
-    """Every model against ``baseline`` on the seeds both have, each user's metric averaged over them;
-    the p-values Holm-adjusted together."""
-    labels, rows = _paired(by_model, baseline, COMPARED, confidence, n_resamples)
+             n_resamples: int, users: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Every model against ``baseline`` on the seeds both have, each user's metric averaged over them
+    (on the users of the mask ``users`` alone, if given); the p-values Holm-adjusted together."""
+    labels, rows = _paired(by_model, baseline, COMPARED, confidence, n_resamples, users)
     return [{"model": label, "seeds": shared, **row.to_dict()} for (label, shared), row in zip(labels, holm(rows))]
 
 
 def _paired(by_model: dict[str, list[tuple[dict, dict]]], baseline: str, metrics: tuple[str, ...],
-            confidence: float, n_resamples: int) -> tuple[list[tuple[str, list[int]]], list]:
+            confidence: float, n_resamples: int,
+            users: np.ndarray | None = None) -> tuple[list[tuple[str, list[int]]], list]:
     """The unadjusted paired comparisons of ``_compare``: ``([(model, shared seeds)], [result])``."""
     rows, labels = [], []
-    base = {m["seed"]: _ranks(a) for m, a in by_model[baseline]}
+
+    def ranks(a: dict) -> np.ndarray:
+        return _ranks(a) if users is None else _ranks(a)[users]
+
+    base = {m["seed"]: ranks(a) for m, a in by_model[baseline]}
     for label, recs in by_model.items():
         if label == baseline:
             continue
-        mine = {m["seed"]: _ranks(a) for m, a in recs}
+        mine = {m["seed"]: ranks(a) for m, a in recs}
         shared = sorted(set(mine) & set(base))
         if not shared:
             continue
@@ -327,6 +335,10 @@ def format_markdown(report: dict[str, Any]) -> str:
             lines += ["", f"The quarter of users with the longest histories ({sub['users']:,} of {sub['of']:,} users, "
                           f"at least {sub['min_history']} items before the test item), RecBole's rule:", ""]
             lines += _small_table(table["rows"], "metrics_longest")
+            if table.get("comparisons_longest"):
+                lines += ["", f"Against `{table['baseline']}` on this quarter alone (paired as above, Holm-adjusted "
+                              "within this comparison):", ""]
+                lines += _comparison_lines(table["comparisons_longest"])
         lines.append("")
     if report.get("not_run"):
         lines += ["## Not run", ""] + [f"- {', '.join(n['models'])} on {', '.join(n['datasets'])}: {n['reason']}"
