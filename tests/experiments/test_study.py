@@ -315,6 +315,12 @@ def test_whole_cells_costs_a_cell_from_its_other_seeds_and_its_model_s_epochs(su
     assert hook({"epoch": 1, "train_seconds": 250.0, "eval_seconds": 50.0}) is None
     assert "1 more epoch(s) at 1150 s each" in hook({"epoch": 2, "train_seconds": 1900.0, "eval_seconds": 100.0})
     assert "main/sasrec/succ/seed-3" in fit.too_long
+    monkeypatch.setattr(study_module, "read_record", lambda path: ({**record, "epochs_run": 5}, {}))
+    hook = study_module.Fit(loaded).watch(sasrec_3, 450.0)  # 5 epochs expected, 100 s each, with one slowed by
+    assert hook({"epoch": 1, "train_seconds": 100.0}) is None  # other work on the machine: the median pace (100 s,
+    assert hook({"epoch": 2, "train_seconds": 100.0}) is None  # not the mean, 400 s) finishes the last 2 in time
+    assert hook({"epoch": 3, "train_seconds": 1000.0}) is None
+    assert "1 more epoch(s) at 550 s" in hook({"epoch": 4, "train_seconds": 1000.0})  # slow for good: paused
 
 
 def test_whole_cells_expects_a_group_with_no_record_to_run_its_model_s_epochs_from_the_other_groups(

@@ -841,10 +841,11 @@ class Fit:
     times how much slower the models recorded on both run on its own (the median ratio; a watched
     pace counts as recorded, so one paused first epoch on a new dataset is enough), so that the end
     of a slice is not spent on first epochs of cells that cannot finish. A cell whose known cost
-    exceeds the time left is not started; one under way is paused after any epoch whose pace, times
-    the epochs still expected, exceeds it (its epochs are kept at the checkpoint: paused cells still
-    advance slice by slice). A cell with no record to go by runs, as without the option. Recorded
-    seconds include whatever else shared the machine, so they err long."""
+    exceeds the time left is not started; one under way is paused after any epoch whose pace (the
+    median of its epochs so far), times the epochs still expected, exceeds it (its epochs are kept at
+    the checkpoint: paused cells still advance slice by slice). A cell with no record to go by runs,
+    as without the option. Recorded seconds include whatever else shared the machine, so they err
+    long."""
 
     def __init__(self, study: Study) -> None:
         self.study = study
@@ -941,7 +942,8 @@ class Fit:
         return True
 
     def watch(self, cell: Cell, remaining: float) -> Callable[[dict[str, Any]], str | None] | None:
-        """An ``on_epoch`` hook that pauses the cell once its pace shows it would not finish."""
+        """An ``on_epoch`` hook that pauses the cell once its pace (the median seconds of the epochs
+        this worker has watched it train) shows it would not finish."""
         epochs = self.expected_epochs(cell)
         if epochs is None:
             return None
@@ -950,7 +952,9 @@ class Fit:
 
         def on_epoch(row: dict[str, Any]) -> str | None:
             spent.append(row["train_seconds"] + row.get("eval_seconds", 0.0))
-            pace, left = sum(spent) / len(spent), deadline - time.monotonic()
+            # The median, not the mean: an epoch slowed by other work on the machine (tests, a build)
+            # must not pause a cell whose usual pace would finish it.
+            pace, left = float(np.median(spent)), deadline - time.monotonic()
             self._watched[(cell.group, cell.entry.label, cell.dataset)] = pace
             if pace * (epochs - row["epoch"]) <= left:
                 return None
