@@ -385,6 +385,38 @@ def test_whole_cells_expects_a_group_with_no_record_to_run_its_model_s_epochs_on
     assert study_module.Fit(loaded).expected_epochs(long_sasrec) == 4
 
 
+def test_whole_cells_expects_a_cell_to_run_what_its_seeds_ran_on_its_own_dataset(
+        successor_file: Path, tmp_path: Path, monkeypatch) -> None:
+    """Within one group too, a model's epochs on the cell's own dataset come before the larger figure
+    it ran on another (SASRec: 23 epochs on Video Games, 44 on Beauty; expecting 44 paused its Video
+    Games seed after one epoch in a slice its 23 would have fitted)."""
+    import shutil
+
+    other = tmp_path / "other.txt"
+    shutil.copy(successor_file, other)
+    study = write_study(tmp_path, successor_file, seeds=[1, 2], datasets=[str(successor_file), str(other)],
+                        models={"sasrec": {"set": {**SASREC, "epochs": 50, "stopping_step": 1}}})
+    monkeypatch.chdir(tmp_path)
+    loaded = load_study(study)
+    second = next(c for c in loaded.cells if c.seed == 2 and Path(c.dataset).stem == "other")
+    epochs = {"succ-1": 44, "other-1": 23}
+    fake = tmp_path / "fake-records"
+    fake.mkdir()
+    monkeypatch.setattr(study_module.Cell, "record_path",
+                        lambda self, root: fake / f"{Path(self.dataset).stem}-{self.seed}")
+    monkeypatch.setattr(study_module, "read_record", lambda path: ({"epochs_run": epochs[Path(path).name],
+                                                                    "history": []}, {}))
+    (fake / "succ-1").touch()  # its model entry recorded on the other dataset only: that is all there is
+    fit = study_module.Fit(loaded)
+    assert fit.expected_epochs(second) == 44
+    assert "43 more epoch(s) at 30 s each" in fit.watch(second, 800.0)({"epoch": 1, "train_seconds": 30.0})
+    (fake / "other-1").touch()  # and its own first seed on its dataset: those 23, not the 44 elsewhere
+    fit = study_module.Fit(loaded)
+    assert fit.expected_epochs(second) == 23
+    hook = fit.watch(second, 800.0)  # 22 more epochs of 30 s fit in 800 s: it goes on
+    assert hook({"epoch": 1, "train_seconds": 30.0}) is None
+
+
 def test_whole_cells_guesses_a_cell_new_to_its_dataset_from_its_model_s_pace_elsewhere(
         successor_file: Path, tmp_path: Path, monkeypatch) -> None:
     """A cell with no seed recorded on its dataset is costed from its model's pace on another

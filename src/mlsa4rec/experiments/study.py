@@ -833,9 +833,10 @@ class Fit:
     comes from the study's own records: seconds (validation included) as its other seeds took on the
     same dataset and group, the longest; epochs as its ``epochs`` where early stopping cannot end it
     sooner (``stopping_step`` + 1 >= ``epochs``), else the most that cells of its model entry ran in
-    its group on any dataset, else the most its model ran in the other groups (such as the main
-    group, for a longer-sequence repeat) on its dataset, else the median that every recorded cell of
-    its group ran, else the most its model ran in any group on any dataset (at most its ``epochs``).
+    its group on its dataset, else the most its model ran in the other groups (such as the main
+    group, for a longer-sequence repeat) on its dataset, else the most its model entry ran in its
+    group on the other datasets, else the median that every recorded cell of its group ran, else
+    the most its model ran in any group on any dataset (at most its ``epochs``).
     A cell with no seed recorded on its dataset is costed from the pace this worker watched its
     model keep there (another seed's epochs, paused), else from its model's pace on another dataset
     times how much slower the models recorded on both run on its own (the median ratio; a watched
@@ -881,14 +882,17 @@ class Fit:
         if train.stopping_step + 1 >= train.epochs:  # early stopping cannot end it before its last epoch
             return train.epochs
         # Epochs differ far more across models and datasets than across groups (settings such as
-        # L): the model's own runs come first, then its runs on this dataset in another group, then
-        # what the other models of its group ran, then its model's runs anywhere.
+        # L): the model's own runs on this dataset come first (SASRec stopped after 23 epochs on
+        # Video Games but 44 on Beauty), then its runs on this dataset in another group, then its
+        # own runs on the other datasets, then what the other models of its group ran, then its
+        # model's runs anywhere.
         def epochs_of(metas: list[dict[str, Any]]) -> list[int]:
             return [int(meta["epochs_run"]) for meta in metas]
 
         group = epochs_of(self._records(cell, any_entry=True))
-        ran = (epochs_of(self._records(cell))
+        ran = (epochs_of(self._records(cell, same_dataset=True))
                or epochs_of(self._records(cell, any_group=True, same_dataset=True))
+               or epochs_of(self._records(cell))
                or ([int(np.median(group))] if group else [])
                or epochs_of(self._records(cell, any_group=True)))
         if not ran or not max(ran):
