@@ -357,6 +357,17 @@ def test_whole_cells_expects_a_group_with_no_record_to_run_its_model_s_epochs_fr
     assert study_module.Fit(loaded).expected_epochs(long_sasrec) == 8
 
 
+def epochs_only_records(tmp_path: Path, monkeypatch, name, epochs: dict[str, int]) -> Path:
+    """A folder of stand-in records that say only how many epochs each cell ran: the cell named
+    ``name(cell)`` counts as recorded, with ``epochs[name]`` epochs, once its file is touched there."""
+    fake = tmp_path / "fake-records"
+    fake.mkdir()
+    monkeypatch.setattr(study_module.Cell, "record_path", lambda self, root: fake / name(self))
+    monkeypatch.setattr(study_module, "read_record",
+                        lambda path: ({"epochs_run": epochs[Path(path).name], "history": []}, {}))
+    return fake
+
+
 def test_whole_cells_expects_a_group_with_no_record_to_run_its_model_s_epochs_on_its_own_dataset_first(
         successor_file: Path, tmp_path: Path, monkeypatch) -> None:
     """Epochs differ far more across datasets than across groups: a cell of a group with no record
@@ -372,13 +383,8 @@ def test_whole_cells_expects_a_group_with_no_record_to_run_its_model_s_epochs_on
     monkeypatch.chdir(tmp_path)
     loaded = load_study(study)
     long_sasrec = next(c for c in loaded.cells if c.group == "long" and Path(c.dataset).stem == "succ")
-    epochs = {"main-succ": 4, "main-other": 7}
-    fake = tmp_path / "fake-records"
-    fake.mkdir()
-    monkeypatch.setattr(study_module.Cell, "record_path",
-                        lambda self, root: fake / f"{self.group}-{Path(self.dataset).stem}")
-    monkeypatch.setattr(study_module, "read_record", lambda path: ({"epochs_run": epochs[Path(path).name],
-                                                                    "history": []}, {}))
+    fake = epochs_only_records(tmp_path, monkeypatch, lambda c: f"{c.group}-{Path(c.dataset).stem}",
+                               {"main-succ": 4, "main-other": 7})
     (fake / "main-other").touch()  # its model recorded on the other dataset only: that is all there is
     assert study_module.Fit(loaded).expected_epochs(long_sasrec) == 7
     (fake / "main-succ").touch()  # and on its own dataset: that, not the larger figure elsewhere
@@ -399,13 +405,8 @@ def test_whole_cells_expects_a_cell_to_run_what_its_seeds_ran_on_its_own_dataset
     monkeypatch.chdir(tmp_path)
     loaded = load_study(study)
     second = next(c for c in loaded.cells if c.seed == 2 and Path(c.dataset).stem == "other")
-    epochs = {"succ-1": 44, "other-1": 23}
-    fake = tmp_path / "fake-records"
-    fake.mkdir()
-    monkeypatch.setattr(study_module.Cell, "record_path",
-                        lambda self, root: fake / f"{Path(self.dataset).stem}-{self.seed}")
-    monkeypatch.setattr(study_module, "read_record", lambda path: ({"epochs_run": epochs[Path(path).name],
-                                                                    "history": []}, {}))
+    fake = epochs_only_records(tmp_path, monkeypatch, lambda c: f"{Path(c.dataset).stem}-{c.seed}",
+                               {"succ-1": 44, "other-1": 23})
     (fake / "succ-1").touch()  # its model entry recorded on the other dataset only: that is all there is
     fit = study_module.Fit(loaded)
     assert fit.expected_epochs(second) == 44
