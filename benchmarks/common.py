@@ -161,6 +161,20 @@ def write_report(stem: str | Path, report: dict[str, Any], markdown: str,
     return [write_json(stem.with_suffix(".json"), report, default), write_text(stem.with_suffix(".md"), markdown)]
 
 
+def run_as_rank(child: Callable[[dict[str, Any]], None]) -> None:
+    """If this process is one of ``torchrun_self``'s ranks (``SCRIPT --child JSON``), run ``child`` on
+    the JSON and end the rank there, streams flushed, without the interpreter's finalization: that
+    can tear the process group's C++ threads down and abort a finished rank ("terminate called
+    without an active exception"), failing a good measurement now and then on a loaded machine, as
+    ``mlsa4rec.runtime.exit_rank`` avoids for ``mlsa4rec train`` under torchrun (not imported here:
+    ``sharded_table.py`` runs in an environment without mlsa4rec). Otherwise it returns."""
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        child(json.loads(sys.argv[2]))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def torchrun_self(script: str | Path, nproc: int, params: dict[str, Any], threads: int, timeout: float,
                   label: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``script --child JSON(params)`` under ``torchrun --standalone`` with ``nproc`` ranks of

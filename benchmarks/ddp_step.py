@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import torchrun_self
+from common import run_as_rank, torchrun_self
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,6 +93,7 @@ def child(params: dict[str, Any]) -> None:
             "ranks": views, "loss_after": loss_value, "steps_timed": params["steps"],
             "table_mib": table.numel() * table.element_size() / 2 ** 20,
             "gradient_mib": sum(p.numel() for p in model.parameters()) * 4 / 2 ** 20}))
+    group.barrier()  # leave together: a rank that tears gloo down while rank 0 still writes can abort it
     distributed.destroy(group)
 
 
@@ -110,9 +111,7 @@ def run_one(nproc: int, exchange: str, args: argparse.Namespace, out: Path) -> d
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        child(json.loads(sys.argv[2]))
-        return
+    run_as_rank(child)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", default="1e6", help="catalogue size (default 1e6)")
     parser.add_argument("--length", type=int, default=50)

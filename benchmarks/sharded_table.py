@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import torchrun_self
+from common import run_as_rank, torchrun_self
 
 
 def peak_gib() -> float:
@@ -137,6 +137,7 @@ def child(params: dict[str, Any]) -> None:
     dist.all_gather_object(views, numbers)
     if rank == 0:
         Path(params["out"]).write_text(json.dumps({"ranks": views, "loss_after": loss_value}))
+    dist.barrier()  # leave together: a rank that tears gloo down while rank 0 still writes can abort it
     dist.destroy_process_group()
 
 
@@ -149,9 +150,7 @@ def run_one(nproc: int, sharding: str, args: argparse.Namespace, out: Path) -> d
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        child(json.loads(sys.argv[2]))
-        return
+    run_as_rank(child)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", default="1e6", help="catalogue size (default 1e6)")
     parser.add_argument("--dim", type=int, default=64)
